@@ -1,0 +1,478 @@
+//! Regions: guest-physical ranges backed by host mappings, and the guards that
+//! hold a region's read lock while its memory is used.
+
+use std::fs::File;
+use std::marker::PhantomData;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::ptr::NonNull;
+
+use vm_memory::bitmap::BS;
+use vm_memory::guest_memory::{self, FileOffset};
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{
+    Address, GuestAddress, GuestMemoryRegion, GuestMemoryRegionBytes, GuestRegionMmap, GuestUsize,
+    MemoryRegionAddress, VolatileSlice,
+};
+
+use crate::lockdep;
+use crate::region_lock::RegionLock;
+use crate::sync::{AtomicU64, Ordering};
+
+/// Host page size every region offset and length is a multiple of.
+pub const PAGE_SIZE: u64 = 4096;
+
+/// Errors from creating or changing a region's host mapping.
+#[derive(Debug, thiserror::Error)]
+pub enum RegionError {
+    /// Region sizes and addresses must be multiples of the 4 KiB page size.
+    #[error("region address {start:#x} size {size:#x} capacity {capacity:#x} is not page aligned")]
+    Unaligned {
+        /// Guest-physical start.
+        start: u64,
+        /// Requested size.
+        size: u64,
+        /// Requested capacity.
+        capacity: u64,
+    },
+    /// The size must be non-zero and at most the capacity, and the range must fit the address space.
+    #[error("invalid region geometry: start {start:#x} size {size:#x} capacity {capacity:#x}")]
+    BadGeometry {
+        /// Guest-physical start.
+        start: u64,
+        /// Requested size.
+        size: u64,
+        /// Requested capacity.
+        capacity: u64,
+    },
+    /// Creating the memfd backing failed.
+    #[error("cannot create memfd backing: {0}")]
+    Memfd(std::io::Error),
+    /// Mapping the region's host memory failed.
+    #[error("cannot map region memory: {0}")]
+    Mmap(vm_memory::mmap::MmapRegionError),
+    /// A host memory-management call (madvise, mprotect, fallocate) failed.
+    #[error("{call} on region memory failed: {source}")]
+    Host {
+        /// The call that failed.
+        call: &'static str,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// Where the pages of a lazily populated region come from on first touch.
+#[derive(Clone, Debug)]
+pub enum LazySource {
+    /// Zero-filled pages.
+    Zero,
+    /// Pages read from `file`, region offset 0 at file offset `offset`.
+    File {
+        /// The backing file.
+        file: std::sync::Arc<File>,
+        /// File offset of the region's first byte.
+        offset: u64,
+    },
+}
+
+/// How a region's host memory is provided.
+#[derive(Clone, Debug)]
+pub enum Backing {
+    /// Private anonymous memory.
+    Anonymous,
+    /// A memfd, shared mapping (can be handed to other processes).
+    Memfd,
+    /// Private anonymous memory populated on first touch by the fault handler
+    /// through userfaultfd.
+    Lazy(LazySource),
+}
+
+impl Backing {
+    /// Whether pages arrive through the fault handler.
+    pub fn is_lazy(&self) -> bool {
+        matches!(self, Backing::Lazy(_))
+    }
+}
+
+/// What a writer asks for when inserting a region.
+#[derive(Clone, Debug)]
+pub struct RegionSpec {
+    /// Guest-physical start.
+    pub start: GuestAddress,
+    /// Guest-visible size now.
+    pub size: u64,
+    /// Size the region may grow to without moving; guest-physical space up to it is reserved.
+    pub capacity: u64,
+    /// Host memory backing.
+    pub backing: Backing,
+}
+
+impl RegionSpec {
+    /// A fixed-size anonymous region.
+    pub fn anonymous(start: GuestAddress, size: u64) -> Self {
+        RegionSpec {
+            start,
+            size,
+            capacity: size,
+            backing: Backing::Anonymous,
+        }
+    }
+}
+
+/// A stable, never reused region identifier.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RegionId(pub u64);
+
+impl std::fmt::Display for RegionId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "region {}", self.0)
+    }
+}
+
+/// A guest-physical range with its host mapping, KVM slot and lock.
+pub struct Region {
+    id: RegionId,
+    start: GuestAddress,
+    capacity: u64,
+    /// Guest-visible size. Changed only by a writer holding the region write-locked
+    /// with its readers drained, and read by readers after they took the read lock.
+    size: AtomicU64,
+    mapping: GuestRegionMmap,
+    backing: Backing,
+    slot: u32,
+    pub(crate) lock: RegionLock,
+}
+
+impl std::fmt::Debug for Region {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Region")
+            .field("id", &self.id)
+            .field("start", &self.start)
+            .field("size", &self.size())
+            .field("capacity", &self.capacity)
+            .field("slot", &self.slot)
+            .finish()
+    }
+}
+
+fn host_err(call: &'static str) -> RegionError {
+    RegionError::Host {
+        call,
+        source: std::io::Error::last_os_error(),
+    }
+}
+
+impl Region {
+    pub(crate) fn new(
+        id: RegionId,
+        spec: &RegionSpec,
+        slot: u32,
+        reader_limit: u64,
+    ) -> Result<Region, RegionError> {
+        let RegionSpec {
+            start,
+            size,
+            capacity,
+            ..
+        } = *spec;
+        if start.0 % PAGE_SIZE != 0 || size % PAGE_SIZE != 0 || capacity % PAGE_SIZE != 0 {
+            return Err(RegionError::Unaligned {
+                start: start.0,
+                size,
+                capacity,
+            });
+        }
+        if size == 0
+            || size > capacity
+            || start.0.checked_add(capacity).is_none()
+            || usize::try_from(capacity).is_err()
+        {
+            return Err(RegionError::BadGeometry {
+                start: start.0,
+                size,
+                capacity,
+            });
+        }
+        let len = capacity as usize;
+        let prot = libc::PROT_READ | libc::PROT_WRITE;
+        let builder = MmapRegionBuilder::new(len).with_mmap_prot(prot);
+        let builder = match spec.backing {
+            Backing::Anonymous | Backing::Lazy(_) => builder
+                .with_mmap_flags(libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_PRIVATE),
+            Backing::Memfd => {
+                let file = create_memfd(capacity)?;
+                builder
+                    .with_file_offset(FileOffset::new(file, 0))
+                    .with_mmap_flags(libc::MAP_SHARED | libc::MAP_NORESERVE)
+            }
+        };
+        let mmap = builder.build().map_err(RegionError::Mmap)?;
+        let mapping = GuestRegionMmap::new(mmap, start).ok_or(RegionError::BadGeometry {
+            start: start.0,
+            size,
+            capacity,
+        })?;
+        let region = Region {
+            id,
+            start,
+            capacity,
+            size: AtomicU64::new(size),
+            mapping,
+            backing: spec.backing.clone(),
+            slot,
+            lock: RegionLock::new(reader_limit),
+        };
+        // Memory beyond the size is reserved but inaccessible until the region grows.
+        region.protect(size, capacity - size, libc::PROT_NONE)?;
+        Ok(region)
+    }
+
+    /// The region's id.
+    pub fn id(&self) -> RegionId {
+        self.id
+    }
+
+    /// Guest-physical start.
+    pub fn start(&self) -> GuestAddress {
+        self.start
+    }
+
+    /// Guest-visible size. Stable only while a guard is held or the table is write-locked.
+    pub fn size(&self) -> u64 {
+        self.size.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn set_size(&self, size: u64) {
+        self.size.store(size, Ordering::SeqCst);
+    }
+
+    /// Size the region may grow to.
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    /// The KVM memory slot number.
+    pub fn slot(&self) -> u32 {
+        self.slot
+    }
+
+    /// Host virtual address of the region's first byte.
+    pub fn host_addr(&self) -> u64 {
+        self.mapping.as_ptr() as u64
+    }
+
+    /// The backing kind.
+    pub fn backing(&self) -> &Backing {
+        &self.backing
+    }
+
+    /// Read locks held on this region now.
+    pub fn readers(&self) -> u64 {
+        self.lock.readers()
+    }
+
+    /// Whether `addr` lies within the region's current size.
+    #[inline]
+    pub fn contains(&self, addr: GuestAddress) -> bool {
+        addr.0
+            .checked_sub(self.start.0)
+            .is_some_and(|off| off < self.size())
+    }
+
+    fn host_range(&self, offset: u64, len: u64) -> (*mut libc::c_void, usize) {
+        debug_assert!(offset + len <= self.capacity);
+        // `wrapping_add` keeps this a plain address computation; the range was checked
+        // against the mapping's length above.
+        (
+            self.mapping.as_ptr().wrapping_add(offset as usize).cast(),
+            len as usize,
+        )
+    }
+
+    /// Changes the protection of `[offset, offset + len)` of the mapping.
+    pub(crate) fn protect(&self, offset: u64, len: u64, prot: i32) -> Result<(), RegionError> {
+        if len == 0 {
+            return Ok(());
+        }
+        let (addr, len) = self.host_range(offset, len);
+        // SAFETY: the range lies inside this region's own mapping (checked by
+        // `host_range`); changing its protection affects no Rust-owned memory.
+        if unsafe { libc::mprotect(addr, len, prot) } != 0 {
+            return Err(host_err("mprotect"));
+        }
+        Ok(())
+    }
+
+    /// Frees the host memory of `[offset, offset + len)` and makes it inaccessible, so
+    /// no stray access can silently populate it again.
+    pub(crate) fn discard(&self, offset: u64, len: u64) -> Result<(), RegionError> {
+        if len == 0 {
+            return Ok(());
+        }
+        let (addr, host_len) = self.host_range(offset, len);
+        if let Some(file_offset) = self.mapping.file_offset() {
+            let file_start = file_offset.start() + offset;
+            // SAFETY: fallocate on a file descriptor this region owns; punching a hole
+            // changes file contents only, no memory of this process is touched directly.
+            let rc = unsafe {
+                libc::fallocate(
+                    file_offset.file().as_raw_fd(),
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    file_start as libc::off_t,
+                    len as libc::off_t,
+                )
+            };
+            if rc != 0 {
+                return Err(host_err("fallocate"));
+            }
+        }
+        // SAFETY: the range lies inside this region's own mapping, no reader holds it
+        // (the caller drained them), and dropping its pages is what removal means.
+        if unsafe { libc::madvise(addr, host_len, libc::MADV_DONTNEED) } != 0 {
+            return Err(host_err("madvise"));
+        }
+        self.protect(offset, len, libc::PROT_NONE)
+    }
+
+    /// Makes `[offset, offset + len)` accessible again (a region grows into it).
+    pub(crate) fn reopen(&self, offset: u64, len: u64) -> Result<(), RegionError> {
+        self.protect(offset, len, libc::PROT_READ | libc::PROT_WRITE)
+    }
+
+    /// The host pointer and length of `[offset, offset + len)`, for userfaultfd registration.
+    pub(crate) fn host_span(&self, offset: u64, len: u64) -> (*mut libc::c_void, usize) {
+        self.host_range(offset, len)
+    }
+}
+
+fn create_memfd(size: u64) -> Result<File, RegionError> {
+    // SAFETY: memfd_create takes a NUL-terminated name and flags; it returns a new
+    // descriptor or -1.
+    let fd = unsafe { libc::memfd_create(c"kite-guest-memory".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(RegionError::Memfd(std::io::Error::last_os_error()));
+    }
+    // SAFETY: `fd` was just returned by memfd_create and is owned by nobody else.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(size).map_err(RegionError::Memfd)?;
+    Ok(file)
+}
+
+/// A read lock on one region, held while its memory is used. Writers that change or
+/// remove the region wait until it is dropped; readers of other regions are unaffected.
+///
+/// The guard fixes the region's size at the moment it was taken, and accesses through
+/// it are bounded by that size. It implements vm-memory's `GuestMemoryRegion` (and so
+/// `Bytes<MemoryRegionAddress>`).
+pub struct RegionGuard<'t> {
+    region: NonNull<Region>,
+    size: u64,
+    shard: usize,
+    _table: PhantomData<&'t Region>,
+}
+
+// SAFETY: the guard only gives shared access to a `Region`, which is `Sync`; releasing the
+// lock from another thread is fine because shards are plain counters.
+unsafe impl Send for RegionGuard<'_> {}
+// SAFETY: as above; every method takes `&self` and the region is `Sync`.
+unsafe impl Sync for RegionGuard<'_> {}
+
+impl<'t> RegionGuard<'t> {
+    /// Wraps a read lock the caller has just taken on `region` in `shard`.
+    ///
+    /// # Safety
+    /// The caller holds a read lock on `region` counted in `shard`, and `region` stays
+    /// allocated while that lock is held: the table keeps a strong reference to every
+    /// region until writers have drained its readers.
+    pub(crate) unsafe fn new(region: &Region, shard: usize) -> RegionGuard<'t> {
+        lockdep::acquire_region(region.id.0);
+        RegionGuard {
+            region: NonNull::from(region),
+            size: region.size(),
+            shard,
+            _table: PhantomData,
+        }
+    }
+
+    /// The locked region.
+    pub fn region(&self) -> &Region {
+        // SAFETY: the read lock this guard holds keeps the region allocated (see `new`).
+        unsafe { self.region.as_ref() }
+    }
+
+    /// The region's id.
+    pub fn id(&self) -> RegionId {
+        self.region().id
+    }
+
+    /// Bytes from `addr` to the end of the guarded range, if `addr` is inside it.
+    pub fn remaining_from(&self, addr: GuestAddress) -> Option<u64> {
+        let off = addr.0.checked_sub(self.region().start.0)?;
+        (off < self.size).then(|| self.size - off)
+    }
+}
+
+impl Drop for RegionGuard<'_> {
+    fn drop(&mut self) {
+        let region = self.region();
+        let id = region.id.0;
+        // The region may be freed as soon as the lock is released: touch nothing of
+        // it afterwards.
+        region.lock.read_unlock(self.shard);
+        lockdep::release(&lockdep::HeldLock::RegionRead(id));
+    }
+}
+
+impl std::fmt::Debug for RegionGuard<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegionGuard")
+            .field("region", &self.id())
+            .field("size", &self.size)
+            .finish()
+    }
+}
+
+impl GuestMemoryRegion for RegionGuard<'_> {
+    type B = ();
+
+    fn len(&self) -> GuestUsize {
+        self.size
+    }
+
+    fn start_addr(&self) -> GuestAddress {
+        self.region().start
+    }
+
+    fn bitmap(&self) -> BS<'_, ()> {}
+
+    fn get_host_address(&self, addr: MemoryRegionAddress) -> guest_memory::Result<*mut u8> {
+        self.check_address(addr)
+            .ok_or(guest_memory::Error::InvalidBackendAddress)
+            .and_then(|a| self.region().mapping.get_host_address(a))
+    }
+
+    fn file_offset(&self) -> Option<&FileOffset> {
+        self.region().mapping.file_offset()
+    }
+
+    fn get_slice(
+        &self,
+        offset: MemoryRegionAddress,
+        count: usize,
+    ) -> guest_memory::Result<VolatileSlice<'_, BS<'_, ()>>> {
+        let end = offset
+            .0
+            .checked_add(count as u64)
+            .ok_or(guest_memory::Error::InvalidBackendAddress)?;
+        if end > self.size {
+            return Err(guest_memory::Error::InvalidBackendAddress);
+        }
+        self.region().mapping.get_slice(offset, count)
+    }
+}
+
+impl GuestMemoryRegionBytes for RegionGuard<'_> {}
+
+/// Offset of `addr` within a region starting at `start`.
+pub(crate) fn region_offset(start: GuestAddress, addr: GuestAddress) -> u64 {
+    addr.unchecked_offset_from(start)
+}

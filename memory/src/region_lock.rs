@@ -1,0 +1,158 @@
+//! The per-region read lock: the counterpart of Linux's per-VMA lock.
+//!
+//! Readers count themselves in one of several cache-line-sized shards (picked per
+//! thread), so readers of one region do not all write the same cache line. A writer
+//! marks the region write-locked by storing the table's current write sequence in it
+//! (`vma_start_write`), then waits until every shard is zero. The lock is released for
+//! all marked regions at once when the writer bumps the table sequence (publish).
+//!
+//! Reader and writer follow the store-then-load pattern on both sides with
+//! sequentially consistent operations: a reader increments its shard, then checks the
+//! marks; a writer sets a mark, then sums the shards. One of them always sees the other.
+//!
+//! A waiting writer also sets a flag bit in every shard word, so a releasing reader
+//! learns from its own decrement whether to wake the writer. The decrement is the
+//! reader's last access to the region: the wake-up goes by key, because the writer may
+//! free the region the moment it sees the count reach zero.
+
+use crossbeam_utils::CachePadded;
+
+use crate::sync::{
+    parking, store_load_fence, thread_shard_seed, AtomicBool, AtomicU64, Deadline, Ordering,
+};
+
+/// How many reader-count shards a region has.
+#[cfg(not(loom))]
+pub(crate) const SHARDS: usize = 16;
+#[cfg(loom)]
+pub(crate) const SHARDS: usize = 2;
+
+/// Flag bit in a shard word: a writer waits for this region's readers.
+const WRITER_WAITS: u64 = 1 << 63;
+/// The reader count in a shard word.
+const COUNT: u64 = WRITER_WAITS - 1;
+
+/// Why a read lock was not taken.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ReadLockFailure {
+    /// A writer holds the region (it is being changed or removed).
+    WriteLocked,
+    /// The region was removed for good.
+    Removed,
+    /// This shard already counts the maximum number of readers.
+    Saturated,
+}
+
+pub(crate) struct RegionLock {
+    shards: Box<[CachePadded<AtomicU64>]>,
+    /// Equal to the table's sequence while a writer holds this region.
+    write_seq: AtomicU64,
+    /// Set once the region is removed; it is never readable again.
+    removed: AtomicBool,
+    reader_limit: u64,
+}
+
+impl RegionLock {
+    pub(crate) fn new(reader_limit: u64) -> Self {
+        RegionLock {
+            shards: (0..SHARDS)
+                .map(|_| CachePadded::new(AtomicU64::new(0)))
+                .collect(),
+            write_seq: AtomicU64::new(0),
+            removed: AtomicBool::new(false),
+            reader_limit,
+        }
+    }
+
+    /// The shard the calling thread counts itself in.
+    #[inline]
+    pub(crate) fn current_shard() -> usize {
+        thread_shard_seed() % SHARDS
+    }
+
+    /// Tries to take a read lock; never blocks. `table_seq` is the table's write
+    /// sequence: the region is write-locked while its mark equals it.
+    #[inline]
+    pub(crate) fn try_read(
+        &self,
+        table_seq: &AtomicU64,
+        shard: usize,
+    ) -> Result<(), ReadLockFailure> {
+        let before = self.shards[shard].fetch_add(1, Ordering::SeqCst);
+        if before & COUNT >= self.reader_limit {
+            self.read_unlock(shard);
+            return Err(ReadLockFailure::Saturated);
+        }
+        store_load_fence();
+        if self.removed.load(Ordering::SeqCst) {
+            self.read_unlock(shard);
+            return Err(ReadLockFailure::Removed);
+        }
+        if self.write_seq.load(Ordering::SeqCst) == table_seq.load(Ordering::SeqCst) {
+            self.read_unlock(shard);
+            return Err(ReadLockFailure::WriteLocked);
+        }
+        Ok(())
+    }
+
+    /// Releases a read lock taken in `shard`, waking a writer that waits for it.
+    /// The decrement is the last access to `self`: the region may be freed right after.
+    #[inline]
+    pub(crate) fn read_unlock(&self, shard: usize) {
+        let key = self.wait_key();
+        let before = self.shards[shard].fetch_sub(1, Ordering::SeqCst);
+        if before & WRITER_WAITS != 0 {
+            parking::unpark_all(key);
+        }
+    }
+
+    fn wait_key(&self) -> usize {
+        self as *const RegionLock as usize
+    }
+
+    /// Marks the region write-locked for the writer whose sequence is `seq`. New
+    /// readers fail from now on; current readers keep their locks until released.
+    pub(crate) fn mark_write_locked(&self, seq: u64) {
+        self.write_seq.store(seq, Ordering::SeqCst);
+    }
+
+    /// Marks the region removed for good.
+    pub(crate) fn mark_removed(&self) {
+        self.removed.store(true, Ordering::SeqCst);
+    }
+
+    /// Takes back a removal mark, for a removal that could not complete.
+    pub(crate) fn unmark_removed(&self) {
+        self.removed.store(false, Ordering::SeqCst);
+    }
+
+    /// Whether the removal mark is set.
+    pub(crate) fn is_removed(&self) -> bool {
+        self.removed.load(Ordering::SeqCst)
+    }
+
+    /// How many read locks are held now.
+    pub(crate) fn readers(&self) -> u64 {
+        self.shards
+            .iter()
+            .map(|s| s.load(Ordering::SeqCst) & COUNT)
+            .sum()
+    }
+
+    /// Waits until no reader holds the region (after a mark was set). Returns
+    /// `false` if `deadline` passed first; the marks stay as they are.
+    pub(crate) fn wait_for_readers(&self, deadline: Deadline) -> bool {
+        store_load_fence();
+        if self.readers() == 0 {
+            return true;
+        }
+        for shard in self.shards.iter() {
+            shard.fetch_or(WRITER_WAITS, Ordering::SeqCst);
+        }
+        let drained = parking::park_while(self.wait_key(), deadline, || self.readers() != 0);
+        for shard in self.shards.iter() {
+            shard.fetch_and(COUNT, Ordering::SeqCst);
+        }
+        drained
+    }
+}

@@ -1,0 +1,663 @@
+//! The region table: the set of guest memory regions, with a lock-free lookup for
+//! readers and a table lock that serialises writers.
+//!
+//! Readers find a region and read-lock it with [`RegionTable::lock_fast`] (never
+//! blocks, may fail) or [`RegionTable::lock_region`] (the two-tier lookup: the fast
+//! path, else the table lock taken for read only to wait for the writer, look the
+//! address up, read-lock the region, and drop the table lock again).
+//!
+//! Writers insert, grow, shrink and remove regions under the table lock. A writer
+//! that changes one region waits only for that region's readers.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use vm_memory::GuestAddress;
+
+use crate::lazy::{LazyError, LazyPages, LazyRange};
+use crate::lockdep::{self, HeldLock};
+use crate::metrics::{Lookup, RegionMetrics, TableMetrics, TableStats};
+use crate::region::{
+    region_offset, Backing, LazySource, Region, RegionError, RegionGuard, RegionId, RegionSpec,
+    PAGE_SIZE,
+};
+use crate::region_lock::{ReadLockFailure, RegionLock};
+use crate::slots::{MemorySlots, NoSlots, SlotError, SlotMapping};
+use crate::sync::{Arc, AtomicU64, Deadline, Ordering, Published, TableRwLock, TableWriteGuard};
+
+/// Why a lookup did not return a guard.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LookupError {
+    /// No region covers the address.
+    #[error("guest address {addr:#x} is not mapped")]
+    NotMapped {
+        /// The address looked up.
+        addr: u64,
+    },
+    /// A writer holds the region (fast path only: the two-tier lookup waits instead).
+    #[error("{region} is being changed by a writer")]
+    WriteLocked {
+        /// The region.
+        region: RegionId,
+    },
+    /// The region was removed (fast path only: the two-tier lookup reports `NotMapped`).
+    #[error("{region} was removed")]
+    Removed {
+        /// The region.
+        region: RegionId,
+    },
+    /// The region already has the maximum number of readers in this thread's shard.
+    #[error("{region} has too many readers")]
+    Saturated {
+        /// The region.
+        region: RegionId,
+    },
+    /// The deadline passed while waiting for a writer.
+    #[error("timed out waiting for a writer while looking up {addr:#x}")]
+    Timeout {
+        /// The address looked up.
+        addr: u64,
+    },
+}
+
+/// Why a writer operation failed. The table is unchanged after every error except
+/// a failure to stop lazy population or free memory of a region already gone from
+/// the guest (`Lazy`, `Region` from `shrink` or `remove`), which is reported as is.
+#[derive(Debug, thiserror::Error)]
+pub enum TableError {
+    /// The requested range overlaps an existing region's reserved range.
+    #[error("range {start:#x}+{len:#x} overlaps {other}")]
+    Overlap {
+        /// Requested start.
+        start: u64,
+        /// Requested reserved length (capacity).
+        len: u64,
+        /// The region in the way.
+        other: RegionId,
+    },
+    /// No region has this id.
+    #[error("{0} does not exist")]
+    NoSuchRegion(RegionId),
+    /// A grow or shrink asked for an impossible size.
+    #[error("{region}: cannot resize from {from:#x} to {to:#x} (capacity {capacity:#x}, page-aligned sizes only)")]
+    BadResize {
+        /// The region.
+        region: RegionId,
+        /// Current size.
+        from: u64,
+        /// Requested size.
+        to: u64,
+        /// Capacity.
+        capacity: u64,
+    },
+    /// Readers did not release the region before the deadline; the operation was undone.
+    #[error("{region}: {readers} reader(s) still hold it after {waited:?}")]
+    DrainTimeout {
+        /// The region.
+        region: RegionId,
+        /// Readers still holding it.
+        readers: u64,
+        /// How long the writer waited.
+        waited: Duration,
+    },
+    /// The table lock could not be taken before the deadline.
+    #[error("timed out waiting for the table lock")]
+    LockTimeout,
+    /// All memory slot numbers are in use.
+    #[error("no free memory slot (limit {0})")]
+    NoSlot(u32),
+    /// Creating or changing the region's host mapping failed.
+    #[error(transparent)]
+    Region(#[from] RegionError),
+    /// The hypervisor refused a slot change.
+    #[error(transparent)]
+    Slot(#[from] SlotError),
+    /// Lazy page registration failed.
+    #[error(transparent)]
+    Lazy(#[from] LazyError),
+}
+
+/// Tuning of a region table.
+#[derive(Clone, Debug)]
+pub struct TableConfig {
+    /// Readers one thread shard of one region may count before lookups fail with
+    /// `Saturated`.
+    pub reader_limit: u64,
+    /// Longest a writer waits for one region's readers before it gives up and undoes.
+    pub drain_timeout: Duration,
+    /// Slot numbers the table may hand out (KVM reports its limit).
+    pub max_slots: u32,
+}
+
+impl Default for TableConfig {
+    fn default() -> Self {
+        TableConfig {
+            reader_limit: 1 << 20,
+            drain_timeout: Duration::from_secs(10),
+            max_slots: 32_764,
+        }
+    }
+}
+
+/// The lookup view readers load without locks: regions sorted by start.
+struct Snapshot {
+    regions: Vec<Arc<Region>>,
+}
+
+impl Snapshot {
+    #[inline]
+    fn find(&self, addr: GuestAddress) -> Option<&Arc<Region>> {
+        let idx = self.regions.partition_point(|r| r.start().0 <= addr.0);
+        idx.checked_sub(1).map(|i| &self.regions[i])
+    }
+}
+
+/// What the table lock protects: the writers' view.
+struct Inner {
+    regions: BTreeMap<u64, Arc<Region>>,
+    free_slots: Vec<u32>,
+    next_slot: u32,
+}
+
+impl Inner {
+    fn find(&self, addr: GuestAddress) -> Option<&Arc<Region>> {
+        self.regions
+            .range(..=addr.0)
+            .next_back()
+            .map(|(_, r)| r)
+            .filter(|r| r.contains(addr))
+    }
+
+    fn by_id(&self, id: RegionId) -> Option<Arc<Region>> {
+        self.regions.values().find(|r| r.id() == id).cloned()
+    }
+
+    fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            regions: self.regions.values().cloned().collect(),
+        }
+    }
+}
+
+/// The set of guest memory regions. See the module documentation.
+pub struct RegionTable {
+    published: Published<Snapshot>,
+    lock: TableRwLock<Inner>,
+    /// Writer sequence: a region is write-locked while its mark equals this. Bumped
+    /// when a writer finishes, which releases every region it marked.
+    seq: AtomicU64,
+    next_id: std::sync::atomic::AtomicU64,
+    slots: std::sync::Arc<dyn MemorySlots>,
+    lazy: Option<std::sync::Arc<dyn LazyPages>>,
+    config: TableConfig,
+    stats: TableStats,
+}
+
+impl std::fmt::Debug for RegionTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegionTable")
+            .field("regions", &self.published.load().regions)
+            .finish()
+    }
+}
+
+impl Default for RegionTable {
+    fn default() -> Self {
+        RegionTable::new(std::sync::Arc::new(NoSlots), None, TableConfig::default())
+    }
+}
+
+/// A writer's hold on the table: the table lock for write. Dropping it publishes:
+/// the sequence is bumped, so every region this writer marked is readable again.
+struct WriteSession<'t> {
+    table: &'t RegionTable,
+    inner: TableWriteGuard<'t, Inner>,
+    seq: u64,
+}
+
+impl Drop for WriteSession<'_> {
+    fn drop(&mut self) {
+        // Bump before the table lock is released (the field drops after this body),
+        // like `mmap_write_unlock` ends every VMA write lock before `up_write`.
+        self.table.seq.fetch_add(1, Ordering::SeqCst);
+        lockdep::release(&HeldLock::TableWrite);
+    }
+}
+
+impl WriteSession<'_> {
+    fn publish_snapshot(&self) {
+        self.table.published.store(self.inner.snapshot());
+    }
+
+    /// Write-locks `region` and waits for its readers: the region is excluded from
+    /// lookups until the session ends. On timeout the mark stays and is cleared by
+    /// the session's end, so the region is readable again unchanged.
+    fn exclude_readers(&self, region: &Region, started: Instant) -> Result<(), TableError> {
+        region.lock.mark_write_locked(self.seq);
+        let deadline = Some(started + self.table.config.drain_timeout);
+        let drained = region.lock.wait_for_readers(deadline);
+        self.table.stats.record_writer_wait(started.elapsed());
+        if drained {
+            Ok(())
+        } else {
+            Err(TableError::DrainTimeout {
+                region: region.id(),
+                readers: region.readers(),
+                waited: started.elapsed(),
+            })
+        }
+    }
+}
+
+impl RegionTable {
+    /// A table whose slot changes go to `slots` and whose lazy regions are filled by
+    /// `lazy` (a [`crate::FaultHandler`] normally).
+    pub fn new(
+        slots: std::sync::Arc<dyn MemorySlots>,
+        lazy: Option<std::sync::Arc<dyn LazyPages>>,
+        config: TableConfig,
+    ) -> Self {
+        RegionTable {
+            published: Published::new(Snapshot {
+                regions: Vec::new(),
+            }),
+            lock: TableRwLock::new(Inner {
+                regions: BTreeMap::new(),
+                free_slots: Vec::new(),
+                next_slot: 0,
+            }),
+            seq: AtomicU64::new(1),
+            next_id: std::sync::atomic::AtomicU64::new(1),
+            slots,
+            lazy,
+            config,
+            stats: TableStats::default(),
+        }
+    }
+
+    /// Fast path (`lock_vma_under_rcu`): looks `addr` up without locks and tries to
+    /// read-lock its region. Never blocks; fails while a writer holds the region.
+    #[inline]
+    pub fn lock_fast(&self, addr: GuestAddress) -> Result<RegionGuard<'_>, LookupError> {
+        let shard = RegionLock::current_shard();
+        let result = self.try_lock_fast(addr, shard);
+        self.stats.count(
+            shard,
+            if result.is_ok() {
+                Lookup::FastHit
+            } else {
+                Lookup::FastMiss
+            },
+        );
+        result
+    }
+
+    #[inline]
+    fn try_lock_fast(
+        &self,
+        addr: GuestAddress,
+        shard: usize,
+    ) -> Result<RegionGuard<'_>, LookupError> {
+        let snapshot = self.published.load();
+        let region = snapshot
+            .find(addr)
+            .ok_or(LookupError::NotMapped { addr: addr.0 })?;
+        self.read_lock(region, addr, shard)
+    }
+
+    /// Read-locks `region` and checks that it still covers `addr` (its size may have
+    /// changed between lookup and lock).
+    #[inline]
+    fn read_lock<'t>(
+        &'t self,
+        region: &Region,
+        addr: GuestAddress,
+        shard: usize,
+    ) -> Result<RegionGuard<'t>, LookupError> {
+        region
+            .lock
+            .try_read(&self.seq, shard)
+            .map_err(|failure| match failure {
+                ReadLockFailure::WriteLocked => LookupError::WriteLocked {
+                    region: region.id(),
+                },
+                ReadLockFailure::Removed => LookupError::Removed {
+                    region: region.id(),
+                },
+                ReadLockFailure::Saturated => LookupError::Saturated {
+                    region: region.id(),
+                },
+            })?;
+        if !region.contains(addr) {
+            region.lock.read_unlock(shard);
+            return Err(LookupError::NotMapped { addr: addr.0 });
+        }
+        // SAFETY: we hold a read lock counted in `shard`. The region stays allocated
+        // while it is held: the table (or a snapshot the caller still holds) keeps a
+        // strong reference until a writer has marked the region and drained its
+        // readers, and that drain waits for this lock.
+        Ok(unsafe { RegionGuard::new(region, shard) })
+    }
+
+    /// Two-tier lookup (`vma_start_read_unlocked`): the fast path, and if it fails,
+    /// the table lock taken for read only temporarily — to wait for the writer, look
+    /// the address up again, check the result and read-lock the region — then
+    /// released explicitly before returning. The caller never holds the table lock
+    /// while it uses the guard.
+    ///
+    /// Must not be called while the thread holds a region guard or the table lock:
+    /// a writer draining that region would wait for us while we wait for it. Debug
+    /// builds panic on that, naming the locks.
+    pub fn lock_region(
+        &self,
+        addr: GuestAddress,
+        deadline: Deadline,
+    ) -> Result<RegionGuard<'_>, LookupError> {
+        lockdep::assert_may_wait("two-tier lookup");
+        match self.lock_fast(addr) {
+            Ok(guard) => return Ok(guard),
+            // A full shard does not clear by waiting for writers: report it.
+            Err(e @ LookupError::Saturated { .. }) => return Err(e),
+            Err(_) => {}
+        }
+        let shard = RegionLock::current_shard();
+        self.stats.count(shard, Lookup::SlowPath);
+
+        // Slow path: the table lock for read, only to wait out the writer.
+        lockdep::acquire_table(HeldLock::TableRead);
+        let Some(inner) = self.lock.read_until(deadline) else {
+            lockdep::release(&HeldLock::TableRead);
+            return Err(LookupError::Timeout { addr: addr.0 });
+        };
+        let result = match inner.find(addr) {
+            None => Err(LookupError::NotMapped { addr: addr.0 }),
+            Some(region) => {
+                let locked = self.read_lock(region, addr, shard);
+                debug_assert!(
+                    !matches!(
+                        locked,
+                        Err(LookupError::WriteLocked { .. } | LookupError::Removed { .. })
+                    ),
+                    "a region found under the table read lock cannot be write-locked or removed: {locked:?}"
+                );
+                locked
+            }
+        };
+        drop(inner);
+        lockdep::release(&HeldLock::TableRead);
+        result
+    }
+
+    fn write_session(&self, deadline: Deadline) -> Result<WriteSession<'_>, TableError> {
+        lockdep::acquire_table(HeldLock::TableWrite);
+        let Some(inner) = self.lock.write_until(deadline) else {
+            lockdep::release(&HeldLock::TableWrite);
+            return Err(TableError::LockTimeout);
+        };
+        let seq = self.seq.load(Ordering::SeqCst);
+        Ok(WriteSession {
+            table: self,
+            inner,
+            seq,
+        })
+    }
+
+    fn register_lazy(&self, region: &Region, offset: u64, len: u64) -> Result<(), TableError> {
+        let Backing::Lazy(source) = region.backing() else {
+            return Ok(());
+        };
+        let lazy = self.lazy.as_ref().ok_or(LazyError::NoHandler)?;
+        let (host, len) = region.host_span(offset, len);
+        let source_offset = match source {
+            LazySource::Zero => 0,
+            LazySource::File { offset: base, .. } => base + offset,
+        };
+        lazy.register(LazyRange {
+            host_start: host as u64,
+            len: len as u64,
+            source: source.clone(),
+            source_offset,
+        })?;
+        Ok(())
+    }
+
+    fn unregister_lazy(&self, region: &Region, offset: u64, len: u64) -> Result<(), TableError> {
+        if let (Backing::Lazy(_), Some(lazy)) = (region.backing(), &self.lazy) {
+            let (host, len) = region.host_span(offset, len);
+            lazy.unregister(host as u64, len as u64)?;
+        }
+        Ok(())
+    }
+
+    fn slot_mapping(region: &Region, size: u64) -> SlotMapping {
+        SlotMapping {
+            slot: region.slot(),
+            guest_addr: region.start().0,
+            size,
+            host_addr: region.host_addr(),
+        }
+    }
+
+    /// Adds a region: maps its memory, registers lazy population, creates its memory
+    /// slot, then publishes it.
+    pub fn insert(&self, spec: RegionSpec, deadline: Deadline) -> Result<RegionId, TableError> {
+        let mut session = self.write_session(deadline)?;
+        let start = spec.start.0;
+        let end = start
+            .checked_add(spec.capacity)
+            .ok_or(RegionError::BadGeometry {
+                start,
+                size: spec.size,
+                capacity: spec.capacity,
+            })?;
+        if let Some(other) = session
+            .inner
+            .regions
+            .values()
+            .find(|r| r.start().0 < end && start < r.start().0 + r.capacity())
+        {
+            return Err(TableError::Overlap {
+                start,
+                len: spec.capacity,
+                other: other.id(),
+            });
+        }
+        if spec.backing.is_lazy() && self.lazy.is_none() {
+            return Err(LazyError::NoHandler.into());
+        }
+        let inner = &mut *session.inner;
+        let slot = match inner.free_slots.pop() {
+            Some(slot) => slot,
+            None if inner.next_slot < self.config.max_slots => {
+                inner.next_slot += 1;
+                inner.next_slot - 1
+            }
+            None => return Err(TableError::NoSlot(self.config.max_slots)),
+        };
+        let id = RegionId(
+            self.next_id
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        );
+        let region = match Region::new(id, &spec, slot, self.config.reader_limit) {
+            Ok(region) => Arc::new(region),
+            Err(e) => {
+                inner.free_slots.push(slot);
+                return Err(e.into());
+            }
+        };
+        let setup = self.register_lazy(&region, 0, spec.size).and_then(|()| {
+            self.slots
+                .map(&Self::slot_mapping(&region, spec.size))
+                .map_err(|e| {
+                    let _ = self.unregister_lazy(&region, 0, spec.size);
+                    TableError::from(e)
+                })
+        });
+        if let Err(e) = setup {
+            inner.free_slots.push(slot);
+            return Err(e);
+        }
+        inner.regions.insert(start, region);
+        session.publish_snapshot();
+        Ok(id)
+    }
+
+    fn check_resize(region: &Region, to: u64, grow: bool) -> Result<(), TableError> {
+        let from = region.size();
+        let ok = to % PAGE_SIZE == 0
+            && to > 0
+            && to <= region.capacity()
+            && if grow { to > from } else { to < from };
+        if ok {
+            Ok(())
+        } else {
+            Err(TableError::BadResize {
+                region: region.id(),
+                from,
+                to,
+                capacity: region.capacity(),
+            })
+        }
+    }
+
+    /// Grows a region within its capacity. Readers keep their locks: what they hold
+    /// stays valid, and the new part becomes visible once it is ready.
+    pub fn grow(&self, id: RegionId, new_size: u64, deadline: Deadline) -> Result<(), TableError> {
+        let started = Instant::now();
+        let session = self.write_session(deadline)?;
+        let region = session
+            .inner
+            .by_id(id)
+            .ok_or(TableError::NoSuchRegion(id))?;
+        Self::check_resize(&region, new_size, true)?;
+        let old = region.size();
+        self.stats.record_writer_wait(started.elapsed());
+        region.reopen(old, new_size - old)?;
+        let undo_protect = |e: TableError| {
+            let _ = region.protect(old, new_size - old, libc::PROT_NONE);
+            e
+        };
+        self.register_lazy(&region, old, new_size - old)
+            .map_err(undo_protect)?;
+        if let Err(e) = self.slots.map(&Self::slot_mapping(&region, new_size)) {
+            let _ = self.unregister_lazy(&region, old, new_size - old);
+            return Err(undo_protect(e.into()));
+        }
+        region.set_size(new_size);
+        Ok(())
+    }
+
+    /// Shrinks a region, in the safe order: exclude the region from lookups, wait for
+    /// its readers, shrink its memory slot, stop lazy population of the tail, free
+    /// the tail's host memory. On a drain timeout nothing changes.
+    pub fn shrink(
+        &self,
+        id: RegionId,
+        new_size: u64,
+        deadline: Deadline,
+    ) -> Result<(), TableError> {
+        let started = Instant::now();
+        let session = self.write_session(deadline)?;
+        let region = session
+            .inner
+            .by_id(id)
+            .ok_or(TableError::NoSuchRegion(id))?;
+        Self::check_resize(&region, new_size, false)?;
+        let old = region.size();
+        session.exclude_readers(&region, started)?;
+        self.slots.map(&Self::slot_mapping(&region, new_size))?;
+        region.set_size(new_size);
+        self.unregister_lazy(&region, new_size, old - new_size)?;
+        region.discard(new_size, old - new_size)?;
+        Ok(())
+    }
+
+    /// Removes a region, in the safe order: unpublish it from lookups, wait for its
+    /// readers (undoing everything on timeout), delete its memory slot, stop lazy
+    /// population, free its host memory. A copy racing with removal either finishes
+    /// before the memory goes or fails with a typed error.
+    pub fn remove(&self, id: RegionId, deadline: Deadline) -> Result<(), TableError> {
+        let started = Instant::now();
+        let mut session = self.write_session(deadline)?;
+        let region = session
+            .inner
+            .by_id(id)
+            .ok_or(TableError::NoSuchRegion(id))?;
+        // 1. Unpublish.
+        session.inner.regions.remove(&region.start().0);
+        session.publish_snapshot();
+        region.lock.mark_removed();
+        // 2. Drain readers; on timeout put everything back.
+        if let Err(e) = session.exclude_readers(&region, started) {
+            region.lock.unmark_removed();
+            session
+                .inner
+                .regions
+                .insert(region.start().0, region.clone());
+            session.publish_snapshot();
+            return Err(e);
+        }
+        let size = region.size();
+        // 3. The guest loses the memory. If the hypervisor refuses, put the region back.
+        if let Err(e) = self.slots.unmap(&Self::slot_mapping(&region, size)) {
+            region.lock.unmark_removed();
+            session
+                .inner
+                .regions
+                .insert(region.start().0, region.clone());
+            session.publish_snapshot();
+            return Err(e.into());
+        }
+        // 4. No more lazy population.
+        self.unregister_lazy(&region, 0, size)?;
+        // 5. Free the host memory.
+        region.discard(0, size)?;
+        session.inner.free_slots.push(region.slot());
+        debug_assert!(region.lock.is_removed() && region.readers() == 0);
+        Ok(())
+    }
+
+    /// The region covering `addr`, without locking it (for reports and tests).
+    pub fn region_at(&self, addr: GuestAddress) -> Option<RegionId> {
+        self.published
+            .load()
+            .find(addr)
+            .filter(|r| r.contains(addr))
+            .map(|r| r.id())
+    }
+
+    /// The published regions as `(id, start, size)`, sorted by start: the guest's
+    /// memory map (for an e820 table, say).
+    pub fn layout(&self) -> Vec<(RegionId, GuestAddress, u64)> {
+        self.published
+            .load()
+            .regions
+            .iter()
+            .map(|r| (r.id(), r.start(), r.size()))
+            .collect()
+    }
+
+    /// Counters and per-region reader counts.
+    pub fn metrics(&self) -> TableMetrics {
+        let regions = self
+            .published
+            .load()
+            .regions
+            .iter()
+            .map(|r| RegionMetrics {
+                id: r.id(),
+                start: r.start().0,
+                size: r.size(),
+                capacity: r.capacity(),
+                slot: r.slot(),
+                readers: r.readers(),
+            })
+            .collect();
+        self.stats.snapshot(regions)
+    }
+
+    /// Offset of `addr` within the guard's region.
+    pub fn offset_in(guard: &RegionGuard<'_>, addr: GuestAddress) -> u64 {
+        region_offset(guard.region().start(), addr)
+    }
+}

@@ -1,0 +1,281 @@
+//! The userfaultfd fault handler: a thread that fills the pages of lazily populated
+//! regions on first touch, from zeroes or from a backing file.
+//!
+//! It finds where a faulting page comes from through [`FaultRegistry::lookup`], which
+//! reads an immutably published list and never waits on the table lock or on a region
+//! lock. So a copy that faults while holding a region guard is released even while a
+//! writer holds the table lock and waits for that very guard (guarantee 7), and the
+//! same holds for a vCPU that faults inside `KVM_RUN`.
+
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use userfaultfd::{Event, Uffd, UffdBuilder};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::lazy::{FaultRegistry, LazyError, LazyPages, LazyRange};
+use crate::region::{LazySource, PAGE_SIZE};
+
+/// Fault handler counters.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FaultStats {
+    /// Page faults received.
+    pub faults: u64,
+    /// Pages filled with zeroes.
+    pub zero_fills: u64,
+    /// Pages filled from a file.
+    pub file_fills: u64,
+    /// Faults another thread had already resolved (the page was present).
+    pub already_present: u64,
+    /// Faults on addresses no longer registered (woken by unregistration).
+    pub unregistered: u64,
+    /// Faults that could not be resolved.
+    pub errors: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    faults: AtomicU64,
+    zero_fills: AtomicU64,
+    file_fills: AtomicU64,
+    already_present: AtomicU64,
+    unregistered: AtomicU64,
+    errors: AtomicU64,
+}
+
+struct Shared {
+    uffd: Uffd,
+    registry: FaultRegistry,
+    /// Serialises registry changes with their userfaultfd registration.
+    changes: Mutex<()>,
+    counters: Counters,
+    stop: EventFd,
+}
+
+/// Owns the userfaultfd and the thread that serves it. Stops the thread on drop.
+pub struct FaultHandler {
+    shared: Arc<Shared>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+fn uffd_err(op: &'static str, addr: u64, len: u64, e: impl std::fmt::Display) -> LazyError {
+    LazyError::Userfaultfd {
+        op,
+        addr,
+        len,
+        reason: e.to_string(),
+    }
+}
+
+impl FaultHandler {
+    /// Opens a userfaultfd (kernel-mode faults included, so KVM's accesses from
+    /// `KVM_RUN` are served too; that needs root or `CAP_SYS_PTRACE`) and starts the
+    /// handler thread.
+    pub fn start() -> Result<Arc<FaultHandler>, LazyError> {
+        let uffd = UffdBuilder::new()
+            .close_on_exec(true)
+            .non_blocking(true)
+            .user_mode_only(false)
+            .create()
+            .map_err(|e| LazyError::Start(format!("userfaultfd: {e}")))?;
+        let stop = EventFd::new(libc::EFD_NONBLOCK)
+            .map_err(|e| LazyError::Start(format!("eventfd: {e}")))?;
+        let shared = Arc::new(Shared {
+            uffd,
+            registry: FaultRegistry::default(),
+            changes: Mutex::new(()),
+            counters: Counters::default(),
+            stop,
+        });
+        let worker = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("kite-uffd".into())
+            .spawn(move || worker.serve())
+            .map_err(|e| LazyError::Start(format!("spawn: {e}")))?;
+        Ok(Arc::new(FaultHandler {
+            shared,
+            thread: Mutex::new(Some(thread)),
+        }))
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> FaultStats {
+        let c = &self.shared.counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        FaultStats {
+            faults: get(&c.faults),
+            zero_fills: get(&c.zero_fills),
+            file_fills: get(&c.file_fills),
+            already_present: get(&c.already_present),
+            unregistered: get(&c.unregistered),
+            errors: get(&c.errors),
+        }
+    }
+
+    /// Ranges registered now.
+    pub fn registered_ranges(&self) -> usize {
+        self.shared.registry.len()
+    }
+}
+
+impl Drop for FaultHandler {
+    fn drop(&mut self) {
+        let _ = self.shared.stop.write(1);
+        if let Some(thread) = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl LazyPages for FaultHandler {
+    fn register(&self, range: LazyRange) -> Result<(), LazyError> {
+        let _serial = self
+            .shared
+            .changes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let (start, len) = (range.host_start, range.len);
+        // Publish first: a fault can arrive as soon as the kernel has the range.
+        self.shared.registry.add(range);
+        if let Err(e) = self
+            .shared
+            .uffd
+            .register(start as *mut libc::c_void, len as usize)
+        {
+            self.shared.registry.remove(start, len);
+            return Err(uffd_err("register", start, len, e));
+        }
+        Ok(())
+    }
+
+    fn unregister(&self, host_start: u64, len: u64) -> Result<(), LazyError> {
+        let _serial = self
+            .shared
+            .changes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        // Unregister with the kernel first (it wakes any thread still waiting there),
+        // then forget the range: a fault never finds its range missing.
+        self.shared
+            .uffd
+            .unregister(host_start as *mut libc::c_void, len as usize)
+            .map_err(|e| uffd_err("unregister", host_start, len, e))?;
+        self.shared.registry.remove(host_start, len);
+        Ok(())
+    }
+}
+
+/// Whether a userfaultfd ioctl error says the page is already there.
+fn is_errno(e: &userfaultfd::Error, errno: nix::errno::Errno) -> bool {
+    matches!(e, userfaultfd::Error::CopyFailed(n) | userfaultfd::Error::ZeropageFailed(n) if *n == errno)
+}
+
+impl Shared {
+    fn serve(&self) {
+        let mut page = vec![0u8; PAGE_SIZE as usize];
+        loop {
+            let mut fds = [
+                libc::pollfd {
+                    fd: self.uffd.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: self.stop.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+            ];
+            // SAFETY: `fds` is a valid array of two pollfd structures for the call's duration.
+            let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+            if rc < 0 {
+                if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                log::error!(
+                    "fault handler: poll failed: {}",
+                    std::io::Error::last_os_error()
+                );
+                return;
+            }
+            if fds[1].revents != 0 {
+                return;
+            }
+            loop {
+                match self.uffd.read_event() {
+                    Ok(Some(Event::Pagefault { addr, .. })) => self.resolve(addr as u64, &mut page),
+                    Ok(Some(_)) => {}
+                    Ok(None) => break,
+                    Err(e) => {
+                        log::error!("fault handler: reading event failed: {e}");
+                        self.counters.errors.fetch_add(1, Ordering::Relaxed);
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    fn resolve(&self, addr: u64, page: &mut [u8]) {
+        let c = &self.counters;
+        c.faults.fetch_add(1, Ordering::Relaxed);
+        let page_addr = addr & !(PAGE_SIZE - 1);
+        let dst = page_addr as *mut libc::c_void;
+        let Some((source, offset)) = self.registry.lookup(page_addr) else {
+            // Unregistered since the fault was queued; unregistration woke the thread.
+            c.unregistered.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let result = match source {
+            LazySource::Zero => {
+                // SAFETY: `dst` is a page of a range registered with this userfaultfd;
+                // the kernel checks the range and fills the page atomically.
+                unsafe { self.uffd.zeropage(dst, PAGE_SIZE as usize, true) }.map(|_| &c.zero_fills)
+            }
+            LazySource::File { file, .. } => {
+                page.fill(0);
+                let mut filled = 0;
+                while filled < page.len() {
+                    match file.read_at(&mut page[filled..], offset + filled as u64) {
+                        Ok(0) => break, // past the end of the file: zeroes
+                        Ok(n) => filled += n,
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(e) => {
+                            log::error!("fault handler: reading backing file at {offset:#x}: {e}");
+                            c.errors.fetch_add(1, Ordering::Relaxed);
+                            break;
+                        }
+                    }
+                }
+                // SAFETY: `page` is a live buffer of one page; `dst` is a page of a range
+                // registered with this userfaultfd, which the kernel checks.
+                unsafe {
+                    self.uffd
+                        .copy(page.as_ptr().cast(), dst, PAGE_SIZE as usize, true)
+                }
+                .map(|_| &c.file_fills)
+            }
+        };
+        match result {
+            Ok(counter) => {
+                counter.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) if is_errno(&e, nix::errno::Errno::EEXIST) => {
+                c.already_present.fetch_add(1, Ordering::Relaxed);
+                let _ = self.uffd.wake(dst, PAGE_SIZE as usize);
+            }
+            Err(e) if is_errno(&e, nix::errno::Errno::ENOENT) => {
+                c.unregistered.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => {
+                log::error!("fault handler: cannot fill page {page_addr:#x}: {e}");
+                c.errors.fetch_add(1, Ordering::Relaxed);
+                // Wake the thread so it retries the access instead of hanging silently.
+                let _ = self.uffd.wake(dst, PAGE_SIZE as usize);
+            }
+        }
+    }
+}

@@ -1,0 +1,294 @@
+//! loom models of the region-table protocol, exhaustive for 2–3 threads.
+//!
+//! Run with `RUSTFLAGS="--cfg loom" cargo test -p memory --test loom --release`.
+//! Under `--cfg loom` the table's atomics, table lock, publication and parking are
+//! loom's models (see `src/sync.rs`), so these check the table's own code.
+
+#![cfg(loom)]
+
+use loom::sync::atomic::{AtomicBool, Ordering};
+use loom::sync::Arc;
+use loom::thread;
+use memory::{
+    Backing, FaultRegistry, LazyError, LazyPages, LazyRange, LazySource, LookupError, RegionSpec,
+    RegionTable, TableConfig,
+};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryRegion, MemoryRegionAddress};
+
+const PAGE: u64 = 4096;
+/// Preemption bound used unless LOOM_MAX_PREEMPTIONS is set.
+const DEFAULT_PREEMPTIONS: usize = 4;
+
+fn table() -> RegionTable {
+    RegionTable::new(
+        std::sync::Arc::new(memory::NoSlots),
+        None,
+        TableConfig::default(),
+    )
+}
+
+/// Runs `f` under loom. The table's operations (mmap, error formatting) need more
+/// stack than loom's default, so every model thread gets a large one.
+fn model(f: impl Fn() + Sync + Send + 'static) {
+    let f = std::sync::Arc::new(f);
+    let mut builder = loom::model::Builder::new();
+    // Every interleaving with up to this many preemptions (loom's bounded exhaustive
+    // search); LOOM_MAX_PREEMPTIONS overrides it.
+    if std::env::var_os("LOOM_MAX_PREEMPTIONS").is_none() {
+        builder.preemption_bound = Some(DEFAULT_PREEMPTIONS);
+    }
+    builder.check(move || {
+        let f = f.clone();
+        spawn(move || f()).join().unwrap();
+    });
+}
+
+fn spawn<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> thread::JoinHandle<T> {
+    thread::Builder::new().stack_size(1 << 18).spawn(f).unwrap()
+}
+
+/// Fast path vs a writer shrinking the region: a reader either holds the region
+/// with the old size (and the writer waited for it) or fails, or sees the new size.
+/// A write made under the guard is never lost to the shrink of a part it did not touch.
+#[test]
+fn fast_path_vs_writer() {
+    model(|| {
+        let t = Arc::new(table());
+        let id = t
+            .insert(
+                RegionSpec {
+                    start: GuestAddress(0),
+                    size: 2 * PAGE,
+                    capacity: 2 * PAGE,
+                    backing: Backing::Anonymous,
+                },
+                None,
+            )
+            .unwrap();
+        let shrunk = Arc::new(AtomicBool::new(false));
+        let reader = {
+            let (t, shrunk) = (t.clone(), shrunk.clone());
+            spawn(move || match t.lock_fast(GuestAddress(PAGE)) {
+                Ok(guard) => {
+                    // The writer cannot have shrunk while we hold the region.
+                    assert!(!shrunk.load(Ordering::SeqCst));
+                    assert_eq!(guard.len(), 2 * PAGE);
+                    guard.write_obj(7u8, MemoryRegionAddress(PAGE)).unwrap();
+                    assert!(!shrunk.load(Ordering::SeqCst));
+                }
+                Err(LookupError::WriteLocked { .. } | LookupError::NotMapped { .. }) => {}
+                Err(e) => panic!("unexpected {e:?}"),
+            })
+        };
+        t.shrink(id, PAGE, None).unwrap();
+        shrunk.store(true, Ordering::SeqCst);
+        reader.join().unwrap();
+        assert!(t.lock_fast(GuestAddress(PAGE)).is_err());
+        assert_eq!(t.metrics().regions[0].readers, 0);
+    });
+}
+
+/// Two-tier lookup vs a writer: the lookup always ends with a guard on the region in
+/// a consistent state (old or new size), never a stale or write-locked one.
+#[test]
+fn two_tier_vs_writer() {
+    model(|| {
+        let t = Arc::new(table());
+        let id = t
+            .insert(
+                RegionSpec {
+                    start: GuestAddress(0),
+                    size: PAGE,
+                    capacity: 2 * PAGE,
+                    backing: Backing::Anonymous,
+                },
+                None,
+            )
+            .unwrap();
+        let reader = {
+            let t = t.clone();
+            spawn(move || {
+                let guard = t.lock_region(GuestAddress(0), None).unwrap();
+                let len = guard.len();
+                assert!(len == PAGE || len == 2 * PAGE, "{len}");
+                guard.write_obj(1u8, MemoryRegionAddress(len - 1)).unwrap();
+            })
+        };
+        t.grow(id, 2 * PAGE, None).unwrap();
+        t.shrink(id, PAGE, None).unwrap();
+        reader.join().unwrap();
+        assert_eq!(t.metrics().regions[0].readers, 0);
+    });
+}
+
+/// Removal vs a reader: the reader either copies before the removal takes effect
+/// (and the writer waited for it: its write is still there when the writer drains)
+/// or fails with a typed error. Never a write into removed memory.
+#[test]
+fn removal_vs_reader() {
+    model(|| {
+        let t = Arc::new(table());
+        let id = t
+            .insert(
+                RegionSpec {
+                    start: GuestAddress(0),
+                    size: PAGE,
+                    capacity: PAGE,
+                    backing: Backing::Anonymous,
+                },
+                None,
+            )
+            .unwrap();
+        let removed = Arc::new(AtomicBool::new(false));
+        let reader = {
+            let (t, removed) = (t.clone(), removed.clone());
+            spawn(move || {
+                match t.lock_region(GuestAddress(8), None) {
+                    Ok(guard) => {
+                        // While the guard is held the removal cannot complete.
+                        guard.write_obj(0xaau8, MemoryRegionAddress(8)).unwrap();
+                        assert!(!removed.load(Ordering::SeqCst));
+                    }
+                    Err(LookupError::NotMapped { addr: 8 }) => {}
+                    Err(e) => panic!("unexpected {e:?}"),
+                }
+                // The copy API: done before removal, or a typed error.
+                match t.write(GuestAddress(8), &[0xaa], None) {
+                    Ok(())
+                    | Err(memory::CopyError::Lookup {
+                        source: LookupError::NotMapped { addr: 8 },
+                        copied: 0,
+                        ..
+                    }) => {}
+                    Err(e) => panic!("unexpected {e:?}"),
+                }
+            })
+        };
+        t.remove(id, None).unwrap();
+        removed.store(true, Ordering::SeqCst);
+        reader.join().unwrap();
+        assert!(t.layout().is_empty());
+    });
+}
+
+/// Two readers on one region and a writer: the writer waits for both, and the
+/// readers' shards and the writer's wake-up flag never lose a release.
+#[test]
+fn two_readers_and_a_writer() {
+    model(|| {
+        let t = Arc::new(table());
+        let id = t
+            .insert(
+                RegionSpec {
+                    start: GuestAddress(0),
+                    size: 2 * PAGE,
+                    capacity: 2 * PAGE,
+                    backing: Backing::Anonymous,
+                },
+                None,
+            )
+            .unwrap();
+        let shrunk = Arc::new(AtomicBool::new(false));
+        let readers: Vec<_> = (0..2)
+            .map(|_| {
+                let (t, shrunk) = (t.clone(), shrunk.clone());
+                spawn(move || {
+                    if let Ok(g) = t.lock_fast(GuestAddress(0)) {
+                        if g.len() == 2 * PAGE {
+                            // Holding the old size: the shrink must wait for us.
+                            assert!(!shrunk.load(Ordering::SeqCst));
+                        } else {
+                            assert_eq!(g.len(), PAGE);
+                        }
+                    }
+                })
+            })
+            .collect();
+        t.shrink(id, PAGE, None).unwrap();
+        shrunk.store(true, Ordering::SeqCst);
+        for r in readers {
+            r.join().unwrap();
+        }
+        assert_eq!(t.metrics().regions[0].readers, 0);
+    });
+}
+
+/// A stand-in fault handler: a lazily populated page is "filled" by the handler
+/// thread, which finds the range through the registry's lookup (no table lock).
+struct ModelFaults {
+    registry: FaultRegistry,
+}
+
+impl LazyPages for ModelFaults {
+    fn register(&self, range: LazyRange) -> Result<(), LazyError> {
+        self.registry.add(range);
+        Ok(())
+    }
+    fn unregister(&self, host_start: u64, len: u64) -> Result<(), LazyError> {
+        self.registry.remove(host_start, len);
+        Ok(())
+    }
+}
+
+/// Fault handler vs writer: a reader holds a guard and "faults" (waits for the handler
+/// to fill its page); a writer removes the region and waits for the reader; the
+/// handler resolves the fault through the registry without any table lock. Every
+/// interleaving ends: no lock cycle.
+#[test]
+fn fault_handler_vs_writer() {
+    model(|| {
+        let faults = std::sync::Arc::new(ModelFaults {
+            registry: FaultRegistry::default(),
+        });
+        let t = Arc::new(RegionTable::new(
+            std::sync::Arc::new(memory::NoSlots),
+            Some(faults.clone()),
+            TableConfig::default(),
+        ));
+        let id = t
+            .insert(
+                RegionSpec {
+                    start: GuestAddress(0),
+                    size: PAGE,
+                    capacity: PAGE,
+                    backing: Backing::Lazy(LazySource::Zero),
+                },
+                None,
+            )
+            .unwrap();
+        // The reader reports a fault (a host address, or 0 for none) to the handler,
+        // and waits for the handler to say the page is filled.
+        let (fault_tx, fault_rx) = loom::sync::mpsc::channel::<u64>();
+        let (filled_tx, filled_rx) = loom::sync::mpsc::channel::<()>();
+
+        let reader = {
+            let t = t.clone();
+            spawn(move || match t.lock_region(GuestAddress(0), None) {
+                Ok(guard) => {
+                    // The copy faults while the guard is held.
+                    fault_tx.send(guard.region().host_addr()).unwrap();
+                    filled_rx.recv().unwrap();
+                    drop(guard);
+                }
+                Err(LookupError::NotMapped { .. }) => fault_tx.send(0).unwrap(),
+                Err(e) => panic!("unexpected {e:?}"),
+            })
+        };
+        let handler = {
+            let faults = faults.clone();
+            spawn(move || {
+                let addr = fault_rx.recv().unwrap();
+                if addr != 0 {
+                    // The handler's lookup: lock-free, never waits for the writer.
+                    let (source, _) = faults.registry.lookup(addr).expect("range registered");
+                    assert!(matches!(source, LazySource::Zero));
+                    filled_tx.send(()).unwrap();
+                }
+            })
+        };
+        t.remove(id, None).unwrap();
+        reader.join().unwrap();
+        handler.join().unwrap();
+        assert!(faults.registry.is_empty());
+    });
+}

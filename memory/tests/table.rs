@@ -1,0 +1,548 @@
+//! Unit tests of the region table's operations and errors.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use memory::{
+    Backing, CopyError, GuardedMemory, LookupError, MemorySlots, RegionSpec, RegionTable,
+    SlotError, SlotMapping, TableConfig, TableError,
+};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+const MIB: u64 = 1 << 20;
+
+/// Records slot calls, and fails them on request.
+#[derive(Default)]
+struct RecordingSlots {
+    calls: Mutex<Vec<(&'static str, SlotMapping)>>,
+    fail: Mutex<bool>,
+}
+
+impl RecordingSlots {
+    fn calls(&self) -> Vec<(&'static str, SlotMapping)> {
+        self.calls.lock().unwrap().clone()
+    }
+    fn result(&self, slot: u32) -> Result<(), SlotError> {
+        if *self.fail.lock().unwrap() {
+            Err(SlotError::Update {
+                slot,
+                source: std::io::Error::from_raw_os_error(libc::EINVAL),
+            })
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl MemorySlots for RecordingSlots {
+    fn map(&self, m: &SlotMapping) -> Result<(), SlotError> {
+        self.calls.lock().unwrap().push(("map", *m));
+        self.result(m.slot)
+    }
+    fn unmap(&self, m: &SlotMapping) -> Result<(), SlotError> {
+        self.calls.lock().unwrap().push(("unmap", *m));
+        self.result(m.slot)
+    }
+}
+
+fn table_with(slots: Arc<RecordingSlots>, config: TableConfig) -> RegionTable {
+    RegionTable::new(slots, None, config)
+}
+
+fn grow_spec(start: u64, size: u64, capacity: u64) -> RegionSpec {
+    RegionSpec {
+        start: GuestAddress(start),
+        size,
+        capacity,
+        backing: Backing::Anonymous,
+    }
+}
+
+#[test]
+fn insert_publishes_region_and_maps_slot() {
+    let slots = Arc::new(RecordingSlots::default());
+    let table = table_with(slots.clone(), TableConfig::default());
+    let id = table
+        .insert(RegionSpec::anonymous(GuestAddress(0x10_0000), MIB), None)
+        .unwrap();
+    assert_eq!(table.layout(), vec![(id, GuestAddress(0x10_0000), MIB)]);
+    let calls = slots.calls();
+    assert_eq!(calls.len(), 1);
+    assert_eq!(calls[0].0, "map");
+    assert_eq!(calls[0].1.guest_addr, 0x10_0000);
+    assert_eq!(calls[0].1.size, MIB);
+    assert_ne!(calls[0].1.host_addr, 0);
+    assert_eq!(table.region_at(GuestAddress(0x10_0000 + MIB - 1)), Some(id));
+    assert_eq!(table.region_at(GuestAddress(0x10_0000 + MIB)), None);
+}
+
+#[test]
+fn insert_rejects_overlap_misalignment_and_bad_geometry() {
+    let table = RegionTable::default();
+    let a = table.insert(grow_spec(0, MIB, 4 * MIB), None).unwrap();
+    // Overlaps the reserved capacity, not just the current size.
+    match table.insert(RegionSpec::anonymous(GuestAddress(2 * MIB), MIB), None) {
+        Err(TableError::Overlap { other, .. }) => assert_eq!(other, a),
+        other => panic!("expected overlap, got {other:?}"),
+    }
+    assert!(matches!(
+        table.insert(RegionSpec::anonymous(GuestAddress(8 * MIB + 1), MIB), None),
+        Err(TableError::Region(memory::RegionError::Unaligned { .. }))
+    ));
+    assert!(matches!(
+        table.insert(RegionSpec::anonymous(GuestAddress(8 * MIB), 0), None),
+        Err(TableError::Region(memory::RegionError::BadGeometry { .. }))
+    ));
+    assert!(matches!(
+        table.insert(grow_spec(8 * MIB, 2 * MIB, MIB), None),
+        Err(TableError::Region(memory::RegionError::BadGeometry { .. }))
+    ));
+    assert!(matches!(
+        table.insert(
+            RegionSpec::anonymous(GuestAddress(u64::MAX - 0xfff), 0x2000),
+            None
+        ),
+        Err(TableError::Region(memory::RegionError::BadGeometry { .. }))
+    ));
+    // A lazy region without a fault handler.
+    let lazy = RegionSpec {
+        backing: Backing::Lazy(memory::LazySource::Zero),
+        ..RegionSpec::anonymous(GuestAddress(16 * MIB), MIB)
+    };
+    assert!(matches!(
+        table.insert(lazy, None),
+        Err(TableError::Lazy(memory::LazyError::NoHandler))
+    ));
+    assert_eq!(table.layout().len(), 1);
+}
+
+#[test]
+fn slot_numbers_are_reused_but_region_ids_are_not() {
+    let slots = Arc::new(RecordingSlots::default());
+    let table = table_with(slots.clone(), TableConfig::default());
+    let a = table
+        .insert(RegionSpec::anonymous(GuestAddress(0), MIB), None)
+        .unwrap();
+    table.remove(a, None).unwrap();
+    let b = table
+        .insert(RegionSpec::anonymous(GuestAddress(0), MIB), None)
+        .unwrap();
+    assert!(b.0 > a.0, "region ids must never be reused");
+    let calls = slots.calls();
+    assert_eq!(
+        calls.iter().map(|c| c.0).collect::<Vec<_>>(),
+        ["map", "unmap", "map"]
+    );
+    assert_eq!(calls[0].1.slot, calls[2].1.slot);
+}
+
+#[test]
+fn slot_limit_is_a_typed_error() {
+    let table = RegionTable::new(
+        Arc::new(memory::NoSlots),
+        None,
+        TableConfig {
+            max_slots: 1,
+            ..TableConfig::default()
+        },
+    );
+    table
+        .insert(RegionSpec::anonymous(GuestAddress(0), MIB), None)
+        .unwrap();
+    assert!(matches!(
+        table.insert(RegionSpec::anonymous(GuestAddress(MIB), MIB), None),
+        Err(TableError::NoSlot(1))
+    ));
+}
+
+#[test]
+fn copies_cross_regions_and_report_unmapped_memory() {
+    let table = RegionTable::default();
+    table
+        .insert(RegionSpec::anonymous(GuestAddress(0), MIB), None)
+        .unwrap();
+    table
+        .insert(RegionSpec::anonymous(GuestAddress(MIB), MIB), None)
+        .unwrap();
+    let data: Vec<u8> = (0..8192u32).map(|i| (i * 7) as u8).collect();
+    table.write(GuestAddress(MIB - 4096), &data, None).unwrap();
+    let mut back = vec![0u8; data.len()];
+    table
+        .read(GuestAddress(MIB - 4096), &mut back, None)
+        .unwrap();
+    assert_eq!(back, data);
+
+    // Guest-to-guest copy across the boundary.
+    table
+        .copy(
+            GuestAddress(MIB - 4096),
+            GuestAddress(0x1000),
+            data.len(),
+            None,
+        )
+        .unwrap();
+    table.read(GuestAddress(0x1000), &mut back, None).unwrap();
+    assert_eq!(back, data);
+
+    // Running off the end: the first part is copied, then a typed error.
+    let err = table
+        .write(GuestAddress(2 * MIB - 100), &[1u8; 200], None)
+        .unwrap_err();
+    assert_eq!(
+        err,
+        CopyError::Lookup {
+            addr: 2 * MIB,
+            copied: 100,
+            source: LookupError::NotMapped { addr: 2 * MIB }
+        }
+    );
+    assert!(matches!(
+        table.read(GuestAddress(u64::MAX - 10), &mut [0u8; 100], None),
+        Err(CopyError::Overflow { .. })
+    ));
+    assert!(table.write(GuestAddress(5 * MIB), &[], None).is_ok());
+}
+
+#[test]
+fn grow_makes_new_memory_usable_without_draining_readers() {
+    let slots = Arc::new(RecordingSlots::default());
+    let table = table_with(slots.clone(), TableConfig::default());
+    let id = table.insert(grow_spec(0, MIB, 4 * MIB), None).unwrap();
+    assert!(table.write(GuestAddress(MIB), &[1], None).is_err());
+    // A reader holding the region does not block growth.
+    let guard = table.lock_fast(GuestAddress(0)).unwrap();
+    std::thread::scope(|s| s.spawn(|| table.grow(id, 2 * MIB, None)).join().unwrap()).unwrap();
+    assert_eq!(guard.len(), MIB, "a guard keeps the size it was taken with");
+    drop(guard);
+    table.write(GuestAddress(2 * MIB - 1), &[9], None).unwrap();
+    assert_eq!(slots.calls().last().unwrap().1.size, 2 * MIB);
+    for bad in [MIB, 2 * MIB, 5 * MIB, 3 * MIB + 1] {
+        assert!(
+            matches!(table.grow(id, bad, None), Err(TableError::BadResize { .. })),
+            "{bad:#x}"
+        );
+    }
+    assert!(matches!(
+        table.grow(memory::RegionId(999), 3 * MIB, None),
+        Err(TableError::NoSuchRegion(_))
+    ));
+}
+
+#[test]
+fn shrink_frees_the_tail_and_copies_into_it_fail() {
+    let table = RegionTable::default();
+    let id = table.insert(grow_spec(0, 4 * MIB, 4 * MIB), None).unwrap();
+    table
+        .write(GuestAddress(3 * MIB), &[7u8; 4096], None)
+        .unwrap();
+    table.shrink(id, MIB, None).unwrap();
+    assert!(matches!(
+        table.write(GuestAddress(3 * MIB), &[1], None),
+        Err(CopyError::Lookup {
+            source: LookupError::NotMapped { .. },
+            ..
+        })
+    ));
+    // Growing back gives fresh (zeroed) memory, not the discarded contents.
+    table.grow(id, 4 * MIB, None).unwrap();
+    let mut buf = [0xffu8; 4096];
+    table.read(GuestAddress(3 * MIB), &mut buf, None).unwrap();
+    assert_eq!(buf, [0u8; 4096]);
+    assert!(matches!(
+        table.shrink(id, 4 * MIB, None),
+        Err(TableError::BadResize { .. })
+    ));
+    assert!(matches!(
+        table.shrink(id, 0, None),
+        Err(TableError::BadResize { .. })
+    ));
+}
+
+#[test]
+fn memfd_backed_regions_work_and_shrink() {
+    let table = RegionTable::default();
+    let id = table
+        .insert(
+            RegionSpec {
+                backing: Backing::Memfd,
+                ..grow_spec(0, 2 * MIB, 2 * MIB)
+            },
+            None,
+        )
+        .unwrap();
+    table.write(GuestAddress(MIB), b"kite", None).unwrap();
+    let mut buf = [0u8; 4];
+    table.read(GuestAddress(MIB), &mut buf, None).unwrap();
+    assert_eq!(&buf, b"kite");
+    table.shrink(id, MIB, None).unwrap();
+    table.grow(id, 2 * MIB, None).unwrap();
+    table.read(GuestAddress(MIB), &mut buf, None).unwrap();
+    assert_eq!(buf, [0; 4], "the punched hole reads back as zeroes");
+}
+
+#[test]
+fn remove_with_reader_times_out_and_changes_nothing() {
+    let table = RegionTable::new(
+        Arc::new(memory::NoSlots),
+        None,
+        TableConfig {
+            drain_timeout: Duration::from_millis(50),
+            ..TableConfig::default()
+        },
+    );
+    let id = table
+        .insert(RegionSpec::anonymous(GuestAddress(0), MIB), None)
+        .unwrap();
+    table.write(GuestAddress(0), b"keep", None).unwrap();
+    let guard = table.lock_region(GuestAddress(0), None).unwrap();
+    let t = std::thread::scope(|s| s.spawn(|| table.remove(id, None)).join().unwrap());
+    match t {
+        Err(TableError::DrainTimeout {
+            region, readers, ..
+        }) => {
+            assert_eq!(region, id);
+            assert_eq!(readers, 1);
+        }
+        other => panic!("expected a drain timeout, got {other:?}"),
+    }
+    drop(guard);
+    let mut buf = [0u8; 4];
+    table.read(GuestAddress(0), &mut buf, None).unwrap();
+    assert_eq!(&buf, b"keep");
+    table.shrink(id, 4096, None).unwrap();
+}
+
+#[test]
+fn slot_failure_on_remove_restores_the_region() {
+    let slots = Arc::new(RecordingSlots::default());
+    let table = table_with(slots.clone(), TableConfig::default());
+    let id = table
+        .insert(RegionSpec::anonymous(GuestAddress(0), MIB), None)
+        .unwrap();
+    table.write(GuestAddress(0), b"data", None).unwrap();
+    *slots.fail.lock().unwrap() = true;
+    assert!(matches!(table.remove(id, None), Err(TableError::Slot(_))));
+    assert!(matches!(
+        table.shrink(id, 4096, None),
+        Err(TableError::Slot(_))
+    ));
+    *slots.fail.lock().unwrap() = false;
+    let mut buf = [0u8; 4];
+    table.read(GuestAddress(0), &mut buf, None).unwrap();
+    assert_eq!(&buf, b"data");
+    assert_eq!(table.layout()[0].2, MIB);
+}
+
+#[test]
+fn fast_path_fails_while_writer_holds_region_and_two_tier_waits() {
+    let table = RegionTable::default();
+    let id = table.insert(grow_spec(0, 2 * MIB, 2 * MIB), None).unwrap();
+    let reader = table.lock_region(GuestAddress(0), None).unwrap();
+    std::thread::scope(|s| {
+        let writer = s.spawn(|| table.shrink(id, MIB, None));
+        // Wait until the writer has marked the region (a fast-path lookup fails).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match table.lock_fast(GuestAddress(0)) {
+                Err(LookupError::WriteLocked { region }) => {
+                    assert_eq!(region, id);
+                    break;
+                }
+                Ok(g) => drop(g),
+                Err(e) => panic!("unexpected {e:?}"),
+            }
+            assert!(Instant::now() < deadline, "writer never marked the region");
+            std::thread::yield_now();
+        }
+        assert_eq!(table.metrics().regions[0].readers, 1);
+        drop(reader);
+        // The two-tier lookup waits for the writer, then sees the new size.
+        let g = s
+            .spawn(|| table.lock_region(GuestAddress(0), None).map(|g| g.len()))
+            .join()
+            .unwrap();
+        writer.join().unwrap().unwrap();
+        assert_eq!(g.unwrap(), MIB);
+    });
+    assert!(matches!(
+        table.lock_region(GuestAddress(MIB), None),
+        Err(LookupError::NotMapped { addr }) if addr == MIB
+    ));
+    let m = table.metrics();
+    assert!(m.fast_path_misses >= 1);
+    assert!(m.writer_waits.count >= 1);
+}
+
+#[test]
+fn two_tier_lookup_times_out_behind_a_stuck_writer() {
+    let table = RegionTable::new(
+        Arc::new(memory::NoSlots),
+        None,
+        TableConfig {
+            drain_timeout: Duration::from_secs(2),
+            ..TableConfig::default()
+        },
+    );
+    let id = table
+        .insert(RegionSpec::anonymous(GuestAddress(0), MIB), None)
+        .unwrap();
+    let reader = table.lock_region(GuestAddress(0), None).unwrap();
+    std::thread::scope(|s| {
+        let writer = s.spawn(|| table.remove(id, None));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while table.lock_fast(GuestAddress(0)).is_ok() {
+            assert!(Instant::now() < deadline);
+            std::thread::yield_now();
+        }
+        let r = s
+            .spawn(|| {
+                table
+                    .lock_region(
+                        GuestAddress(0),
+                        Some(Instant::now() + Duration::from_millis(20)),
+                    )
+                    .map(|_| ())
+            })
+            .join()
+            .unwrap();
+        assert_eq!(r, Err(LookupError::Timeout { addr: 0 }));
+        drop(reader);
+        writer.join().unwrap().unwrap();
+    });
+    assert!(matches!(
+        table.lock_region(GuestAddress(0), None),
+        Err(LookupError::NotMapped { .. })
+    ));
+}
+
+#[test]
+fn reader_saturation_is_a_typed_error() {
+    let table = RegionTable::new(
+        Arc::new(memory::NoSlots),
+        None,
+        TableConfig {
+            reader_limit: 3,
+            ..TableConfig::default()
+        },
+    );
+    table
+        .insert(RegionSpec::anonymous(GuestAddress(0), MIB), None)
+        .unwrap();
+    let guards: Vec<_> = (0..3)
+        .map(|_| table.lock_fast(GuestAddress(0)).unwrap())
+        .collect();
+    assert!(matches!(
+        table.lock_fast(GuestAddress(0)),
+        Err(LookupError::Saturated { .. })
+    ));
+    drop(guards);
+    assert!(table.lock_region(GuestAddress(0), None).is_ok());
+}
+
+#[test]
+#[cfg(debug_assertions)]
+#[should_panic(expected = "lock order violation: two-tier lookup called while holding [region")]
+fn two_tier_lookup_while_holding_a_guard_panics() {
+    let table = RegionTable::default();
+    table
+        .insert(RegionSpec::anonymous(GuestAddress(0), MIB), None)
+        .unwrap();
+    table
+        .insert(RegionSpec::anonymous(GuestAddress(MIB), MIB), None)
+        .unwrap();
+    let _held = table.lock_fast(GuestAddress(0)).unwrap();
+    let _ = table.lock_region(GuestAddress(MIB), None);
+}
+
+#[test]
+#[cfg(debug_assertions)]
+#[should_panic(expected = "lock order violation: table lock (write) taken while holding region")]
+fn writer_while_holding_a_guard_panics() {
+    let table = RegionTable::default();
+    let id = table
+        .insert(RegionSpec::anonymous(GuestAddress(0), MIB), None)
+        .unwrap();
+    let _held = table.lock_fast(GuestAddress(0)).unwrap();
+    let _ = table.remove(id, None);
+}
+
+#[test]
+fn held_locks_are_recorded_per_thread() {
+    let table = RegionTable::default();
+    let id = table
+        .insert(RegionSpec::anonymous(GuestAddress(0), MIB), None)
+        .unwrap();
+    let g = table.lock_fast(GuestAddress(0)).unwrap();
+    if memory::lockdep::ENABLED {
+        assert_eq!(
+            memory::lockdep::held_by_current_thread(),
+            vec![memory::lockdep::HeldLock::RegionRead(id.0)]
+        );
+        assert!(memory::lockdep::held_by_all_threads()
+            .iter()
+            .any(|(_, held)| held.contains(&memory::lockdep::HeldLock::RegionRead(id.0))));
+    }
+    drop(g);
+    assert!(memory::lockdep::held_by_current_thread().is_empty());
+}
+
+#[test]
+fn guarded_memory_works_with_vm_memory_bytes() {
+    let table = RegionTable::default();
+    table
+        .insert(RegionSpec::anonymous(GuestAddress(0), MIB), None)
+        .unwrap();
+    table
+        .insert(RegionSpec::anonymous(GuestAddress(MIB), MIB), None)
+        .unwrap();
+    table
+        .insert(RegionSpec::anonymous(GuestAddress(8 * MIB), MIB), None)
+        .unwrap();
+    {
+        let mem = GuardedMemory::lock_all(&table, None).unwrap();
+        assert_eq!(mem.num_regions(), 3);
+        // vm-memory's Bytes over guarded memory, across a region boundary.
+        mem.write_obj(0x1122_3344_5566_7788u64, GuestAddress(MIB - 4))
+            .unwrap();
+        assert_eq!(
+            mem.read_obj::<u64>(GuestAddress(MIB - 4)).unwrap(),
+            0x1122_3344_5566_7788
+        );
+        assert!(mem.read_obj::<u64>(GuestAddress(2 * MIB)).is_err());
+        assert_eq!(
+            table
+                .metrics()
+                .regions
+                .iter()
+                .map(|r| r.readers)
+                .sum::<u64>(),
+            3
+        );
+    }
+    let part = GuardedMemory::lock_range(&table, GuestAddress(MIB), 4096, None).unwrap();
+    assert_eq!(part.num_regions(), 1);
+    assert_eq!(part.iter().next().unwrap().start_addr(), GuestAddress(MIB));
+    drop(part);
+    let mut buf = [0u8; 8];
+    table.read(GuestAddress(MIB - 4), &mut buf, None).unwrap();
+    assert_eq!(u64::from_le_bytes(buf), 0x1122_3344_5566_7788);
+}
+
+#[test]
+fn metrics_count_paths_and_readers() {
+    let table = RegionTable::default();
+    table
+        .insert(RegionSpec::anonymous(GuestAddress(0), MIB), None)
+        .unwrap();
+    for _ in 0..10 {
+        drop(table.lock_fast(GuestAddress(0)).unwrap());
+    }
+    let _ = table.lock_region(GuestAddress(5 * MIB), None);
+    let m = table.metrics();
+    assert_eq!(m.fast_path_hits, 10);
+    assert_eq!(m.fast_path_misses, 1);
+    assert_eq!(m.slow_path_lookups, 1);
+    assert_eq!(m.regions.len(), 1);
+    assert_eq!(m.regions[0].readers, 0);
+    assert_eq!(m.regions[0].size, MIB);
+}
