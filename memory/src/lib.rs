@@ -33,6 +33,7 @@ pub mod metrics;
 pub mod region;
 mod region_lock;
 pub mod slots;
+mod snapshot;
 mod sync;
 pub mod table;
 #[cfg(not(loom))]

@@ -112,6 +112,7 @@ pub(crate) fn acquire_table(lock: HeldLock) {
 }
 
 /// Records that the thread took a region read lock.
+#[inline(always)]
 pub(crate) fn acquire_region(id: u64) {
     if ENABLED {
         with_held(|held| held.push(HeldLock::RegionRead(id)));
@@ -119,6 +120,7 @@ pub(crate) fn acquire_region(id: u64) {
 }
 
 /// Records that the thread released `lock`.
+#[inline(always)]
 pub(crate) fn release(lock: &HeldLock) {
     if ENABLED {
         with_held(|held| {

@@ -48,7 +48,7 @@ impl Default for TableStats {
 }
 
 impl TableStats {
-    #[inline]
+    #[inline(always)]
     pub(crate) fn count(&self, shard: usize, what: Lookup) {
         let s = &self.lookups[shard];
         let c = match what {

@@ -383,6 +383,7 @@ impl<'t> RegionGuard<'t> {
     /// The caller holds a read lock on `region` counted in `shard`, and `region` stays
     /// allocated while that lock is held: the table keeps a strong reference to every
     /// region until writers have drained its readers.
+    #[inline(always)]
     pub(crate) unsafe fn new(region: &Region, shard: usize) -> RegionGuard<'t> {
         lockdep::acquire_region(region.id.0);
         RegionGuard {
@@ -412,6 +413,7 @@ impl<'t> RegionGuard<'t> {
 }
 
 impl Drop for RegionGuard<'_> {
+    #[inline]
     fn drop(&mut self) {
         let region = self.region();
         let id = region.id.0;

@@ -72,7 +72,7 @@ impl RegionLock {
 
     /// Tries to take a read lock; never blocks. `table_seq` is the table's write
     /// sequence: the region is write-locked while its mark equals it.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn try_read(
         &self,
         table_seq: &AtomicU64,
@@ -97,7 +97,7 @@ impl RegionLock {
 
     /// Releases a read lock taken in `shard`, waking a writer that waits for it.
     /// The decrement is the last access to `self`: the region may be freed right after.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn read_unlock(&self, shard: usize) {
         let key = self.wait_key();
         let before = self.shards[shard].fetch_sub(1, Ordering::SeqCst);

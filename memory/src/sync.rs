@@ -53,6 +53,18 @@ impl<T> Published<T> {
         self.inner.lock().unwrap().clone()
     }
 
+    /// A counted reference to the current value.
+    #[cfg(not(loom))]
+    pub(crate) fn load_full(&self) -> Arc<T> {
+        self.inner.load_full()
+    }
+
+    /// A counted reference to the current value.
+    #[cfg(loom)]
+    pub(crate) fn load_full(&self) -> Arc<T> {
+        self.load()
+    }
+
     /// Replaces the value; readers see either the old or the new one.
     pub(crate) fn store(&self, value: T) {
         #[cfg(not(loom))]

@@ -21,9 +21,10 @@ use crate::region::{
     region_offset, Backing, LazySource, Region, RegionError, RegionGuard, RegionId, RegionSpec,
     PAGE_SIZE,
 };
-use crate::region_lock::{ReadLockFailure, RegionLock};
+use crate::region_lock::{ReadLockFailure, RegionLock, SHARDS};
 use crate::slots::{MemorySlots, NoSlots, SlotError, SlotMapping};
-use crate::sync::{Arc, AtomicU64, Deadline, Ordering, Published, TableRwLock, TableWriteGuard};
+use crate::snapshot::{Snapshot, SnapshotCell};
+use crate::sync::{Arc, AtomicU64, Deadline, Ordering, TableRwLock, TableWriteGuard};
 
 /// Why a lookup did not return a guard.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -139,19 +140,6 @@ impl Default for TableConfig {
     }
 }
 
-/// The lookup view readers load without locks: regions sorted by start.
-struct Snapshot {
-    regions: Vec<Arc<Region>>,
-}
-
-impl Snapshot {
-    #[inline]
-    fn find(&self, addr: GuestAddress) -> Option<&Arc<Region>> {
-        let idx = self.regions.partition_point(|r| r.start().0 <= addr.0);
-        idx.checked_sub(1).map(|i| &self.regions[i])
-    }
-}
-
 /// What the table lock protects: the writers' view.
 struct Inner {
     regions: BTreeMap<u64, Arc<Region>>,
@@ -173,15 +161,13 @@ impl Inner {
     }
 
     fn snapshot(&self) -> Snapshot {
-        Snapshot {
-            regions: self.regions.values().cloned().collect(),
-        }
+        Snapshot::new(self.regions.values().cloned().collect())
     }
 }
 
 /// The set of guest memory regions. See the module documentation.
 pub struct RegionTable {
-    published: Published<Snapshot>,
+    published: SnapshotCell,
     lock: TableRwLock<Inner>,
     /// Writer sequence: a region is write-locked while its mark equals this. Bumped
     /// when a writer finishes, which releases every region it marked.
@@ -196,7 +182,7 @@ pub struct RegionTable {
 impl std::fmt::Debug for RegionTable {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RegionTable")
-            .field("regions", &self.published.load().regions)
+            .field("regions", &self.published.current().regions())
             .finish()
     }
 }
@@ -258,9 +244,7 @@ impl RegionTable {
         config: TableConfig,
     ) -> Self {
         RegionTable {
-            published: Published::new(Snapshot {
-                regions: Vec::new(),
-            }),
+            published: SnapshotCell::new(Snapshot::new(Vec::new())),
             lock: TableRwLock::new(Inner {
                 regions: BTreeMap::new(),
                 free_slots: Vec::new(),
@@ -279,35 +263,25 @@ impl RegionTable {
     /// read-lock its region. Never blocks; fails while a writer holds the region.
     #[inline]
     pub fn lock_fast(&self, addr: GuestAddress) -> Result<RegionGuard<'_>, LookupError> {
-        let shard = RegionLock::current_shard();
-        let result = self.try_lock_fast(addr, shard);
-        self.stats.count(
-            shard,
-            if result.is_ok() {
+        self.published.with(|snapshot, seed| {
+            let shard = seed % SHARDS;
+            let result = match snapshot.find(addr) {
+                Some(region) => self.read_lock(region, addr, shard),
+                None => Err(LookupError::NotMapped { addr: addr.0 }),
+            };
+            let what = if result.is_ok() {
                 Lookup::FastHit
             } else {
                 Lookup::FastMiss
-            },
-        );
-        result
-    }
-
-    #[inline]
-    fn try_lock_fast(
-        &self,
-        addr: GuestAddress,
-        shard: usize,
-    ) -> Result<RegionGuard<'_>, LookupError> {
-        let snapshot = self.published.load();
-        let region = snapshot
-            .find(addr)
-            .ok_or(LookupError::NotMapped { addr: addr.0 })?;
-        self.read_lock(region, addr, shard)
+            };
+            self.stats.count(shard, what);
+            result
+        })
     }
 
     /// Read-locks `region` and checks that it still covers `addr` (its size may have
     /// changed between lookup and lock).
-    #[inline]
+    #[inline(always)]
     fn read_lock<'t>(
         &'t self,
         region: &Region,
@@ -620,7 +594,7 @@ impl RegionTable {
     /// The region covering `addr`, without locking it (for reports and tests).
     pub fn region_at(&self, addr: GuestAddress) -> Option<RegionId> {
         self.published
-            .load()
+            .current()
             .find(addr)
             .filter(|r| r.contains(addr))
             .map(|r| r.id())
@@ -630,8 +604,8 @@ impl RegionTable {
     /// memory map (for an e820 table, say).
     pub fn layout(&self) -> Vec<(RegionId, GuestAddress, u64)> {
         self.published
-            .load()
-            .regions
+            .current()
+            .regions()
             .iter()
             .map(|r| (r.id(), r.start(), r.size()))
             .collect()
@@ -641,8 +615,8 @@ impl RegionTable {
     pub fn metrics(&self) -> TableMetrics {
         let regions = self
             .published
-            .load()
-            .regions
+            .current()
+            .regions()
             .iter()
             .map(|r| RegionMetrics {
                 id: r.id(),

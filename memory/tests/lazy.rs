@@ -3,8 +3,8 @@
 mod common;
 
 use std::io::Write;
-use std::time::Duration;
 use std::sync::Arc;
+use std::time::Duration;
 
 use memory::{Backing, FaultHandler, LazyPages, LazySource, RegionSpec, RegionTable, TableConfig};
 use vm_memory::GuestAddress;
