@@ -15,6 +15,9 @@ use vm_memory::GuestAddress;
 use crate::region::Region;
 use crate::sync::{thread_shard_seed, Arc, AtomicU64, Ordering, Published};
 
+/// Up to this many regions, lookups scan the starts instead of bisecting them.
+const LINEAR_SEARCH_MAX: usize = 16;
+
 /// Regions sorted by start, with the starts in a flat array so the search does not
 /// chase a pointer per comparison.
 pub(crate) struct Snapshot {
@@ -34,7 +37,12 @@ impl Snapshot {
     /// The region starting at or below `addr` (it may not contain `addr`).
     #[inline(always)]
     pub(crate) fn find(&self, addr: GuestAddress) -> Option<&Arc<Region>> {
-        let idx = self.starts.partition_point(|&s| s <= addr.0);
+        // Few regions (the usual case): a branch-free count beats a binary search.
+        let idx = if self.starts.len() <= LINEAR_SEARCH_MAX {
+            self.starts.iter().map(|&s| usize::from(s <= addr.0)).sum()
+        } else {
+            self.starts.partition_point(|&s| s <= addr.0)
+        };
         idx.checked_sub(1).map(|i| &self.regions[i])
     }
 
@@ -63,12 +71,15 @@ struct ReaderCache {
 
 #[cfg(not(loom))]
 std::thread_local! {
-    static READER: std::cell::RefCell<ReaderCache> = std::cell::RefCell::new(ReaderCache {
-        seed: thread_shard_seed(),
-        table: 0,
-        generation: 0,
-        snapshot: None,
-    });
+    // Constant-initialised: no lazy-initialisation check on every access.
+    static READER: std::cell::RefCell<ReaderCache> = const {
+        std::cell::RefCell::new(ReaderCache {
+            seed: usize::MAX,
+            table: 0,
+            generation: 0,
+            snapshot: None,
+        })
+    };
 }
 
 impl SnapshotCell {
@@ -96,13 +107,16 @@ impl SnapshotCell {
         READER.with(|cell| {
             let mut cache = cell.borrow_mut();
             let generation = self.generation.load(Ordering::Acquire);
-            if cache.table != self.uid || cache.generation != generation || cache.snapshot.is_none()
-            {
+            // Table uids start at 1, so a fresh cache (table 0) always loads.
+            if cache.table != self.uid || cache.generation != generation {
                 // Read the generation before the snapshot: if a publication slips in
                 // between, the next lookup sees a newer generation and reloads.
                 cache.snapshot = Some(self.published.load_full());
                 cache.table = self.uid;
                 cache.generation = generation;
+                if cache.seed == usize::MAX {
+                    cache.seed = thread_shard_seed();
+                }
             }
             let seed = cache.seed;
             // The borrow ends with this call; `f` does not re-enter the cache.

@@ -546,3 +546,30 @@ fn metrics_count_paths_and_readers() {
     assert_eq!(m.regions[0].readers, 0);
     assert_eq!(m.regions[0].size, MIB);
 }
+
+#[test]
+fn lookups_find_the_right_region_among_many() {
+    // More regions than the linear-scan limit, so both search strategies run.
+    for count in [3u64, 40] {
+        let table = RegionTable::default();
+        let ids: Vec<_> = (0..count)
+            .map(|i| {
+                table
+                    .insert(RegionSpec::anonymous(GuestAddress(i * 2 * MIB), MIB), None)
+                    .unwrap()
+            })
+            .collect();
+        for (i, id) in ids.iter().enumerate() {
+            let start = i as u64 * 2 * MIB;
+            for addr in [start, start + MIB - 1] {
+                assert_eq!(table.lock_fast(GuestAddress(addr)).unwrap().id(), *id);
+                assert_eq!(table.region_at(GuestAddress(addr)), Some(*id));
+            }
+            // The hole after each region.
+            assert!(matches!(
+                table.lock_fast(GuestAddress(start + MIB)),
+                Err(LookupError::NotMapped { .. })
+            ));
+        }
+    }
+}
