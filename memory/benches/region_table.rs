@@ -178,6 +178,18 @@ fn read_scaling(c: &mut Criterion) {
                 })
             })
         });
+        // Control: the same 64-byte copy from the thread's own buffer, no lookup or
+        // lock, showing how far this machine scales at all.
+        g.bench_function(format!("control/{threads}"), |b| {
+            b.iter_custom(|iters| {
+                run_threads(threads, iters, &|_, i| {
+                    thread_local!(static OWN: [u8; 4096 + 64] = const { [1; 4096 + 64] });
+                    let mut buf = [0u8; 64];
+                    OWN.with(|own| buf.copy_from_slice(&black_box(own)[4096..]));
+                    black_box((buf, i));
+                })
+            })
+        });
         g.bench_function(format!("rwlock_map/{threads}"), |b| {
             b.iter_custom(|iters| {
                 run_threads(threads, iters, &|t, i| {
@@ -485,6 +497,11 @@ fn main() {
         "read throughput 2 threads / 1 thread (RwLock map)",
         scaling("rwlock_map"),
         "-",
+    );
+    ratio(
+        "read throughput 2 threads / 1 thread (control: no lookup, no lock)",
+        scaling("control"),
+        "machine ceiling",
     );
     ratio(
         "64 KiB guest read bandwidth / memcpy",

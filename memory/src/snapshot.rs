@@ -61,25 +61,48 @@ pub(crate) struct SnapshotCell {
     uid: u64,
 }
 
+/// What the fast path reads from thread-local storage: plain values with no
+/// destructor, so an access is a plain load (no lazy-registration check).
 #[cfg(not(loom))]
-struct ReaderCache {
-    seed: usize,
+#[derive(Clone, Copy)]
+struct FastCache {
+    /// `SnapshotCell::uid` of the cached table; 0 for none.
     table: u64,
     generation: u64,
-    snapshot: Option<Arc<Snapshot>>,
+    /// Points into the `Arc` that `OWNER` holds.
+    snapshot: *const Snapshot,
+    seed: usize,
+}
+
+/// Owns the snapshot `FAST` points to. Dropped at thread exit, clearing `FAST` first.
+#[cfg(not(loom))]
+struct SnapshotOwner(Option<Arc<Snapshot>>);
+
+#[cfg(not(loom))]
+impl Drop for SnapshotOwner {
+    fn drop(&mut self) {
+        let _ = FAST.try_with(|fast| {
+            fast.set(FastCache {
+                table: 0,
+                snapshot: std::ptr::null(),
+                ..fast.get()
+            })
+        });
+    }
 }
 
 #[cfg(not(loom))]
 std::thread_local! {
-    // Constant-initialised: no lazy-initialisation check on every access.
-    static READER: std::cell::RefCell<ReaderCache> = const {
-        std::cell::RefCell::new(ReaderCache {
-            seed: usize::MAX,
+    static FAST: std::cell::Cell<FastCache> = const {
+        std::cell::Cell::new(FastCache {
             table: 0,
             generation: 0,
-            snapshot: None,
+            snapshot: std::ptr::null(),
+            seed: usize::MAX,
         })
     };
+    static OWNER: std::cell::RefCell<SnapshotOwner> =
+        const { std::cell::RefCell::new(SnapshotOwner(None)) };
 }
 
 impl SnapshotCell {
@@ -101,28 +124,54 @@ impl SnapshotCell {
     }
 
     /// Runs `f` with the current snapshot and the calling thread's shard seed.
+    /// `f` must not look anything up in a table itself (it does not: it is the fast
+    /// path's lock attempt).
     #[cfg(not(loom))]
     #[inline(always)]
     pub(crate) fn with<R>(&self, f: impl FnOnce(&Snapshot, usize) -> R) -> R {
-        READER.with(|cell| {
-            let mut cache = cell.borrow_mut();
-            let generation = self.generation.load(Ordering::Acquire);
-            // Table uids start at 1, so a fresh cache (table 0) always loads.
-            if cache.table != self.uid || cache.generation != generation {
-                // Read the generation before the snapshot: if a publication slips in
-                // between, the next lookup sees a newer generation and reloads.
-                cache.snapshot = Some(self.published.load_full());
-                cache.table = self.uid;
-                cache.generation = generation;
-                if cache.seed == usize::MAX {
-                    cache.seed = thread_shard_seed();
-                }
+        let generation = self.generation.load(Ordering::Acquire);
+        let mut cache = FAST.with(std::cell::Cell::get);
+        // Table uids start at 1, so an empty cache (table 0) always reloads.
+        if cache.table != self.uid || cache.generation != generation {
+            match self.reload(generation) {
+                Some(fresh) => cache = fresh,
+                // The thread is exiting and its cache is gone: no caching.
+                None => return f(&self.published.load_full(), thread_shard_seed()),
             }
-            let seed = cache.seed;
-            // The borrow ends with this call; `f` does not re-enter the cache.
-            let snapshot = cache.snapshot.as_deref().expect("filled above");
-            f(snapshot, seed)
-        })
+        }
+        // SAFETY: `cache.snapshot` points into the `Arc` that this thread's `OWNER`
+        // holds. Only `reload`, on this thread, replaces that `Arc`, and not while `f`
+        // runs; `OWNER`'s destructor clears `FAST` before the `Arc` goes.
+        let snapshot = unsafe { &*cache.snapshot };
+        f(snapshot, cache.seed)
+    }
+
+    /// Loads the current snapshot into this thread's cache. `generation` was read
+    /// before the load: if a publication slips in between, the next lookup sees a
+    /// newer generation and reloads again.
+    #[cfg(not(loom))]
+    #[cold]
+    fn reload(&self, generation: u64) -> Option<FastCache> {
+        let snapshot = self.published.load_full();
+        OWNER
+            .try_with(|owner| {
+                let pointer = Arc::as_ptr(&snapshot);
+                // Drops the previously cached snapshot.
+                owner.borrow_mut().0 = Some(snapshot);
+                let seed = match FAST.with(std::cell::Cell::get).seed {
+                    usize::MAX => thread_shard_seed(),
+                    seed => seed,
+                };
+                let fresh = FastCache {
+                    table: self.uid,
+                    generation,
+                    snapshot: pointer,
+                    seed,
+                };
+                FAST.with(|fast| fast.set(fresh));
+                fresh
+            })
+            .ok()
     }
 
     /// Under loom: a plain load (the model checks publication order, not caching).
