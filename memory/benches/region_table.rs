@@ -431,9 +431,9 @@ fn writer_latency(duration: Duration) -> (Latency, Latency) {
 
 criterion_group!(benches, lookup, read_scaling, copy_64k, two_tier_churn);
 
-/// Mean time per iteration of a criterion benchmark, from its saved estimates
+/// Time per iteration of a criterion benchmark, from its saved estimates
 /// (criterion stores `group/name/1` as `group/name_1`).
-fn mean_ns(group: &str, bench: &str) -> Option<f64> {
+fn time_ns(group: &str, bench: &str) -> Option<f64> {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../target/criterion")
         .join(group)
@@ -441,7 +441,11 @@ fn mean_ns(group: &str, bench: &str) -> Option<f64> {
         .join("new/estimates.json");
     let text = std::fs::read_to_string(path).ok()?;
     let json: serde_json::Value = serde_json::from_str(&text).ok()?;
-    json["mean"]["point_estimate"].as_f64()
+    // The slope is what criterion reports as "time" for linear sampling; fall back
+    // to the mean for flat sampling.
+    json["slope"]["point_estimate"]
+        .as_f64()
+        .or_else(|| json["mean"]["point_estimate"].as_f64())
 }
 
 fn ratio(what: &str, value: Option<f64>, target: &str) {
@@ -464,7 +468,7 @@ fn main() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(5);
     let (kite, baseline) = writer_latency(Duration::from_secs(secs));
-    let m = |g: &str, b: &str| mean_ns(g, b);
+    let m = |g: &str, b: &str| time_ns(g, b);
     let div = |a: Option<f64>, b: Option<f64>| Some(a? / b?);
     println!("\nregion table: ratios (same run)");
     ratio(
