@@ -211,8 +211,20 @@ impl Drop for WriteSession<'_> {
 }
 
 impl WriteSession<'_> {
+    fn region(&self, id: RegionId) -> Result<Arc<Region>, TableError> {
+        self.inner.by_id(id).ok_or(TableError::NoSuchRegion(id))
+    }
+
     fn publish_snapshot(&self) {
         self.table.published.store(self.inner.snapshot());
+    }
+
+    /// Undoes the first step of a removal that cannot go on: the region is published
+    /// again, unchanged.
+    fn restore_removed(&mut self, region: &Arc<Region>) {
+        region.lock.unmark_removed();
+        self.inner.regions.insert(region.start().0, region.clone());
+        self.publish_snapshot();
     }
 
     /// Write-locks `region` and waits for its readers: the region is excluded from
@@ -499,10 +511,7 @@ impl RegionTable {
     pub fn grow(&self, id: RegionId, new_size: u64, deadline: Deadline) -> Result<(), TableError> {
         let started = Instant::now();
         let session = self.write_session(deadline)?;
-        let region = session
-            .inner
-            .by_id(id)
-            .ok_or(TableError::NoSuchRegion(id))?;
+        let region = session.region(id)?;
         Self::check_resize(&region, new_size, true)?;
         let old = region.size();
         self.stats.record_writer_wait(started.elapsed());
@@ -532,10 +541,7 @@ impl RegionTable {
     ) -> Result<(), TableError> {
         let started = Instant::now();
         let session = self.write_session(deadline)?;
-        let region = session
-            .inner
-            .by_id(id)
-            .ok_or(TableError::NoSuchRegion(id))?;
+        let region = session.region(id)?;
         Self::check_resize(&region, new_size, false)?;
         let old = region.size();
         session.exclude_readers(&region, started)?;
@@ -553,33 +559,20 @@ impl RegionTable {
     pub fn remove(&self, id: RegionId, deadline: Deadline) -> Result<(), TableError> {
         let started = Instant::now();
         let mut session = self.write_session(deadline)?;
-        let region = session
-            .inner
-            .by_id(id)
-            .ok_or(TableError::NoSuchRegion(id))?;
+        let region = session.region(id)?;
         // 1. Unpublish.
         session.inner.regions.remove(&region.start().0);
         session.publish_snapshot();
         region.lock.mark_removed();
         // 2. Drain readers; on timeout put everything back.
         if let Err(e) = session.exclude_readers(&region, started) {
-            region.lock.unmark_removed();
-            session
-                .inner
-                .regions
-                .insert(region.start().0, region.clone());
-            session.publish_snapshot();
+            session.restore_removed(&region);
             return Err(e);
         }
         let size = region.size();
         // 3. The guest loses the memory. If the hypervisor refuses, put the region back.
         if let Err(e) = self.slots.unmap(&Self::slot_mapping(&region, size)) {
-            region.lock.unmark_removed();
-            session
-                .inner
-                .regions
-                .insert(region.start().0, region.clone());
-            session.publish_snapshot();
+            session.restore_removed(&region);
             return Err(e.into());
         }
         // 4. No more lazy population.

@@ -27,6 +27,20 @@ fn table() -> RegionTable {
     )
 }
 
+/// Inserts a region at guest address 0.
+fn insert(t: &RegionTable, size: u64, capacity: u64, backing: Backing) -> memory::RegionId {
+    t.insert(
+        RegionSpec {
+            start: GuestAddress(0),
+            size,
+            capacity,
+            backing,
+        },
+        None,
+    )
+    .unwrap()
+}
+
 /// Runs `f` under loom. The table's operations (mmap, error formatting) need more
 /// stack than loom's default, so every model thread gets a large one.
 fn model(f: impl Fn() + Sync + Send + 'static) {
@@ -54,17 +68,7 @@ fn spawn<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> thread::J
 fn fast_path_vs_writer() {
     model(|| {
         let t = Arc::new(table());
-        let id = t
-            .insert(
-                RegionSpec {
-                    start: GuestAddress(0),
-                    size: 2 * PAGE,
-                    capacity: 2 * PAGE,
-                    backing: Backing::Anonymous,
-                },
-                None,
-            )
-            .unwrap();
+        let id = insert(&t, 2 * PAGE, 2 * PAGE, Backing::Anonymous);
         let shrunk = Arc::new(AtomicBool::new(false));
         let reader = {
             let (t, shrunk) = (t.clone(), shrunk.clone());
@@ -94,17 +98,7 @@ fn fast_path_vs_writer() {
 fn two_tier_vs_writer() {
     model(|| {
         let t = Arc::new(table());
-        let id = t
-            .insert(
-                RegionSpec {
-                    start: GuestAddress(0),
-                    size: PAGE,
-                    capacity: 2 * PAGE,
-                    backing: Backing::Anonymous,
-                },
-                None,
-            )
-            .unwrap();
+        let id = insert(&t, PAGE, 2 * PAGE, Backing::Anonymous);
         let reader = {
             let t = t.clone();
             spawn(move || {
@@ -128,17 +122,7 @@ fn two_tier_vs_writer() {
 fn removal_vs_reader() {
     model(|| {
         let t = Arc::new(table());
-        let id = t
-            .insert(
-                RegionSpec {
-                    start: GuestAddress(0),
-                    size: PAGE,
-                    capacity: PAGE,
-                    backing: Backing::Anonymous,
-                },
-                None,
-            )
-            .unwrap();
+        let id = insert(&t, PAGE, PAGE, Backing::Anonymous);
         let removed = Arc::new(AtomicBool::new(false));
         let reader = {
             let (t, removed) = (t.clone(), removed.clone());
@@ -177,17 +161,7 @@ fn removal_vs_reader() {
 fn two_readers_and_a_writer() {
     model(|| {
         let t = Arc::new(table());
-        let id = t
-            .insert(
-                RegionSpec {
-                    start: GuestAddress(0),
-                    size: 2 * PAGE,
-                    capacity: 2 * PAGE,
-                    backing: Backing::Anonymous,
-                },
-                None,
-            )
-            .unwrap();
+        let id = insert(&t, 2 * PAGE, 2 * PAGE, Backing::Anonymous);
         let shrunk = Arc::new(AtomicBool::new(false));
         let readers: Vec<_> = (0..2)
             .map(|_| {
@@ -245,17 +219,7 @@ fn fault_handler_vs_writer() {
             Some(faults.clone()),
             TableConfig::default(),
         ));
-        let id = t
-            .insert(
-                RegionSpec {
-                    start: GuestAddress(0),
-                    size: PAGE,
-                    capacity: PAGE,
-                    backing: Backing::Lazy(LazySource::Zero),
-                },
-                None,
-            )
-            .unwrap();
+        let id = insert(&t, PAGE, PAGE, Backing::Lazy(LazySource::Zero));
         // The reader reports a fault (a host address, or 0 for none) to the handler,
         // and waits for the handler to say the page is filled.
         let (fault_tx, fault_rx) = loom::sync::mpsc::channel::<u64>();

@@ -138,9 +138,8 @@ fn slot_numbers_are_reused_but_region_ids_are_not() {
 
 #[test]
 fn slot_limit_is_a_typed_error() {
-    let table = RegionTable::new(
-        Arc::new(memory::NoSlots),
-        None,
+    let table = table_with(
+        Arc::default(),
         TableConfig {
             max_slots: 1,
             ..TableConfig::default()
@@ -282,9 +281,8 @@ fn memfd_backed_regions_work_and_shrink() {
 
 #[test]
 fn remove_with_reader_times_out_and_changes_nothing() {
-    let table = RegionTable::new(
-        Arc::new(memory::NoSlots),
-        None,
+    let table = table_with(
+        Arc::default(),
         TableConfig {
             drain_timeout: Duration::from_millis(50),
             ..TableConfig::default()
@@ -375,9 +373,8 @@ fn fast_path_fails_while_writer_holds_region_and_two_tier_waits() {
 
 #[test]
 fn two_tier_lookup_times_out_behind_a_stuck_writer() {
-    let table = RegionTable::new(
-        Arc::new(memory::NoSlots),
-        None,
+    let table = table_with(
+        Arc::default(),
         TableConfig {
             drain_timeout: Duration::from_secs(2),
             ..TableConfig::default()
@@ -417,9 +414,8 @@ fn two_tier_lookup_times_out_behind_a_stuck_writer() {
 
 #[test]
 fn reader_saturation_is_a_typed_error() {
-    let table = RegionTable::new(
-        Arc::new(memory::NoSlots),
-        None,
+    let table = table_with(
+        Arc::default(),
         TableConfig {
             reader_limit: 3,
             ..TableConfig::default()
