@@ -343,14 +343,13 @@ fn percentiles(mut samples: Vec<Duration>) -> Latency {
     }
 }
 
-/// Writer latency: resize one region back and forth while 2 threads copy 4 KiB from
-/// random regions flat out. Not a criterion benchmark: it reports percentiles.
-fn writer_latency(duration: Duration) -> (Latency, Latency) {
-    let (table, ids) = kite_table();
+/// Kite's writer: resize one region back and forth for `duration` while 2 threads
+/// copy 4 KiB from random regions flat out. Returns every resize's latency.
+fn kite_writer_samples(table: &RegionTable, id: RegionId, duration: Duration) -> Vec<Duration> {
     let stop = AtomicBool::new(false);
-    let kite = std::thread::scope(|s| {
+    std::thread::scope(|s| {
         for t in 0..2u64 {
-            let (table, stop) = (&table, &stop);
+            let stop = &stop;
             s.spawn(move || {
                 let mut buf = vec![0u8; 4096];
                 let mut i = t;
@@ -368,21 +367,24 @@ fn writer_latency(duration: Duration) -> (Latency, Latency) {
         let end = Instant::now() + duration;
         while Instant::now() < end {
             let t0 = Instant::now();
-            table.shrink(ids[0], REGION_SIZE / 2, None).unwrap();
+            table.shrink(id, REGION_SIZE / 2, None).unwrap();
             samples.push(t0.elapsed());
             let t0 = Instant::now();
-            table.grow(ids[0], REGION_SIZE, None).unwrap();
+            table.grow(id, REGION_SIZE, None).unwrap();
             samples.push(t0.elapsed());
         }
         stop.store(true, Ordering::Relaxed);
-        percentiles(samples)
-    });
+        samples
+    })
+}
 
-    let locked = LockedMap::new();
-    stop.store(false, Ordering::Relaxed);
-    let baseline = std::thread::scope(|s| {
+/// The same with the global-lock baseline: the writer takes the write lock and does
+/// the same host-mapping work.
+fn rwlock_writer_samples(locked: &LockedMap, duration: Duration) -> Vec<Duration> {
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
         for t in 0..2u64 {
-            let (locked, stop) = (&locked, &stop);
+            let stop = &stop;
             s.spawn(move || {
                 let mut buf = vec![0u8; 4096];
                 let mut i = t;
@@ -407,26 +409,190 @@ fn writer_latency(duration: Duration) -> (Latency, Latency) {
         }
         let mut samples = Vec::new();
         let end = Instant::now() + duration;
-        let mut size = REGION_SIZE;
         while Instant::now() < end {
-            let to = if size == REGION_SIZE {
-                REGION_SIZE / 2
-            } else {
-                REGION_SIZE
-            };
-            let t0 = Instant::now();
-            let mut map = locked.map.write();
-            let entry = map.get_mut(&0).unwrap();
-            resize_host(entry.0, to, size);
-            entry.1 = to;
-            drop(map);
-            samples.push(t0.elapsed());
-            size = to;
+            for to in [REGION_SIZE / 2, REGION_SIZE] {
+                let from = if to == REGION_SIZE {
+                    REGION_SIZE / 2
+                } else {
+                    REGION_SIZE
+                };
+                let t0 = Instant::now();
+                let mut map = locked.map.write();
+                let entry = map.get_mut(&0).unwrap();
+                resize_host(entry.0, to, from);
+                entry.1 = to;
+                drop(map);
+                samples.push(t0.elapsed());
+            }
         }
         stop.store(true, Ordering::Relaxed);
-        percentiles(samples)
-    });
-    (kite, baseline)
+        samples
+    })
+}
+
+/// Writer latency percentiles, Kite and the baseline measured in alternating
+/// quarter-second rounds so the machine's drifts hit both alike.
+fn writer_latency(duration: Duration) -> (Latency, Latency) {
+    let (table, ids) = kite_table();
+    let locked = LockedMap::new();
+    let round = Duration::from_millis(250);
+    let rounds = (duration.as_millis() / round.as_millis()).max(1);
+    let (mut kite, mut baseline) = (Vec::new(), Vec::new());
+    for r in 0..rounds {
+        if r % 2 == 0 {
+            kite.extend(kite_writer_samples(&table, ids[0], round));
+            baseline.extend(rwlock_writer_samples(&locked, round));
+        } else {
+            baseline.extend(rwlock_writer_samples(&locked, round));
+            kite.extend(kite_writer_samples(&table, ids[0], round));
+        }
+    }
+    (percentiles(kite), percentiles(baseline))
+}
+
+/// Median over `rounds` of `a() / b()`, where each returns the time of one batch and
+/// the two alternate (a first in even rounds, b first in odd ones), so the slow drifts
+/// of this shared machine hit both alike.
+fn paired(rounds: usize, mut a: impl FnMut() -> f64, mut b: impl FnMut() -> f64) -> f64 {
+    let mut ratios: Vec<f64> = (0..rounds)
+        .map(|round| {
+            if round % 2 == 0 {
+                let ta = a();
+                ta / b()
+            } else {
+                let tb = b();
+                a() / tb
+            }
+        })
+        .collect();
+    ratios.sort_by(f64::total_cmp);
+    ratios[ratios.len() / 2]
+}
+
+fn timed(iters: u64, mut f: impl FnMut(u64)) -> f64 {
+    let start = Instant::now();
+    for i in 0..iters {
+        f(i);
+    }
+    start.elapsed().as_secs_f64()
+}
+
+/// The targets again, measured as paired ratios (see `paired`).
+fn paired_ratios() {
+    const ROUNDS: usize = 31;
+    const LEN: usize = 64 << 10;
+    let (table, _) = kite_table();
+    let atomic = atomic_memory();
+    println!(
+        "
+region table: paired ratios (median of {ROUNDS} alternating rounds)"
+    );
+    let lookup = paired(
+        ROUNDS,
+        || {
+            timed(200_000, |i| {
+                black_box(table.lock_fast(black_box(addr_of(i))).unwrap().len());
+            })
+        },
+        || {
+            timed(200_000, |i| {
+                black_box(
+                    atomic
+                        .memory()
+                        .find_region(black_box(addr_of(i)))
+                        .unwrap()
+                        .len(),
+                );
+            })
+        },
+    );
+    ratio(
+        "fast path / GuestMemoryAtomic load+find (time)",
+        Some(lookup),
+        "<= 1.0",
+    );
+
+    let read64 = |t: usize, i: u64| {
+        let guard = table.lock_fast(addr_of(i * 2 + t as u64)).unwrap();
+        let mut buf = [0u8; 64];
+        vm_memory::Bytes::read_slice(&guard, &mut buf, vm_memory::MemoryRegionAddress(4096))
+            .unwrap();
+        black_box(buf);
+    };
+    // Each batch runs long enough (tens of ms) that thread start-up skew is noise.
+    let scaling = |iters: u64, op: &(dyn Fn(usize, u64) + Sync)| {
+        2.0 * paired(
+            ROUNDS,
+            || run_threads(1, iters, op).as_secs_f64(),
+            || run_threads(2, iters, op).as_secs_f64(),
+        )
+    };
+    ratio(
+        "read throughput 2 threads / 1 thread (kite)",
+        Some(scaling(1_000_000, &read64)),
+        ">= 1.9",
+    );
+    let control = |_: usize, i: u64| {
+        thread_local!(static OWN: [u8; 4096 + 64] = const { [1; 4096 + 64] });
+        let mut buf = [0u8; 64];
+        OWN.with(|own| buf.copy_from_slice(&black_box(own)[4096..]));
+        black_box((buf, i));
+    };
+    ratio(
+        "read throughput 2 threads / 1 thread (control: no lookup, no lock)",
+        Some(scaling(20_000_000, &control)),
+        "machine ceiling",
+    );
+
+    let plain: GuestMemoryMmap =
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 2 * MIB as usize)]).unwrap();
+    let plain_ptr = plain.find_region(GuestAddress(0)).unwrap().as_ptr() as usize + MIB as usize;
+    // SAFETY: `plain` maps 2 MiB; [1 MiB, 1 MiB + 64 KiB) lies inside and lives as long.
+    let plain_mem = unsafe { std::slice::from_raw_parts_mut(plain_ptr as *mut u8, LEN) };
+    plain_mem.fill(3);
+    let (mut host, off) = host_buffer(7);
+    let host = std::cell::RefCell::new(&mut host[off..off + LEN]);
+    let plain_mem = std::cell::RefCell::new(plain_mem);
+    let read = paired(
+        ROUNDS,
+        || {
+            timed(2_000, |_| {
+                table
+                    .read(GuestAddress(MIB), &mut host.borrow_mut(), None)
+                    .unwrap()
+            })
+        },
+        || {
+            timed(2_000, |_| {
+                host.borrow_mut().copy_from_slice(&plain_mem.borrow())
+            })
+        },
+    );
+    ratio(
+        "64 KiB guest read bandwidth / memcpy",
+        Some(1.0 / read),
+        ">= 0.9",
+    );
+    let write = paired(
+        ROUNDS,
+        || {
+            timed(2_000, |_| {
+                table
+                    .write(GuestAddress(MIB), &host.borrow(), None)
+                    .unwrap()
+            })
+        },
+        || {
+            timed(2_000, |_| {
+                plain_mem.borrow_mut().copy_from_slice(&host.borrow())
+            })
+        },
+    );
+    ratio(
+        "64 KiB guest write bandwidth / memcpy",
+        Some(1.0 / write),
+        ">= 0.9",
+    );
 }
 
 criterion_group!(benches, lookup, read_scaling, copy_64k, two_tier_churn);
@@ -439,6 +605,11 @@ fn time_ns(group: &str, bench: &str) -> Option<f64> {
         .join(group)
         .join(bench)
         .join("new/estimates.json");
+    // Only estimates this run wrote: a filtered run leaves older files behind.
+    let written = std::fs::metadata(&path).ok()?.modified().ok()?;
+    if written < *RUN_STARTED.get()? {
+        return None;
+    }
     let text = std::fs::read_to_string(path).ok()?;
     let json: serde_json::Value = serde_json::from_str(&text).ok()?;
     // The slope is what criterion reports as "time" for linear sampling; fall back
@@ -455,7 +626,10 @@ fn ratio(what: &str, value: Option<f64>, target: &str) {
     }
 }
 
+static RUN_STARTED: std::sync::OnceLock<std::time::SystemTime> = std::sync::OnceLock::new();
+
 fn main() {
+    RUN_STARTED.get_or_init(std::time::SystemTime::now);
     benches();
     Criterion::default().configure_from_args().final_summary();
 
@@ -470,7 +644,7 @@ fn main() {
     let (kite, baseline) = writer_latency(Duration::from_secs(secs));
     let m = |g: &str, b: &str| time_ns(g, b);
     let div = |a: Option<f64>, b: Option<f64>| Some(a? / b?);
-    println!("\nregion table: ratios (same run)");
+    println!("\nregion table: ratios of criterion's estimates (same run)");
     ratio(
         "fast path / GuestMemoryAtomic load+find (time)",
         div(
@@ -535,4 +709,5 @@ fn main() {
         Some(kite.p99.as_secs_f64() / baseline.p99.as_secs_f64()),
         "<= 0.5, and p99 <= 1 ms",
     );
+    paired_ratios();
 }
