@@ -193,6 +193,26 @@ impl Default for RegionTable {
     }
 }
 
+impl Drop for RegionTable {
+    /// No guard outlives the table (guards borrow it), but per-thread snapshot caches
+    /// may keep its regions' mappings alive for a while: stop lazy population and free
+    /// their memory now, so nothing stale stays registered with the fault handler and
+    /// no memory lingers. KVM slots are the owner's to tear down with its VM.
+    fn drop(&mut self) {
+        let inner = self.lock.write_until(None).expect("no deadline");
+        for region in inner.regions.values() {
+            let size = region.size();
+            region.lock.mark_removed();
+            if let Err(e) = self.unregister_lazy(region, 0, size) {
+                log::error!("dropping {}: {e}", region.id());
+            }
+            if let Err(e) = region.discard(0, size) {
+                log::error!("dropping {}: {e}", region.id());
+            }
+        }
+    }
+}
+
 /// A writer's hold on the table: the table lock for write. Dropping it publishes:
 /// the sequence is bumped, so every region this writer marked is readable again.
 struct WriteSession<'t> {

@@ -117,3 +117,27 @@ fn tempfile() -> std::fs::File {
     std::fs::remove_file(&path).unwrap();
     file
 }
+
+#[test]
+fn dropping_the_table_unregisters_lazy_ranges() {
+    let Some((table, handler)) = lazy_table() else {
+        return;
+    };
+    table
+        .insert(
+            RegionSpec {
+                start: GuestAddress(0),
+                size: MIB,
+                capacity: MIB,
+                backing: Backing::Lazy(LazySource::Zero),
+            },
+            None,
+        )
+        .unwrap();
+    // A cached snapshot on this thread keeps the region's mapping alive after the
+    // table is gone; its range must not stay registered with the handler.
+    table.write(GuestAddress(0), b"x", None).unwrap();
+    assert_eq!(handler.registered_ranges(), 1);
+    drop(table);
+    assert_eq!(handler.registered_ranges(), 0);
+}
