@@ -53,8 +53,10 @@ impl<'t> GuardedMemory<'t> {
                 match table.lock_fast(start) {
                     Ok(guard) => guards.push(guard),
                     // Gone since the layout was read: it is not part of the view.
-                    Err(LookupError::NotMapped { .. } | LookupError::Removed { .. }) => {}
-                    Err(LookupError::WriteLocked { .. }) => {
+                    Err(LookupError::NotMapped { .. }) => {}
+                    // Being changed, or being removed (which can still be undone):
+                    // wait for the writer, then look again.
+                    Err(LookupError::WriteLocked { .. } | LookupError::Removed { .. }) => {
                         blocked = Some(start);
                         break;
                     }

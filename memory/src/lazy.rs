@@ -79,8 +79,10 @@ impl Default for FaultRegistry {
 }
 
 impl FaultRegistry {
-    /// Adds `range`. Callers serialise changes (they are writers).
+    /// Adds `range`, replacing whatever overlapped it (a stale entry must never serve a
+    /// new mapping at the same address). Callers serialise changes (they are writers).
     pub fn add(&self, range: LazyRange) {
+        self.remove(range.host_start, range.len);
         let mut ranges: Vec<LazyRange> = self.ranges.load().iter().cloned().collect();
         ranges.push(range);
         self.ranges.store(ranges);

@@ -15,7 +15,7 @@ use vm_memory::{
 };
 
 use crate::lockdep;
-use crate::region_lock::RegionLock;
+use crate::region_lock::{release as release_lock, RegionLock};
 use crate::sync::{AtomicU64, Ordering};
 
 /// Host page size every region offset and length is a multiple of.
@@ -363,34 +363,40 @@ fn create_memfd(size: u64) -> Result<File, RegionError> {
 /// The guard fixes the region's size at the moment it was taken, and accesses through
 /// it are bounded by that size. It implements vm-memory's `GuestMemoryRegion` (and so
 /// `Bytes<MemoryRegionAddress>`).
+///
+/// A guard is released by the thread that took it (it is not `Send`), so the debug
+/// lock checker's per-thread records stay right.
 pub struct RegionGuard<'t> {
     region: NonNull<Region>,
+    /// The shard word counting this lock, inside the region.
+    word: NonNull<AtomicU64>,
+    /// The table's wake-up key for writers waiting on readers.
+    key: usize,
     size: u64,
-    shard: usize,
-    _table: PhantomData<&'t Region>,
+    /// Borrows the table; `*const ()` keeps the guard on its thread.
+    _marker: PhantomData<(&'t Region, *const ())>,
 }
 
-// SAFETY: the guard only gives shared access to a `Region`, which is `Sync`; releasing the
-// lock from another thread is fine because shards are plain counters.
-unsafe impl Send for RegionGuard<'_> {}
-// SAFETY: as above; every method takes `&self` and the region is `Sync`.
+// SAFETY: other threads get shared access to the `Sync` region only; the lock is still
+// released by the owning thread when the guard drops.
 unsafe impl Sync for RegionGuard<'_> {}
 
 impl<'t> RegionGuard<'t> {
     /// Wraps a read lock the caller has just taken on `region` in `shard`.
     ///
     /// # Safety
-    /// The caller holds a read lock on `region` counted in `shard`, and `region` stays
-    /// allocated while that lock is held: the table keeps a strong reference to every
-    /// region until writers have drained its readers.
+    /// The caller holds a read lock on `region` counted in shard `shard`, and `region`
+    /// stays allocated while that lock is held (see `RegionTable::read_lock`). `key` is
+    /// the wake-up key of the table the guard borrows.
     #[inline(always)]
-    pub(crate) unsafe fn new(region: &Region, shard: usize) -> RegionGuard<'t> {
+    pub(crate) unsafe fn new(region: &Region, shard: usize, key: usize) -> RegionGuard<'t> {
         lockdep::acquire_region(region.id.0);
         RegionGuard {
             region: NonNull::from(region),
+            word: NonNull::from(region.lock.shard_word(shard)),
+            key,
             size: region.size(),
-            shard,
-            _table: PhantomData,
+            _marker: PhantomData,
         }
     }
 
@@ -415,11 +421,11 @@ impl<'t> RegionGuard<'t> {
 impl Drop for RegionGuard<'_> {
     #[inline]
     fn drop(&mut self) {
-        let region = self.region();
-        let id = region.id.0;
-        // The region may be freed as soon as the lock is released: touch nothing of
-        // it afterwards.
-        region.lock.read_unlock(self.shard);
+        let id = self.region().id.0;
+        // SAFETY: the shard word lives in the region, which our lock keeps allocated
+        // until the decrement inside `release`; that decrement is the last access, and
+        // no other reference into the region is live across it.
+        release_lock(unsafe { self.word.as_ref() }, self.key);
         lockdep::release(&lockdep::HeldLock::RegionRead(id));
     }
 }

@@ -12,8 +12,9 @@
 //!
 //! A waiting writer also sets a flag bit in every shard word, so a releasing reader
 //! learns from its own decrement whether to wake the writer. The decrement is the
-//! reader's last access to the region: the wake-up goes by key, because the writer may
-//! free the region the moment it sees the count reach zero.
+//! reader's last access to the region: the writer may free the region the moment it
+//! sees the count reach zero, so the wake-up goes by a key the table owns (guards
+//! borrow the table, so it outlives them), never by an address inside the region.
 
 use crossbeam_utils::CachePadded;
 
@@ -77,37 +78,29 @@ impl RegionLock {
         &self,
         table_seq: &AtomicU64,
         shard: usize,
+        key: usize,
     ) -> Result<(), ReadLockFailure> {
         let before = self.shards[shard].fetch_add(1, Ordering::SeqCst);
         if before & COUNT >= self.reader_limit {
-            self.read_unlock(shard);
+            release(self.shard_word(shard), key);
             return Err(ReadLockFailure::Saturated);
         }
         store_load_fence();
         if self.removed.load(Ordering::SeqCst) {
-            self.read_unlock(shard);
+            release(self.shard_word(shard), key);
             return Err(ReadLockFailure::Removed);
         }
         if self.write_seq.load(Ordering::SeqCst) == table_seq.load(Ordering::SeqCst) {
-            self.read_unlock(shard);
+            release(self.shard_word(shard), key);
             return Err(ReadLockFailure::WriteLocked);
         }
         Ok(())
     }
 
-    /// Releases a read lock taken in `shard`, waking a writer that waits for it.
-    /// The decrement is the last access to `self`: the region may be freed right after.
+    /// The shard word a read lock counted in `shard` lives in.
     #[inline(always)]
-    pub(crate) fn read_unlock(&self, shard: usize) {
-        let key = self.wait_key();
-        let before = self.shards[shard].fetch_sub(1, Ordering::SeqCst);
-        if before & WRITER_WAITS != 0 {
-            parking::unpark_all(key);
-        }
-    }
-
-    fn wait_key(&self) -> usize {
-        self as *const RegionLock as usize
+    pub(crate) fn shard_word(&self, shard: usize) -> &AtomicU64 {
+        &self.shards[shard]
     }
 
     /// Marks the region write-locked for the writer whose sequence is `seq`. New
@@ -141,7 +134,8 @@ impl RegionLock {
 
     /// Waits until no reader holds the region (after a mark was set). Returns
     /// `false` if `deadline` passed first; the marks stay as they are.
-    pub(crate) fn wait_for_readers(&self, deadline: Deadline) -> bool {
+    /// `key` is the table's wake-up key (see [`release`]).
+    pub(crate) fn wait_for_readers(&self, key: usize, deadline: Deadline) -> bool {
         store_load_fence();
         if self.readers() == 0 {
             return true;
@@ -149,10 +143,22 @@ impl RegionLock {
         for shard in self.shards.iter() {
             shard.fetch_or(WRITER_WAITS, Ordering::SeqCst);
         }
-        let drained = parking::park_while(self.wait_key(), deadline, || self.readers() != 0);
+        let drained = parking::park_while(key, deadline, || self.readers() != 0);
         for shard in self.shards.iter() {
             shard.fetch_and(COUNT, Ordering::SeqCst);
         }
         drained
+    }
+}
+
+/// Releases a read lock counted in `word` (a region's shard word) and wakes a writer
+/// parked on the table's `key` if the word says one waits. The decrement is the only
+/// access to the region: it may be freed as soon as the count is seen at zero, so the
+/// caller must hold no other reference into it across this call.
+#[inline(always)]
+pub(crate) fn release(word: &AtomicU64, key: usize) {
+    let before = word.fetch_sub(1, Ordering::SeqCst);
+    if before & WRITER_WAITS != 0 {
+        parking::unpark_all(key);
     }
 }

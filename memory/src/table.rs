@@ -21,7 +21,7 @@ use crate::region::{
     region_offset, Backing, LazySource, Region, RegionError, RegionGuard, RegionId, RegionSpec,
     PAGE_SIZE,
 };
-use crate::region_lock::{ReadLockFailure, RegionLock, SHARDS};
+use crate::region_lock::{release, ReadLockFailure, RegionLock, SHARDS};
 use crate::slots::{MemorySlots, NoSlots, SlotError, SlotMapping};
 use crate::snapshot::{Snapshot, SnapshotCell};
 use crate::sync::{Arc, AtomicU64, Deadline, Ordering, TableRwLock, TableWriteGuard};
@@ -172,6 +172,8 @@ pub struct RegionTable {
     /// Writer sequence: a region is write-locked while its mark equals this. Bumped
     /// when a writer finishes, which releases every region it marked.
     seq: AtomicU64,
+    /// Its address is the key writers park on (see `wake_key`).
+    wake_spot: u8,
     next_id: std::sync::atomic::AtomicU64,
     slots: std::sync::Arc<dyn MemorySlots>,
     lazy: Option<std::sync::Arc<dyn LazyPages>>,
@@ -250,10 +252,17 @@ impl WriteSession<'_> {
     /// Write-locks `region` and waits for its readers: the region is excluded from
     /// lookups until the session ends. On timeout the mark stays and is cleared by
     /// the session's end, so the region is readable again unchanged.
+    ///
+    /// `started` is when the writer began (before it waited for the table lock), for
+    /// the writer-wait metric; the drain's own deadline starts now.
     fn exclude_readers(&self, region: &Region, started: Instant) -> Result<(), TableError> {
         region.lock.mark_write_locked(self.seq);
-        let deadline = Some(started + self.table.config.drain_timeout);
-        let drained = region.lock.wait_for_readers(deadline);
+        let drain_started = Instant::now();
+        // A timeout too large to represent means no deadline.
+        let deadline = drain_started.checked_add(self.table.config.drain_timeout);
+        let drained = region
+            .lock
+            .wait_for_readers(self.table.wake_key(), deadline);
         self.table.stats.record_writer_wait(started.elapsed());
         if drained {
             Ok(())
@@ -261,7 +270,7 @@ impl WriteSession<'_> {
             Err(TableError::DrainTimeout {
                 region: region.id(),
                 readers: region.readers(),
-                waited: started.elapsed(),
+                waited: drain_started.elapsed(),
             })
         }
     }
@@ -283,6 +292,7 @@ impl RegionTable {
                 next_slot: 0,
             }),
             seq: AtomicU64::new(1),
+            wake_spot: 0,
             next_id: std::sync::atomic::AtomicU64::new(1),
             slots,
             lazy,
@@ -322,7 +332,7 @@ impl RegionTable {
     ) -> Result<RegionGuard<'t>, LookupError> {
         region
             .lock
-            .try_read(&self.seq, shard)
+            .try_read(&self.seq, shard, self.wake_key())
             .map_err(|failure| match failure {
                 ReadLockFailure::WriteLocked => LookupError::WriteLocked {
                     region: region.id(),
@@ -335,14 +345,22 @@ impl RegionTable {
                 },
             })?;
         if !region.contains(addr) {
-            region.lock.read_unlock(shard);
+            release(region.lock.shard_word(shard), self.wake_key());
             return Err(LookupError::NotMapped { addr: addr.0 });
         }
         // SAFETY: we hold a read lock counted in `shard`. The region stays allocated
-        // while it is held: the table (or a snapshot the caller still holds) keeps a
-        // strong reference until a writer has marked the region and drained its
-        // readers, and that drain waits for this lock.
-        Ok(unsafe { RegionGuard::new(region, shard) })
+        // while it is held: until this call returns, the snapshot or the table map the
+        // caller found it in holds it; after that, only `remove` can let it go, and
+        // `remove` keeps its own strong reference from before it unpublishes the region
+        // until after it has drained the region's readers, which waits for this lock.
+        Ok(unsafe { RegionGuard::new(region, shard, self.wake_key()) })
+    }
+
+    /// The key writers park on while a region's readers drain: an address the table
+    /// owns, so a releasing reader never needs an address inside the region.
+    #[inline(always)]
+    fn wake_key(&self) -> usize {
+        &self.wake_spot as *const u8 as usize
     }
 
     /// Two-tier lookup (`vma_start_read_unlocked`): the fast path, and if it fails,
@@ -595,11 +613,12 @@ impl RegionTable {
             session.restore_removed(&region);
             return Err(e.into());
         }
+        // The slot number is free once KVM has let go of it, whatever happens next.
+        session.inner.free_slots.push(region.slot());
         // 4. No more lazy population.
         self.unregister_lazy(&region, 0, size)?;
         // 5. Free the host memory.
         region.discard(0, size)?;
-        session.inner.free_slots.push(region.slot());
         // Readers may still bump the count for an instant: a fast path that loaded an
         // older snapshot counts itself, sees the removal mark and backs off without
         // touching the memory.

@@ -158,13 +158,16 @@ impl LazyPages for FaultHandler {
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         // Unregister with the kernel first (it wakes any thread still waiting there),
-        // then forget the range: a fault never finds its range missing.
-        self.shared
+        // then forget the range: a fault never finds its range missing. Forget it even
+        // if the kernel refused, so a later mapping at this address is never filled
+        // from this range's source.
+        let result = self
+            .shared
             .uffd
             .unregister(host_start as *mut libc::c_void, len as usize)
-            .map_err(|e| uffd_err("unregister", host_start, len, e))?;
+            .map_err(|e| uffd_err("unregister", host_start, len, e));
         self.shared.registry.remove(host_start, len);
-        Ok(())
+        result
     }
 }
 

@@ -141,3 +141,27 @@ fn dropping_the_table_unregisters_lazy_ranges() {
     drop(table);
     assert_eq!(handler.registered_ranges(), 0);
 }
+
+#[test]
+fn registry_splits_on_remove_and_replaces_overlaps_on_add() {
+    let registry = memory::FaultRegistry::default();
+    let range = |start: u64, len: u64, offset: u64| memory::LazyRange {
+        host_start: start,
+        len,
+        source: LazySource::Zero,
+        source_offset: offset,
+    };
+    registry.add(range(0x10000, 0x4000, 100));
+    // Punch a hole in the middle: two ranges remain, offsets carried along.
+    registry.remove(0x11000, 0x1000);
+    assert_eq!(registry.len(), 2);
+    assert_eq!(registry.lookup(0x10800).map(|(_, o)| o), Some(100 + 0x800));
+    assert!(registry.lookup(0x11800).is_none());
+    assert_eq!(registry.lookup(0x12010).map(|(_, o)| o), Some(100 + 0x2010));
+    // A new range over the old one replaces it where they overlap.
+    registry.add(range(0x12000, 0x1000, 7));
+    assert_eq!(registry.lookup(0x12010).map(|(_, o)| o), Some(7 + 0x10));
+    assert_eq!(registry.lookup(0x13010).map(|(_, o)| o), Some(100 + 0x3010));
+    registry.remove(0, u64::MAX / 2);
+    assert!(registry.is_empty());
+}
