@@ -214,30 +214,51 @@ fn read_scaling(c: &mut Criterion) {
     g.finish();
 }
 
-/// A 64 KiB buffer at page offset 2048: a host buffer placed like this never 4K-aliases
-/// the page-aligned guest memory it is copied from or to (aliasing slows a copy many
-/// times over and would distort the comparison).
-fn host_buffer(fill: u8) -> (Vec<u8>, usize) {
-    let buf = vec![fill; (64 << 10) + 4096];
-    let offset = (2048 + 4096 - buf.as_ptr() as usize % 4096) % 4096;
-    (buf, offset)
+/// Bytes each copy benchmark moves.
+const COPY_LEN: usize = 64 << 10;
+
+/// The memcpy baseline's buffers: 64 KiB at 1 MiB into a plain page-aligned mapping
+/// (standing in for guest memory) and a host buffer at page offset 2048. Placed like
+/// this the two never 4K-alias (aliasing slows a copy many times over and would
+/// distort the comparison); the guest copies use the same host buffer.
+struct CopyBuffers {
+    plain: GuestMemoryMmap,
+    host: Vec<u8>,
+    host_offset: usize,
+}
+
+impl CopyBuffers {
+    fn new() -> CopyBuffers {
+        let host = vec![7u8; COPY_LEN + 4096];
+        let host_offset = (2048 + 4096 - host.as_ptr() as usize % 4096) % 4096;
+        let mut buffers = CopyBuffers {
+            plain: GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 2 * MIB as usize)]).unwrap(),
+            host,
+            host_offset,
+        };
+        buffers.split().0.fill(3);
+        buffers
+    }
+
+    /// (the plain mapping's 64 KiB, the host buffer's 64 KiB)
+    fn split(&mut self) -> (&mut [u8], &mut [u8]) {
+        let base = self.plain.find_region(GuestAddress(0)).unwrap().as_ptr();
+        // SAFETY: `plain` maps 2 MiB, so [1 MiB, 1 MiB + 64 KiB) lies inside; the slice
+        // borrows `self` mutably, so nothing else uses the mapping while it lives.
+        let plain = unsafe { std::slice::from_raw_parts_mut(base.add(MIB as usize), COPY_LEN) };
+        let host_offset = self.host_offset;
+        (plain, &mut self.host[host_offset..host_offset + COPY_LEN])
+    }
 }
 
 /// 64 KiB guest copy (two-tier lookup + copy) vs plain memcpy between the same kind
 /// of buffers (page-aligned mapping and host buffer).
 fn copy_64k(c: &mut Criterion) {
-    const LEN: usize = 64 << 10;
     let (table, _) = kite_table();
-    let plain: GuestMemoryMmap =
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 2 * MIB as usize)]).unwrap();
-    let plain_ptr = plain.find_region(GuestAddress(0)).unwrap().as_ptr() as usize + MIB as usize;
-    // SAFETY: `plain` maps 2 MiB; [1 MiB, 1 MiB + 64 KiB) lies inside and lives as long.
-    let plain_mem = unsafe { std::slice::from_raw_parts_mut(plain_ptr as *mut u8, LEN) };
-    plain_mem.fill(3);
-    let (mut host, off) = host_buffer(7);
-    let host = &mut host[off..off + LEN];
+    let mut buffers = CopyBuffers::new();
+    let (plain_mem, host) = buffers.split();
     let mut g = c.benchmark_group("copy_64k");
-    g.throughput(criterion::Throughput::Bytes(LEN as u64));
+    g.throughput(criterion::Throughput::Bytes(COPY_LEN as u64));
     g.bench_function("kite_read", |b| {
         b.iter(|| {
             table
@@ -480,7 +501,6 @@ fn timed(iters: u64, mut f: impl FnMut(u64)) -> f64 {
 /// The targets again, measured as paired ratios (see `paired`).
 fn paired_ratios() {
     const ROUNDS: usize = 31;
-    const LEN: usize = 64 << 10;
     let (table, _) = kite_table();
     let atomic = atomic_memory();
     println!(
@@ -544,15 +564,12 @@ region table: paired ratios (median of {ROUNDS} alternating rounds)"
         "machine ceiling",
     );
 
-    let plain: GuestMemoryMmap =
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 2 * MIB as usize)]).unwrap();
-    let plain_ptr = plain.find_region(GuestAddress(0)).unwrap().as_ptr() as usize + MIB as usize;
-    // SAFETY: `plain` maps 2 MiB; [1 MiB, 1 MiB + 64 KiB) lies inside and lives as long.
-    let plain_mem = unsafe { std::slice::from_raw_parts_mut(plain_ptr as *mut u8, LEN) };
-    plain_mem.fill(3);
-    let (mut host, off) = host_buffer(7);
-    let host = std::cell::RefCell::new(&mut host[off..off + LEN]);
-    let plain_mem = std::cell::RefCell::new(plain_mem);
+    let mut buffers = CopyBuffers::new();
+    let (plain_mem, host) = buffers.split();
+    let (plain_mem, host) = (
+        std::cell::RefCell::new(plain_mem),
+        std::cell::RefCell::new(host),
+    );
     let read = paired(
         ROUNDS,
         || {
