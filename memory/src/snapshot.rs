@@ -13,7 +13,8 @@
 use vm_memory::GuestAddress;
 
 use crate::region::Region;
-use crate::sync::{thread_shard_seed, Arc, AtomicU64, Ordering, Published};
+use crate::region_lock::RegionLock;
+use crate::sync::{Arc, AtomicU64, Ordering, Published};
 
 /// Up to this many regions, lookups scan the starts instead of bisecting them.
 const LINEAR_SEARCH_MAX: usize = 16;
@@ -71,7 +72,8 @@ struct FastCache {
     generation: u64,
     /// Points into the `Arc` that `OWNER` holds.
     snapshot: *const Snapshot,
-    seed: usize,
+    /// `RegionLock::current_shard()`, kept here so a hit needs no second lookup.
+    shard: usize,
 }
 
 /// Owns the snapshot `FAST` points to. Dropped at thread exit, clearing `FAST` first.
@@ -98,7 +100,7 @@ std::thread_local! {
             table: 0,
             generation: 0,
             snapshot: std::ptr::null(),
-            seed: usize::MAX,
+            shard: 0,
         })
     };
     static OWNER: std::cell::RefCell<SnapshotOwner> =
@@ -123,7 +125,7 @@ impl SnapshotCell {
         self.generation.fetch_add(1, Ordering::SeqCst);
     }
 
-    /// Runs `f` with the current snapshot and the calling thread's shard seed.
+    /// Runs `f` with the current snapshot and the calling thread's reader shard.
     /// `f` must not look anything up in a table itself (it does not: it is the fast
     /// path's lock attempt).
     #[cfg(not(loom))]
@@ -136,14 +138,14 @@ impl SnapshotCell {
             match self.reload(generation) {
                 Some(fresh) => cache = fresh,
                 // The thread is exiting and its cache is gone: no caching.
-                None => return f(&self.published.load_full(), thread_shard_seed()),
+                None => return f(&self.published.load_full(), RegionLock::current_shard()),
             }
         }
         // SAFETY: `cache.snapshot` points into the `Arc` that this thread's `OWNER`
         // holds. Only `reload`, on this thread, replaces that `Arc`, and not while `f`
         // runs; `OWNER`'s destructor clears `FAST` before the `Arc` goes.
         let snapshot = unsafe { &*cache.snapshot };
-        f(snapshot, cache.seed)
+        f(snapshot, cache.shard)
     }
 
     /// Loads the current snapshot into this thread's cache. `generation` was read
@@ -158,15 +160,11 @@ impl SnapshotCell {
                 let pointer = Arc::as_ptr(&snapshot);
                 // Drops the previously cached snapshot.
                 owner.borrow_mut().0 = Some(snapshot);
-                let seed = match FAST.with(std::cell::Cell::get).seed {
-                    usize::MAX => thread_shard_seed(),
-                    seed => seed,
-                };
                 let fresh = FastCache {
                     table: self.uid,
                     generation,
                     snapshot: pointer,
-                    seed,
+                    shard: RegionLock::current_shard(),
                 };
                 FAST.with(|fast| fast.set(fresh));
                 fresh
@@ -178,7 +176,7 @@ impl SnapshotCell {
     #[cfg(loom)]
     pub(crate) fn with<R>(&self, f: impl FnOnce(&Snapshot, usize) -> R) -> R {
         let _ = self.generation.load(Ordering::Acquire);
-        f(&self.published.load(), thread_shard_seed())
+        f(&self.published.load(), RegionLock::current_shard())
     }
 
     /// The current snapshot, loaded directly (for reports and writers).

@@ -21,7 +21,7 @@ use crate::region::{
     region_offset, Backing, LazySource, Region, RegionError, RegionGuard, RegionId, RegionSpec,
     PAGE_SIZE,
 };
-use crate::region_lock::{release, ReadLockFailure, RegionLock, SHARDS};
+use crate::region_lock::{release, ReadLockFailure, RegionLock};
 use crate::slots::{MemorySlots, NoSlots, SlotError, SlotMapping};
 use crate::snapshot::{Snapshot, SnapshotCell};
 use crate::sync::{Arc, AtomicU64, Deadline, Ordering, TableRwLock, TableWriteGuard};
@@ -305,8 +305,7 @@ impl RegionTable {
     /// read-lock its region. Never blocks; fails while a writer holds the region.
     #[inline]
     pub fn lock_fast(&self, addr: GuestAddress) -> Result<RegionGuard<'_>, LookupError> {
-        self.published.with(|snapshot, seed| {
-            let shard = seed % SHARDS;
+        self.published.with(|snapshot, shard| {
             let result = match snapshot.find(addr) {
                 Some(region) => self.read_lock(region, addr, shard),
                 None => Err(LookupError::NotMapped { addr: addr.0 }),
