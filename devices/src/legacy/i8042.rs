@@ -1,0 +1,77 @@
+//! The i8042 keyboard controller, as far as a VM needs it: the CPU reset command ends the VM.
+
+use vm_device::bus::{PioAddress, PioAddressOffset};
+use vm_device::MutDevicePio;
+use vm_superio::I8042Device;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::EventFdTrigger;
+
+/// First port of the controller (data port 0x60; command/status port 0x64).
+pub const I8042_PORT_BASE: u16 = 0x60;
+/// Ports covered from [`I8042_PORT_BASE`].
+pub const I8042_PORT_LEN: u16 = 5;
+
+/// The controller on the port bus. Writing the reset command (0xfe) to port 0x64 signals the
+/// reset eventfd.
+#[derive(Debug)]
+pub struct I8042 {
+    device: I8042Device<EventFdTrigger>,
+}
+
+impl I8042 {
+    /// A controller that signals `reset` when the guest resets the CPU through it.
+    pub fn new(reset: EventFd) -> Self {
+        I8042 {
+            device: I8042Device::new(EventFdTrigger::new(reset)),
+        }
+    }
+}
+
+impl MutDevicePio for I8042 {
+    fn pio_read(&mut self, _base: PioAddress, offset: PioAddressOffset, data: &mut [u8]) {
+        // Byte-wide registers only; wider or unknown reads see an idle bus.
+        data.fill(0xff);
+        if let ([byte], Ok(offset)) = (data, u8::try_from(offset)) {
+            *byte = self.device.read(offset);
+        }
+    }
+
+    fn pio_write(&mut self, _base: PioAddress, offset: PioAddressOffset, data: &[u8]) {
+        if let ([value], Ok(offset)) = (data, u8::try_from(offset)) {
+            if let Err(e) = self.device.write(offset, *value) {
+                log::error!("i8042: cannot signal the reset: {e}");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reset_command_signals_the_reset_event() {
+        let reset = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut dev = I8042::new(reset.try_clone().unwrap());
+        let base = PioAddress(I8042_PORT_BASE);
+        // Another command, and the reset command on the data port: no reset.
+        dev.pio_write(base, 4, &[0x20]);
+        dev.pio_write(base, 0, &[0xfe]);
+        assert!(reset.read().is_err(), "no reset expected yet");
+        dev.pio_write(base, 4, &[0xfe]);
+        assert_eq!(reset.read().unwrap(), 1);
+    }
+
+    #[test]
+    fn odd_sized_accesses_are_ignored() {
+        let reset = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut dev = I8042::new(reset.try_clone().unwrap());
+        let base = PioAddress(I8042_PORT_BASE);
+        dev.pio_write(base, 4, &[0xfe, 0xfe]);
+        assert!(reset.read().is_err());
+        let mut wide = [0u8; 2];
+        dev.pio_read(base, 4, &mut wide);
+        assert_eq!(wide, [0xff, 0xff]);
+    }
+}

@@ -1,0 +1,295 @@
+//! The `kite` command line: `kite run` boots a guest. Exit codes are part of the interface
+//! (see [`exit`]).
+
+use std::path::{Path, PathBuf};
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{ConfigError, CpusConfig, MemoryConfig, VmConfig};
+use crate::machine::{self, MachineSpec, VmEnd};
+
+/// Exit codes of `kite`.
+pub mod exit {
+    /// The guest powered off or rebooted.
+    pub const GUEST_SHUTDOWN: i32 = 0;
+    /// The VMM failed (KVM, the host), or KVM could not run the guest on.
+    pub const VMM_ERROR: i32 = 1;
+    /// The command line is wrong: unknown flags, unparsable or out-of-range values.
+    pub const BAD_ARGUMENTS: i32 = 2;
+    /// A file is wrong: the config file, kernel or initramfs (missing, unreadable, not a
+    /// kernel, does not fit in guest memory).
+    pub const BAD_INPUT: i32 = 3;
+    /// The guest kernel panicked or the guest crashed (triple fault).
+    pub const GUEST_CRASH: i32 = 4;
+    /// Stopped by signal N (SIGINT, SIGTERM): 128 + N.
+    pub const SIGNAL_BASE: i32 = 128;
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "kite",
+    version,
+    about = "Kite: a small KVM virtual-machine monitor"
+)]
+struct Cli {
+    /// More log output (-v info, -vv debug, -vvv trace).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    /// Write the log to this file instead of stderr.
+    #[arg(long, global = true, value_name = "PATH")]
+    log_file: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Boot a guest; its console is on stdin/stdout.
+    Run(RunArgs),
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// Kernel: ELF vmlinux (PVH or 64-bit entry) or bzImage [default: the default guest's].
+    #[arg(long, value_name = "PATH")]
+    kernel: Option<PathBuf>,
+    /// Initramfs [default: the default guest's, when its kernel is used].
+    #[arg(long, value_name = "PATH")]
+    initramfs: Option<PathBuf>,
+    /// Kernel command line, replacing the default one.
+    #[arg(long, value_name = "STR")]
+    cmdline: Option<String>,
+    /// vCPUs: boot=N.
+    #[arg(long, value_name = "boot=N")]
+    cpus: Option<String>,
+    /// Guest memory: size=SIZE (K, M, G suffixes) [default: size=512M].
+    #[arg(long, value_name = "size=SIZE")]
+    memory: Option<String>,
+    /// JSON configuration mirroring these flags; flags given as well override it.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+}
+
+/// The kernel command line without `--cmdline`.
+pub fn default_cmdline() -> String {
+    let mut cmdline = String::from(
+        "console=ttyS0 reboot=k panic=-1 pci=off i8042.noaux i8042.nomux i8042.dumbkbd",
+    );
+    if on_kvm_pvm_host() {
+        // Instructions this host's KVM cannot emulate in guest kernel mode but shows through
+        // CPUID anyway: the kernel must not use them.
+        cmdline.push_str(
+            " noxsave clearcpuid=popcnt,smap,smep,rdtscp,rdpid,fsgsbase,invpcid,pcid,avx,avx2,\
+             bmi1,bmi2,umip,pku,rtm,hle",
+        );
+    }
+    cmdline
+}
+
+/// Whether this host's KVM is kvm_pvm (no hardware virtualization underneath).
+fn on_kvm_pvm_host() -> bool {
+    Path::new("/sys/module/kvm_pvm").exists()
+}
+
+/// Where the default guest is: `$KITE_GUEST_DIR`, else `resources/build` of this source tree
+/// (built by `resources/build-guest`).
+pub fn default_guest_dir() -> PathBuf {
+    std::env::var_os("KITE_GUEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("..")
+                .join("resources")
+                .join("build")
+        })
+}
+
+/// A failure before the VM runs, with its exit code.
+struct Failure {
+    code: i32,
+    message: String,
+}
+
+impl Failure {
+    fn arguments(e: impl std::fmt::Display) -> Self {
+        Failure {
+            code: exit::BAD_ARGUMENTS,
+            message: e.to_string(),
+        }
+    }
+    fn input(e: impl std::fmt::Display) -> Self {
+        Failure {
+            code: exit::BAD_INPUT,
+            message: e.to_string(),
+        }
+    }
+}
+
+impl RunArgs {
+    /// The configuration: the file's (checked as a file), then the flags over it.
+    fn config(&self) -> Result<VmConfig, Failure> {
+        let mut config = match &self.config {
+            Some(path) => {
+                let config = VmConfig::from_file(path).map_err(Failure::input)?;
+                config.validate().map_err(|e: ConfigError| {
+                    Failure::input(format!("config file {}: {e}", path.display()))
+                })?;
+                config
+            }
+            None => VmConfig::default(),
+        };
+        if let Some(kernel) = &self.kernel {
+            config.kernel = Some(kernel.clone());
+        }
+        if let Some(initramfs) = &self.initramfs {
+            config.initramfs = Some(initramfs.clone());
+        }
+        if let Some(cmdline) = &self.cmdline {
+            config.cmdline = Some(cmdline.clone());
+        }
+        if let Some(cpus) = &self.cpus {
+            config.cpus = cpus.parse::<CpusConfig>().map_err(Failure::arguments)?;
+        }
+        if let Some(memory) = &self.memory {
+            config.memory = memory.parse::<MemoryConfig>().map_err(Failure::arguments)?;
+        }
+        config.validate().map_err(Failure::arguments)?;
+        Ok(config)
+    }
+}
+
+/// Checks that `path` can be opened, before any VM is made for it.
+fn readable(what: &str, path: &Path) -> Result<(), Failure> {
+    std::fs::File::open(path)
+        .map(drop)
+        .map_err(|e| Failure::input(format!("{what} {}: {e}", path.display())))
+}
+
+/// The boot files: the configured ones, or the default guest's.
+fn boot_files(config: &VmConfig) -> Result<(PathBuf, Option<PathBuf>), Failure> {
+    let (kernel, initramfs) = default_or_given(config)?;
+    readable("kernel", &kernel)?;
+    if let Some(initramfs) = &initramfs {
+        readable("initramfs", initramfs)?;
+    }
+    Ok((kernel, initramfs))
+}
+
+fn default_or_given(config: &VmConfig) -> Result<(PathBuf, Option<PathBuf>), Failure> {
+    if let Some(kernel) = &config.kernel {
+        return Ok((kernel.clone(), config.initramfs.clone()));
+    }
+    let dir = default_guest_dir();
+    let kernel = dir.join("vmlinux");
+    if !kernel.is_file() {
+        return Err(Failure::input(format!(
+            "no --kernel, and the default guest is not built ({} is missing; run \
+             resources/build-guest)",
+            kernel.display()
+        )));
+    }
+    let initramfs = config
+        .initramfs
+        .clone()
+        .or_else(|| Some(dir.join("initramfs.cpio.gz")));
+    Ok((kernel, initramfs))
+}
+
+fn run(args: RunArgs) -> i32 {
+    let prepared = args.config().and_then(|config| {
+        let files = boot_files(&config)?;
+        Ok((config, files))
+    });
+    let (config, (kernel, initramfs)) = match prepared {
+        Ok(p) => p,
+        Err(f) => {
+            eprintln!("kite: {}", f.message);
+            return f.code;
+        }
+    };
+    let cmdline = config.cmdline.clone().unwrap_or_else(default_cmdline);
+    log::info!(
+        "booting {} ({} vCPUs, {} memory), cmdline: {cmdline}",
+        kernel.display(),
+        config.cpus.boot,
+        config.memory.size
+    );
+    let spec = MachineSpec {
+        kernel: &kernel,
+        initramfs: initramfs.as_deref(),
+        cmdline: &cmdline,
+        // Validated: 1..=MAX_VCPUS, which fits a u8.
+        cpus: u8::try_from(config.cpus.boot).unwrap_or(u8::MAX),
+        memory: config.memory.size.bytes(),
+        console: Box::new(std::io::stdout()),
+    };
+    let rip = |rip: Option<u64>| rip.map_or_else(|| "unknown".into(), |r| format!("{r:#x}"));
+    match machine::run(spec) {
+        Ok(VmEnd::PowerOff) => {
+            log::info!("the guest powered off");
+            exit::GUEST_SHUTDOWN
+        }
+        Ok(VmEnd::Reset) => {
+            log::info!("the guest rebooted");
+            exit::GUEST_SHUTDOWN
+        }
+        Ok(VmEnd::GuestPanic) => {
+            eprintln!("kite: the guest kernel panicked");
+            exit::GUEST_CRASH
+        }
+        Ok(VmEnd::GuestCrash {
+            exit: what,
+            rip: at,
+        }) => {
+            eprintln!("kite: the guest crashed: {what} at guest RIP {}", rip(at));
+            exit::GUEST_CRASH
+        }
+        Ok(VmEnd::Fatal {
+            exit: what,
+            rip: at,
+        }) => {
+            eprintln!("kite: the VM stopped: {what} at guest RIP {}", rip(at));
+            exit::VMM_ERROR
+        }
+        Ok(VmEnd::Signal(num)) => {
+            log::info!("stopped by signal {num}");
+            exit::SIGNAL_BASE + num
+        }
+        Err(e) => {
+            eprintln!("kite: {e}");
+            if e.is_bad_input() {
+                exit::BAD_INPUT
+            } else {
+                exit::VMM_ERROR
+            }
+        }
+    }
+}
+
+/// Runs `kite` with the process's arguments; returns the exit code.
+pub fn main() -> i32 {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => {
+            // --help, --version.
+            let _ = e.print();
+            return 0;
+        }
+        Err(e) => {
+            let rendered = e.render().to_string();
+            let first = rendered.lines().next().unwrap_or("bad arguments");
+            eprintln!(
+                "kite: {} (see kite --help)",
+                first.trim_start_matches("error: ")
+            );
+            return exit::BAD_ARGUMENTS;
+        }
+    };
+    if let Err(e) = crate::logger::init(cli.verbose, cli.log_file.as_deref()) {
+        eprintln!("kite: --log-file: {e}");
+        return exit::BAD_ARGUMENTS;
+    }
+    match cli.command {
+        Command::Run(args) => run(args),
+    }
+}

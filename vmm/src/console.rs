@@ -1,0 +1,218 @@
+//! The guest console on the host terminal: guest output to stdout (watched for a kernel
+//! panic), host stdin to the guest, with the terminal in raw mode while the VM runs.
+
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use devices::legacy::SerialConsole;
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::terminal::Terminal;
+
+/// What the Linux kernel prints when it panics.
+const PANIC_MARKER: &[u8] = b"Kernel panic - not syncing";
+
+/// Guest console output: passed to `out`, and watched for a kernel panic.
+pub struct ConsoleOutput {
+    out: Box<dyn Write + Send>,
+    /// The tail of the output, long enough to find the marker across writes.
+    tail: Vec<u8>,
+    panicked: Arc<AtomicBool>,
+}
+
+impl ConsoleOutput {
+    /// Output to `out`; `panicked` is set once the guest kernel has panicked.
+    pub fn new(out: Box<dyn Write + Send>, panicked: Arc<AtomicBool>) -> Self {
+        ConsoleOutput {
+            out,
+            tail: Vec::with_capacity(2 * PANIC_MARKER.len()),
+            panicked,
+        }
+    }
+}
+
+impl Write for ConsoleOutput {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.out.write(buf)?;
+        self.tail.extend_from_slice(&buf[..n]);
+        if self
+            .tail
+            .windows(PANIC_MARKER.len())
+            .any(|w| w == PANIC_MARKER)
+        {
+            self.panicked.store(true, Ordering::Release);
+        }
+        let keep = PANIC_MARKER.len() - 1;
+        if self.tail.len() > keep {
+            self.tail.drain(..self.tail.len() - keep);
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.out.flush()
+    }
+}
+
+/// Puts stdin in raw mode (when it is a terminal) and back in canonical mode when dropped.
+#[derive(Debug)]
+pub struct RawTerminal {
+    raw: bool,
+}
+
+impl RawTerminal {
+    /// Raw mode on stdin if it is a terminal; otherwise nothing.
+    pub fn enter() -> Self {
+        let stdin = std::io::stdin();
+        let raw = std::io::IsTerminal::is_terminal(&stdin) && stdin.lock().set_raw_mode().is_ok();
+        RawTerminal { raw }
+    }
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        if self.raw {
+            if let Err(e) = std::io::stdin().lock().set_canon_mode() {
+                log::warn!("cannot restore the terminal: {e}");
+            }
+        }
+    }
+}
+
+/// Feeds host stdin to the serial console. When the guest's FIFO is full it stops reading
+/// stdin until the guest has drained it, so no input is dropped.
+pub struct ConsoleInput {
+    serial: Arc<Mutex<SerialConsole>>,
+    drained: EventFd,
+    pending: Vec<u8>,
+    reading: bool,
+}
+
+impl ConsoleInput {
+    /// Input to `serial`, which signals `drained` when its input FIFO empties.
+    pub fn new(serial: Arc<Mutex<SerialConsole>>, drained: EventFd) -> Self {
+        ConsoleInput {
+            serial,
+            drained,
+            pending: Vec::new(),
+            reading: false,
+        }
+    }
+
+    fn stdin_events() -> Events {
+        Events::new_raw(std::io::stdin().as_raw_fd(), EventSet::IN)
+    }
+
+    /// Hands pending bytes to the guest; true when none are left.
+    fn flush_pending(&mut self) -> bool {
+        let mut serial = self.serial.lock().unwrap_or_else(|e| e.into_inner());
+        match serial.queue_input(&self.pending) {
+            Ok(n) => {
+                self.pending.drain(..n);
+            }
+            Err(e) => log::error!("{e}"),
+        }
+        self.pending.is_empty()
+    }
+
+    fn set_reading(&mut self, ops: &mut EventOps, reading: bool) {
+        if reading == self.reading {
+            return;
+        }
+        let result = if reading {
+            ops.add(Self::stdin_events())
+        } else {
+            ops.remove(Self::stdin_events())
+        };
+        match result {
+            Ok(()) => self.reading = reading,
+            // Stdin that epoll cannot watch (a regular file): no console input.
+            Err(e) => log::debug!("console input off: {e:?}"),
+        }
+    }
+}
+
+impl MutEventSubscriber for ConsoleInput {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.drained, EventSet::IN)) {
+            log::error!("console input: cannot watch the serial FIFO: {e:?}");
+            return;
+        }
+        self.set_reading(ops, true);
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        if events.fd() == self.drained.as_raw_fd() {
+            let _ = self.drained.read();
+            if self.flush_pending() {
+                self.set_reading(ops, true);
+            }
+            return;
+        }
+        let mut buf = [0u8; 64];
+        match std::io::stdin().lock().read(&mut buf) {
+            Ok(0) => self.set_reading(ops, false),
+            Ok(n) => {
+                self.pending.extend_from_slice(&buf[..n]);
+                if !self.flush_pending() {
+                    self.set_reading(ops, false);
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                log::warn!("console input: {e}");
+                self.set_reading(ops, false);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Clone, Default)]
+    struct Sink(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Sink {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn panic_marker_is_found_across_byte_writes() {
+        let flag = Arc::new(AtomicBool::new(false));
+        let sink = Sink::default();
+        let mut out = ConsoleOutput::new(Box::new(sink.clone()), flag.clone());
+        for b in b"[ 1.0] Kernel panic - not syncin" {
+            out.write_all(&[*b]).unwrap();
+        }
+        assert!(!flag.load(Ordering::Acquire));
+        out.write_all(b"g: VFS\n").unwrap();
+        assert!(flag.load(Ordering::Acquire));
+        assert_eq!(
+            &*sink.0.lock().unwrap(),
+            b"[ 1.0] Kernel panic - not syncing: VFS\n"
+        );
+    }
+
+    #[test]
+    fn ordinary_output_is_not_a_panic() {
+        let flag = Arc::new(AtomicBool::new(false));
+        let mut out = ConsoleOutput::new(Box::new(Sink::default()), flag.clone());
+        out.write_all(b"Kernel panic - not syncing is a phrase; Kernel pan")
+            .unwrap();
+        assert!(flag.load(Ordering::Acquire), "the marker itself counts");
+        let flag = Arc::new(AtomicBool::new(false));
+        let mut out = ConsoleOutput::new(Box::new(Sink::default()), flag.clone());
+        out.write_all(b"Run /init as init process\n").unwrap();
+        assert!(!flag.load(Ordering::Acquire));
+    }
+}

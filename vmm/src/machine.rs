@@ -1,0 +1,300 @@
+//! One VM from start to end: guest RAM in the region table, the kernel loaded, devices on the
+//! bus, vCPU threads, and the event loop that waits for the VM to end.
+
+use std::io::Write;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{channel, Receiver};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use devices::legacy::{
+    SerialConsole, I8042, I8042_PORT_BASE, I8042_PORT_LEN, SERIAL_IRQ, SERIAL_PORT_BASE,
+    SERIAL_PORT_LEN,
+};
+use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
+use memory::{GuardedMemory, RegionSpec, RegionTable, TableConfig};
+use vm_device::bus::{PioAddress, PioRange};
+use vm_device::device_manager::{IoManager, PioManager};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::arch::x86_64::boot::{self, BootError, BootSpec};
+use crate::arch::x86_64::layout;
+use crate::console::{ConsoleInput, ConsoleOutput, RawTerminal};
+use crate::signals;
+use crate::vstate::vcpu::{install_kick_handler, Vcpu, VcpuError, VcpuStop};
+use crate::vstate::vm::{Vm, VmError};
+
+/// Errors building or running a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum MachineError {
+    /// KVM VM setup failed.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// vCPU setup failed.
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    /// The guest could not be loaded.
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    /// Guest RAM could not be set up.
+    #[error("guest memory: {0}")]
+    Memory(#[from] memory::TableError),
+    /// Guest RAM could not be locked for loading.
+    #[error("guest memory: {0}")]
+    Guarded(#[from] memory::GuardedMemoryError),
+    /// A device could not be put on the bus.
+    #[error("cannot place {what} on the I/O bus: {source:?}")]
+    Bus {
+        /// The device.
+        what: &'static str,
+        /// The bus error.
+        source: vm_device::bus::Error,
+    },
+    /// An eventfd or the event loop failed.
+    #[error("event loop: {0}")]
+    Events(String),
+    /// Signal handlers could not be installed.
+    #[error("cannot install signal handlers: {0}")]
+    Signals(vmm_sys_util::errno::Error),
+}
+
+impl MachineError {
+    /// Whether the user's files or settings are at fault (rather than the VMM or host).
+    pub fn is_bad_input(&self) -> bool {
+        match self {
+            MachineError::Boot(e) => e.is_bad_input(),
+            MachineError::Vm(VmError::TooManyVcpus { .. }) => true,
+            _ => false,
+        }
+    }
+}
+
+/// How a VM ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VmEnd {
+    /// The guest powered off.
+    PowerOff,
+    /// The guest reset the machine (Kite ends the VM, as Firecracker does).
+    Reset,
+    /// The guest kernel panicked.
+    GuestPanic,
+    /// The guest crashed.
+    GuestCrash {
+        /// The exit.
+        exit: String,
+        /// Guest RIP, if known.
+        rip: Option<u64>,
+    },
+    /// KVM could not run the guest on.
+    Fatal {
+        /// The exit or error.
+        exit: String,
+        /// Guest RIP, if known.
+        rip: Option<u64>,
+    },
+    /// The VMM was asked to stop by a signal.
+    Signal(i32),
+}
+
+/// What to boot, and where its console goes.
+pub struct MachineSpec<'a> {
+    /// Kernel image.
+    pub kernel: &'a Path,
+    /// Initramfs, if any.
+    pub initramfs: Option<&'a Path>,
+    /// Kernel command line.
+    pub cmdline: &'a str,
+    /// vCPUs.
+    pub cpus: u8,
+    /// Guest RAM in bytes.
+    pub memory: u64,
+    /// Guest console output.
+    pub console: Box<dyn Write + Send>,
+}
+
+/// Events that end the VM: the i8042 reset, a vCPU stopping, SIGINT/SIGTERM.
+struct EndEvents {
+    reset: EventFd,
+    vcpu_stopped: EventFd,
+    signal: &'static EventFd,
+    stops: Receiver<(u8, VcpuStop)>,
+    end: Option<VmEnd>,
+}
+
+impl MutEventSubscriber for EndEvents {
+    fn init(&mut self, ops: &mut EventOps) {
+        for fd in [&self.reset, &self.vcpu_stopped, self.signal] {
+            if let Err(e) = ops.add(Events::new(fd, EventSet::IN)) {
+                log::error!("cannot watch a VM event: {e:?}");
+            }
+        }
+    }
+
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        let fd = events.fd();
+        if fd == std::os::fd::AsRawFd::as_raw_fd(&self.reset) {
+            let _ = self.reset.read();
+            self.end.get_or_insert(VmEnd::Reset);
+        } else if fd == std::os::fd::AsRawFd::as_raw_fd(self.signal) {
+            let _ = self.signal.read();
+            let num = signals::received().unwrap_or(libc::SIGTERM);
+            self.end.get_or_insert(VmEnd::Signal(num));
+        } else {
+            let _ = self.vcpu_stopped.read();
+            while let Ok((id, why)) = self.stops.try_recv() {
+                log::info!("vCPU {id} stopped: {why:?}");
+                let end = match why {
+                    VcpuStop::Requested => continue,
+                    VcpuStop::PowerOff => VmEnd::PowerOff,
+                    VcpuStop::Reset => VmEnd::Reset,
+                    VcpuStop::Crash { exit, rip } => VmEnd::GuestCrash { exit, rip },
+                    VcpuStop::Fatal { exit, rip } => VmEnd::Fatal { exit, rip },
+                };
+                self.end.get_or_insert(end);
+            }
+        }
+    }
+}
+
+fn event_error<E: std::fmt::Debug>(e: E) -> MachineError {
+    MachineError::Events(format!("{e:?}"))
+}
+
+fn eventfd() -> Result<EventFd, MachineError> {
+    EventFd::new(libc::EFD_NONBLOCK).map_err(event_error)
+}
+
+/// The SIGINT/SIGTERM eventfd: one per process, as the handlers are.
+fn signal_event() -> Result<&'static EventFd, MachineError> {
+    static SIGNAL_EVENT: OnceLock<EventFd> = OnceLock::new();
+    if let Some(fd) = SIGNAL_EVENT.get() {
+        return Ok(fd);
+    }
+    let fd = SIGNAL_EVENT.get_or_init(|| EventFd::new(libc::EFD_NONBLOCK).expect("an eventfd"));
+    signals::install(fd).map_err(MachineError::Signals)?;
+    Ok(fd)
+}
+
+/// Builds the VM `spec` describes, runs it until it ends, and tears it down.
+pub fn run(spec: MachineSpec<'_>) -> Result<VmEnd, MachineError> {
+    let signal = signal_event()?;
+    install_kick_handler()?;
+    let vm = Vm::new()?;
+    vm.check_vcpu_count(u32::from(spec.cpus))?;
+
+    // Guest RAM: the region table is the one description of the layout; KVM slots follow it.
+    let table = RegionTable::new(
+        vm.memory_slots(),
+        None,
+        TableConfig {
+            max_slots: vm.max_memslots(),
+            ..TableConfig::default()
+        },
+    );
+    for (start, size) in layout::ram_ranges(spec.memory) {
+        table.insert(RegionSpec::anonymous(start, size), None)?;
+    }
+    let ram: Vec<_> = table
+        .layout()
+        .into_iter()
+        .map(|(_, start, size)| (start, size))
+        .collect();
+    let entry = {
+        let mem = GuardedMemory::lock_all(&table, None)?;
+        boot::load(
+            &mem,
+            &BootSpec {
+                kernel: spec.kernel,
+                initramfs: spec.initramfs,
+                cmdline: spec.cmdline,
+                cpus: spec.cpus,
+                ram: &ram,
+            },
+        )?
+    };
+
+    // Devices.
+    let panicked = Arc::new(AtomicBool::new(false));
+    let serial_irq = eventfd()?;
+    vm.register_irqfd(&serial_irq, SERIAL_IRQ)?;
+    let input_drained = eventfd()?;
+    let serial = Arc::new(Mutex::new(SerialConsole::new(
+        serial_irq,
+        Box::new(ConsoleOutput::new(spec.console, Arc::clone(&panicked))),
+        input_drained.try_clone().map_err(event_error)?,
+    )));
+    let reset = eventfd()?;
+    let i8042 = Arc::new(Mutex::new(I8042::new(
+        reset.try_clone().map_err(event_error)?,
+    )));
+    let mut io = IoManager::new();
+    let bus = |what| move |source| MachineError::Bus { what, source };
+    io.register_pio(
+        PioRange::new(PioAddress(SERIAL_PORT_BASE), SERIAL_PORT_LEN).map_err(bus("serial"))?,
+        serial.clone(),
+    )
+    .map_err(bus("serial"))?;
+    io.register_pio(
+        PioRange::new(PioAddress(I8042_PORT_BASE), I8042_PORT_LEN).map_err(bus("i8042"))?,
+        i8042,
+    )
+    .map_err(bus("i8042"))?;
+    let io = Arc::new(io);
+
+    let vcpus = (0..spec.cpus)
+        .map(|id| Vcpu::new(&vm, id, spec.cpus, Arc::clone(&io)))
+        .collect::<Result<Vec<_>, _>>()?;
+    vcpus[0].set_boot_entry(&entry)?;
+
+    let mut events =
+        EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new().map_err(event_error)?;
+    let (stops_tx, stops) = channel();
+    let vcpu_stopped = eventfd()?;
+    let end_events = Arc::new(Mutex::new(EndEvents {
+        reset,
+        vcpu_stopped: vcpu_stopped.try_clone().map_err(event_error)?,
+        signal,
+        stops,
+        end: None,
+    }));
+    events.add_subscriber(end_events.clone());
+    events.add_subscriber(Arc::new(Mutex::new(ConsoleInput::new(
+        serial,
+        input_drained,
+    ))));
+
+    let _terminal = RawTerminal::enter();
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut handles = Vec::new();
+    let mut started = Ok(());
+    for vcpu in vcpus {
+        let event = vcpu_stopped.try_clone().map_err(event_error)?;
+        match vcpu.start(Arc::clone(&stop), stops_tx.clone(), event) {
+            Ok(handle) => handles.push(handle),
+            Err(e) => {
+                started = Err(e);
+                break;
+            }
+        }
+    }
+    let result = started.map_err(MachineError::from).and_then(|()| loop {
+        events.run().map_err(event_error)?;
+        if let Some(end) = end_events
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .end
+            .take()
+        {
+            break Ok(end);
+        }
+    });
+    stop.store(true, Ordering::Release);
+    for handle in handles {
+        handle.stop();
+    }
+    let end = result?;
+    Ok(match end {
+        VmEnd::Reset | VmEnd::PowerOff if panicked.load(Ordering::Acquire) => VmEnd::GuestPanic,
+        other => other,
+    })
+}

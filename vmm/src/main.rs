@@ -1,0 +1,5 @@
+//! `kite`: boot a guest (`kite run`).
+
+fn main() {
+    std::process::exit(vmm::cli::main());
+}

@@ -1,0 +1,277 @@
+//! vCPUs: set up from KVM's CPUID and the boot state, each run on its own named thread by an
+//! explicit run-loop state machine that serves port and MMIO exits from the device bus and
+//! stops on a guest event, a fatal exit or the VMM's request.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Sender;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use kvm_bindings::{KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vm_device::bus::{MmioAddress, PioAddress};
+use vm_device::device_manager::{IoManager, MmioManager, PioManager};
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+use super::vm::{Vm, VmError};
+use crate::arch::x86_64::cpuid;
+use crate::arch::x86_64::regs::{self, BootEntry, RegsError};
+
+/// Errors creating a vCPU.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    /// The VM could not create it.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// Its registers could not be set.
+    #[error(transparent)]
+    Regs(#[from] RegsError),
+    /// Its CPUID could not be set.
+    #[error("cannot set the CPUID of vCPU {id}: {source}")]
+    Cpuid {
+        /// vCPU id.
+        id: u8,
+        /// KVM's error.
+        source: kvm_ioctls::Error,
+    },
+    /// The thread could not be started.
+    #[error("cannot start the thread of vCPU {id}: {source}")]
+    Spawn {
+        /// vCPU id.
+        id: u8,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The kick signal handler could not be installed.
+    #[error("cannot install the vCPU kick signal handler: {0}")]
+    KickHandler(vmm_sys_util::errno::Error),
+}
+
+/// Why a vCPU stopped running.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VcpuStop {
+    /// The VMM asked it to.
+    Requested,
+    /// The guest powered off.
+    PowerOff,
+    /// The guest reset the machine.
+    Reset,
+    /// The guest crashed: a triple fault, or a crash it reported.
+    Crash {
+        /// The exit.
+        exit: String,
+        /// Guest RIP at the exit, if it could be read.
+        rip: Option<u64>,
+    },
+    /// KVM cannot run the guest on: an internal error, a failed entry, an unexpected exit.
+    Fatal {
+        /// The exit or error.
+        exit: String,
+        /// Guest RIP at the exit, if it could be read.
+        rip: Option<u64>,
+    },
+}
+
+/// State of the run loop.
+enum RunState {
+    /// In or about to enter `KVM_RUN`.
+    Running,
+    /// Leaving the loop.
+    Stopping(VcpuStop),
+}
+
+/// A configured vCPU, not yet running.
+pub struct Vcpu {
+    id: u8,
+    fd: VcpuFd,
+    io: Arc<IoManager>,
+}
+
+impl std::fmt::Debug for Vcpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vcpu").field("id", &self.id).finish()
+    }
+}
+
+impl Vcpu {
+    /// Creates vCPU `id` of `count` and sets its CPUID, MSRs, FPU and LINT pins. Port and
+    /// MMIO exits go to `io`.
+    pub fn new(vm: &Vm, id: u8, count: u8, io: Arc<IoManager>) -> Result<Self, VcpuError> {
+        let fd = vm.create_vcpu(id)?;
+        let mut cpuid = vm.supported_cpuid()?;
+        cpuid::adjust(cpuid.as_mut_slice(), id, count);
+        fd.set_cpuid2(&cpuid)
+            .map_err(|source| VcpuError::Cpuid { id, source })?;
+        regs::setup_msrs(&fd)?;
+        regs::setup_fpu(&fd)?;
+        regs::setup_lint(&fd)?;
+        Ok(Vcpu { id, fd, io })
+    }
+
+    /// Makes this the boot vCPU, entering the kernel at `entry`. The others wait for the
+    /// boot vCPU's start-up IPIs.
+    pub fn set_boot_entry(&self, entry: &BootEntry) -> Result<(), VcpuError> {
+        Ok(regs::setup_boot_cpu(&self.fd, entry)?)
+    }
+
+    /// Starts the vCPU on thread `kite_vcpuN`. When it stops, it sends its id and reason on
+    /// `stopped` and signals `stop_event`.
+    pub fn start(
+        mut self,
+        stop: Arc<AtomicBool>,
+        stopped: Sender<(u8, VcpuStop)>,
+        stop_event: EventFd,
+    ) -> Result<VcpuHandle, VcpuError> {
+        let id = self.id;
+        let thread = std::thread::Builder::new()
+            .name(format!("kite_vcpu{id}"))
+            .spawn(move || {
+                let why = self.run(&stop);
+                log::debug!("vCPU {id} stopped: {why:?}");
+                // The receiver is gone only when the VMM is already shutting down.
+                let _ = stopped.send((id, why));
+                if let Err(e) = stop_event.write(1) {
+                    log::error!("vCPU {id}: cannot signal its stop: {e}");
+                }
+            })
+            .map_err(|source| VcpuError::Spawn { id, source })?;
+        Ok(VcpuHandle { thread })
+    }
+
+    fn run(&mut self, stop: &AtomicBool) -> VcpuStop {
+        let mut state = RunState::Running;
+        loop {
+            state = match state {
+                RunState::Running if stop.load(Ordering::Acquire) => {
+                    RunState::Stopping(VcpuStop::Requested)
+                }
+                RunState::Running => self.run_once(),
+                RunState::Stopping(why) => return why,
+            }
+        }
+    }
+
+    fn rip(&self) -> Option<u64> {
+        self.fd.get_regs().ok().map(|r| r.rip)
+    }
+
+    /// One `KVM_RUN` and the handling of its exit.
+    fn run_once(&mut self) -> RunState {
+        let io = &self.io;
+        let exit = match self.fd.run() {
+            Ok(VcpuExit::IoIn(port, data)) => {
+                if io.pio_read(PioAddress(port), data).is_err() {
+                    data.fill(0xff);
+                }
+                return RunState::Running;
+            }
+            Ok(VcpuExit::IoOut(port, data)) => {
+                // Writes to ports without a device are dropped, as on real hardware.
+                let _ = io.pio_write(PioAddress(port), data);
+                return RunState::Running;
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                if io.mmio_read(MmioAddress(addr), data).is_err() {
+                    data.fill(0);
+                }
+                return RunState::Running;
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                let _ = io.mmio_write(MmioAddress(addr), data);
+                return RunState::Running;
+            }
+            Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
+                KVM_SYSTEM_EVENT_SHUTDOWN => VcpuStop::PowerOff,
+                KVM_SYSTEM_EVENT_RESET => VcpuStop::Reset,
+                KVM_SYSTEM_EVENT_CRASH => VcpuStop::Crash {
+                    exit: "KVM_SYSTEM_EVENT_CRASH".into(),
+                    rip: None,
+                },
+                other => VcpuStop::Fatal {
+                    exit: format!("KVM_EXIT_SYSTEM_EVENT type {other}"),
+                    rip: None,
+                },
+            },
+            Ok(VcpuExit::Shutdown) => VcpuStop::Crash {
+                exit: "KVM_EXIT_SHUTDOWN (triple fault)".into(),
+                rip: None,
+            },
+            Ok(VcpuExit::InternalError) => {
+                // SAFETY: after KVM_EXIT_INTERNAL_ERROR, KVM filled the `internal` member of
+                // the kvm_run union.
+                let suberror = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
+                VcpuStop::Fatal {
+                    exit: format!("KVM_EXIT_INTERNAL_ERROR (suberror {suberror})"),
+                    rip: None,
+                }
+            }
+            Ok(VcpuExit::FailEntry(reason, cpu)) => VcpuStop::Fatal {
+                exit: format!("KVM_EXIT_FAIL_ENTRY (reason {reason:#x}, host cpu {cpu})"),
+                rip: None,
+            },
+            Ok(VcpuExit::Intr) => return RunState::Running,
+            Ok(other) => VcpuStop::Fatal {
+                exit: format!("unexpected exit {other:?}"),
+                rip: None,
+            },
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                return RunState::Running
+            }
+            Err(e) => VcpuStop::Fatal {
+                exit: format!("KVM_RUN failed: {e}"),
+                rip: None,
+            },
+        };
+        RunState::Stopping(self.with_rip(exit))
+    }
+
+    fn with_rip(&self, why: VcpuStop) -> VcpuStop {
+        match why {
+            VcpuStop::Crash { exit, rip: None } => VcpuStop::Crash {
+                exit,
+                rip: self.rip(),
+            },
+            VcpuStop::Fatal { exit, rip: None } => VcpuStop::Fatal {
+                exit,
+                rip: self.rip(),
+            },
+            other => other,
+        }
+    }
+}
+
+/// A running vCPU thread.
+#[derive(Debug)]
+pub struct VcpuHandle {
+    thread: JoinHandle<()>,
+}
+
+/// How often a vCPU that has been asked to stop is kicked out of `KVM_RUN` again: a kick
+/// landing just before it enters `KVM_RUN` is lost, the next one is not.
+const KICK_INTERVAL: Duration = Duration::from_millis(10);
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// Installs the handler of the signal that kicks vCPUs out of `KVM_RUN` (it does nothing:
+/// its delivery makes `KVM_RUN` return `EINTR`). Call before starting vCPUs.
+pub fn install_kick_handler() -> Result<(), VcpuError> {
+    register_signal_handler(SIGRTMIN(), kick_handler).map_err(VcpuError::KickHandler)
+}
+
+impl VcpuHandle {
+    /// Kicks the vCPU until it has seen `stop` (already set) and waits for its thread.
+    pub fn stop(self) {
+        while !self.thread.is_finished() {
+            if let Err(e) = self.thread.kill(SIGRTMIN()) {
+                log::error!("cannot kick a vCPU thread: {e}");
+                break;
+            }
+            std::thread::sleep(KICK_INTERVAL);
+        }
+        if self.thread.join().is_err() {
+            log::error!("a vCPU thread panicked");
+        }
+    }
+}

@@ -1,0 +1,176 @@
+//! The KVM VM: in-kernel irqchip and PIT, the TSS and identity-map pages, and the memory
+//! slots the region table asks for.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use memory::{MemorySlots, SlotError, SlotMapping};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::arch::x86_64::layout::{KVM_IDENTITY_MAP, KVM_TSS};
+
+/// Errors creating or configuring the VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// `/dev/kvm` cannot be opened.
+    #[error("cannot open /dev/kvm: {0} (is KVM available and accessible?)")]
+    OpenKvm(kvm_ioctls::Error),
+    /// A KVM ioctl failed.
+    #[error("cannot {what}: {source}")]
+    Kvm {
+        /// What was being done.
+        what: &'static str,
+        /// KVM's error.
+        source: kvm_ioctls::Error,
+    },
+    /// More vCPUs than this host's KVM allows.
+    #[error("--cpus: boot={wanted} is more than this host's KVM allows ({max})")]
+    TooManyVcpus {
+        /// vCPUs asked for.
+        wanted: u32,
+        /// KVM's limit.
+        max: usize,
+    },
+}
+
+fn failed(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::Kvm { what, source }
+}
+
+/// A KVM VM with an in-kernel irqchip (PIC, IOAPIC, LAPICs) and PIT.
+pub struct Vm {
+    kvm: Kvm,
+    fd: Arc<VmFd>,
+}
+
+impl std::fmt::Debug for Vm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vm").finish_non_exhaustive()
+    }
+}
+
+/// Entries asked of `KVM_GET_SUPPORTED_CPUID`.
+const MAX_CPUID_ENTRIES: usize = kvm_bindings::KVM_MAX_CPUID_ENTRIES;
+
+impl Vm {
+    /// Opens KVM and creates a VM ready for vCPUs.
+    pub fn new() -> Result<Self, VmError> {
+        let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+        let fd = kvm.create_vm().map_err(failed("create the VM"))?;
+        fd.set_tss_address(KVM_TSS as usize)
+            .map_err(failed("set the TSS address"))?;
+        fd.set_identity_map_address(KVM_IDENTITY_MAP)
+            .map_err(failed("set the identity map address"))?;
+        fd.create_irq_chip()
+            .map_err(failed("create the in-kernel irqchip"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        fd.create_pit2(pit).map_err(failed("create the PIT"))?;
+        Ok(Vm {
+            kvm,
+            fd: Arc::new(fd),
+        })
+    }
+
+    /// Checks `count` vCPUs against this host's KVM.
+    pub fn check_vcpu_count(&self, count: u32) -> Result<(), VmError> {
+        let max = self.kvm.get_max_vcpus();
+        if count as usize > max {
+            return Err(VmError::TooManyVcpus { wanted: count, max });
+        }
+        Ok(())
+    }
+
+    /// Memory slots this host's KVM offers.
+    pub fn max_memslots(&self) -> u32 {
+        u32::try_from(self.kvm.get_nr_memslots()).unwrap_or(u32::MAX)
+    }
+
+    /// The CPUID KVM can give a guest.
+    pub fn supported_cpuid(&self) -> Result<CpuId, VmError> {
+        self.kvm
+            .get_supported_cpuid(MAX_CPUID_ENTRIES)
+            .map_err(failed("get the supported CPUID"))
+    }
+
+    /// Routes `event` to interrupt line `gsi`.
+    pub fn register_irqfd(&self, event: &EventFd, gsi: u32) -> Result<(), VmError> {
+        self.fd
+            .register_irqfd(event, gsi)
+            .map_err(failed("register an irqfd"))
+    }
+
+    /// Creates vCPU `id`.
+    pub fn create_vcpu(&self, id: u8) -> Result<VcpuFd, VmError> {
+        self.fd
+            .create_vcpu(u64::from(id))
+            .map_err(failed("create a vCPU"))
+    }
+
+    /// The slot implementation the region table drives.
+    pub fn memory_slots(&self) -> Arc<KvmSlots> {
+        Arc::new(KvmSlots {
+            vm: Arc::clone(&self.fd),
+            live: Mutex::new(HashMap::new()),
+        })
+    }
+}
+
+/// KVM user memory slots, kept as the region table asks.
+pub struct KvmSlots {
+    vm: Arc<VmFd>,
+    /// Slots that exist in KVM now, to resize by delete + create (KVM cannot resize in place).
+    live: Mutex<HashMap<u32, SlotMapping>>,
+}
+
+impl KvmSlots {
+    fn set(&self, slot: u32, guest_addr: u64, size: u64, host_addr: u64) -> Result<(), SlotError> {
+        let region = kvm_userspace_memory_region {
+            slot,
+            flags: 0,
+            guest_phys_addr: guest_addr,
+            memory_size: size,
+            userspace_addr: host_addr,
+        };
+        // SAFETY: the region table calls `map` with a mapping of a live region, whose host
+        // range stays mapped until the table has called `unmap` for it (it unmaps slots
+        // before it discards or unmaps memory), and size 0 deletes the slot.
+        unsafe { self.vm.set_user_memory_region(region) }.map_err(|e| SlotError::Update {
+            slot,
+            source: std::io::Error::from_raw_os_error(e.errno()),
+        })
+    }
+}
+
+impl MemorySlots for KvmSlots {
+    fn map(&self, mapping: &SlotMapping) -> Result<(), SlotError> {
+        let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(old) = live.get(&mapping.slot) {
+            if old == mapping {
+                return Ok(());
+            }
+            self.set(old.slot, old.guest_addr, 0, old.host_addr)?;
+            live.remove(&mapping.slot);
+        }
+        self.set(
+            mapping.slot,
+            mapping.guest_addr,
+            mapping.size,
+            mapping.host_addr,
+        )?;
+        live.insert(mapping.slot, *mapping);
+        Ok(())
+    }
+
+    fn unmap(&self, mapping: &SlotMapping) -> Result<(), SlotError> {
+        let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        if live.remove(&mapping.slot).is_some() {
+            self.set(mapping.slot, mapping.guest_addr, 0, mapping.host_addr)?;
+        }
+        Ok(())
+    }
+}
