@@ -1,1 +1,227 @@
-//! Integration tests that boot real guests: filled by issue 3 (see README).
+//! Helpers for integration tests and benchmarks that boot real guests with the `kite` binary
+//! (or another VMM, as a baseline): start it, watch its console, wait for lines and for its
+//! exit, each with a deadline that fails the test.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+/// The `kite` binary: `$KITE_BIN`, else the one built next to the running test.
+pub fn kite_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("KITE_BIN") {
+        return PathBuf::from(path);
+    }
+    let exe = std::env::current_exe().expect("the test's own path");
+    // target/<profile>/deps/<test> -> target/<profile>/kite
+    let path = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("a test binary under target/<profile>/deps")
+        .join("kite");
+    assert!(
+        path.is_file(),
+        "{} is missing: build it (cargo build -p vmm) or run cargo test --workspace",
+        path.display()
+    );
+    path
+}
+
+/// Whether guests can run here; says loudly why not.
+pub fn kvm_available() -> bool {
+    if Path::new("/dev/kvm").exists() {
+        return true;
+    }
+    eprintln!("SKIPPED: /dev/kvm is missing, so no guest can boot on this host");
+    false
+}
+
+/// A file of the default guest (`resources/build-guest` makes them), or a loud skip.
+pub fn default_guest_file(name: &str) -> Option<PathBuf> {
+    let path = vmm::cli::default_guest_dir().join(name);
+    if path.is_file() {
+        return Some(path);
+    }
+    eprintln!(
+        "SKIPPED: {} is missing: run resources/build-guest",
+        path.display()
+    );
+    None
+}
+
+/// Console output collected so far, and a condition variable signalled on each new chunk.
+#[derive(Default)]
+struct Console {
+    text: Mutex<(String, bool)>,
+    grew: Condvar,
+}
+
+/// A running VMM whose stdout is the guest console.
+pub struct Kite {
+    child: Child,
+    console: Arc<Console>,
+    stderr: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+/// How a `kite` run ended.
+#[derive(Debug)]
+pub struct Ended {
+    /// Exit code (`None`: killed by a signal).
+    pub code: Option<i32>,
+    /// Everything the guest printed.
+    pub console: String,
+    /// The VMM's own messages.
+    pub stderr: String,
+}
+
+impl Kite {
+    /// Starts `kite` with `args`; the guest console is collected from its stdout.
+    pub fn start(args: &[&str]) -> Kite {
+        let mut command = Command::new(kite_binary());
+        command.args(args);
+        Kite::spawn(command)
+    }
+
+    /// Starts `command` (a VMM whose stdout is the guest console).
+    pub fn spawn(mut command: Command) -> Kite {
+        let dir = tempfile::tempdir().unwrap();
+        let stderr = dir.path().join("stderr");
+        let mut child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .spawn()
+            .expect("kite starts");
+        let console = Arc::new(Console::default());
+        let mut stdout = child.stdout.take().unwrap();
+        let sink = Arc::clone(&console);
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            loop {
+                let n = stdout.read(&mut buf).unwrap_or(0);
+                let mut text = sink.text.lock().unwrap();
+                if n == 0 {
+                    text.1 = true;
+                } else {
+                    text.0.push_str(&String::from_utf8_lossy(&buf[..n]));
+                }
+                sink.grew.notify_all();
+                if n == 0 {
+                    break;
+                }
+            }
+        });
+        Kite {
+            child,
+            console,
+            stderr,
+            _dir: dir,
+        }
+    }
+
+    /// Waits until the console shows `needle`; fails the test at the deadline or if the
+    /// console closes first.
+    pub fn wait_for(&self, needle: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        let mut text = self.console.text.lock().unwrap();
+        loop {
+            if text.0.contains(needle) {
+                return;
+            }
+            let now = Instant::now();
+            assert!(
+                !text.1 && now < deadline,
+                "console did not show {needle:?} within {timeout:?}; it showed:\n{}\nstderr:\n{}",
+                text.0,
+                std::fs::read_to_string(&self.stderr).unwrap_or_default()
+            );
+            text = self
+                .console
+                .grew
+                .wait_timeout(text, deadline - now)
+                .unwrap()
+                .0;
+        }
+    }
+
+    /// The VMM's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends `signal` to `kite`.
+    pub fn signal(&self, signal: i32) {
+        let pid = i32::try_from(self.child.id()).unwrap();
+        // SAFETY: kill(2) on our own child's pid, which has not been reaped yet.
+        assert_eq!(unsafe { libc::kill(pid, signal) }, 0);
+    }
+
+    /// Waits for `kite` to exit; kills it and fails the test at the deadline.
+    pub fn wait_exit(mut self, timeout: Duration) -> Ended {
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!(
+                    "kite still running after {timeout:?}; console:\n{}",
+                    self.console.text.lock().unwrap().0
+                );
+            }
+            // Poll the exit status; the console thread keeps collecting meanwhile.
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        // The console closes when kite exits; give the reader a moment to see all of it.
+        let closed_by = Instant::now() + Duration::from_secs(10);
+        let mut text = self.console.text.lock().unwrap();
+        while !text.1 && Instant::now() < closed_by {
+            let left = closed_by.saturating_duration_since(Instant::now());
+            text = self.console.grew.wait_timeout(text, left).unwrap().0;
+        }
+        Ended {
+            code: status.code(),
+            console: text.0.clone(),
+            stderr: std::fs::read_to_string(&self.stderr).unwrap_or_default(),
+        }
+    }
+}
+
+/// Where a [`tiny_kernel`] is loaded and entered.
+pub const TINY_KERNEL_ENTRY: u64 = 0x10_0000;
+
+/// Writes a minimal x86_64 ELF "kernel" to `dir`: one segment holding `code` at
+/// [`TINY_KERNEL_ENTRY`], its entry point. It has no PVH note, so Kite enters it in 64-bit
+/// mode on its boot page tables: a guest of a few instructions, for fast checks of the run
+/// loop.
+pub fn tiny_kernel(dir: &Path, code: &[u8]) -> PathBuf {
+    const EHDR: u64 = 64;
+    const PHDR: u64 = 56;
+    let mut elf = Vec::new();
+    elf.extend_from_slice(b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0");
+    elf.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    elf.extend_from_slice(&0x3eu16.to_le_bytes()); // x86_64
+    elf.extend_from_slice(&1u32.to_le_bytes());
+    elf.extend_from_slice(&TINY_KERNEL_ENTRY.to_le_bytes());
+    elf.extend_from_slice(&EHDR.to_le_bytes()); // program headers right after this header
+    elf.extend_from_slice(&0u64.to_le_bytes()); // no section headers
+    elf.extend_from_slice(&0u32.to_le_bytes());
+    for half in [EHDR as u16, PHDR as u16, 1, 64, 0, 0] {
+        elf.extend_from_slice(&half.to_le_bytes());
+    }
+    elf.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+    elf.extend_from_slice(&5u32.to_le_bytes()); // R+X
+    let len = code.len() as u64;
+    let entry = TINY_KERNEL_ENTRY;
+    for word in [EHDR + PHDR, entry, entry, len, len, 0x1000] {
+        elf.extend_from_slice(&word.to_le_bytes());
+    }
+    elf.extend_from_slice(code);
+    let path = dir.join("tiny-kernel.elf");
+    std::fs::write(&path, elf).unwrap();
+    path
+}

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::{ConfigError, CpusConfig, MemoryConfig, VmConfig};
-use crate::machine::{self, MachineSpec, VmEnd};
+use crate::machine::{self, Blame, MachineSpec, VmEnd};
 
 /// Exit codes of `kite`.
 pub mod exit {
@@ -72,9 +72,7 @@ struct RunArgs {
 
 /// The kernel command line without `--cmdline`.
 pub fn default_cmdline() -> String {
-    let mut cmdline = String::from(
-        "console=ttyS0 reboot=k panic=-1 pci=off i8042.noaux i8042.nomux i8042.dumbkbd",
-    );
+    let mut cmdline = String::from("console=ttyS0 reboot=k panic=-1 pci=off");
     if on_kvm_pvm_host() {
         // Instructions this host's KVM cannot emulate in guest kernel mode but shows through
         // CPUID anyway: the kernel must not use them.
@@ -86,8 +84,9 @@ pub fn default_cmdline() -> String {
     cmdline
 }
 
-/// Whether this host's KVM is kvm_pvm (no hardware virtualization underneath).
-fn on_kvm_pvm_host() -> bool {
+/// Whether this host's KVM is kvm_pvm (no hardware virtualization underneath): there a stock
+/// Linux guest cannot run user space.
+pub fn on_kvm_pvm_host() -> bool {
     Path::new("/sys/module/kvm_pvm").exists()
 }
 
@@ -191,7 +190,7 @@ fn default_or_given(config: &VmConfig) -> Result<(PathBuf, Option<PathBuf>), Fai
     let initramfs = config
         .initramfs
         .clone()
-        .or_else(|| Some(dir.join("initramfs.cpio.gz")));
+        .or_else(|| Some(dir.join("initramfs.cpio")));
     Ok((kernel, initramfs))
 }
 
@@ -257,10 +256,10 @@ fn run(args: RunArgs) -> i32 {
         }
         Err(e) => {
             eprintln!("kite: {e}");
-            if e.is_bad_input() {
-                exit::BAD_INPUT
-            } else {
-                exit::VMM_ERROR
+            match e.blame() {
+                Blame::Arguments => exit::BAD_ARGUMENTS,
+                Blame::InputFile => exit::BAD_INPUT,
+                Blame::Vmm => exit::VMM_ERROR,
             }
         }
     }

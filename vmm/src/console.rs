@@ -14,9 +14,11 @@ use vmm_sys_util::terminal::Terminal;
 /// What the Linux kernel prints when it panics.
 const PANIC_MARKER: &[u8] = b"Kernel panic - not syncing";
 
-/// Guest console output: passed to `out`, and watched for a kernel panic.
+/// Guest console output: passed to `out`, and watched for a kernel panic. If `out` fails
+/// (say, a closed pipe), the output is dropped from then on, with one warning.
 pub struct ConsoleOutput {
     out: Box<dyn Write + Send>,
+    broken: bool,
     /// The tail of the output, long enough to find the marker across writes.
     tail: Vec<u8>,
     panicked: Arc<AtomicBool>,
@@ -27,6 +29,7 @@ impl ConsoleOutput {
     pub fn new(out: Box<dyn Write + Send>, panicked: Arc<AtomicBool>) -> Self {
         ConsoleOutput {
             out,
+            broken: false,
             tail: Vec::with_capacity(2 * PANIC_MARKER.len()),
             panicked,
         }
@@ -35,7 +38,15 @@ impl ConsoleOutput {
 
 impl Write for ConsoleOutput {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let n = self.out.write(buf)?;
+        let n = if self.broken {
+            buf.len()
+        } else {
+            self.out.write(buf).unwrap_or_else(|e| {
+                self.broken = true;
+                log::warn!("guest console output stopped: {e}");
+                buf.len()
+            })
+        };
         self.tail.extend_from_slice(&buf[..n]);
         if self
             .tail
@@ -52,7 +63,11 @@ impl Write for ConsoleOutput {
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
-        self.out.flush()
+        if !self.broken && self.out.flush().is_err() {
+            self.broken = true;
+            log::warn!("guest console output stopped: flush failed");
+        }
+        Ok(())
     }
 }
 
@@ -201,6 +216,28 @@ mod tests {
             &*sink.0.lock().unwrap(),
             b"[ 1.0] Kernel panic - not syncing: VFS\n"
         );
+    }
+
+    struct Closed;
+
+    impl Write for Closed {
+        fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+            Err(std::io::ErrorKind::BrokenPipe.into())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Err(std::io::ErrorKind::BrokenPipe.into())
+        }
+    }
+
+    #[test]
+    fn a_closed_output_is_dropped_but_still_watched() {
+        let flag = Arc::new(AtomicBool::new(false));
+        let mut out = ConsoleOutput::new(Box::new(Closed), flag.clone());
+        for _ in 0..3 {
+            out.write_all(b"Kernel panic - not syncing\n").unwrap();
+            out.flush().unwrap();
+        }
+        assert!(flag.load(Ordering::Acquire));
     }
 
     #[test]

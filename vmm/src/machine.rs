@@ -53,18 +53,34 @@ pub enum MachineError {
     /// An eventfd or the event loop failed.
     #[error("event loop: {0}")]
     Events(String),
+    /// A VM without vCPUs.
+    #[error("a VM needs at least one vCPU")]
+    NoVcpus,
     /// Signal handlers could not be installed.
     #[error("cannot install signal handlers: {0}")]
     Signals(vmm_sys_util::errno::Error),
 }
 
+/// Who is at fault for a [`MachineError`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Blame {
+    /// A setting the host cannot give (e.g. more vCPUs than KVM allows).
+    Arguments,
+    /// A boot file: kernel or initramfs.
+    InputFile,
+    /// The VMM or the host.
+    Vmm,
+}
+
 impl MachineError {
-    /// Whether the user's files or settings are at fault (rather than the VMM or host).
-    pub fn is_bad_input(&self) -> bool {
+    /// Whether the user's settings, the user's files, or the VMM is at fault.
+    pub fn blame(&self) -> Blame {
         match self {
-            MachineError::Boot(e) => e.is_bad_input(),
-            MachineError::Vm(VmError::TooManyVcpus { .. }) => true,
-            _ => false,
+            MachineError::Boot(e) if e.is_bad_input() => Blame::InputFile,
+            MachineError::Vm(VmError::TooManyVcpus { .. }) | MachineError::NoVcpus => {
+                Blame::Arguments
+            }
+            _ => Blame::Vmm,
         }
     }
 }
@@ -170,13 +186,17 @@ fn signal_event() -> Result<&'static EventFd, MachineError> {
     if let Some(fd) = SIGNAL_EVENT.get() {
         return Ok(fd);
     }
-    let fd = SIGNAL_EVENT.get_or_init(|| EventFd::new(libc::EFD_NONBLOCK).expect("an eventfd"));
+    let fd = eventfd()?;
+    let fd = SIGNAL_EVENT.get_or_init(move || fd);
     signals::install(fd).map_err(MachineError::Signals)?;
     Ok(fd)
 }
 
 /// Builds the VM `spec` describes, runs it until it ends, and tears it down.
 pub fn run(spec: MachineSpec<'_>) -> Result<VmEnd, MachineError> {
+    if spec.cpus == 0 {
+        return Err(MachineError::NoVcpus);
+    }
     let signal = signal_event()?;
     install_kick_handler()?;
     let vm = Vm::new()?;
@@ -213,6 +233,8 @@ pub fn run(spec: MachineSpec<'_>) -> Result<VmEnd, MachineError> {
         )?
     };
 
+    log::info!("kernel entry: {entry:x?}");
+
     // Devices.
     let panicked = Arc::new(AtomicBool::new(false));
     let serial_irq = eventfd()?;
@@ -244,7 +266,10 @@ pub fn run(spec: MachineSpec<'_>) -> Result<VmEnd, MachineError> {
     let vcpus = (0..spec.cpus)
         .map(|id| Vcpu::new(&vm, id, spec.cpus, Arc::clone(&io)))
         .collect::<Result<Vec<_>, _>>()?;
-    vcpus[0].set_boot_entry(&entry)?;
+    vcpus
+        .first()
+        .ok_or(MachineError::NoVcpus)?
+        .set_boot_entry(&entry)?;
 
     let mut events =
         EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new().map_err(event_error)?;

@@ -85,6 +85,9 @@ pub enum BootError {
     /// The command line is invalid or too long.
     #[error("kernel command line: {0} (at most {max} bytes)", max = CMDLINE_MAX - 1)]
     Cmdline(linux_loader::cmdline::Error),
+    /// Writing the command line to guest memory failed.
+    #[error("cannot write the kernel command line to guest memory: {0}")]
+    CmdlineWrite(linux_loader::loader::Error),
     /// Writing boot data to guest memory failed.
     #[error("cannot write the {what} to guest memory: {source}")]
     GuestMemory {
@@ -103,7 +106,7 @@ impl BootError {
     pub fn is_bad_input(&self) -> bool {
         !matches!(
             self,
-            BootError::GuestMemory { .. } | BootError::BootParams(_)
+            BootError::GuestMemory { .. } | BootError::BootParams(_) | BootError::CmdlineWrite(_)
         )
     }
 }
@@ -251,8 +254,7 @@ pub fn load<M: GuestMemoryBackend>(mem: &M, spec: &BootSpec<'_>) -> Result<BootE
         .initramfs
         .map(|path| load_initramfs(mem, path, kernel.end, initrd_limit))
         .transpose()?;
-    load_cmdline(mem, GuestAddress(CMDLINE), &cmdline)
-        .map_err(|_| BootError::Cmdline(linux_loader::cmdline::Error::TooLarge))?;
+    load_cmdline(mem, GuestAddress(CMDLINE), &cmdline).map_err(BootError::CmdlineWrite)?;
     let e820 = layout::e820_ram(spec.ram);
 
     let entry = match kernel.entry {

@@ -39,8 +39,8 @@ pub fn adjust(entries: &mut [kvm_cpuid_entry2], apic_id: u8, cpu_count: u8) {
                 }
             }
             0x4 => {
-                // Cores per package - 1 (31:26); each cache private to its core (25:14 = 0).
-                e.eax = (e.eax & 0x3fff) | ((count - 1) << 26);
+                // Cores per package - 1 (31:26, six bits); each cache private to its core.
+                e.eax = (e.eax & 0x3fff) | (((count - 1) & 0x3f) << 26);
             }
             0x7 if e.index == 0 => e.ecx &= !LEAF7_ECX_LA57,
             0xb | 0x1f => {
@@ -110,6 +110,14 @@ mod tests {
         assert_eq!((entries[5].ebx, entries[5].ecx >> 8), (0, 0));
         assert_eq!(entries[6].eax & KVM_HYPERCALL_FEATURES, 0);
         assert_ne!(entries[6].eax, 0, "other paravirtual features stay");
+    }
+
+    #[test]
+    fn many_cpus_saturate_the_cache_leaf_field() {
+        let mut entries = vec![leaf(0x4, 0)];
+        adjust(&mut entries, 0, 254);
+        assert_eq!(entries[0].eax >> 26, 253 & 0x3f);
+        assert_eq!(entries[0].eax & 0x3fff, 0x3fff, "low bits kept");
     }
 
     #[test]
