@@ -4,3 +4,4 @@
 //! interrupts go to the VM through eventfds the VMM registers as KVM irqfds.
 
 pub mod legacy;
+pub mod virtio;

@@ -17,7 +17,27 @@ const BOOT_DEADLINE: Duration = Duration::from_secs(15 * 60);
 const EXIT_DEADLINE: Duration = Duration::from_secs(60);
 const MEMORY_MIB: u64 = 768;
 
-/// The shared boot of the default guest: 2 vCPUs, 768 MiB. `None` where it cannot boot.
+/// Sectors of each test disk (32 MiB).
+const DISK_SECTORS: u64 = 65536;
+
+/// A raw disk with an MBR partition table of two Linux partitions.
+fn partitioned_disk(path: &std::path::Path) {
+    let mut image = vec![0u8; (DISK_SECTORS * 512) as usize];
+    for (i, (start, count)) in [(2048u32, 16384u32), (18432, 32768)]
+        .into_iter()
+        .enumerate()
+    {
+        let entry = &mut image[446 + 16 * i..462 + 16 * i];
+        entry[4] = 0x83; // Linux
+        entry[8..12].copy_from_slice(&start.to_le_bytes());
+        entry[12..16].copy_from_slice(&count.to_le_bytes());
+    }
+    image[510..512].copy_from_slice(&[0x55, 0xaa]);
+    std::fs::write(path, image).unwrap();
+}
+
+/// The shared boot of the default guest: 2 vCPUs, 768 MiB, two disks (the second
+/// read-only) and an entropy device. `None` where it cannot boot.
 fn default_boot() -> Option<&'static Ended> {
     static BOOT: OnceLock<Option<Ended>> = OnceLock::new();
     BOOT.get_or_init(|| {
@@ -25,8 +45,16 @@ fn default_boot() -> Option<&'static Ended> {
             return None;
         }
         default_guest_file("vmlinux")?;
+        let dir = tempfile::tempdir().unwrap();
+        let (vda, vdb) = (dir.path().join("vda.img"), dir.path().join("vdb.img"));
+        partitioned_disk(&vda);
+        partitioned_disk(&vdb);
         let memory = format!("size={MEMORY_MIB}M");
-        let kite = Kite::start(&["run", "--cpus", "boot=2", "--memory", &memory]);
+        let vda = format!("path={}", vda.display());
+        let vdb = format!("path={},readonly=on", vdb.display());
+        let kite = Kite::start(&[
+            "run", "--cpus", "boot=2", "--memory", &memory, "--disk", &vda, "--disk", &vdb, "--rng",
+        ]);
         kite.wait_for("Run /init as init process", BOOT_DEADLINE);
         Some(kite.wait_exit(EXIT_DEADLINE))
     })
@@ -41,11 +69,36 @@ fn console_line<'a>(console: &'a str, prefix: &str) -> &'a str {
 }
 
 #[test]
-fn default_guest_gets_the_default_command_line() {
+fn default_guest_gets_the_default_command_line_and_its_devices() {
     let Some(boot) = default_boot() else { return };
+    let devices = " virtio_mmio.device=4K@0xd0000000:5 virtio_mmio.device=4K@0xd0001000:6 \
+                   virtio_mmio.device=4K@0xd0002000:7";
     assert_eq!(
         console_line(&boot.console, "Command line: "),
-        default_cmdline()
+        format!("{}{devices}", default_cmdline())
+    );
+}
+
+/// The guest kernel's own virtio-blk driver finds each disk with its size and reads its
+/// partition table through Kite's virtio-blk; its virtio-rng driver feeds the kernel's
+/// random pool.
+#[test]
+fn default_guest_reads_its_disks_and_entropy() {
+    let Some(boot) = default_boot() else { return };
+    for disk in ["vda", "vdb"] {
+        let size = format!("[{disk}] {DISK_SECTORS} 512-byte logical blocks");
+        assert!(boot.console.contains(&size), "{size}:\n{}", boot.console);
+        let partitions = format!(" {disk}: {disk}1 {disk}2");
+        assert!(
+            boot.console.lines().any(|l| l == partitions),
+            "{partitions}:\n{}",
+            boot.console
+        );
+    }
+    assert!(
+        boot.console.contains("random: crng init done"),
+        "{}",
+        boot.console
     );
 }
 

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{ConfigError, CpusConfig, MemoryConfig, VmConfig};
+use crate::config::{ConfigError, CpusConfig, DiskConfig, MemoryConfig, VmConfig};
 use crate::machine::{self, Blame, MachineSpec, VmEnd};
 
 /// Exit codes of `kite`.
@@ -65,6 +65,12 @@ struct RunArgs {
     /// Guest memory: size=SIZE (K, M, G suffixes) [default: size=512M].
     #[arg(long, value_name = "size=SIZE")]
     memory: Option<String>,
+    /// A virtio-blk disk: path=FILE[,readonly=on]; repeat for more (vda, vdb, ...).
+    #[arg(long, value_name = "path=FILE[,readonly=on]")]
+    disk: Vec<String>,
+    /// A virtio-rng device (host getrandom).
+    #[arg(long)]
+    rng: bool,
     /// JSON configuration mirroring these flags; flags given as well override it.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -152,6 +158,15 @@ impl RunArgs {
         if let Some(memory) = &self.memory {
             config.memory = memory.parse::<MemoryConfig>().map_err(Failure::arguments)?;
         }
+        if !self.disk.is_empty() {
+            config.disks = self
+                .disk
+                .iter()
+                .map(|d| d.parse::<DiskConfig>())
+                .collect::<Result<_, _>>()
+                .map_err(Failure::arguments)?;
+        }
+        config.rng |= self.rng;
         config.validate().map_err(Failure::arguments)?;
         Ok(config)
     }
@@ -168,6 +183,9 @@ fn readable(what: &str, path: &Path) -> Result<(), Failure> {
 fn boot_files(config: &VmConfig) -> Result<(PathBuf, Option<PathBuf>), Failure> {
     let (kernel, initramfs) = default_or_given(config)?;
     readable("kernel", &kernel)?;
+    for disk in &config.disks {
+        readable("disk", &disk.path)?;
+    }
     if let Some(initramfs) = &initramfs {
         readable("initramfs", initramfs)?;
     }
@@ -220,6 +238,8 @@ fn run(args: RunArgs) -> i32 {
         // Validated: 1..=MAX_VCPUS, which fits a u8.
         cpus: u8::try_from(config.cpus.boot).unwrap_or(u8::MAX),
         memory: config.memory.size.bytes(),
+        disks: &config.disks,
+        rng: config.rng,
         console: Box::new(std::io::stdout()),
     };
     let rip = |rip: Option<u64>| rip.map_or_else(|| "unknown".into(), |r| format!("{r:#x}"));

@@ -23,6 +23,8 @@ pub const MIN_MEMORY: u64 = 64 << 20;
 pub const MAX_MEMORY: u64 = 1 << 40;
 /// Guest memory without `--memory`.
 pub const DEFAULT_MEMORY: u64 = 512 << 20;
+/// Most virtio devices (one I/O APIC line each, 5 to 23).
+pub const MAX_VIRTIO_DEVICES: usize = 19;
 /// Longest kernel command line (Linux's x86 `COMMAND_LINE_SIZE`, less the terminating NUL).
 pub const MAX_CMDLINE: usize = 2047;
 /// Largest JSON configuration file read.
@@ -68,6 +70,19 @@ pub enum ConfigError {
     /// A size is not a number with an optional K, M, G or T suffix.
     #[error("'{0}' is not a size (examples: 512M, 2G, 1048576)")]
     BadSize(String),
+    /// An on/off key has another value.
+    #[error("--{option}: {key}='{value}' is not on or off")]
+    BadSwitch {
+        /// The flag.
+        option: &'static str,
+        /// The key.
+        key: &'static str,
+        /// The value given.
+        value: String,
+    },
+    /// More virtio devices than interrupt lines for them.
+    #[error("{0} virtio devices is too many (at most {MAX_VIRTIO_DEVICES})")]
+    TooManyDevices(usize),
     /// A count is not a number.
     #[error("--cpus: boot='{0}' is not a number")]
     BadCount(String),
@@ -263,6 +278,49 @@ impl FromStr for MemoryConfig {
     }
 }
 
+/// `--disk path=FILE[,readonly=on]`: a virtio-blk disk on a raw file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskConfig {
+    /// The raw disk image.
+    pub path: PathBuf,
+    /// Whether the guest may only read it.
+    #[serde(default)]
+    pub readonly: bool,
+}
+
+impl FromStr for DiskConfig {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        let mut path = None;
+        let mut readonly = false;
+        for (key, value) in parse_options("disk", s, &["path", "readonly"])? {
+            match key {
+                "path" => path = Some(PathBuf::from(value)),
+                _ => {
+                    readonly = match value {
+                        "on" | "true" => true,
+                        "off" | "false" => false,
+                        _ => {
+                            return Err(ConfigError::BadSwitch {
+                                option: "disk",
+                                key: "readonly",
+                                value: value.to_string(),
+                            })
+                        }
+                    }
+                }
+            }
+        }
+        let path = path.ok_or(ConfigError::MissingKey {
+            option: "disk",
+            key: "path",
+        })?;
+        Ok(DiskConfig { path, readonly })
+    }
+}
+
 /// One VM: what `kite run` boots. Also the schema of `--config FILE`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -282,6 +340,12 @@ pub struct VmConfig {
     /// Guest memory.
     #[serde(default)]
     pub memory: MemoryConfig,
+    /// virtio-blk disks, in the order the guest sees them (vda, vdb, ...).
+    #[serde(default)]
+    pub disks: Vec<DiskConfig>,
+    /// Whether the guest gets a virtio-rng device.
+    #[serde(default)]
+    pub rng: bool,
 }
 
 impl VmConfig {
@@ -320,6 +384,10 @@ impl VmConfig {
         }
         if size % memory::PAGE_SIZE != 0 {
             return Err(ConfigError::MemoryUnaligned(size));
+        }
+        let devices = self.disks.len() + usize::from(self.rng);
+        if devices > MAX_VIRTIO_DEVICES {
+            return Err(ConfigError::TooManyDevices(devices));
         }
         match &self.cmdline {
             Some(c) if c.len() > MAX_CMDLINE => Err(ConfigError::CmdlineTooLong(c.len())),
@@ -378,6 +446,37 @@ mod tests {
         assert_eq!(
             "boot=two".parse::<CpusConfig>(),
             Err(ConfigError::BadCount("two".into()))
+        );
+    }
+
+    #[test]
+    fn disks_parse() {
+        let d: DiskConfig = "path=/img,readonly=on".parse().unwrap();
+        assert_eq!((d.path.as_path(), d.readonly), (Path::new("/img"), true));
+        let d: DiskConfig = "path=/img".parse().unwrap();
+        assert!(!d.readonly);
+        assert!(matches!(
+            "readonly=on".parse::<DiskConfig>(),
+            Err(ConfigError::MissingKey { key: "path", .. })
+        ));
+        assert!(matches!(
+            "path=/img,readonly=maybe".parse::<DiskConfig>(),
+            Err(ConfigError::BadSwitch { .. })
+        ));
+        let c: VmConfig = serde_json::from_str(
+            r#"{"disks": [{"path": "/a"}, {"path": "/b", "readonly": true}], "rng": true}"#,
+        )
+        .unwrap();
+        assert_eq!(c.disks.len(), 2);
+        assert!(c.disks[1].readonly && c.rng);
+        let many = VmConfig {
+            disks: vec![d; MAX_VIRTIO_DEVICES],
+            rng: true,
+            ..VmConfig::default()
+        };
+        assert_eq!(
+            many.validate(),
+            Err(ConfigError::TooManyDevices(MAX_VIRTIO_DEVICES + 1))
         );
     }
 

@@ -11,14 +11,19 @@ use devices::legacy::{
     SerialConsole, I8042, I8042_PORT_BASE, I8042_PORT_LEN, SERIAL_IRQ, SERIAL_PORT_BASE,
     SERIAL_PORT_LEN,
 };
+use devices::virtio::block::{Block, BlockError};
+use devices::virtio::mmio::{MMIO_WINDOW, QUEUE_NOTIFY_OFFSET};
+use devices::virtio::rng::Rng;
+use devices::virtio::{Interrupt, MmioTransport, VirtioDevice};
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use memory::{GuardedMemory, RegionSpec, RegionTable, TableConfig};
-use vm_device::bus::{PioAddress, PioRange};
-use vm_device::device_manager::{IoManager, PioManager};
+use vm_device::bus::{MmioAddress, MmioRange, PioAddress, PioRange};
+use vm_device::device_manager::{IoManager, MmioManager, PioManager};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::boot::{self, BootError, BootSpec};
 use crate::arch::x86_64::layout;
+use crate::config::DiskConfig;
 use crate::console::{ConsoleInput, ConsoleOutput, RawTerminal};
 use crate::signals;
 use crate::vstate::vcpu::{install_kick_handler, Vcpu, VcpuError, VcpuStop};
@@ -53,6 +58,9 @@ pub enum MachineError {
     /// An eventfd or the event loop failed.
     #[error("event loop: {0}")]
     Events(String),
+    /// A disk could not be opened.
+    #[error(transparent)]
+    Disk(#[from] BlockError),
     /// A VM without vCPUs.
     #[error("a VM needs at least one vCPU")]
     NoVcpus,
@@ -77,6 +85,7 @@ impl MachineError {
     pub fn blame(&self) -> Blame {
         match self {
             MachineError::Boot(e) if e.is_bad_input() => Blame::InputFile,
+            MachineError::Disk(_) => Blame::InputFile,
             MachineError::Vm(VmError::TooManyVcpus { .. }) | MachineError::NoVcpus => {
                 Blame::Arguments
             }
@@ -124,6 +133,10 @@ pub struct MachineSpec<'a> {
     pub cpus: u8,
     /// Guest RAM in bytes.
     pub memory: u64,
+    /// virtio-blk disks.
+    pub disks: &'a [DiskConfig],
+    /// Whether to add a virtio-rng device.
+    pub rng: bool,
     /// Guest console output.
     pub console: Box<dyn Write + Send>,
 }
@@ -192,6 +205,49 @@ fn signal_event() -> Result<&'static EventFd, MachineError> {
     Ok(fd)
 }
 
+/// Puts the virtio devices `spec` asks for on the MMIO bus, each with its register window,
+/// interrupt line (irqfd) and queue notifications (ioeventfds), and announces them on the
+/// kernel command line.
+fn add_virtio_devices(
+    vm: &Vm,
+    table: &Arc<RegionTable>,
+    spec: &MachineSpec<'_>,
+    io: &mut IoManager,
+    cmdline: &mut String,
+) -> Result<(), MachineError> {
+    let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
+    for (i, disk) in spec.disks.iter().enumerate() {
+        let name = format!("vd{}", char::from(b'a' + (i % 26) as u8));
+        devices.push(Box::new(Block::new(&disk.path, disk.readonly, &name)?));
+    }
+    if spec.rng {
+        devices.push(Box::<Rng>::default());
+    }
+    for (i, device) in devices.into_iter().enumerate() {
+        let base = layout::VIRTIO_MMIO_BASE + i as u64 * MMIO_WINDOW;
+        let irq = layout::VIRTIO_IRQ_BASE + i as u32;
+        let irqfd = eventfd()?;
+        vm.register_irqfd(&irqfd, irq)?;
+        let interrupt = Arc::new(Interrupt::new(irqfd));
+        let transport =
+            MmioTransport::new(device, Arc::clone(table), interrupt).map_err(event_error)?;
+        for (queue, event) in transport.queue_events().iter().enumerate() {
+            vm.register_ioevent(event, base + QUEUE_NOTIFY_OFFSET, queue as u32)?;
+        }
+        let bus = |source| MachineError::Bus {
+            what: "a virtio device",
+            source,
+        };
+        io.register_mmio(
+            MmioRange::new(MmioAddress(base), MMIO_WINDOW).map_err(bus)?,
+            Arc::new(Mutex::new(transport)),
+        )
+        .map_err(bus)?;
+        cmdline.push_str(&format!(" virtio_mmio.device=4K@{base:#x}:{irq}"));
+    }
+    Ok(())
+}
+
 /// Builds the VM `spec` describes, runs it until it ends, and tears it down.
 pub fn run(spec: MachineSpec<'_>) -> Result<VmEnd, MachineError> {
     if spec.cpus == 0 {
@@ -203,14 +259,14 @@ pub fn run(spec: MachineSpec<'_>) -> Result<VmEnd, MachineError> {
     vm.check_vcpu_count(u32::from(spec.cpus))?;
 
     // Guest RAM: the region table is the one description of the layout; KVM slots follow it.
-    let table = RegionTable::new(
+    let table = Arc::new(RegionTable::new(
         vm.memory_slots(),
         None,
         TableConfig {
             max_slots: vm.max_memslots(),
             ..TableConfig::default()
         },
-    );
+    ));
     for (start, size) in layout::ram_ranges(spec.memory) {
         table.insert(RegionSpec::anonymous(start, size), None)?;
     }
@@ -219,6 +275,9 @@ pub fn run(spec: MachineSpec<'_>) -> Result<VmEnd, MachineError> {
         .into_iter()
         .map(|(_, start, size)| (start, size))
         .collect();
+    let mut io = IoManager::new();
+    let mut cmdline = spec.cmdline.to_string();
+    add_virtio_devices(&vm, &table, &spec, &mut io, &mut cmdline)?;
     let entry = {
         let mem = GuardedMemory::lock_all(&table, None)?;
         boot::load(
@@ -226,7 +285,7 @@ pub fn run(spec: MachineSpec<'_>) -> Result<VmEnd, MachineError> {
             &BootSpec {
                 kernel: spec.kernel,
                 initramfs: spec.initramfs,
-                cmdline: spec.cmdline,
+                cmdline: &cmdline,
                 cpus: spec.cpus,
                 ram: &ram,
             },
@@ -249,7 +308,6 @@ pub fn run(spec: MachineSpec<'_>) -> Result<VmEnd, MachineError> {
     let i8042 = Arc::new(Mutex::new(I8042::new(
         reset.try_clone().map_err(event_error)?,
     )));
-    let mut io = IoManager::new();
     let bus = |what| move |source| MachineError::Bus { what, source };
     io.register_pio(
         PioRange::new(PioAddress(SERIAL_PORT_BASE), SERIAL_PORT_LEN).map_err(bus("serial"))?,

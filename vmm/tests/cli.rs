@@ -111,6 +111,16 @@ fn bad_flags_are_bad_arguments() {
     refused(&["run", "--cpus", "boot=100000"], bad, "out of range");
     refused(&["run", "--cpus", "boot=many"], bad, "is not a number");
     refused(&["run", "--cpus", "boot=1,boot=2"], bad, "given twice");
+    refused(
+        &["run", "--disk", "readonly=on"],
+        bad,
+        "'path=' is required",
+    );
+    refused(
+        &["run", "--disk", "path=/x,readonly=maybe"],
+        bad,
+        "is not on or off",
+    );
     let long = "x".repeat(4096);
     refused(&["run", "--cmdline", &long], bad, "too long");
     refused(
@@ -141,6 +151,17 @@ fn bad_files_are_bad_input() {
         ],
         input,
         "initramfs /nonexistent/initrd: No such file",
+    );
+    refused(
+        &[
+            "run",
+            "--kernel",
+            kernel,
+            "--disk",
+            "path=/nonexistent/disk.img",
+        ],
+        input,
+        "disk /nonexistent/disk.img: No such file",
     );
     refused_with_env(
         &["run"],

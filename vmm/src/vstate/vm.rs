@@ -104,6 +104,14 @@ impl Vm {
             .map_err(failed("register an irqfd"))
     }
 
+    /// Makes a guest write of `value` (4 bytes) to MMIO address `addr` signal `event`
+    /// without an exit to the VMM.
+    pub fn register_ioevent(&self, event: &EventFd, addr: u64, value: u32) -> Result<(), VmError> {
+        self.fd
+            .register_ioevent(event, &kvm_ioctls::IoEventAddress::Mmio(addr), value)
+            .map_err(failed("register an ioeventfd"))
+    }
+
     /// Creates vCPU `id`.
     pub fn create_vcpu(&self, id: u8) -> Result<VcpuFd, VmError> {
         self.fd

@@ -43,6 +43,10 @@ pub const HIMEM_START: u64 = 0x10_0000;
 pub const IOAPIC: u64 = 0xfec0_0000;
 /// The local APICs.
 pub const LAPIC: u64 = 0xfee0_0000;
+/// First virtio-mmio register window (one page per device, in the MMIO gap).
+pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
+/// I/O APIC line of the first virtio device (0–4 are the legacy devices').
+pub const VIRTIO_IRQ_BASE: u32 = 5;
 /// Three pages KVM needs for the TSS (in the MMIO gap).
 pub const KVM_TSS: u64 = 0xfffb_d000;
 /// One page KVM needs for its identity map (in the MMIO gap).

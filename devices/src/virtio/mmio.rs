@@ -1,0 +1,349 @@
+//! The virtio-mmio transport, version 2 (modern): the register window a driver uses to
+//! discover, negotiate with, set up and reset a device.
+//!
+//! Whatever the driver writes, the transport stays consistent: out-of-range queue
+//! selections, sizes and widths are ignored, features the device did not offer keep
+//! `FEATURES_OK` from being set, and queues that are not valid in guest memory at
+//! `DRIVER_OK` set `DEVICE_NEEDS_RESET` instead of activating the device.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use memory::{GuardedMemory, RegionTable};
+use virtio_bindings::virtio_config::{
+    VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FAILED, VIRTIO_CONFIG_S_FEATURES_OK,
+    VIRTIO_CONFIG_S_NEEDS_RESET,
+};
+use virtio_queue::{Queue, QueueT};
+use vm_device::bus::{MmioAddress, MmioAddressOffset};
+use vm_device::MutDeviceMmio;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{Activation, Interrupt, VirtioDevice, INT_CONFIG, VIRTIO_F_VERSION_1};
+
+/// Size of one device's register window.
+pub const MMIO_WINDOW: u64 = 0x1000;
+
+const MAGIC: u32 = 0x7472_6976; // "virt"
+const VERSION: u32 = 2;
+const VENDOR: u32 = 0x4554_494b; // "KITE"
+
+// Register offsets (virtio 1.2, 4.2.2).
+const REG_MAGIC: u64 = 0x000;
+const REG_VERSION: u64 = 0x004;
+const REG_DEVICE_ID: u64 = 0x008;
+const REG_VENDOR_ID: u64 = 0x00c;
+const REG_DEVICE_FEATURES: u64 = 0x010;
+const REG_DEVICE_FEATURES_SEL: u64 = 0x014;
+const REG_DRIVER_FEATURES: u64 = 0x020;
+const REG_DRIVER_FEATURES_SEL: u64 = 0x024;
+const REG_QUEUE_SEL: u64 = 0x030;
+const REG_QUEUE_NUM_MAX: u64 = 0x034;
+const REG_QUEUE_NUM: u64 = 0x038;
+const REG_QUEUE_READY: u64 = 0x044;
+const REG_QUEUE_NOTIFY: u64 = 0x050;
+const REG_INTERRUPT_STATUS: u64 = 0x060;
+const REG_INTERRUPT_ACK: u64 = 0x064;
+const REG_STATUS: u64 = 0x070;
+const REG_QUEUE_DESC_LOW: u64 = 0x080;
+const REG_QUEUE_DESC_HIGH: u64 = 0x084;
+const REG_QUEUE_AVAIL_LOW: u64 = 0x090;
+const REG_QUEUE_AVAIL_HIGH: u64 = 0x094;
+const REG_QUEUE_USED_LOW: u64 = 0x0a0;
+const REG_QUEUE_USED_HIGH: u64 = 0x0a4;
+const REG_CONFIG_GENERATION: u64 = 0x0fc;
+const REG_CONFIG: u64 = 0x100;
+
+/// Offset of the queue-notify register, where the VMM places the queues' ioeventfds.
+pub const QUEUE_NOTIFY_OFFSET: u64 = REG_QUEUE_NOTIFY;
+
+/// A device behind its virtio-mmio register window.
+pub struct MmioTransport {
+    device: Box<dyn VirtioDevice>,
+    memory: Arc<RegionTable>,
+    interrupt: Arc<Interrupt>,
+    queues: Vec<Queue>,
+    queue_events: Vec<EventFd>,
+    /// Queues the driver gave an invalid size: they cannot be activated.
+    bad_size: Vec<bool>,
+    needs_reset: Arc<AtomicBool>,
+    status: u32,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    driver_features: u64,
+    queue_sel: u32,
+    active: bool,
+}
+
+impl std::fmt::Debug for MmioTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MmioTransport")
+            .field("device_type", &self.device.device_type())
+            .field("status", &self.status)
+            .field("active", &self.active)
+            .finish_non_exhaustive()
+    }
+}
+
+impl MmioTransport {
+    /// `device` on guest memory `memory`, interrupting through `interrupt`.
+    pub fn new(
+        device: Box<dyn VirtioDevice>,
+        memory: Arc<RegionTable>,
+        interrupt: Arc<Interrupt>,
+    ) -> std::io::Result<Self> {
+        let queues = Self::fresh_queues(device.as_ref());
+        let queue_events = (0..queues.len())
+            .map(|_| EventFd::new(libc::EFD_NONBLOCK))
+            .collect::<std::io::Result<Vec<_>>>()?;
+        Ok(MmioTransport {
+            device,
+            memory,
+            interrupt,
+            bad_size: vec![false; queues.len()],
+            queues,
+            queue_events,
+            needs_reset: Arc::new(AtomicBool::new(false)),
+            status: 0,
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            driver_features: 0,
+            queue_sel: 0,
+            active: false,
+        })
+    }
+
+    fn fresh_queues(device: &dyn VirtioDevice) -> Vec<Queue> {
+        device
+            .queue_max_sizes()
+            .iter()
+            .filter_map(|&max| Queue::new(max).ok())
+            .collect()
+    }
+
+    /// The eventfd of each queue: the VMM registers them as ioeventfds on the notify
+    /// register, with the queue index as the value to match.
+    pub fn queue_events(&self) -> &[EventFd] {
+        &self.queue_events
+    }
+
+    /// The driver-visible device status.
+    pub fn status(&self) -> u32 {
+        let needs_reset = if self.needs_reset.load(Ordering::Acquire) {
+            VIRTIO_CONFIG_S_NEEDS_RESET
+        } else {
+            0
+        };
+        self.status | needs_reset
+    }
+
+    fn selected_queue(&mut self) -> Option<&mut Queue> {
+        if self.status & VIRTIO_CONFIG_S_DRIVER_OK != 0 {
+            return None; // no queue changes while the device runs
+        }
+        self.queues
+            .get_mut(self.queue_sel as usize)
+            .filter(|q| !q.ready())
+    }
+
+    fn reset(&mut self) {
+        if self.active {
+            self.device.reset();
+            self.active = false;
+        }
+        self.queues = Self::fresh_queues(self.device.as_ref());
+        self.bad_size.fill(false);
+        for fd in &self.queue_events {
+            let _ = fd.read();
+        }
+        self.needs_reset.store(false, Ordering::Release);
+        self.interrupt.acknowledge(u32::MAX);
+        self.status = 0;
+        self.driver_features = 0;
+        self.device_features_sel = 0;
+        self.driver_features_sel = 0;
+        self.queue_sel = 0;
+    }
+
+    fn write_status(&mut self, value: u32) {
+        if value == 0 {
+            self.reset();
+            return;
+        }
+        let newly = value & !self.status;
+        let mut status = value;
+        if newly & VIRTIO_CONFIG_S_FEATURES_OK != 0 {
+            let offered = self.device.features();
+            let acceptable = self.driver_features & !offered == 0
+                && self.driver_features & VIRTIO_F_VERSION_1 != 0;
+            if !acceptable {
+                log::warn!(
+                    "virtio: driver features {:#x} not offered ({offered:#x}) or not modern",
+                    self.driver_features
+                );
+                status &= !VIRTIO_CONFIG_S_FEATURES_OK;
+            }
+        }
+        if newly & VIRTIO_CONFIG_S_DRIVER_OK != 0 && !self.active {
+            if status & VIRTIO_CONFIG_S_FEATURES_OK == 0 {
+                status &= !VIRTIO_CONFIG_S_DRIVER_OK;
+            } else if let Err(why) = self.activate() {
+                log::warn!("virtio: cannot activate the device: {why}");
+                self.needs_reset.store(true, Ordering::Release);
+                self.interrupt.raise(INT_CONFIG);
+            }
+        }
+        if status & VIRTIO_CONFIG_S_FAILED != 0 && self.active {
+            self.device.reset();
+            self.active = false;
+        }
+        self.status = status;
+    }
+
+    fn activate(&mut self) -> Result<(), String> {
+        {
+            let mem = GuardedMemory::lock_all(&self.memory, None).map_err(|e| e.to_string())?;
+            for (i, q) in self.queues.iter().enumerate() {
+                if q.ready() && (self.bad_size[i] || !q.is_valid(&mem)) {
+                    return Err(format!("queue {i} is not valid in guest memory"));
+                }
+            }
+        }
+        // The device gets its own copies; the registers keep showing the driver's setup.
+        let queues = self
+            .queues
+            .iter()
+            .map(|q| Queue::try_from(q.state()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| e.to_string())?;
+        let queue_events = self
+            .queue_events
+            .iter()
+            .map(EventFd::try_clone)
+            .collect::<std::io::Result<Vec<_>>>()
+            .map_err(|e| e.to_string())?;
+        self.device
+            .activate(Activation {
+                memory: Arc::clone(&self.memory),
+                queues,
+                queue_events,
+                interrupt: Arc::clone(&self.interrupt),
+                features: self.driver_features,
+                needs_reset: Arc::clone(&self.needs_reset),
+            })
+            .map_err(|e| e.to_string())?;
+        self.active = true;
+        Ok(())
+    }
+
+    fn read_register(&mut self, offset: u64) -> u32 {
+        match offset {
+            REG_MAGIC => MAGIC,
+            REG_VERSION => VERSION,
+            REG_DEVICE_ID => self.device.device_type(),
+            REG_VENDOR_ID => VENDOR,
+            REG_DEVICE_FEATURES => match self.device_features_sel {
+                0 => self.device.features() as u32,
+                1 => (self.device.features() >> 32) as u32,
+                _ => 0,
+            },
+            REG_QUEUE_NUM_MAX => self
+                .queues
+                .get(self.queue_sel as usize)
+                .map_or(0, |q| u32::from(q.max_size())),
+            REG_QUEUE_READY => self
+                .queues
+                .get(self.queue_sel as usize)
+                .map_or(0, |q| u32::from(q.ready())),
+            REG_INTERRUPT_STATUS => self.interrupt.status(),
+            REG_STATUS => self.status(),
+            REG_CONFIG_GENERATION => 0,
+            _ => 0,
+        }
+    }
+
+    fn write_register(&mut self, offset: u64, value: u32) {
+        match offset {
+            REG_DEVICE_FEATURES_SEL => self.device_features_sel = value,
+            REG_DRIVER_FEATURES_SEL => self.driver_features_sel = value,
+            REG_DRIVER_FEATURES if self.status & VIRTIO_CONFIG_S_FEATURES_OK == 0 => {
+                match self.driver_features_sel {
+                    0 => {
+                        self.driver_features =
+                            (self.driver_features & !0xffff_ffff) | u64::from(value)
+                    }
+                    1 => {
+                        self.driver_features =
+                            (self.driver_features & 0xffff_ffff) | (u64::from(value) << 32)
+                    }
+                    _ => {}
+                }
+            }
+            REG_QUEUE_SEL => self.queue_sel = value,
+            REG_QUEUE_NUM => {
+                let index = self.queue_sel as usize;
+                if let Some(q) = self.selected_queue() {
+                    let valid = u16::try_from(value)
+                        .ok()
+                        .is_some_and(|size| q.try_set_size(size).is_ok());
+                    self.bad_size[index] = !valid;
+                }
+            }
+            REG_QUEUE_READY => {
+                if let Some(q) = self.selected_queue() {
+                    q.set_ready(value == 1);
+                }
+            }
+            REG_QUEUE_DESC_LOW | REG_QUEUE_DESC_HIGH | REG_QUEUE_AVAIL_LOW
+            | REG_QUEUE_AVAIL_HIGH | REG_QUEUE_USED_LOW | REG_QUEUE_USED_HIGH => {
+                let high = offset & 4 != 0;
+                let (low, high) = if high {
+                    (None, Some(value))
+                } else {
+                    (Some(value), None)
+                };
+                if let Some(q) = self.selected_queue() {
+                    match offset & !4 {
+                        REG_QUEUE_DESC_LOW => q.set_desc_table_address(low, high),
+                        REG_QUEUE_AVAIL_LOW => q.set_avail_ring_address(low, high),
+                        _ => q.set_used_ring_address(low, high),
+                    }
+                }
+            }
+            REG_QUEUE_NOTIFY => {
+                // Reached only without an ioeventfd for this value.
+                if let Some(fd) = self.queue_events.get(value as usize) {
+                    let _ = fd.write(1);
+                }
+            }
+            REG_INTERRUPT_ACK => self.interrupt.acknowledge(value),
+            REG_STATUS => self.write_status(value),
+            _ => log::debug!("virtio-mmio: write of {value:#x} to {offset:#x} ignored"),
+        }
+    }
+}
+
+impl MutDeviceMmio for MmioTransport {
+    fn mmio_read(&mut self, _base: MmioAddress, offset: MmioAddressOffset, data: &mut [u8]) {
+        if offset >= REG_CONFIG {
+            self.device.read_config(offset - REG_CONFIG, data);
+            return;
+        }
+        data.fill(0);
+        if let Ok(word) = <&mut [u8; 4]>::try_from(&mut *data) {
+            if offset % 4 == 0 {
+                *word = self.read_register(offset).to_le_bytes();
+            }
+        }
+    }
+
+    fn mmio_write(&mut self, _base: MmioAddress, offset: MmioAddressOffset, data: &[u8]) {
+        if offset >= REG_CONFIG {
+            self.device.write_config(offset - REG_CONFIG, data);
+            return;
+        }
+        if let (Ok(word), 0) = (<[u8; 4]>::try_from(data), offset % 4) {
+            self.write_register(offset, u32::from_le_bytes(word));
+        }
+    }
+}

@@ -1,0 +1,125 @@
+//! Virtio devices on the virtio-mmio transport (modern, version 2).
+//!
+//! A device ([`VirtioDevice`]) describes itself (type, queues, features, config space) and,
+//! once the driver has set it up, serves its queues on a device thread of its own
+//! ([`worker`]), never on a vCPU thread. Every guest-memory access goes through the region
+//! table's guards ([`memory::GuardedMemory`]), taken per batch of requests; descriptor chains
+//! are parsed by virtio-queue.
+
+pub mod block;
+pub mod mmio;
+pub mod rng;
+pub mod worker;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+use memory::RegionTable;
+use virtio_queue::Queue;
+use vmm_sys_util::eventfd::EventFd;
+
+pub use mmio::MmioTransport;
+
+/// Feature bit every modern device offers.
+pub const VIRTIO_F_VERSION_1: u64 = 1 << virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+/// Interrupt status bit: a queue has used buffers.
+pub const INT_VRING: u32 = virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_VRING;
+/// Interrupt status bit: the configuration (or device status) changed.
+pub const INT_CONFIG: u32 = virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_CONFIG;
+
+/// The device's interrupt: status bits the driver reads and acknowledges, and the irqfd
+/// that raises the line.
+#[derive(Debug)]
+pub struct Interrupt {
+    status: AtomicU32,
+    irqfd: EventFd,
+}
+
+impl Interrupt {
+    /// An interrupt raised through `irqfd`.
+    pub fn new(irqfd: EventFd) -> Self {
+        Interrupt {
+            status: AtomicU32::new(0),
+            irqfd,
+        }
+    }
+
+    /// Sets `bits` in the status and raises the line.
+    pub fn raise(&self, bits: u32) {
+        self.status.fetch_or(bits, Ordering::SeqCst);
+        if let Err(e) = self.irqfd.write(1) {
+            log::error!("virtio: cannot raise an interrupt: {e}");
+        }
+    }
+
+    /// The status bits pending.
+    pub fn status(&self) -> u32 {
+        self.status.load(Ordering::SeqCst)
+    }
+
+    /// Clears acknowledged `bits`.
+    pub fn acknowledge(&self, bits: u32) {
+        self.status.fetch_and(!bits, Ordering::SeqCst);
+    }
+}
+
+/// What a device gets when the driver has set it up.
+#[derive(Debug)]
+pub struct Activation {
+    /// Guest memory.
+    pub memory: Arc<RegionTable>,
+    /// The queues, as the driver configured them.
+    pub queues: Vec<Queue>,
+    /// One eventfd per queue, signalled when the driver notifies it.
+    pub queue_events: Vec<EventFd>,
+    /// The device's interrupt.
+    pub interrupt: Arc<Interrupt>,
+    /// Features the driver accepted.
+    pub features: u64,
+    /// Set by the device when a queue turns out unusable: the driver must reset it.
+    pub needs_reset: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// Errors activating a device.
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    /// The device thread could not be started.
+    #[error("cannot start the device thread: {0}")]
+    Thread(std::io::Error),
+    /// An eventfd could not be made.
+    #[error("cannot create an eventfd: {0}")]
+    EventFd(std::io::Error),
+    /// The device was already active.
+    #[error("the device is already active")]
+    AlreadyActive,
+}
+
+/// A virtio device behind a transport.
+pub trait VirtioDevice: Send {
+    /// The virtio device id (`VIRTIO_ID_*`).
+    fn device_type(&self) -> u32;
+    /// The largest size of each queue; also the number of queues.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Feature bits offered.
+    fn features(&self) -> u64;
+    /// Reads the configuration space at `offset`; bytes beyond it read as zero.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Writes the configuration space (ignored by devices with a read-only one).
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+    /// Starts serving the queues.
+    fn activate(&mut self, activation: Activation) -> Result<(), ActivateError>;
+    /// Stops serving the queues (waiting for the device thread) and forgets them.
+    fn reset(&mut self);
+}
+
+/// Copies the part of `config` at `offset` into `data`; the rest of `data` reads as zero.
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let Ok(start) = usize::try_from(offset) else {
+        return;
+    };
+    if let Some(src) = config.get(start..) {
+        let n = src.len().min(data.len());
+        data[..n].copy_from_slice(&src[..n]);
+    }
+}

@@ -1,0 +1,108 @@
+//! virtio-rng: fills the driver's buffers from the host's getrandom.
+
+use std::io::Write;
+
+use memory::GuardedMemory;
+use virtio_bindings::virtio_ids::VIRTIO_ID_RNG;
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+
+use super::worker::{self, QueueError, QueueHandler, WorkerHandle};
+use super::{ActivateError, Activation, VirtioDevice, VIRTIO_F_VERSION_1};
+
+const QUEUE_SIZE: u16 = 256;
+/// Most bytes given per request: larger buffers get this much (the driver asks again).
+const MAX_REQUEST: usize = 64 << 10;
+
+/// A virtio-rng device.
+#[derive(Debug, Default)]
+pub struct Rng {
+    worker: Option<WorkerHandle>,
+}
+
+struct RngHandler;
+
+/// Fills `buf` from getrandom.
+fn fill_random(buf: &mut [u8]) -> std::io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        let rest = &mut buf[done..];
+        // SAFETY: getrandom writes at most `rest.len()` bytes into `rest`, which is valid
+        // writable memory for that long.
+        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+            continue;
+        }
+        done += n as usize;
+    }
+    Ok(())
+}
+
+impl QueueHandler for RngHandler {
+    fn process(
+        &mut self,
+        _index: usize,
+        queue: &mut Queue,
+        mem: &GuardedMemory<'_>,
+    ) -> Result<bool, QueueError> {
+        let chains: Vec<_> = queue.iter(mem)?.collect();
+        let used = !chains.is_empty();
+        let mut buf = vec![0u8; MAX_REQUEST];
+        for chain in chains {
+            let head = chain.head_index();
+            let len = match chain.writer(mem) {
+                Ok(mut writer) => {
+                    let n = writer.available_bytes().min(MAX_REQUEST);
+                    match fill_random(&mut buf[..n]).and_then(|()| writer.write_all(&buf[..n])) {
+                        Ok(()) => n as u32,
+                        Err(e) => {
+                            log::warn!("virtio-rng: {e}");
+                            writer.bytes_written() as u32
+                        }
+                    }
+                }
+                Err(e) => {
+                    log::warn!("virtio-rng: unusable buffers: {e}");
+                    0
+                }
+            };
+            queue.add_used(mem, head, len)?;
+        }
+        Ok(used)
+    }
+}
+
+impl VirtioDevice for Rng {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_RNG
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE]
+    }
+
+    fn features(&self) -> u64 {
+        VIRTIO_F_VERSION_1
+    }
+
+    fn read_config(&self, _offset: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+
+    fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
+        if self.worker.is_some() {
+            return Err(ActivateError::AlreadyActive);
+        }
+        self.worker = Some(worker::spawn("kite_rng".into(), activation, RngHandler)?);
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        if let Some(worker) = self.worker.take() {
+            worker.stop();
+        }
+    }
+}
