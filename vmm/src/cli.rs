@@ -21,6 +21,8 @@ pub mod exit {
     pub const BAD_INPUT: i32 = 3;
     /// The guest kernel panicked or the guest crashed (triple fault).
     pub const GUEST_CRASH: i32 = 4;
+    /// The guest reported failure on the test exit port (0xf4).
+    pub const GUEST_FAILURE: i32 = 5;
     /// Stopped by signal N (SIGINT, SIGTERM): 128 + N.
     pub const SIGNAL_BASE: i32 = 128;
 }
@@ -251,6 +253,14 @@ fn run(args: RunArgs) -> i32 {
         Ok(VmEnd::Reset) => {
             log::info!("the guest rebooted");
             exit::GUEST_SHUTDOWN
+        }
+        Ok(VmEnd::GuestStatus(0)) => {
+            log::info!("the guest reported success on the exit port");
+            exit::GUEST_SHUTDOWN
+        }
+        Ok(VmEnd::GuestStatus(status)) => {
+            eprintln!("kite: the guest reported failure {status} on the exit port");
+            exit::GUEST_FAILURE
         }
         Ok(VmEnd::GuestPanic) => {
             eprintln!("kite: the guest kernel panicked");

@@ -8,8 +8,8 @@ use std::sync::mpsc::{channel, Receiver};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use devices::legacy::{
-    SerialConsole, I8042, I8042_PORT_BASE, I8042_PORT_LEN, SERIAL_IRQ, SERIAL_PORT_BASE,
-    SERIAL_PORT_LEN,
+    ExitPort, SerialConsole, EXIT_PORT, I8042, I8042_PORT_BASE, I8042_PORT_LEN, SERIAL_IRQ,
+    SERIAL_PORT_BASE, SERIAL_PORT_LEN,
 };
 use devices::virtio::block::{Block, BlockError};
 use devices::virtio::mmio::{MMIO_WINDOW, QUEUE_NOTIFY_OFFSET};
@@ -103,6 +103,8 @@ pub enum VmEnd {
     Reset,
     /// The guest kernel panicked.
     GuestPanic,
+    /// The guest wrote a status to the test exit port: 0 passes, anything else fails.
+    GuestStatus(u8),
     /// The guest crashed.
     GuestCrash {
         /// The exit.
@@ -144,6 +146,7 @@ pub struct MachineSpec<'a> {
 /// Events that end the VM: the i8042 reset, a vCPU stopping, SIGINT/SIGTERM.
 struct EndEvents {
     reset: EventFd,
+    exit_port: EventFd,
     vcpu_stopped: EventFd,
     signal: &'static EventFd,
     stops: Receiver<(u8, VcpuStop)>,
@@ -152,7 +155,12 @@ struct EndEvents {
 
 impl MutEventSubscriber for EndEvents {
     fn init(&mut self, ops: &mut EventOps) {
-        for fd in [&self.reset, &self.vcpu_stopped, self.signal] {
+        for fd in [
+            &self.reset,
+            &self.exit_port,
+            &self.vcpu_stopped,
+            self.signal,
+        ] {
             if let Err(e) = ops.add(Events::new(fd, EventSet::IN)) {
                 log::error!("cannot watch a VM event: {e:?}");
             }
@@ -164,6 +172,11 @@ impl MutEventSubscriber for EndEvents {
         if fd == std::os::fd::AsRawFd::as_raw_fd(&self.reset) {
             let _ = self.reset.read();
             self.end.get_or_insert(VmEnd::Reset);
+        } else if fd == std::os::fd::AsRawFd::as_raw_fd(&self.exit_port) {
+            if let Ok(counter) = self.exit_port.read() {
+                self.end
+                    .get_or_insert(VmEnd::GuestStatus(ExitPort::status_of(counter)));
+            }
         } else if fd == std::os::fd::AsRawFd::as_raw_fd(self.signal) {
             let _ = self.signal.read();
             let num = signals::received().unwrap_or(libc::SIGTERM);
@@ -319,6 +332,14 @@ pub fn run(spec: MachineSpec<'_>) -> Result<VmEnd, MachineError> {
         i8042,
     )
     .map_err(bus("i8042"))?;
+    let exit_port = eventfd()?;
+    io.register_pio(
+        PioRange::new(PioAddress(EXIT_PORT), 1).map_err(bus("exit port"))?,
+        Arc::new(Mutex::new(ExitPort::new(
+            exit_port.try_clone().map_err(event_error)?,
+        ))),
+    )
+    .map_err(bus("exit port"))?;
     let io = Arc::new(io);
 
     let vcpus = (0..spec.cpus)
@@ -335,6 +356,7 @@ pub fn run(spec: MachineSpec<'_>) -> Result<VmEnd, MachineError> {
     let vcpu_stopped = eventfd()?;
     let end_events = Arc::new(Mutex::new(EndEvents {
         reset,
+        exit_port,
         vcpu_stopped: vcpu_stopped.try_clone().map_err(event_error)?,
         signal,
         stops,

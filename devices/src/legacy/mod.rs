@@ -1,13 +1,16 @@
-//! Legacy PC devices: the 8250 serial port (the console) and the i8042 controller (reset).
+//! Legacy PC devices: the 8250 serial port (the console), the i8042 controller (reset), and
+//! a test exit port.
 //!
 //! The device models come from vm-superio; this module puts them on vm-device's port-I/O bus
 //! and connects their events to eventfds.
 
+mod exit_port;
 mod i8042;
 mod serial;
 
 use vmm_sys_util::eventfd::EventFd;
 
+pub use exit_port::{ExitPort, EXIT_PORT};
 pub use i8042::{I8042, I8042_PORT_BASE, I8042_PORT_LEN};
 pub use serial::{SerialConsole, SerialInputError, SERIAL_IRQ, SERIAL_PORT_BASE, SERIAL_PORT_LEN};
 

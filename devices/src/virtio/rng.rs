@@ -59,13 +59,13 @@ impl QueueHandler for RngHandler {
                     match fill_random(&mut buf[..n]).and_then(|()| writer.write_all(&buf[..n])) {
                         Ok(()) => n as u32,
                         Err(e) => {
-                            log::warn!("virtio-rng: {e}");
+                            log::debug!("virtio-rng: {e}");
                             writer.bytes_written() as u32
                         }
                     }
                 }
                 Err(e) => {
-                    log::warn!("virtio-rng: unusable buffers: {e}");
+                    log::debug!("virtio-rng: unusable buffers: {e}");
                     0
                 }
             };

@@ -1,6 +1,7 @@
 //! Serving virtio-blk requests: header, data, status byte, parsed from descriptor chains by
 //! virtio-queue's reader and writer. Every check a hostile driver could fail ends in an
-//! error status (or, with no status byte to write, a used entry of length 0), never a panic.
+//! error status (or, with no status byte to write, a used entry of length 0), never a panic;
+//! per-request failures are logged at debug level only, so a guest cannot flood the log.
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -133,19 +134,19 @@ impl BlockHandler {
         let mut writer = match chain.clone().writer(mem) {
             Ok(w) => w,
             Err(e) => {
-                log::warn!("virtio-blk: unusable writable buffers: {e}");
+                log::debug!("virtio-blk: unusable writable buffers: {e}");
                 return 0;
             }
         };
         let writable = writer.available_bytes();
         if writable == 0 {
-            log::warn!("virtio-blk: request without a status byte");
+            log::debug!("virtio-blk: request without a status byte");
             return 0;
         }
         let mut status = match writer.split_at(writable - 1) {
             Ok(s) => s,
             Err(e) => {
-                log::warn!("virtio-blk: {e}");
+                log::debug!("virtio-blk: {e}");
                 return 0;
             }
         };
@@ -161,7 +162,7 @@ impl BlockHandler {
             }
         };
         if let Err(e) = status.write_all(&[code]) {
-            log::warn!("virtio-blk: cannot write the status: {e}");
+            log::debug!("virtio-blk: cannot write the status: {e}");
         }
         u32::try_from(writer.bytes_written() + status.bytes_written()).unwrap_or(u32::MAX)
     }

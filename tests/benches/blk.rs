@@ -1,0 +1,153 @@
+//! virtio-blk throughput: the test guest reads and writes a 256 MiB image through Kite's
+//! virtio-blk (64 KiB requests, then 4 KiB reads), timed by the host between the guest's
+//! console markers; the baseline is the same I/O done by the host directly on the file
+//! (pwrite/pread, through the same page cache), in the same run. Prints MiB/s, requests/s
+//! and ratios.
+//!
+//! `cargo build --release -p vmm && cargo bench -p kite-tests --bench blk`
+//! (`KITE_BENCH_ROUNDS`, default 3).
+
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use kite_tests::{kvm_available, Kite};
+
+const GUEST: &str = env!("KITE_TEST_GUEST");
+const IMAGE: u64 = 256 << 20;
+const DEADLINE: Duration = Duration::from_secs(600);
+
+#[derive(Default, Clone, Copy)]
+struct Round {
+    write64k: f64,
+    read64k: f64,
+    read4k: f64,
+}
+
+fn kite_round(image: &Path) -> Round {
+    let disk = format!("path={}", image.display());
+    let kite = Kite::start(&[
+        "run",
+        "--kernel",
+        GUEST,
+        "--cmdline",
+        "kite.test=bench",
+        "--disk",
+        &disk,
+    ]);
+    let mut marks = Vec::new();
+    for marker in [
+        "write64k start",
+        "write64k end",
+        "read64k start",
+        "read64k end",
+        "read4k start",
+        "read4k end",
+    ] {
+        kite.wait_for(&format!("kite-bench: {marker}"), DEADLINE);
+        marks.push(Instant::now());
+    }
+    let end = kite.wait_exit(DEADLINE);
+    assert_eq!(end.code, Some(0), "{}\n{}", end.console, end.stderr);
+    let secs = |i: usize| (marks[i + 1] - marks[i]).as_secs_f64();
+    Round {
+        write64k: secs(0),
+        read64k: secs(2),
+        read4k: secs(4),
+    }
+}
+
+fn direct_round(image: &Path) -> Round {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(image)
+        .unwrap();
+    let mut buf = vec![0x5au8; 64 << 10];
+    let time = |f: &mut dyn FnMut()| {
+        let start = Instant::now();
+        f();
+        start.elapsed().as_secs_f64()
+    };
+    let write64k = time(&mut || {
+        for off in (0..IMAGE).step_by(64 << 10) {
+            file.write_all_at(&buf, off).unwrap();
+        }
+    });
+    let read64k = time(&mut || {
+        for off in (0..IMAGE).step_by(64 << 10) {
+            file.read_exact_at(&mut buf, off).unwrap();
+        }
+    });
+    let read4k = time(&mut || {
+        for off in (0..IMAGE).step_by(4 << 10) {
+            file.read_exact_at(&mut buf[..4 << 10], off).unwrap();
+        }
+    });
+    Round {
+        write64k,
+        read64k,
+        read4k,
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") || !kvm_available() {
+        return;
+    }
+    let rounds: usize = std::env::var("KITE_BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3)
+        .max(1);
+    let dir =
+        tempfile::tempdir_in(std::env::var_os("CARGO_TARGET_TMPDIR").unwrap_or_else(|| ".".into()))
+            .unwrap();
+    let image = dir.path().join("bench.img");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(IMAGE)
+        .unwrap();
+    let (mut kite, mut direct) = (Vec::new(), Vec::new());
+    for round in 0..rounds {
+        // Alternate which goes first, so the machine's drift hits both.
+        let (k, d) = if round % 2 == 0 {
+            let k = kite_round(&image);
+            (k, direct_round(&image))
+        } else {
+            let d = direct_round(&image);
+            (kite_round(&image), d)
+        };
+        println!(
+            "round {round}: kite write64k {:.3} s read64k {:.3} s read4k {:.3} s | direct {:.3} {:.3} {:.3}",
+            k.write64k, k.read64k, k.read4k, d.write64k, d.read64k, d.read4k
+        );
+        kite.push(k);
+        direct.push(d);
+    }
+    let mib = (IMAGE >> 20) as f64;
+    let requests4k = (IMAGE / 4096) as f64;
+    let med = |v: &[Round], f: fn(&Round) -> f64| median(v.iter().map(f).collect());
+    println!(
+        "\n{:<28}{:>12}{:>12}{:>12}",
+        "median of rounds", "kite", "direct", "kite/direct"
+    );
+    for (name, f, per) in [
+        (
+            "write 64 KiB (MiB/s)",
+            (|r: &Round| r.write64k) as fn(&Round) -> f64,
+            mib,
+        ),
+        ("read 64 KiB (MiB/s)", |r: &Round| r.read64k, mib),
+        ("read 4 KiB (requests/s)", |r: &Round| r.read4k, requests4k),
+    ] {
+        let (k, d) = (per / med(&kite, f), per / med(&direct, f));
+        println!("{name:<28}{k:>12.0}{d:>12.0}{:>12.2}", k / d);
+    }
+    println!("target: 64 KiB kite/direct >= 0.8");
+}

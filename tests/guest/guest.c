@@ -1,0 +1,373 @@
+/*
+ * Kite's test guest, user-mode part (ring 3: runs natively even where guest kernel code
+ * is emulated). A minimal virtio-mmio driver (polling, one request in flight)
+ * and the scenarios the host selects with `kite.test=NAME` on the command line. Progress
+ * goes to the serial port; the verdict to the exit port (0xf4): 0 pass, 1 fail.
+ */
+typedef unsigned char u8;
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef unsigned long u64;
+
+#define VIRTIO_MMIO_BASE 0xd0000000UL
+#define VIRTIO_WINDOW 0x1000UL
+#define MAX_DEVICES 8
+#define QSIZE 16
+#define SPIN_LIMIT 2000000000UL
+
+#define VIRTIO_ID_BLOCK 2
+#define VIRTIO_ID_RNG 4
+#define DESC_NEXT 1
+#define DESC_WRITE 2
+#define STATUS_NEEDS_RESET 64
+#define BLK_IN 0
+#define BLK_OUT 1
+#define BLK_S_OK 0
+#define BLK_S_IOERR 1
+#define SECTOR 512
+#define CHUNK (64 * 1024)
+
+/* ---- ports (through the kernel-mode gate, see entry.S) and the console ---- */
+static inline void outb(u16 port, u8 v) { __asm__ volatile("ud2" : : "a"(v), "d"(port) : "memory"); }
+static inline void barrier(void) { __asm__ volatile("mfence" : : : "memory"); }
+
+/* Kite's UART takes a byte at once: no need to poll the line status. */
+static void putc(char c) { outb(0x3f8, (u8)c); }
+static void puts(const char *s) { while (*s) putc(*s++); }
+static void put_hex(u64 v) {
+    for (int i = 60; i >= 0; i -= 4) putc("0123456789abcdef"[(v >> i) & 0xf]);
+}
+static void put_dec(u64 v) {
+    char buf[21];
+    int i = 20;
+    buf[i] = 0;
+    do { buf[--i] = (char)('0' + v % 10); v /= 10; } while (v);
+    puts(&buf[i]);
+}
+
+static __attribute__((noreturn)) void finish(int pass) {
+    puts(pass ? "kite-test: PASS\n" : "kite-test: FAIL\n");
+    outb(0xf4, pass ? 0 : 1);
+    for (;;) {}
+}
+
+#define CHECK(cond, msg) do { if (!(cond)) { puts("kite-test: check failed: " msg "\n"); finish(0); } } while (0)
+
+static int str_starts(const char *s, const char *prefix) {
+    while (*prefix) if (*s++ != *prefix++) return 0;
+    return 1;
+}
+static int str_eq_word(const char *s, const char *word) {
+    while (*word) if (*s++ != *word++) return 0;
+    return *s == 0 || *s == ' ';
+}
+
+/* ---- a virtio-mmio device with one polled queue ---- */
+struct desc { u64 addr; u32 len; u16 flags; u16 next; };
+struct avail { u16 flags; u16 idx; u16 ring[QSIZE]; u16 used_event; };
+struct used_elem { u32 id; u32 len; };
+struct used { u16 flags; u16 idx; struct used_elem ring[QSIZE]; u16 avail_event; };
+
+struct queue {
+    struct desc desc[QSIZE] __attribute__((aligned(16)));
+    struct avail avail __attribute__((aligned(4)));
+    struct used used __attribute__((aligned(8)));
+};
+
+struct dev {
+    u64 base;
+    u32 type;
+    struct queue *q;
+    u16 next_avail;
+    u16 used_seen;
+};
+
+static struct queue queues[MAX_DEVICES] __attribute__((aligned(4096)));
+static struct dev devs[MAX_DEVICES];
+static int ndevs;
+
+static inline u32 rd(struct dev *d, u64 off) { return *(volatile u32 *)(d->base + off); }
+static inline void wr(struct dev *d, u64 off, u32 v) { *(volatile u32 *)(d->base + off) = v; }
+
+/* Sets the device up with queue 0 of `size` entries; returns 0 if it then needs a reset. */
+static int dev_setup(struct dev *d, u32 size, u64 desc_addr) {
+    struct queue *q = d->q;
+    u8 *p = (u8 *)q;
+    for (u64 i = 0; i < sizeof(*q); i++) p[i] = 0;
+    d->next_avail = 0;
+    d->used_seen = 0;
+    wr(d, 0x70, 0);
+    wr(d, 0x70, 1);
+    wr(d, 0x70, 3);
+    wr(d, 0x14, 1);
+    CHECK(rd(d, 0x10) & 1, "VIRTIO_F_VERSION_1 offered");
+    wr(d, 0x24, 0);
+    wr(d, 0x20, 0);
+    wr(d, 0x24, 1);
+    wr(d, 0x20, 1);
+    wr(d, 0x70, 3 | 8);
+    CHECK(rd(d, 0x70) & 8, "FEATURES_OK accepted");
+    wr(d, 0x30, 0);
+    CHECK(rd(d, 0x34) >= QSIZE, "queue large enough");
+    wr(d, 0x38, size);
+    wr(d, 0x80, (u32)desc_addr);
+    wr(d, 0x84, (u32)(desc_addr >> 32));
+    wr(d, 0x90, (u32)(u64)&q->avail);
+    wr(d, 0x94, 0);
+    wr(d, 0xa0, (u32)(u64)&q->used);
+    wr(d, 0xa4, 0);
+    wr(d, 0x44, 1);
+    wr(d, 0x70, 3 | 8 | 4);
+    return !(rd(d, 0x70) & STATUS_NEEDS_RESET);
+}
+
+static void dev_setup_ok(struct dev *d) {
+    CHECK(dev_setup(d, QSIZE, (u64)d->q->desc), "device set up");
+}
+
+static int needs_reset(struct dev *d) { return (rd(d, 0x70) & STATUS_NEEDS_RESET) != 0; }
+
+/* Makes the chain at `head` available and waits for its used entry (or a reset need).
+ * Returns the used length, or -1 if the device needs a reset instead. */
+static long submit(struct dev *d, u16 head) {
+    struct queue *q = d->q;
+    q->avail.ring[d->next_avail % QSIZE] = head;
+    barrier();
+    d->next_avail++;
+    q->avail.idx = d->next_avail;
+    barrier();
+    wr(d, 0x50, 0);
+    for (u64 spin = 0; spin < SPIN_LIMIT; spin++) {
+        barrier();
+        if (*(volatile u16 *)&q->used.idx != d->used_seen) {
+            struct used_elem e = q->used.ring[d->used_seen % QSIZE];
+            d->used_seen++;
+            CHECK(e.id == head, "used id is the head");
+            return e.len;
+        }
+        if ((spin & 0xfff) == 0 && needs_reset(d)) return -1;
+    }
+    CHECK(0, "the device answered in time");
+    return -1;
+}
+
+static void set_desc(struct dev *d, u16 i, void *addr, u32 len, u16 flags, u16 next) {
+    d->q->desc[i].addr = (u64)addr;
+    d->q->desc[i].len = len;
+    d->q->desc[i].flags = flags;
+    d->q->desc[i].next = next;
+}
+
+/* ---- block ---- */
+struct blk_hdr { u32 type; u32 ioprio; u64 sector; };
+static struct blk_hdr hdr;
+static volatile u8 blk_status;
+static u8 buf[CHUNK] __attribute__((aligned(4096)));
+
+static u64 blk_sectors(struct dev *d) { return (u64)rd(d, 0x100) | ((u64)rd(d, 0x104) << 32); }
+
+static int blk_rw(struct dev *d, u32 type, u64 sector, void *data, u32 len) {
+    hdr.type = type;
+    hdr.ioprio = 0;
+    hdr.sector = sector;
+    blk_status = 0xff;
+    set_desc(d, 0, &hdr, sizeof(hdr), DESC_NEXT, 1);
+    set_desc(d, 1, data, len, DESC_NEXT | (type == BLK_IN ? DESC_WRITE : 0), 2);
+    set_desc(d, 2, (void *)&blk_status, 1, DESC_WRITE, 0);
+    long used = submit(d, 0);
+    CHECK(used >= 0, "block request completed");
+    return blk_status;
+}
+
+static u8 pattern(int disk, u64 off) { return (u8)((off >> 9) * 131 + off * 7 + (u64)disk * 61); }
+
+static struct dev *find(u32 type, int nth) {
+    for (int i = 0; i < ndevs; i++)
+        if (devs[i].type == type && nth-- == 0) return &devs[i];
+    return 0;
+}
+
+/* Writes the pattern over the first `bytes` of disk `disk` and reads it back. */
+static void pattern_round_trip(int disk, u64 bytes) {
+    struct dev *d = find(VIRTIO_ID_BLOCK, disk);
+    CHECK(d, "disk present");
+    dev_setup_ok(d);
+    u64 size = blk_sectors(d) * SECTOR;
+    if (bytes > size) bytes = size;
+    for (u64 off = 0; off < bytes; off += CHUNK) {
+        for (u32 i = 0; i < CHUNK; i++) buf[i] = pattern(disk, off + i);
+        CHECK(blk_rw(d, BLK_OUT, off / SECTOR, buf, CHUNK) == BLK_S_OK, "write ok");
+    }
+    for (u64 off = 0; off < bytes; off += CHUNK) {
+        CHECK(blk_rw(d, BLK_IN, off / SECTOR, buf, CHUNK) == BLK_S_OK, "read ok");
+        for (u32 i = 0; i < CHUNK; i++) CHECK(buf[i] == pattern(disk, off + i), "read back the pattern");
+    }
+    puts("kite-test: disk ");
+    put_dec((u64)disk);
+    puts(" pattern ok, bytes=");
+    put_dec(bytes);
+    putc('\n');
+}
+
+static void checksum(void) {
+    struct dev *d = find(VIRTIO_ID_BLOCK, 0);
+    CHECK(d, "disk present");
+    dev_setup_ok(d);
+    u64 size = blk_sectors(d) * SECTOR, h = 0xcbf29ce484222325UL;
+    for (u64 off = 0; off < size; off += CHUNK) {
+        u32 len = size - off < CHUNK ? (u32)(size - off) : CHUNK;
+        CHECK(blk_rw(d, BLK_IN, off / SECTOR, buf, len) == BLK_S_OK, "read ok");
+        for (u32 i = 0; i < len; i++) { h ^= buf[i]; h *= 0x100000001b3UL; }
+    }
+    puts("kite-test: checksum=");
+    put_hex(h);
+    putc('\n');
+}
+
+static void read_only(void) {
+    struct dev *d = find(VIRTIO_ID_BLOCK, 0);
+    CHECK(d, "disk present");
+    dev_setup_ok(d);
+    for (u32 i = 0; i < SECTOR; i++) buf[i] = 0xee;
+    CHECK(blk_rw(d, BLK_OUT, 0, buf, SECTOR) == BLK_S_IOERR, "a read-only disk refuses writes");
+    CHECK(blk_rw(d, BLK_IN, 0, buf, SECTOR) == BLK_S_OK, "and still reads");
+    puts("kite-test: read-only refused the write\n");
+}
+
+static void rng(void) {
+    struct dev *d = find(VIRTIO_ID_RNG, 0);
+    CHECK(d, "rng present");
+    dev_setup_ok(d);
+    for (int round = 0; round < 4; round++) {
+        for (u32 i = 0; i < 64; i++) buf[i] = 0;
+        set_desc(d, 0, buf, 64, DESC_WRITE, 0);
+        CHECK(submit(d, 0) == 64, "64 random bytes");
+        u32 zeros = 0;
+        for (u32 i = 0; i < 64; i++) zeros += buf[i] == 0;
+        CHECK(zeros < 16, "bytes look random");
+    }
+    puts("kite-test: rng ok\n");
+}
+
+/* A valid read of sector 1, which the host filled with 0x5a; resets the device first if a
+ * hostile request left it needing one. */
+static void valid_read_after(struct dev *d, const char *what) {
+    if (needs_reset(d)) {
+        puts("kite-test: needs reset after ");
+        puts(what);
+        putc('\n');
+        dev_setup_ok(d);
+    }
+    for (u32 i = 0; i < SECTOR; i++) buf[i] = 0;
+    CHECK(blk_rw(d, BLK_IN, 1, buf, SECTOR) == BLK_S_OK, "valid read after a hostile request");
+    for (u32 i = 0; i < SECTOR; i++) CHECK(buf[i] == 0x5a, "valid data after a hostile request");
+    puts("kite-test: survived ");
+    puts(what);
+    putc('\n');
+}
+
+static void hostile(void) {
+    struct dev *d = find(VIRTIO_ID_BLOCK, 0);
+    CHECK(d, "disk present");
+    dev_setup_ok(d);
+    hdr.type = BLK_IN;
+    hdr.sector = 1;
+    static u8 status_ro;
+
+    set_desc(d, 0, &hdr, sizeof(hdr), DESC_NEXT, 1);
+    set_desc(d, 1, buf, SECTOR, DESC_NEXT | DESC_WRITE, 0);
+    submit(d, 0);
+    valid_read_after(d, "a descriptor loop");
+
+    set_desc(d, 0, &hdr, sizeof(hdr), DESC_NEXT, 1);
+    set_desc(d, 1, (void *)(64UL << 30), SECTOR, DESC_NEXT | DESC_WRITE, 2);
+    set_desc(d, 2, (void *)&blk_status, 1, DESC_WRITE, 0);
+    submit(d, 0);
+    valid_read_after(d, "an address outside guest memory");
+
+    set_desc(d, 0, &hdr, sizeof(hdr), DESC_NEXT, 1);
+    set_desc(d, 1, buf, 0xffffffffU, DESC_NEXT | DESC_WRITE, 2);
+    set_desc(d, 2, (void *)&blk_status, 1, DESC_WRITE, 0);
+    submit(d, 0);
+    valid_read_after(d, "a 4 GiB length");
+
+    set_desc(d, 0, &hdr, sizeof(hdr), DESC_NEXT | DESC_WRITE, 1);
+    set_desc(d, 1, &status_ro, 1, 0, 0);
+    submit(d, 0);
+    valid_read_after(d, "wrong descriptor directions");
+
+    set_desc(d, 0, &hdr, sizeof(hdr), DESC_NEXT, 1000);
+    submit(d, 0);
+    valid_read_after(d, "a next index beyond the queue");
+
+    /* A chain longer than the queue: every descriptor chained to the next, around. */
+    for (u16 i = 0; i < QSIZE; i++) set_desc(d, i, buf, 64, DESC_NEXT, (u16)((i + 1) % QSIZE));
+    submit(d, 0);
+    valid_read_after(d, "a chain longer than the queue");
+
+    CHECK(!dev_setup(d, 15, (u64)d->q->desc), "a queue size of 15 needs a reset");
+    valid_read_after(d, "a queue size that is not a power of two");
+
+    CHECK(!dev_setup(d, QSIZE, 1UL << 40), "rings outside guest memory need a reset");
+    valid_read_after(d, "rings outside guest memory");
+
+    /* The available index jumps by more than the queue holds. */
+    d->q->avail.idx = (u16)(d->next_avail + 1000);
+    barrier();
+    wr(d, 0x50, 0);
+    u64 spin = 0;
+    while (!needs_reset(d)) CHECK(++spin < SPIN_LIMIT, "a corrupt available index needs a reset");
+    valid_read_after(d, "a corrupt available index");
+}
+
+/* Markers the host times: sequential 64 KiB writes then reads over the whole disk, then
+ * 4 KiB reads. */
+static void bench(void) {
+    struct dev *d = find(VIRTIO_ID_BLOCK, 0);
+    CHECK(d, "disk present");
+    dev_setup_ok(d);
+    u64 size = blk_sectors(d) * SECTOR;
+    puts("kite-bench: write64k start\n");
+    for (u64 off = 0; off + CHUNK <= size; off += CHUNK)
+        CHECK(blk_rw(d, BLK_OUT, off / SECTOR, buf, CHUNK) == BLK_S_OK, "write ok");
+    puts("kite-bench: write64k end\nkite-bench: read64k start\n");
+    for (u64 off = 0; off + CHUNK <= size; off += CHUNK)
+        CHECK(blk_rw(d, BLK_IN, off / SECTOR, buf, CHUNK) == BLK_S_OK, "read ok");
+    puts("kite-bench: read64k end\nkite-bench: read4k start\n");
+    u64 n = 0;
+    for (u64 off = 0; off + 4096 <= size; off += 4096, n++)
+        CHECK(blk_rw(d, BLK_IN, off / SECTOR, buf, 4096) == BLK_S_OK, "read ok");
+    puts("kite-bench: read4k end requests=");
+    put_dec(n);
+    putc('\n');
+}
+
+static void probe(void) {
+    for (int i = 0; i < MAX_DEVICES; i++) {
+        struct dev *d = &devs[ndevs];
+        d->base = VIRTIO_MMIO_BASE + (u64)i * VIRTIO_WINDOW;
+        d->q = &queues[ndevs];
+        if (rd(d, 0) != 0x74726976 || rd(d, 4) != 2) break;
+        d->type = rd(d, 8);
+        ndevs++;
+    }
+}
+
+void guest_main(const u8 *zero_page) {
+    const char *cmdline = (const char *)(u64)*(const u32 *)(zero_page + 0x228);
+    const char *test = 0;
+    for (const char *p = cmdline; *p; p++)
+        if ((p == cmdline || p[-1] == ' ') && str_starts(p, "kite.test=")) test = p + 10;
+    puts("kite-test: guest up\n");
+    CHECK(test, "kite.test= on the command line");
+    probe();
+    if (str_eq_word(test, "blk-pattern")) pattern_round_trip(0, 4UL << 20);
+    else if (str_eq_word(test, "blk-two")) { pattern_round_trip(0, 1UL << 20); pattern_round_trip(1, 1UL << 20); }
+    else if (str_eq_word(test, "blk-checksum")) checksum();
+    else if (str_eq_word(test, "blk-readonly")) read_only();
+    else if (str_eq_word(test, "rng")) rng();
+    else if (str_eq_word(test, "hostile")) hostile();
+    else if (str_eq_word(test, "bench")) bench();
+    else CHECK(0, "a known test name");
+    finish(1);
+}
