@@ -1,11 +1,16 @@
-//! Serving virtio-blk requests: header, data, status byte, parsed from descriptor chains by
-//! virtio-queue's reader and writer. Every check a hostile driver could fail ends in an
-//! error status (or, with no status byte to write, a used entry of length 0), never a panic;
-//! per-request failures are logged at debug level only, so a guest cannot flood the log.
+//! Serving virtio-blk requests. A request is a descriptor chain (walked by virtio-queue):
+//! a device-readable header of 16 bytes first, data descriptors, and a device-writable
+//! status last (its last byte is the status), as Linux and other drivers lay it out. Data
+//! moves between the disk file and guest memory directly (one copy, by the kernel), through
+//! guest memory's vm-memory interface over the region guards.
+//!
+//! Every check a hostile driver could fail ends in an error status, or, with no status byte
+//! to write (a chain cut short by a loop, a bad next index, or no writable last descriptor),
+//! a used entry of length 0; never a panic. Per-request failures are logged at debug level
+//! only, so a guest cannot flood the log.
 
 use std::fs::File;
-use std::io::{Read, Write};
-use std::os::unix::fs::FileExt;
+use std::io::{Seek, SeekFrom};
 use std::sync::Arc;
 
 use memory::GuardedMemory;
@@ -13,13 +18,15 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
     VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
 };
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT, Reader, Writer};
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use vm_memory::{Bytes, GuestAddress};
 
 use super::SECTOR_SIZE;
 use crate::virtio::worker::{QueueError, QueueHandler};
 
-/// Bytes moved between the disk and guest memory at a time.
-const CHUNK: usize = 1 << 20;
+/// Bytes of a request header.
+const HEADER: u32 = 16;
 
 /// The request processing of one disk.
 pub(super) struct BlockHandler {
@@ -32,11 +39,13 @@ pub(super) struct BlockHandler {
 /// Why a request failed (logged; the driver sees the status).
 #[derive(Debug, thiserror::Error)]
 enum RequestError {
-    #[error("request header unreadable: {0}")]
-    Header(std::io::Error),
-    #[error("request of {len} bytes at byte {offset} is beyond the disk's {capacity} bytes")]
+    #[error("no readable header of {HEADER} bytes first")]
+    Header,
+    #[error("data descriptors in the wrong direction")]
+    Direction,
+    #[error("request of {len} bytes at sector {sector} is beyond the disk's {capacity} bytes")]
     OutOfRange {
-        offset: u64,
+        sector: u64,
         len: u64,
         capacity: u64,
     },
@@ -45,7 +54,7 @@ enum RequestError {
     #[error("disk I/O: {0}")]
     Io(std::io::Error),
     #[error("guest buffer: {0}")]
-    Guest(std::io::Error),
+    Guest(vm_memory::GuestMemoryError),
     #[error("unsupported request type {0}")]
     Unsupported(u32),
 }
@@ -60,111 +69,109 @@ impl RequestError {
 }
 
 impl BlockHandler {
-    /// The byte range of a request of `len` bytes at `sector`, if inside the disk.
-    fn range(&self, sector: u64, len: usize) -> Result<u64, RequestError> {
-        let len = len as u64;
-        let offset = sector.checked_mul(SECTOR_SIZE);
-        match offset.and_then(|o| o.checked_add(len).map(|end| (o, end))) {
-            Some((offset, end)) if end <= self.capacity_bytes => Ok(offset),
-            _ => Err(RequestError::OutOfRange {
-                offset: offset.unwrap_or(u64::MAX),
-                len,
-                capacity: self.capacity_bytes,
-            }),
+    /// The disk offset of `data` at `sector`, if all of it lies inside the disk and every
+    /// descriptor goes the `writable` way.
+    fn place(&self, sector: u64, data: &[Descriptor], writable: bool) -> Result<u64, RequestError> {
+        if data.iter().any(|d| d.is_write_only() != writable) {
+            return Err(RequestError::Direction);
+        }
+        let len: u64 = data.iter().map(|d| u64::from(d.len())).sum();
+        let out_of_range = || RequestError::OutOfRange {
+            sector,
+            len,
+            capacity: self.capacity_bytes,
+        };
+        let offset = sector.checked_mul(SECTOR_SIZE).ok_or_else(out_of_range)?;
+        match offset.checked_add(len) {
+            Some(end) if end <= self.capacity_bytes => Ok(offset),
+            _ => Err(out_of_range()),
         }
     }
 
-    fn read(&self, sector: u64, data: &mut Writer<'_>) -> Result<(), RequestError> {
-        let mut offset = self.range(sector, data.available_bytes())?;
-        let mut buf = vec![0u8; data.available_bytes().min(CHUNK)];
-        while data.available_bytes() > 0 {
-            let n = data.available_bytes().min(buf.len());
-            self.disk
-                .read_exact_at(&mut buf[..n], offset)
-                .map_err(RequestError::Io)?;
-            data.write_all(&buf[..n]).map_err(RequestError::Guest)?;
-            offset += n as u64;
-        }
-        Ok(())
+    fn disk_at(&self, offset: u64) -> Result<&File, RequestError> {
+        let mut disk = &*self.disk;
+        disk.seek(SeekFrom::Start(offset))
+            .map_err(RequestError::Io)?;
+        Ok(disk)
     }
 
-    fn write(&self, sector: u64, data: &mut Reader<'_>) -> Result<(), RequestError> {
-        if self.read_only {
-            return Err(RequestError::ReadOnly);
+    /// Runs the request; returns the bytes it wrote to guest memory.
+    fn execute(&self, descs: &[Descriptor], mem: &GuardedMemory<'_>) -> Result<u32, RequestError> {
+        let (header, data) = descs.split_first().ok_or(RequestError::Header)?;
+        if header.is_write_only() || header.len() < HEADER {
+            return Err(RequestError::Header);
         }
-        let mut offset = self.range(sector, data.available_bytes())?;
-        let mut buf = vec![0u8; data.available_bytes().min(CHUNK)];
-        while data.available_bytes() > 0 {
-            let n = data.available_bytes().min(buf.len());
-            data.read_exact(&mut buf[..n])
-                .map_err(RequestError::Guest)?;
-            self.disk
-                .write_all_at(&buf[..n], offset)
-                .map_err(RequestError::Io)?;
-            offset += n as u64;
-        }
-        Ok(())
-    }
-
-    fn execute(&self, reader: &mut Reader<'_>, data: &mut Writer<'_>) -> Result<(), RequestError> {
-        let mut header = [0u8; 16];
-        reader
-            .read_exact(&mut header)
-            .map_err(RequestError::Header)?;
-        let kind = u32::from_le_bytes(header[..4].try_into().expect("4 bytes"));
-        let sector = u64::from_le_bytes(header[8..].try_into().expect("8 bytes"));
+        let mut raw = [0u8; HEADER as usize];
+        mem.read_slice(&mut raw, header.addr())
+            .map_err(RequestError::Guest)?;
+        let kind = u32::from_le_bytes([raw[0], raw[1], raw[2], raw[3]]);
+        let sector = u64::from_le_bytes(raw[8..].try_into().unwrap_or_default());
         match kind {
-            VIRTIO_BLK_T_IN => self.read(sector, data),
-            VIRTIO_BLK_T_OUT => self.write(sector, reader),
-            VIRTIO_BLK_T_FLUSH => self.disk.sync_all().map_err(RequestError::Io),
+            VIRTIO_BLK_T_IN => {
+                let mut disk = self.disk_at(self.place(sector, data, true)?)?;
+                let mut written = 0u32;
+                for d in data {
+                    mem.read_exact_volatile_from(d.addr(), &mut disk, d.len() as usize)
+                        .map_err(RequestError::Guest)?;
+                    written = written.saturating_add(d.len());
+                }
+                Ok(written)
+            }
+            VIRTIO_BLK_T_OUT => {
+                if self.read_only {
+                    return Err(RequestError::ReadOnly);
+                }
+                let mut disk = self.disk_at(self.place(sector, data, false)?)?;
+                for d in data {
+                    mem.write_all_volatile_to(d.addr(), &mut disk, d.len() as usize)
+                        .map_err(RequestError::Guest)?;
+                }
+                Ok(0)
+            }
+            VIRTIO_BLK_T_FLUSH => self.disk.sync_all().map(|()| 0).map_err(RequestError::Io),
             VIRTIO_BLK_T_GET_ID => {
-                let n = data.available_bytes().min(self.id.len());
-                data.write_all(&self.id[..n]).map_err(RequestError::Guest)
+                let d = data
+                    .first()
+                    .filter(|d| d.is_write_only())
+                    .ok_or(RequestError::Direction)?;
+                let n = (d.len() as usize).min(self.id.len());
+                mem.write_slice(&self.id[..n], d.addr())
+                    .map_err(RequestError::Guest)?;
+                Ok(n as u32)
             }
             other => Err(RequestError::Unsupported(other)),
         }
     }
 
-    /// Serves one chain; returns the bytes written to guest memory (the used length).
-    fn serve<'m>(
-        &self,
-        chain: DescriptorChain<&'m GuardedMemory<'m>>,
-        mem: &'m GuardedMemory<'m>,
-    ) -> u32 {
-        let mut writer = match chain.clone().writer(mem) {
-            Ok(w) => w,
-            Err(e) => {
-                log::debug!("virtio-blk: unusable writable buffers: {e}");
-                return 0;
-            }
+    /// Serves one chain; returns the used length (bytes written to guest memory).
+    fn serve(&self, chain: DescriptorChain<&GuardedMemory<'_>>, mem: &GuardedMemory<'_>) -> u32 {
+        let descs: Vec<Descriptor> = chain.collect();
+        let Some((status, rest)) = descs.split_last() else {
+            log::debug!("virtio-blk: empty chain");
+            return 0;
         };
-        let writable = writer.available_bytes();
-        if writable == 0 {
+        // A last descriptor that still points on was cut short: a loop, or a bad index.
+        if status.has_next() || !status.is_write_only() || status.len() == 0 {
             log::debug!("virtio-blk: request without a status byte");
             return 0;
         }
-        let mut status = match writer.split_at(writable - 1) {
-            Ok(s) => s,
+        let Some(status_addr) = status.addr().0.checked_add(u64::from(status.len()) - 1) else {
+            return 0;
+        };
+        let (code, written) = match self.execute(rest, mem) {
+            Ok(written) => (VIRTIO_BLK_S_OK as u8, written),
             Err(e) => {
                 log::debug!("virtio-blk: {e}");
-                return 0;
+                (e.status(), 0)
             }
         };
-        let result = match chain.reader(mem) {
-            Ok(mut reader) => self.execute(&mut reader, &mut writer),
-            Err(e) => Err(RequestError::Header(std::io::Error::other(e.to_string()))),
-        };
-        let code = match result {
-            Ok(()) => VIRTIO_BLK_S_OK as u8,
+        match mem.write_obj(code, GuestAddress(status_addr)) {
+            Ok(()) => written.saturating_add(1),
             Err(e) => {
-                log::debug!("virtio-blk: {e}");
-                e.status()
+                log::debug!("virtio-blk: cannot write the status: {e}");
+                0
             }
-        };
-        if let Err(e) = status.write_all(&[code]) {
-            log::debug!("virtio-blk: cannot write the status: {e}");
         }
-        u32::try_from(writer.bytes_written() + status.bytes_written()).unwrap_or(u32::MAX)
     }
 }
 
