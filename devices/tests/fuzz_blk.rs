@@ -12,12 +12,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use devices::virtio::block::Block;
-use devices::virtio::{Interrupt, MmioTransport};
-use memory::{GuardedMemory, RegionSpec, RegionTable, TableConfig};
-use vm_device::bus::MmioAddress;
-use vm_device::MutDeviceMmio;
+use memory::GuardedMemory;
 use vm_memory::{Bytes, GuestAddress};
-use vmm_sys_util::eventfd::EventFd;
+
+mod common;
+use common::Rig;
 
 const MEMORY: u64 = 4 << 20;
 const QSIZE: u16 = 16;
@@ -46,24 +45,7 @@ impl Rng {
     }
 }
 
-struct Rig {
-    transport: MmioTransport,
-    table: Arc<RegionTable>,
-}
-
 impl Rig {
-    fn read(&mut self, offset: u64) -> u32 {
-        let mut data = [0u8; 4];
-        self.transport.mmio_read(MmioAddress(0), offset, &mut data);
-        u32::from_le_bytes(data)
-    }
-    fn write(&mut self, offset: u64, value: u32) {
-        self.transport
-            .mmio_write(MmioAddress(0), offset, &value.to_le_bytes());
-    }
-    fn needs_reset(&mut self) -> bool {
-        self.read(0x70) & 64 != 0
-    }
     fn set_up(&mut self, mem: &GuardedMemory<'_>) {
         mem.write_slice(&[0u8; 0x3000], GuestAddress(DESC)).unwrap();
         self.write(0x70, 0);
@@ -129,26 +111,8 @@ fn random_requests_never_hang_panic_or_grow_the_disk() {
     let dir = tempfile::tempdir().unwrap();
     let disk = dir.path().join("disk.img");
     std::fs::write(&disk, vec![0x33u8; (DISK_SECTORS * 512) as usize]).unwrap();
-    let table = Arc::new(RegionTable::new(
-        Arc::new(memory::NoSlots),
-        None,
-        TableConfig::default(),
-    ));
-    table
-        .insert(RegionSpec::anonymous(GuestAddress(0), MEMORY), None)
-        .unwrap();
-    let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
     let device = Block::new(&disk, false, "vda").unwrap();
-    let transport = MmioTransport::new(
-        Box::new(device),
-        Arc::clone(&table),
-        Arc::new(Interrupt::new(irq)),
-    )
-    .unwrap();
-    let mut rig = Rig {
-        transport,
-        table: Arc::clone(&table),
-    };
+    let mut rig = common::rig(Box::new(device), MEMORY);
     let table = Arc::clone(&rig.table);
     let mem = GuardedMemory::lock_all(&table, None).unwrap();
 

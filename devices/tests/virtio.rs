@@ -10,8 +10,7 @@ use std::time::{Duration, Instant};
 
 use devices::virtio::block::Block;
 use devices::virtio::rng::Rng;
-use devices::virtio::{Interrupt, MmioTransport, VirtioDevice};
-use memory::{GuardedMemory, RegionSpec, RegionTable, TableConfig};
+use memory::GuardedMemory;
 use virtio_bindings::bindings::virtio_blk::{
     VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_FLUSH,
     VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
@@ -19,10 +18,10 @@ use virtio_bindings::bindings::virtio_blk::{
 use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::{split::Descriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
-use vm_device::bus::MmioAddress;
-use vm_device::MutDeviceMmio;
 use vm_memory::{Bytes, GuestAddress};
-use vmm_sys_util::eventfd::EventFd;
+
+mod common;
+use common::{Rig, NEEDS_RESET};
 
 const MIB: u64 = 1 << 20;
 const MEMORY: u64 = 16 * MIB;
@@ -33,45 +32,8 @@ const DEADLINE: Duration = Duration::from_secs(10);
 const STATUS_ACK_DRIVER: u32 = 1 | 2;
 const FEATURES_OK: u32 = 8;
 const DRIVER_OK: u32 = 4;
-const NEEDS_RESET: u32 = 64;
-
-struct Rig {
-    transport: MmioTransport,
-    table: Arc<RegionTable>,
-    irq: EventFd,
-}
-
-fn rig(device: Box<dyn VirtioDevice>) -> Rig {
-    let table = Arc::new(RegionTable::new(
-        Arc::new(memory::NoSlots),
-        None,
-        TableConfig::default(),
-    ));
-    table
-        .insert(RegionSpec::anonymous(GuestAddress(0), MEMORY), None)
-        .unwrap();
-    let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-    let interrupt = Arc::new(Interrupt::new(irq.try_clone().unwrap()));
-    let transport = MmioTransport::new(device, Arc::clone(&table), interrupt).unwrap();
-    Rig {
-        transport,
-        table,
-        irq,
-    }
-}
 
 impl Rig {
-    fn read(&mut self, offset: u64) -> u32 {
-        let mut data = [0u8; 4];
-        self.transport.mmio_read(MmioAddress(0), offset, &mut data);
-        u32::from_le_bytes(data)
-    }
-
-    fn write(&mut self, offset: u64, value: u32) {
-        self.transport
-            .mmio_write(MmioAddress(0), offset, &value.to_le_bytes());
-    }
-
     /// Negotiates every offered feature and sets up queue 0 at the mock's rings, of `size`.
     fn set_up(&mut self, mock: &MockSplitQueue<'_, GuardedMemory<'_>>, size: u32) {
         self.write(0x70, 0);
@@ -178,9 +140,8 @@ fn status_at(mem: &GuardedMemory<'_>, addr: u64) -> u32 {
 #[test]
 fn transport_identifies_the_device_and_refuses_unoffered_features() {
     let dir = tempfile::tempdir().unwrap();
-    let mut r = rig(Box::new(
-        Block::new(&disk(dir.path(), 8), false, "vda").unwrap(),
-    ));
+    let device = Block::new(&disk(dir.path(), 8), false, "vda").unwrap();
+    let mut r = common::rig(Box::new(device), MEMORY);
     assert_eq!(r.read(0x0), 0x7472_6976);
     assert_eq!(r.read(0x4), 2);
     assert_eq!(r.read(0x8), 2, "block device id");
@@ -203,7 +164,7 @@ fn transport_identifies_the_device_and_refuses_unoffered_features() {
 fn block_writes_reads_flushes_and_identifies() {
     let dir = tempfile::tempdir().unwrap();
     let path = disk(dir.path(), 64);
-    let mut r = rig(Box::new(Block::new(&path, false, "vda").unwrap()));
+    let mut r = common::rig(Box::new(Block::new(&path, false, "vda").unwrap()), MEMORY);
     let table = Arc::clone(&r.table);
     let mem = GuardedMemory::lock_all(&table, None).unwrap();
     let mock = MockSplitQueue::new(&mem, 16);
@@ -251,7 +212,7 @@ fn block_writes_reads_flushes_and_identifies() {
 fn read_only_disk_refuses_writes_and_reads_beyond_the_end_fail() {
     let dir = tempfile::tempdir().unwrap();
     let path = disk(dir.path(), 8);
-    let mut r = rig(Box::new(Block::new(&path, true, "vdb").unwrap()));
+    let mut r = common::rig(Box::new(Block::new(&path, true, "vdb").unwrap()), MEMORY);
     assert_ne!(r.read(0x10) & (1 << 5), 0, "VIRTIO_BLK_F_RO offered");
     let table = Arc::clone(&r.table);
     let mem = GuardedMemory::lock_all(&table, None).unwrap();
@@ -281,7 +242,7 @@ fn hostile_chains_fail_alone() {
     let dir = tempfile::tempdir().unwrap();
     let path = disk(dir.path(), 64);
     std::fs::write(&path, vec![0x5a; 64 * 512]).unwrap();
-    let mut r = rig(Box::new(Block::new(&path, false, "vda").unwrap()));
+    let mut r = common::rig(Box::new(Block::new(&path, false, "vda").unwrap()), MEMORY);
     let table = Arc::clone(&r.table);
     let mem = GuardedMemory::lock_all(&table, None).unwrap();
     let mock = MockSplitQueue::new(&mem, 64);
@@ -373,7 +334,7 @@ fn hostile_chains_fail_alone() {
 fn bad_queue_setup_needs_reset_and_a_reset_recovers() {
     let dir = tempfile::tempdir().unwrap();
     let path = disk(dir.path(), 8);
-    let mut r = rig(Box::new(Block::new(&path, false, "vda").unwrap()));
+    let mut r = common::rig(Box::new(Block::new(&path, false, "vda").unwrap()), MEMORY);
     let table = Arc::clone(&r.table);
     let mem = GuardedMemory::lock_all(&table, None).unwrap();
     let mock = MockSplitQueue::new(&mem, 16);
@@ -408,7 +369,7 @@ fn bad_queue_setup_needs_reset_and_a_reset_recovers() {
 fn corrupt_available_index_needs_reset() {
     let dir = tempfile::tempdir().unwrap();
     let path = disk(dir.path(), 8);
-    let mut r = rig(Box::new(Block::new(&path, false, "vda").unwrap()));
+    let mut r = common::rig(Box::new(Block::new(&path, false, "vda").unwrap()), MEMORY);
     let table = Arc::clone(&r.table);
     let mem = GuardedMemory::lock_all(&table, None).unwrap();
     let mock = MockSplitQueue::new(&mem, 16);
@@ -433,7 +394,7 @@ fn corrupt_available_index_needs_reset() {
 
 #[test]
 fn rng_fills_buffers() {
-    let mut r = rig(Box::new(Rng::default()));
+    let mut r = common::rig(Box::new(Rng::default()), MEMORY);
     assert_eq!(r.read(0x8), 4, "entropy device id");
     let table = Arc::clone(&r.table);
     let mem = GuardedMemory::lock_all(&table, None).unwrap();

@@ -4,9 +4,9 @@ use std::io::Write;
 
 use memory::GuardedMemory;
 use virtio_bindings::virtio_ids::VIRTIO_ID_RNG;
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::DescriptorChain;
 
-use super::worker::{self, QueueError, QueueHandler, WorkerHandle};
+use super::worker::{self, QueueHandler, WorkerHandle};
 use super::{ActivateError, Activation, VirtioDevice, VIRTIO_F_VERSION_1};
 
 const QUEUE_SIZE: u16 = 256;
@@ -19,7 +19,9 @@ pub struct Rng {
     worker: Option<WorkerHandle>,
 }
 
-struct RngHandler;
+struct RngHandler {
+    buf: Vec<u8>,
+}
 
 /// Fills `buf` from getrandom.
 fn fill_random(buf: &mut [u8]) -> std::io::Result<()> {
@@ -42,36 +44,28 @@ fn fill_random(buf: &mut [u8]) -> std::io::Result<()> {
 }
 
 impl QueueHandler for RngHandler {
-    fn process(
+    fn serve(
         &mut self,
         _index: usize,
-        queue: &mut Queue,
+        chain: DescriptorChain<&GuardedMemory<'_>>,
         mem: &GuardedMemory<'_>,
-    ) -> Result<bool, QueueError> {
-        let chains: Vec<_> = queue.iter(mem)?.collect();
-        let used = !chains.is_empty();
-        let mut buf = vec![0u8; MAX_REQUEST];
-        for chain in chains {
-            let head = chain.head_index();
-            let len = match chain.writer(mem) {
-                Ok(mut writer) => {
-                    let n = writer.available_bytes().min(MAX_REQUEST);
-                    match fill_random(&mut buf[..n]).and_then(|()| writer.write_all(&buf[..n])) {
-                        Ok(()) => n as u32,
-                        Err(e) => {
-                            log::debug!("virtio-rng: {e}");
-                            writer.bytes_written() as u32
-                        }
-                    }
-                }
-                Err(e) => {
-                    log::debug!("virtio-rng: unusable buffers: {e}");
-                    0
-                }
-            };
-            queue.add_used(mem, head, len)?;
+    ) -> u32 {
+        let mut writer = match chain.writer(mem) {
+            Ok(writer) => writer,
+            Err(e) => {
+                log::debug!("virtio-rng: unusable buffers: {e}");
+                return 0;
+            }
+        };
+        let n = writer.available_bytes().min(MAX_REQUEST);
+        let buf = &mut self.buf[..n];
+        match fill_random(buf).and_then(|()| writer.write_all(buf)) {
+            Ok(()) => n as u32,
+            Err(e) => {
+                log::debug!("virtio-rng: {e}");
+                writer.bytes_written() as u32
+            }
         }
-        Ok(used)
     }
 }
 
@@ -96,7 +90,13 @@ impl VirtioDevice for Rng {
         if self.worker.is_some() {
             return Err(ActivateError::AlreadyActive);
         }
-        self.worker = Some(worker::spawn("kite_rng".into(), activation, RngHandler)?);
+        self.worker = Some(worker::spawn(
+            "kite_rng".into(),
+            activation,
+            RngHandler {
+                buf: vec![0; MAX_REQUEST],
+            },
+        )?);
         Ok(())
     }
 

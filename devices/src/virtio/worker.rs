@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use memory::{GuardedMemory, RegionTable};
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{ActivateError, Activation, Interrupt, INT_CONFIG, INT_VRING};
@@ -31,13 +31,31 @@ pub enum QueueError {
 
 /// A device's request processing.
 pub trait QueueHandler: Send + 'static {
-    /// Serves the available requests of queue `index`; returns whether any was used.
-    fn process(
+    /// Serves one request of queue `index`; returns the bytes it wrote to guest memory
+    /// (the used length).
+    fn serve(
         &mut self,
         index: usize,
-        queue: &mut Queue,
+        chain: DescriptorChain<&GuardedMemory<'_>>,
         mem: &GuardedMemory<'_>,
-    ) -> Result<bool, QueueError>;
+    ) -> u32;
+}
+
+/// Serves every available request of `queue`; returns whether any was used.
+fn serve_available<H: QueueHandler>(
+    handler: &mut H,
+    index: usize,
+    queue: &mut Queue,
+    mem: &GuardedMemory<'_>,
+) -> Result<bool, QueueError> {
+    let chains: Vec<_> = queue.iter(mem)?.collect();
+    let used = !chains.is_empty();
+    for chain in chains {
+        let head = chain.head_index();
+        let len = handler.serve(index, chain, mem);
+        queue.add_used(mem, head, len)?;
+    }
+    Ok(used)
 }
 
 struct Worker<H: QueueHandler> {
@@ -61,7 +79,7 @@ impl<H: QueueHandler> Worker<H> {
             .map_err(QueueError::from)
             .and_then(|mem| {
                 let queue = &mut self.queues[index];
-                let used = self.handler.process(index, queue, &mem)?;
+                let used = serve_available(&mut self.handler, index, queue, &mem)?;
                 Ok(used && queue.needs_notification(&mem)?)
             });
         match result {

@@ -19,11 +19,11 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
 };
 use virtio_queue::desc::split::Descriptor;
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use virtio_queue::DescriptorChain;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::SECTOR_SIZE;
-use crate::virtio::worker::{QueueError, QueueHandler};
+use crate::virtio::worker::QueueHandler;
 
 /// Bytes of a request header.
 const HEADER: u32 = 16;
@@ -142,9 +142,15 @@ impl BlockHandler {
             other => Err(RequestError::Unsupported(other)),
         }
     }
+}
 
-    /// Serves one chain; returns the used length (bytes written to guest memory).
-    fn serve(&self, chain: DescriptorChain<&GuardedMemory<'_>>, mem: &GuardedMemory<'_>) -> u32 {
+impl QueueHandler for BlockHandler {
+    fn serve(
+        &mut self,
+        _index: usize,
+        chain: DescriptorChain<&GuardedMemory<'_>>,
+        mem: &GuardedMemory<'_>,
+    ) -> u32 {
         let descs: Vec<Descriptor> = chain.collect();
         let Some((status, rest)) = descs.split_last() else {
             log::debug!("virtio-blk: empty chain");
@@ -172,23 +178,5 @@ impl BlockHandler {
                 0
             }
         }
-    }
-}
-
-impl QueueHandler for BlockHandler {
-    fn process(
-        &mut self,
-        _index: usize,
-        queue: &mut Queue,
-        mem: &GuardedMemory<'_>,
-    ) -> Result<bool, QueueError> {
-        let chains: Vec<_> = queue.iter(mem)?.collect();
-        let used = !chains.is_empty();
-        for chain in chains {
-            let head = chain.head_index();
-            let len = self.serve(chain, mem);
-            queue.add_used(mem, head, len)?;
-        }
-        Ok(used)
     }
 }
