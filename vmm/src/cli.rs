@@ -48,6 +48,29 @@ struct Cli {
 enum Command {
     /// Boot a guest; its console is on stdin/stdout.
     Run(RunArgs),
+    /// Talk to a running VM through its control socket.
+    Remote(RemoteArgs),
+}
+
+#[derive(Debug, Args)]
+struct RemoteArgs {
+    /// The VM's control socket (kite run --api-socket).
+    #[arg(long, value_name = "PATH")]
+    api_socket: PathBuf,
+    #[command(subcommand)]
+    request: RemoteRequest,
+}
+
+#[derive(Debug, Subcommand)]
+enum RemoteRequest {
+    /// Print the VM's memory sizes, hotplug latencies and region-table metrics as JSON.
+    Info,
+    /// Ask the guest to plug or unplug memory until it has this much in all.
+    Resize {
+        /// The new total guest memory (boot memory + hotplugged), e.g. 2G.
+        #[arg(long, value_name = "SIZE")]
+        memory: String,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -73,6 +96,9 @@ struct RunArgs {
     /// A virtio-rng device (host getrandom).
     #[arg(long)]
     rng: bool,
+    /// Serve the control socket here (kite remote talks to it).
+    #[arg(long, value_name = "PATH")]
+    api_socket: Option<PathBuf>,
     /// JSON configuration mirroring these flags; flags given as well override it.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -80,7 +106,8 @@ struct RunArgs {
 
 /// The kernel command line without `--cmdline`.
 pub fn default_cmdline() -> String {
-    let mut cmdline = String::from("console=ttyS0 reboot=k panic=-1 pci=off");
+    let mut cmdline =
+        String::from("console=ttyS0 reboot=k panic=-1 pci=off memhp_default_state=online_movable");
     if on_kvm_pvm_host() {
         // Instructions this host's KVM cannot emulate in guest kernel mode but shows through
         // CPUID anyway: the kernel must not use them.
@@ -214,6 +241,45 @@ fn default_or_given(config: &VmConfig) -> Result<(PathBuf, Option<PathBuf>), Fai
     Ok((kernel, initramfs))
 }
 
+/// How long `kite remote` waits for the VM's answer.
+const REMOTE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+fn remote(args: RemoteArgs) -> i32 {
+    let request = match &args.request {
+        RemoteRequest::Info => serde_json::json!({"command": "info"}),
+        RemoteRequest::Resize { memory } => {
+            if let Err(e) = memory.parse::<crate::config::Size>() {
+                eprintln!("kite: --memory: {e}");
+                return exit::BAD_ARGUMENTS;
+            }
+            serde_json::json!({"command": "resize", "memory": memory})
+        }
+    };
+    match crate::api::call(&args.api_socket, &request, REMOTE_TIMEOUT) {
+        Ok(reply) if reply.get("ok") == Some(&serde_json::Value::Bool(true)) => {
+            if matches!(args.request, RemoteRequest::Info) {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&reply).unwrap_or_default()
+                );
+            }
+            0
+        }
+        Ok(reply) => {
+            let why = reply
+                .get("error")
+                .and_then(|e| e.as_str())
+                .unwrap_or("error");
+            eprintln!("kite: the VM refused: {why}");
+            exit::VMM_ERROR
+        }
+        Err(e) => {
+            eprintln!("kite: --api-socket {}: {e}", args.api_socket.display());
+            exit::VMM_ERROR
+        }
+    }
+}
+
 fn run(args: RunArgs) -> i32 {
     let prepared = args.config().and_then(|config| {
         let files = boot_files(&config)?;
@@ -242,6 +308,11 @@ fn run(args: RunArgs) -> i32 {
         memory: config.memory.size.bytes(),
         disks: &config.disks,
         rng: config.rng,
+        hotplug: config
+            .memory
+            .hotplug_size
+            .map(|s| (s.bytes(), config.memory.hotplug_backing)),
+        api_socket: args.api_socket.as_deref(),
         console: Box::new(std::io::stdout()),
     };
     let rip = |rip: Option<u64>| rip.map_or_else(|| "unknown".into(), |r| format!("{r:#x}"));
@@ -320,5 +391,6 @@ pub fn main() -> i32 {
     }
     match cli.command {
         Command::Run(args) => run(args),
+        Command::Remote(args) => remote(args),
     }
 }

@@ -80,6 +80,21 @@ pub enum ConfigError {
         /// The value given.
         value: String,
     },
+    /// A key with a fixed set of values has another.
+    #[error("--{option}: {key}='{value}' is not one of {choices}")]
+    BadChoice {
+        /// The flag.
+        option: &'static str,
+        /// The key.
+        key: &'static str,
+        /// The value given.
+        value: String,
+        /// The values allowed.
+        choices: &'static str,
+    },
+    /// A hotplug area that is not whole blocks, or too large.
+    #[error("--memory: hotplug_size={} must be a multiple of {} MiB, at most {} GiB", Size(*.0), HOTPLUG_BLOCK >> 20, MAX_MEMORY >> 30)]
+    HotplugSize(u64),
     /// More virtio devices than interrupt lines for them.
     #[error("{0} virtio devices is too many (at most {MAX_VIRTIO_DEVICES})")]
     TooManyDevices(usize),
@@ -253,12 +268,34 @@ impl FromStr for CpusConfig {
 pub struct MemoryConfig {
     /// Guest RAM at boot.
     pub size: Size,
+    /// Size of the hotplug area (virtio-mem) above guest RAM; none without it.
+    #[serde(default)]
+    pub hotplug_size: Option<Size>,
+    /// How hotplugged memory is backed.
+    #[serde(default)]
+    pub hotplug_backing: HotplugBacking,
 }
+
+/// `hotplug_backing=`: how hotplugged memory is backed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HotplugBacking {
+    /// Private anonymous memory, populated by the host kernel on first touch.
+    #[default]
+    Anon,
+    /// Populated on first touch through userfaultfd by Kite's fault-handler thread.
+    Lazy,
+}
+
+/// Hotplug granularity (virtio-mem's block, Linux's memory block on x86_64).
+pub const HOTPLUG_BLOCK: u64 = 128 << 20;
 
 impl Default for MemoryConfig {
     fn default() -> Self {
         MemoryConfig {
             size: Size(DEFAULT_MEMORY),
+            hotplug_size: None,
+            hotplug_backing: HotplugBacking::Anon,
         }
     }
 }
@@ -267,14 +304,39 @@ impl FromStr for MemoryConfig {
     type Err = ConfigError;
 
     fn from_str(s: &str) -> Result<Self, ConfigError> {
-        let options = parse_options("memory", s, &["size"])?;
-        let (_, size) = options.first().ok_or(ConfigError::MissingKey {
-            option: "memory",
-            key: "size",
-        })?;
-        Ok(MemoryConfig {
-            size: size.parse()?,
-        })
+        let mut memory = MemoryConfig::default();
+        let mut sized = false;
+        let keys = ["size", "hotplug_size", "hotplug_backing"];
+        for (key, value) in parse_options("memory", s, &keys)? {
+            match key {
+                "size" => {
+                    memory.size = value.parse()?;
+                    sized = true;
+                }
+                "hotplug_size" => memory.hotplug_size = Some(value.parse()?),
+                _ => {
+                    memory.hotplug_backing = match value {
+                        "anon" => HotplugBacking::Anon,
+                        "lazy" => HotplugBacking::Lazy,
+                        _ => {
+                            return Err(ConfigError::BadChoice {
+                                option: "memory",
+                                key: "hotplug_backing",
+                                value: value.to_string(),
+                                choices: "anon, lazy",
+                            })
+                        }
+                    }
+                }
+            }
+        }
+        if !sized {
+            return Err(ConfigError::MissingKey {
+                option: "memory",
+                key: "size",
+            });
+        }
+        Ok(memory)
     }
 }
 
@@ -385,7 +447,13 @@ impl VmConfig {
         if size % memory::PAGE_SIZE != 0 {
             return Err(ConfigError::MemoryUnaligned(size));
         }
-        let devices = self.disks.len() + usize::from(self.rng);
+        if let Some(Size(hotplug)) = self.memory.hotplug_size {
+            if hotplug % HOTPLUG_BLOCK != 0 || hotplug > MAX_MEMORY {
+                return Err(ConfigError::HotplugSize(hotplug));
+            }
+        }
+        let hotplug = usize::from(self.memory.hotplug_size.is_some_and(|s| s.0 > 0));
+        let devices = self.disks.len() + usize::from(self.rng) + hotplug;
         if devices > MAX_VIRTIO_DEVICES {
             return Err(ConfigError::TooManyDevices(devices));
         }
@@ -447,6 +515,33 @@ mod tests {
             "boot=two".parse::<CpusConfig>(),
             Err(ConfigError::BadCount("two".into()))
         );
+    }
+
+    #[test]
+    fn hotplug_keys_parse_and_are_checked() {
+        let m: MemoryConfig = "size=512M,hotplug_size=4G,hotplug_backing=lazy"
+            .parse()
+            .unwrap();
+        assert_eq!(m.hotplug_size, Some(Size(4 << 30)));
+        assert_eq!(m.hotplug_backing, HotplugBacking::Lazy);
+        assert!(matches!(
+            "hotplug_size=1G".parse::<MemoryConfig>(),
+            Err(ConfigError::MissingKey { key: "size", .. })
+        ));
+        assert!(matches!(
+            "size=1G,hotplug_backing=file".parse::<MemoryConfig>(),
+            Err(ConfigError::BadChoice { .. })
+        ));
+        let c = VmConfig {
+            memory: "size=512M,hotplug_size=100M".parse().unwrap(),
+            ..VmConfig::default()
+        };
+        assert_eq!(c.validate(), Err(ConfigError::HotplugSize(100 << 20)));
+        let json: VmConfig = serde_json::from_str(
+            r#"{"memory": {"size": "512M", "hotplug_size": "2G", "hotplug_backing": "lazy"}}"#,
+        )
+        .unwrap();
+        assert_eq!(json.memory.hotplug_backing, HotplugBacking::Lazy);
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //!
 //! [`machine::run`] builds and runs one VM; [`cli::main`] is the `kite` binary.
 
+pub mod api;
 pub mod arch;
 pub mod cli;
 pub mod config;

@@ -12,18 +12,20 @@ use devices::legacy::{
     SERIAL_PORT_BASE, SERIAL_PORT_LEN,
 };
 use devices::virtio::block::{Block, BlockError};
+use devices::virtio::mem::{Mem, MemBacking, MemControl};
 use devices::virtio::mmio::{MMIO_WINDOW, QUEUE_NOTIFY_OFFSET};
 use devices::virtio::rng::Rng;
 use devices::virtio::{Interrupt, MmioTransport, VirtioDevice};
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
-use memory::{GuardedMemory, RegionSpec, RegionTable, TableConfig};
+use memory::{FaultHandler, GuardedMemory, LazyPages, RegionSpec, RegionTable, TableConfig};
 use vm_device::bus::{MmioAddress, MmioRange, PioAddress, PioRange};
 use vm_device::device_manager::{IoManager, MmioManager, PioManager};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::api::{ApiContext, ApiError, ApiServer};
 use crate::arch::x86_64::boot::{self, BootError, BootSpec};
 use crate::arch::x86_64::layout;
-use crate::config::DiskConfig;
+use crate::config::{DiskConfig, HotplugBacking};
 use crate::console::{ConsoleInput, ConsoleOutput, RawTerminal};
 use crate::signals;
 use crate::vstate::vcpu::{install_kick_handler, Vcpu, VcpuError, VcpuStop};
@@ -61,6 +63,12 @@ pub enum MachineError {
     /// A disk could not be opened.
     #[error(transparent)]
     Disk(#[from] BlockError),
+    /// The control socket could not be started.
+    #[error(transparent)]
+    Api(#[from] ApiError),
+    /// The userfaultfd fault handler could not be started.
+    #[error("lazy hotplug memory: {0}")]
+    Lazy(#[from] memory::LazyError),
     /// A VM without vCPUs.
     #[error("a VM needs at least one vCPU")]
     NoVcpus,
@@ -86,9 +94,9 @@ impl MachineError {
         match self {
             MachineError::Boot(e) if e.is_bad_input() => Blame::InputFile,
             MachineError::Disk(_) => Blame::InputFile,
-            MachineError::Vm(VmError::TooManyVcpus { .. }) | MachineError::NoVcpus => {
-                Blame::Arguments
-            }
+            MachineError::Vm(VmError::TooManyVcpus { .. })
+            | MachineError::NoVcpus
+            | MachineError::Api(_) => Blame::Arguments,
             _ => Blame::Vmm,
         }
     }
@@ -139,6 +147,10 @@ pub struct MachineSpec<'a> {
     pub disks: &'a [DiskConfig],
     /// Whether to add a virtio-rng device.
     pub rng: bool,
+    /// The hotplug area's size and backing, if any.
+    pub hotplug: Option<(u64, HotplugBacking)>,
+    /// Where to serve the control socket, if anywhere.
+    pub api_socket: Option<&'a Path>,
     /// Guest console output.
     pub console: Box<dyn Write + Send>,
 }
@@ -225,6 +237,7 @@ fn add_virtio_devices(
     vm: &Vm,
     table: &Arc<RegionTable>,
     spec: &MachineSpec<'_>,
+    hotplug: Option<Arc<MemControl>>,
     io: &mut IoManager,
     cmdline: &mut String,
 ) -> Result<(), MachineError> {
@@ -235,6 +248,9 @@ fn add_virtio_devices(
     }
     if spec.rng {
         devices.push(Box::<Rng>::default());
+    }
+    if let Some(control) = hotplug {
+        devices.push(Box::new(Mem::new(control)));
     }
     for (i, device) in devices.into_iter().enumerate() {
         let base = layout::VIRTIO_MMIO_BASE + i as u64 * MMIO_WINDOW;
@@ -272,9 +288,13 @@ pub fn run(spec: MachineSpec<'_>) -> Result<VmEnd, MachineError> {
     vm.check_vcpu_count(u32::from(spec.cpus))?;
 
     // Guest RAM: the region table is the one description of the layout; KVM slots follow it.
+    let lazy: Option<Arc<dyn LazyPages>> = match spec.hotplug {
+        Some((_, HotplugBacking::Lazy)) => Some(FaultHandler::start()?),
+        _ => None,
+    };
     let table = Arc::new(RegionTable::new(
         vm.memory_slots(),
-        None,
+        lazy,
         TableConfig {
             max_slots: vm.max_memslots(),
             ..TableConfig::default()
@@ -288,9 +308,37 @@ pub fn run(spec: MachineSpec<'_>) -> Result<VmEnd, MachineError> {
         .into_iter()
         .map(|(_, start, size)| (start, size))
         .collect();
+    let hotplug = spec
+        .hotplug
+        .filter(|(size, _)| *size > 0)
+        .map(|(size, backing)| {
+            let backing = match backing {
+                HotplugBacking::Anon => MemBacking::Anonymous,
+                HotplugBacking::Lazy => MemBacking::Lazy,
+            };
+            MemControl::new(
+                Arc::clone(&table),
+                layout::hotplug_addr(&ram),
+                size,
+                backing,
+            )
+        });
     let mut io = IoManager::new();
     let mut cmdline = spec.cmdline.to_string();
-    add_virtio_devices(&vm, &table, &spec, &mut io, &mut cmdline)?;
+    add_virtio_devices(&vm, &table, &spec, hotplug.clone(), &mut io, &mut cmdline)?;
+    let _api = spec
+        .api_socket
+        .map(|path| {
+            ApiServer::start(
+                path,
+                ApiContext {
+                    table: Arc::clone(&table),
+                    boot_memory: spec.memory,
+                    hotplug,
+                },
+            )
+        })
+        .transpose()?;
     let entry = {
         let mem = GuardedMemory::lock_all(&table, None)?;
         boot::load(

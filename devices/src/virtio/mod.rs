@@ -7,6 +7,7 @@
 //! are parsed by virtio-queue.
 
 pub mod block;
+pub mod mem;
 pub mod mmio;
 pub mod rng;
 pub mod worker;

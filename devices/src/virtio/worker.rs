@@ -29,6 +29,11 @@ pub enum QueueError {
     Memory(#[from] memory::GuardedMemoryError),
 }
 
+/// The deadline for taking guest memory's read locks from now.
+pub fn memory_deadline() -> memory::Deadline {
+    Some(Instant::now() + MEMORY_DEADLINE)
+}
+
 /// A device's request processing.
 pub trait QueueHandler: Send + 'static {
     /// Serves one request of queue `index`; returns the bytes it wrote to guest memory
@@ -39,6 +44,23 @@ pub trait QueueHandler: Send + 'static {
         chain: DescriptorChain<&GuardedMemory<'_>>,
         mem: &GuardedMemory<'_>,
     ) -> u32;
+
+    /// Serves the available requests of queue `index`; returns whether the driver must be
+    /// notified. By default all of them under one read lock of guest memory; a device whose
+    /// requests change guest memory itself (a writer) must not hold the lock meanwhile.
+    fn process(
+        &mut self,
+        index: usize,
+        queue: &mut Queue,
+        memory: &RegionTable,
+    ) -> Result<bool, QueueError>
+    where
+        Self: Sized,
+    {
+        let mem = GuardedMemory::lock_all(memory, memory_deadline())?;
+        let used = serve_available(self, index, queue, &mem)?;
+        Ok(used && queue.needs_notification(&mem)?)
+    }
 }
 
 /// Serves every available request of `queue`; returns whether any was used.
@@ -74,14 +96,9 @@ impl<H: QueueHandler> Worker<H> {
         if self.needs_reset.load(Ordering::Acquire) {
             return;
         }
-        let deadline = Some(Instant::now() + MEMORY_DEADLINE);
-        let result = GuardedMemory::lock_all(&self.memory, deadline)
-            .map_err(QueueError::from)
-            .and_then(|mem| {
-                let queue = &mut self.queues[index];
-                let used = serve_available(&mut self.handler, index, queue, &mem)?;
-                Ok(used && queue.needs_notification(&mem)?)
-            });
+        let result = self
+            .handler
+            .process(index, &mut self.queues[index], &self.memory);
         match result {
             Ok(true) => self.interrupt.raise(INT_VRING),
             Ok(false) => {}

@@ -66,6 +66,18 @@ pub fn ram_ranges(size: u64) -> Vec<(GuestAddress, u64)> {
     ranges
 }
 
+/// Alignment of the hotplug area.
+pub const HOTPLUG_ALIGN: u64 = 1 << 30;
+
+/// Where the hotplug area starts: above 4 GiB and above all RAM, 1 GiB aligned.
+pub fn hotplug_addr(ram: &[(GuestAddress, u64)]) -> u64 {
+    let end = ram
+        .iter()
+        .map(|(start, size)| start.0 + size)
+        .fold(MMIO_GAP_END, u64::max);
+    end.div_ceil(HOTPLUG_ALIGN) * HOTPLUG_ALIGN
+}
+
 /// The e820 RAM entries for RAM regions `(start, size)`: the regions minus the legacy hole
 /// below 1 MiB. Sorted, as the regions are.
 pub fn e820_ram(regions: &[(GuestAddress, u64)]) -> Vec<(u64, u64)> {
@@ -95,6 +107,12 @@ mod tests {
                 (GuestAddress(MMIO_GAP_END), (4 << 30) - MMIO_GAP_START)
             ]
         );
+    }
+
+    #[test]
+    fn hotplug_area_is_above_ram_and_the_gap() {
+        assert_eq!(hotplug_addr(&ram_ranges(512 << 20)), 4 << 30);
+        assert_eq!(hotplug_addr(&ram_ranges((4 << 30) + (1 << 20))), 6 << 30);
     }
 
     #[test]

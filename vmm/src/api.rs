@@ -1,0 +1,260 @@
+//! The control socket (`--api-socket PATH`): a Unix socket, mode 0600, served by its own
+//! thread. One JSON request per connection, one JSON line back:
+//!
+//! - `{"command": "info"}` → `{"ok": true, "memory": {...}, "region_table": {...}}`
+//! - `{"command": "resize", "memory": "2G"}` (total guest memory, boot RAM included) →
+//!   `{"ok": true}`, or `{"ok": false, "error": "..."}`
+//!
+//! Malformed, unknown or oversized requests get an error reply; the VM is unaffected.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use devices::virtio::mem::MemControl;
+use memory::RegionTable;
+use serde_json::{json, Value};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::config::Size;
+
+/// Largest request read.
+pub const MAX_REQUEST: u64 = 64 << 10;
+/// Longest a client may take to send its request.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Errors starting the control socket.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The socket cannot be made.
+    #[error("--api-socket {path}: {source}")]
+    Socket {
+        /// The path.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// Something other than a stale socket is at the path.
+    #[error("--api-socket {0}: the path exists and is not a socket")]
+    Exists(PathBuf),
+}
+
+/// What the control socket reports on and acts on.
+pub struct ApiContext {
+    /// Guest memory.
+    pub table: Arc<RegionTable>,
+    /// Boot RAM in bytes.
+    pub boot_memory: u64,
+    /// The hotplug area, if any.
+    pub hotplug: Option<Arc<MemControl>>,
+}
+
+/// The running control socket; stopped (and its file removed) when dropped.
+pub struct ApiServer {
+    path: PathBuf,
+    stop: EventFd,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for ApiServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiServer")
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+impl ApiServer {
+    /// Listens on `path` (mode 0600; a stale socket there is replaced).
+    pub fn start(path: &Path, context: ApiContext) -> Result<ApiServer, ApiError> {
+        let socket_error = |source| ApiError::Socket {
+            path: path.to_path_buf(),
+            source,
+        };
+        if let Ok(meta) = std::fs::symlink_metadata(path) {
+            if !meta.file_type().is_socket() {
+                return Err(ApiError::Exists(path.to_path_buf()));
+            }
+            std::fs::remove_file(path).map_err(socket_error)?;
+        }
+        let listener = UnixListener::bind(path).map_err(socket_error)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .map_err(socket_error)?;
+        let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(socket_error)?;
+        let stop_seen = stop.try_clone().map_err(socket_error)?;
+        let thread = std::thread::Builder::new()
+            .name("kite_api".into())
+            .spawn(move || serve(listener, stop_seen, context))
+            .map_err(socket_error)?;
+        Ok(ApiServer {
+            path: path.to_path_buf(),
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        if self.stop.write(1).is_ok() {
+            if let Some(thread) = self.thread.take() {
+                let _ = thread.join();
+            }
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Waits for a connection or the stop event; true for a connection.
+fn wait_for_client(listener: &UnixListener, stop: &EventFd) -> bool {
+    let mut fds = [
+        libc::pollfd {
+            fd: listener.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: stop.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    loop {
+        // SAFETY: `fds` is an array of two valid pollfd structures, its length given.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+        if n < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+            continue;
+        }
+        return n > 0 && fds[1].revents == 0;
+    }
+}
+
+fn serve(listener: UnixListener, stop: EventFd, context: ApiContext) {
+    while wait_for_client(&listener, &stop) {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                if let Err(e) = answer(stream, &context) {
+                    log::debug!("control socket: {e}");
+                }
+            }
+            Err(e) => log::warn!("control socket: accept: {e}"),
+        }
+    }
+}
+
+fn answer(stream: UnixStream, context: &ApiContext) -> std::io::Result<()> {
+    stream.set_read_timeout(Some(CLIENT_TIMEOUT))?;
+    stream.set_write_timeout(Some(CLIENT_TIMEOUT))?;
+    let mut line = Vec::new();
+    BufReader::new((&stream).take(MAX_REQUEST + 1)).read_until(b'\n', &mut line)?;
+    let reply = if line.len() as u64 > MAX_REQUEST {
+        error(format!("request larger than {MAX_REQUEST} bytes"))
+    } else {
+        match serde_json::from_slice::<Value>(&line) {
+            Ok(request) => handle(&request, context),
+            Err(e) => error(format!("not JSON: {e}")),
+        }
+    };
+    let mut out = serde_json::to_vec(&reply).unwrap_or_default();
+    out.push(b'\n');
+    (&stream).write_all(&out)
+}
+
+fn error(message: String) -> Value {
+    json!({"ok": false, "error": message})
+}
+
+/// The reply to `request`.
+pub fn handle(request: &Value, context: &ApiContext) -> Value {
+    match request.get("command").and_then(Value::as_str) {
+        Some("info") => info(context),
+        Some("resize") => resize(request, context),
+        Some(other) => error(format!("unknown command '{other}' (info, resize)")),
+        None => error("no \"command\" (info, resize)".into()),
+    }
+}
+
+fn info(context: &ApiContext) -> Value {
+    let m = context.table.metrics();
+    let waits = &m.writer_waits;
+    let memory = match &context.hotplug {
+        Some(h) => {
+            let stats = h.stats();
+            json!({
+                "boot": context.boot_memory,
+                "hotplug_size": h.size(),
+                "requested": h.requested(),
+                "plugged": h.plugged(),
+                "resize_requests": stats.requests,
+                "blocks_plugged": stats.plugs,
+                "blocks_unplugged": stats.unplugs,
+                "last_resize_latency_ms": stats.last_latency_ns.map(|ns| ns as f64 / 1e6),
+            })
+        }
+        None => json!({"boot": context.boot_memory, "hotplug_size": 0}),
+    };
+    json!({
+        "ok": true,
+        "memory": memory,
+        "region_table": {
+            "regions": m.regions.len(),
+            "fast_path_hits": m.fast_path_hits,
+            "fast_path_misses": m.fast_path_misses,
+            "slow_path_lookups": m.slow_path_lookups,
+            "writer_waits": {
+                "count": waits.count,
+                "p50_ns": waits.p50_ns,
+                "p99_ns": waits.p99_ns,
+                "max_ns": waits.max_ns,
+            },
+        },
+    })
+}
+
+fn resize(request: &Value, context: &ApiContext) -> Value {
+    let Some(hotplug) = &context.hotplug else {
+        return error("this VM has no hotplug memory (--memory ...,hotplug_size=)".into());
+    };
+    let total = match request.get("memory") {
+        Some(Value::String(s)) => s.parse::<Size>().map(Size::bytes),
+        Some(Value::Number(n)) => n
+            .as_u64()
+            .map(Size)
+            .map(Size::bytes)
+            .ok_or_else(|| crate::config::ConfigError::BadSize(n.to_string())),
+        _ => return error("resize needs \"memory\": the new total, e.g. \"2G\"".into()),
+    };
+    let total = match total {
+        Ok(t) => t,
+        Err(e) => return error(e.to_string()),
+    };
+    let Some(extra) = total.checked_sub(context.boot_memory) else {
+        return error(format!(
+            "memory {} is below the boot memory {}",
+            Size(total),
+            Size(context.boot_memory)
+        ));
+    };
+    match hotplug.request(extra) {
+        Ok(()) => json!({"ok": true}),
+        Err(e) => error(e.to_string()),
+    }
+}
+
+/// Sends `request` to the control socket at `path` and returns the reply.
+pub fn call(path: &Path, request: &Value, timeout: Duration) -> std::io::Result<Value> {
+    let stream = UnixStream::connect(path)?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    let mut line = serde_json::to_vec(request)?;
+    line.push(b'\n');
+    (&stream).write_all(&line)?;
+    let mut reply = Vec::new();
+    BufReader::new((&stream).take(1 << 20)).read_until(b'\n', &mut reply)?;
+    Ok(serde_json::from_slice(&reply)?)
+}
