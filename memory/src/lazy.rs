@@ -119,13 +119,18 @@ impl FaultRegistry {
     /// The range containing `host_addr`, and the source offset of that address.
     /// Never blocks.
     pub fn lookup(&self, host_addr: u64) -> Option<(LazySource, u64)> {
-        let ranges = self.ranges.load();
-        ranges.iter().find(|r| r.contains(host_addr)).map(|r| {
+        self.lookup_range(host_addr).map(|r| {
             (
                 r.source.clone(),
                 r.source_offset + (host_addr - r.host_start),
             )
         })
+    }
+
+    /// The whole range containing `host_addr`. Never blocks.
+    pub fn lookup_range(&self, host_addr: u64) -> Option<LazyRange> {
+        let ranges = self.ranges.load();
+        ranges.iter().find(|r| r.contains(host_addr)).cloned()
     }
 
     /// How many ranges are registered.

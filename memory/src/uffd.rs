@@ -24,9 +24,9 @@ use crate::region::{LazySource, PAGE_SIZE};
 pub struct FaultStats {
     /// Page faults received.
     pub faults: u64,
-    /// Pages filled with zeroes.
+    /// Fills with zeroes (each of up to [`FILL_WINDOW`] bytes around the fault).
     pub zero_fills: u64,
-    /// Pages filled from a file.
+    /// Fills from a file (each of up to [`FILL_WINDOW`] bytes around the fault).
     pub file_fills: u64,
     /// Faults another thread had already resolved (the page was present).
     pub already_present: u64,
@@ -176,9 +176,15 @@ fn is_errno(e: &userfaultfd::Error, errno: nix::errno::Errno) -> bool {
     matches!(e, userfaultfd::Error::CopyFailed(n) | userfaultfd::Error::ZeropageFailed(n) if *n == errno)
 }
 
+/// Bytes filled per fault: the aligned window around the faulting page, clipped to its
+/// range. A guest touching memory in order then faults once per window instead of once
+/// per page (each fault is a round trip through this thread). The pages are copied in,
+/// not mapped to the zero page, so a following write needs no second fault.
+pub const FILL_WINDOW: u64 = 64 << 10;
+
 impl Shared {
     fn serve(&self) {
-        let mut page = vec![0u8; PAGE_SIZE as usize];
+        let mut page = vec![0u8; FILL_WINDOW as usize];
         loop {
             let mut fds = [
                 libc::pollfd {
@@ -222,46 +228,27 @@ impl Shared {
         }
     }
 
-    fn resolve(&self, addr: u64, page: &mut [u8]) {
+    fn resolve(&self, addr: u64, buf: &mut [u8]) {
         let c = &self.counters;
         c.faults.fetch_add(1, Ordering::Relaxed);
         let page_addr = addr & !(PAGE_SIZE - 1);
-        let dst = page_addr as *mut libc::c_void;
-        let Some((source, offset)) = self.registry.lookup(page_addr) else {
+        let Some(range) = self.registry.lookup_range(page_addr) else {
             // Unregistered since the fault was queued; unregistration woke the thread.
             c.unregistered.fetch_add(1, Ordering::Relaxed);
             return;
         };
-        let result = match source {
-            LazySource::Zero => {
-                // SAFETY: `dst` is a page of a range registered with this userfaultfd;
-                // the kernel checks the range and fills the page atomically.
-                unsafe { self.uffd.zeropage(dst, PAGE_SIZE as usize, true) }.map(|_| &c.zero_fills)
-            }
-            LazySource::File { file, .. } => {
-                page.fill(0);
-                let mut filled = 0;
-                while filled < page.len() {
-                    match file.read_at(&mut page[filled..], offset + filled as u64) {
-                        Ok(0) => break, // past the end of the file: zeroes
-                        Ok(n) => filled += n,
-                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                        Err(e) => {
-                            log::error!("fault handler: reading backing file at {offset:#x}: {e}");
-                            c.errors.fetch_add(1, Ordering::Relaxed);
-                            break;
-                        }
-                    }
-                }
-                // SAFETY: `page` is a live buffer of one page; `dst` is a page of a range
-                // registered with this userfaultfd, which the kernel checks.
-                unsafe {
-                    self.uffd
-                        .copy(page.as_ptr().cast(), dst, PAGE_SIZE as usize, true)
-                }
-                .map(|_| &c.file_fills)
-            }
-        };
+        let window_start = (page_addr & !(FILL_WINDOW - 1)).max(range.host_start);
+        let window_end =
+            ((page_addr & !(FILL_WINDOW - 1)) + FILL_WINDOW).min(range.host_start + range.len);
+        // The window first; if part of it is already present (another fault, or a page
+        // the guest kept), just the faulting page.
+        let mut result = self.fill(&range, window_start, window_end - window_start, buf);
+        if window_end - window_start > PAGE_SIZE
+            && matches!(&result, Err(e) if is_errno(e, nix::errno::Errno::EEXIST))
+        {
+            result = self.fill(&range, page_addr, PAGE_SIZE, buf);
+        }
+        let dst = page_addr as *mut libc::c_void;
         match result {
             Ok(counter) => {
                 counter.fetch_add(1, Ordering::Relaxed);
@@ -280,5 +267,52 @@ impl Shared {
                 let _ = self.uffd.wake(dst, PAGE_SIZE as usize);
             }
         }
+    }
+
+    /// Copies `len` bytes of `range`'s source at host address `start` into place (and
+    /// wakes the threads waiting there); the counter of the kind of fill.
+    fn fill(
+        &self,
+        range: &LazyRange,
+        start: u64,
+        len: u64,
+        buf: &mut [u8],
+    ) -> Result<&AtomicU64, userfaultfd::Error> {
+        let buf = &mut buf[..len as usize];
+        let counter = match &range.source {
+            LazySource::Zero => {
+                buf.fill(0);
+                &self.counters.zero_fills
+            }
+            LazySource::File { file, .. } => {
+                let offset = range.source_offset + (start - range.host_start);
+                buf.fill(0);
+                let mut filled = 0;
+                while filled < buf.len() {
+                    match file.read_at(&mut buf[filled..], offset + filled as u64) {
+                        Ok(0) => break, // past the end of the file: zeroes
+                        Ok(n) => filled += n,
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(e) => {
+                            log::error!("fault handler: reading backing file at {offset:#x}: {e}");
+                            self.counters.errors.fetch_add(1, Ordering::Relaxed);
+                            break;
+                        }
+                    }
+                }
+                &self.counters.file_fills
+            }
+        };
+        // SAFETY: `buf` is a live buffer of `len` bytes; `[start, start + len)` lies in a
+        // range registered with this userfaultfd (the kernel checks it too).
+        unsafe {
+            self.uffd.copy(
+                buf.as_ptr().cast(),
+                start as *mut libc::c_void,
+                len as usize,
+                true,
+            )
+        }
+        .map(|_| counter)
     }
 }

@@ -1,7 +1,8 @@
 /*
  * Kite's test guest, kernel-mode part: as little as possible, since kernel-mode code may
  * run under KVM's instruction emulator. Kite enters here in 64-bit mode (Linux 64-bit boot
- * protocol, %rsi = zero page). Map the first 4 GiB for user mode, load a GDT with user
+ * protocol, %rsi = zero page). Map the first 16 GiB (RAM, MMIO, the hotplug area) for
+ * user mode, load a GDT with user
  * segments and a TSS, an IDT with one gate, and drop to ring 3, where guest_main runs
  * natively and does its MMIO itself.
  *
@@ -15,20 +16,20 @@
     .global _start
 _start:
     cli
-    /* 4 page directories of 2 MiB pages: present, writable, user, large. */
+    /* 16 page directories of 2 MiB pages: present, writable, user, large. */
     lea     page_dirs(%rip), %rdi
     mov     $0x87, %rax
-    mov     $2048, %ecx
+    mov     $8192, %ecx
 1:  mov     %rax, (%rdi)
     add     $0x200000, %rax
     add     $8, %rdi
     dec     %ecx
     jnz     1b
-    /* PDPT entries 0-3 -> the page directories; PML4 entry 0 -> the PDPT. */
+    /* PDPT entries 0-15 -> the page directories; PML4 entry 0 -> the PDPT. */
     lea     pdpt(%rip), %rdi
     lea     page_dirs(%rip), %rax
     or      $0x7, %rax
-    mov     $4, %ecx
+    mov     $16, %ecx
 2:  mov     %rax, (%rdi)
     add     $0x1000, %rax
     add     $8, %rdi
@@ -114,7 +115,7 @@ kernel_stack_top:
     .align 4096
 pml4:       .skip 4096
 pdpt:       .skip 4096
-page_dirs:  .skip 4 * 4096
+page_dirs:  .skip 16 * 4096
 user_stack: .skip 64 * 1024
 user_stack_top:
 

@@ -377,6 +377,103 @@ static void bench(void) {
     putc('\n');
 }
 
+/* ---- virtio-mem: follow the host's requested size, under load ---- */
+#define VIRTIO_ID_MEM 24
+#define MEM_PLUG 0
+#define MEM_UNPLUG 1
+#define MEM_ACK 0
+#define MAX_BLOCKS 64
+
+struct mem_req { u16 type; u16 pad[3]; u64 addr; u16 nb_blocks; u16 pad2[3]; };
+struct mem_resp { u16 type; u16 pad[3]; u16 state; };
+static struct mem_req mreq;
+static volatile struct mem_resp mresp;
+static u8 plugged_blocks[MAX_BLOCKS];
+static u64 block_gen[MAX_BLOCKS];
+
+static u64 cfg64(struct dev *d, u64 off) { return (u64)rd(d, 0x100 + off) | ((u64)rd(d, 0x104 + off) << 32); }
+
+static u16 mem_request(struct dev *d, u16 type, u64 addr) {
+    mreq.type = type;
+    mreq.addr = addr;
+    mreq.nb_blocks = 1;
+    mresp.type = 0xffff;
+    set_desc(d, 0, &mreq, sizeof(mreq), DESC_NEXT, 1);
+    set_desc(d, 1, (void *)&mresp, sizeof(mresp), DESC_WRITE, 0);
+    CHECK(submit(d, 0) >= 0, "virtio-mem request completed");
+    return mresp.type;
+}
+
+static u64 word_for(u64 *p, u64 gen) { return ((u64)p * 0x9e3779b97f4a7c15UL) ^ gen; }
+
+static void fill_block(u64 base, u64 size, u64 gen) {
+    for (u64 *p = (u64 *)base; p < (u64 *)(base + size); p++) *p = word_for(p, gen);
+}
+
+static void verify_block(u64 base, u64 size, u64 gen) {
+    for (u64 *p = (u64 *)base; p < (u64 *)(base + size); p++)
+        CHECK(*p == word_for(p, gen), "plugged memory keeps what was written");
+}
+
+/* Plugs and unplugs one block at a time towards the requested size; writes a fresh
+ * pattern into each block it plugs and checks it before unplugging; checks one plugged
+ * block and does a virtio-blk round trip on every pass. Runs until the host stops the VM. */
+static void hotplug(void) {
+    struct dev *m = find(VIRTIO_ID_MEM, 0), *b = find(VIRTIO_ID_BLOCK, 0);
+    CHECK(m && b, "virtio-mem and a disk present");
+    dev_setup_ok(m);
+    dev_setup_ok(b);
+    u64 block = cfg64(m, 0), addr = cfg64(m, 16), region = cfg64(m, 24);
+    u64 nblocks = region / block;
+    CHECK(nblocks <= MAX_BLOCKS && block >= 4096, "a hotplug area this guest can track");
+    u64 disk = blk_sectors(b) * SECTOR, plugged = 0, round_trips = 0, pass = 0, gen = 1;
+    puts("kite-test: hotplug ready\n");
+    for (;;) {
+        pass++;
+        u64 requested = cfg64(m, 48);
+        if (requested > plugged * block) {
+            for (u64 i = 0; i < nblocks; i++) {
+                if (plugged_blocks[i]) continue;
+                u16 r = mem_request(m, MEM_PLUG, addr + i * block);
+                if (r == MEM_ACK) {
+                    plugged_blocks[i] = 1;
+                    block_gen[i] = gen++;
+                    fill_block(addr + i * block, block, block_gen[i]);
+                    plugged++;
+                }
+                break;
+            }
+        } else if (requested < plugged * block) {
+            for (u64 i = nblocks; i-- > 0;) {
+                if (!plugged_blocks[i]) continue;
+                verify_block(addr + i * block, block, block_gen[i]);
+                u16 r = mem_request(m, MEM_UNPLUG, addr + i * block);
+                CHECK(r == MEM_ACK || r == 2, "unplug acknowledged or busy");
+                if (r == MEM_ACK) { plugged_blocks[i] = 0; plugged--; }
+                break;
+            }
+        } else if (plugged) {
+            u64 i = pass % nblocks;
+            if (plugged_blocks[i]) verify_block(addr + i * block, block, block_gen[i]);
+        }
+        /* The disk round trip, at a place that moves. */
+        u64 off = (pass * CHUNK) % (disk - CHUNK + 1) / SECTOR * SECTOR;
+        for (u32 i = 0; i < CHUNK; i++) buf[i] = (u8)(pass * 13 + i);
+        CHECK(blk_rw(b, BLK_OUT, off / SECTOR, buf, CHUNK) == BLK_S_OK, "disk write");
+        for (u32 i = 0; i < CHUNK; i++) buf[i] = 0;
+        CHECK(blk_rw(b, BLK_IN, off / SECTOR, buf, CHUNK) == BLK_S_OK, "disk read");
+        for (u32 i = 0; i < CHUNK; i++) CHECK(buf[i] == (u8)(pass * 13 + i), "disk data");
+        round_trips++;
+        if (requested == plugged * block && (pass & 63) == 0) {
+            puts("kite-test: hotplug steady plugged_mib=");
+            put_dec(plugged * block >> 20);
+            puts(" round_trips=");
+            put_dec(round_trips);
+            putc('\n');
+        }
+    }
+}
+
 static void probe(void) {
     for (int i = 0; i < MAX_DEVICES; i++) {
         struct dev *d = &devs[ndevs];
@@ -403,6 +500,7 @@ void guest_main(const u8 *zero_page) {
     else if (str_eq_word(test, "rng")) rng();
     else if (str_eq_word(test, "hostile")) hostile();
     else if (str_eq_word(test, "bench")) bench();
+    else if (str_eq_word(test, "hotplug")) hotplug();
     else CHECK(0, "a known test name");
     finish(1);
 }

@@ -124,10 +124,20 @@ impl Kite {
     /// Waits until the console shows `needle`; fails the test at the deadline or if the
     /// console closes first.
     pub fn wait_for(&self, needle: &str, timeout: Duration) {
+        self.wait_for_since(0, needle, timeout)
+    }
+
+    /// Where the console output is now, for [`Kite::wait_for_since`].
+    pub fn mark(&self) -> usize {
+        self.console.text.lock().unwrap().0.len()
+    }
+
+    /// Like [`Kite::wait_for`], for output after `mark`.
+    pub fn wait_for_since(&self, mark: usize, needle: &str, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         let mut text = self.console.text.lock().unwrap();
         loop {
-            if text.0.contains(needle) {
+            if text.0.get(mark..).is_some_and(|t| t.contains(needle)) {
                 return;
             }
             let now = Instant::now();
@@ -224,4 +234,40 @@ pub fn tiny_kernel(dir: &Path, code: &[u8]) -> PathBuf {
     let path = dir.join("tiny-kernel.elf");
     std::fs::write(&path, elf).unwrap();
     path
+}
+
+/// Longest the control socket may take to answer, whatever the guest is doing.
+pub const API_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Sends `request` to the control socket at `socket`; fails the test if there is no answer
+/// within [`API_DEADLINE`].
+pub fn api_call(socket: &Path, request: serde_json::Value) -> serde_json::Value {
+    let start = Instant::now();
+    let reply = vmm::api::call(socket, &request, API_DEADLINE)
+        .unwrap_or_else(|e| panic!("the control socket did not answer {request}: {e}"));
+    assert!(start.elapsed() < API_DEADLINE, "slow answer to {request}");
+    reply
+}
+
+/// Hotplugged bytes, as the control socket reports them.
+pub fn plugged(socket: &Path) -> u64 {
+    let info = api_call(socket, serde_json::json!({"command": "info"}));
+    info["memory"]["plugged"]
+        .as_u64()
+        .expect("info reports the plugged size")
+}
+
+/// Waits until `want` bytes are plugged; returns how long that took. Fails the test past
+/// `timeout`.
+pub fn wait_plugged(socket: &Path, want: u64, timeout: Duration) -> Duration {
+    let start = Instant::now();
+    while plugged(socket) != want {
+        assert!(
+            start.elapsed() < timeout,
+            "not {want} bytes plugged within {timeout:?}"
+        );
+        // Polling interval of the control socket, not synchronisation.
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    start.elapsed()
 }

@@ -3,49 +3,19 @@
 //! and the guest carries on. One boot, with an /init that spins without system calls so
 //! the kernel stays up on hosts where guest user space cannot make them.
 
-use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use kite_tests::{default_guest_file, kite_binary, kvm_available, Kite};
+use kite_tests::{
+    api_call as call, default_guest_file, kite_binary, kvm_available, plugged, wait_plugged, Kite,
+    API_DEADLINE as ANSWER_DEADLINE,
+};
 use serde_json::Value;
 use vmm::cli::exit;
 
 const BOOT_DEADLINE: Duration = Duration::from_secs(15 * 60);
 /// Plugging or unplugging 1 GiB runs guest kernel code: minutes where it is emulated.
 const RESIZE_DEADLINE: Duration = Duration::from_secs(15 * 60);
-/// The control socket answers within this, whatever the guest is doing.
-const ANSWER_DEADLINE: Duration = Duration::from_secs(10);
 const GIB: u64 = 1 << 30;
-
-fn call(socket: &Path, request: Value) -> Value {
-    let start = Instant::now();
-    let reply = vmm::api::call(socket, &request, ANSWER_DEADLINE)
-        .unwrap_or_else(|e| panic!("the control socket did not answer {request}: {e}"));
-    assert!(
-        start.elapsed() < ANSWER_DEADLINE,
-        "slow answer to {request}"
-    );
-    reply
-}
-
-fn plugged(socket: &Path) -> u64 {
-    let info = call(socket, serde_json::json!({"command": "info"}));
-    info["memory"]["plugged"]
-        .as_u64()
-        .expect("info reports the plugged size")
-}
-
-fn wait_plugged(socket: &Path, want: u64) -> Duration {
-    let start = Instant::now();
-    while plugged(socket) != want {
-        assert!(
-            start.elapsed() < RESIZE_DEADLINE,
-            "not {want} bytes plugged in time"
-        );
-        std::thread::sleep(Duration::from_millis(500)); // polling interval, not synchronisation
-    }
-    start.elapsed()
-}
 
 /// The "Total pages" of the first zonelist rebuild the guest kernel printed in `console`.
 fn total_pages(console: &str) -> u64 {
@@ -97,7 +67,7 @@ fn linux_plugs_and_unplugs_a_gibibyte() {
         .status()
         .unwrap();
     assert!(status.success());
-    let plug_time = wait_plugged(&socket, GIB);
+    let plug_time = wait_plugged(&socket, GIB, RESIZE_DEADLINE);
     kite.wait_for(
         "virtio_mem virtio0: requested size: 0x40000000",
         ANSWER_DEADLINE,
@@ -144,7 +114,7 @@ fn linux_plugs_and_unplugs_a_gibibyte() {
         serde_json::json!({"command": "resize", "memory": "512M"}),
     );
     assert_eq!(reply["ok"], Value::Bool(true), "{reply}");
-    let unplug_time = wait_plugged(&socket, 0);
+    let unplug_time = wait_plugged(&socket, 0, RESIZE_DEADLINE);
     let info = call(&socket, serde_json::json!({"command": "info"}));
     assert_eq!(info["memory"]["blocks_plugged"], 8, "{info}");
     assert_eq!(info["memory"]["blocks_unplugged"], 8, "{info}");

@@ -52,6 +52,8 @@ pub struct ApiContext {
     pub boot_memory: u64,
     /// The hotplug area, if any.
     pub hotplug: Option<Arc<MemControl>>,
+    /// The userfaultfd fault handler of lazy memory, if any.
+    pub faults: Option<Arc<memory::FaultHandler>>,
 }
 
 /// The running control socket; stopped (and its file removed) when dropped.
@@ -198,9 +200,21 @@ fn info(context: &ApiContext) -> Value {
         }
         None => json!({"boot": context.boot_memory, "hotplug_size": 0}),
     };
+    let faults = context.faults.as_ref().map(|f| {
+        let s = f.stats();
+        json!({
+            "faults": s.faults,
+            "zero_fills": s.zero_fills,
+            "file_fills": s.file_fills,
+            "already_present": s.already_present,
+            "unregistered": s.unregistered,
+            "errors": s.errors,
+        })
+    });
     json!({
         "ok": true,
         "memory": memory,
+        "fault_handler": faults,
         "region_table": {
             "regions": m.regions.len(),
             "fast_path_hits": m.fast_path_hits,

@@ -288,13 +288,13 @@ pub fn run(spec: MachineSpec<'_>) -> Result<VmEnd, MachineError> {
     vm.check_vcpu_count(u32::from(spec.cpus))?;
 
     // Guest RAM: the region table is the one description of the layout; KVM slots follow it.
-    let lazy: Option<Arc<dyn LazyPages>> = match spec.hotplug {
+    let faults = match spec.hotplug {
         Some((_, HotplugBacking::Lazy)) => Some(FaultHandler::start()?),
         _ => None,
     };
     let table = Arc::new(RegionTable::new(
         vm.memory_slots(),
-        lazy,
+        faults.clone().map(|f| f as Arc<dyn LazyPages>),
         TableConfig {
             max_slots: vm.max_memslots(),
             ..TableConfig::default()
@@ -335,6 +335,7 @@ pub fn run(spec: MachineSpec<'_>) -> Result<VmEnd, MachineError> {
                     table: Arc::clone(&table),
                     boot_memory: spec.memory,
                     hotplug,
+                    faults,
                 },
             )
         })
