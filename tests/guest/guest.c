@@ -416,8 +416,11 @@ static void verify_block(u64 base, u64 size, u64 gen) {
 }
 
 /* Plugs and unplugs one block at a time towards the requested size; writes a fresh
- * pattern into each block it plugs and checks it before unplugging; checks one plugged
- * block and does a virtio-blk round trip on every pass. Runs until the host stops the VM. */
+ * pattern into each block it plugs (all but its last CHUNK) and checks it before
+ * unplugging; checks one plugged block and does a virtio-blk round trip on every pass,
+ * through the last CHUNK of the highest plugged block when there is one (so the device
+ * thread's copies touch hotplugged memory, lazily populated or not). Runs until the host
+ * stops the VM. */
 static void hotplug(void) {
     struct dev *m = find(VIRTIO_ID_MEM, 0), *b = find(VIRTIO_ID_BLOCK, 0);
     CHECK(m && b, "virtio-mem and a disk present");
@@ -427,6 +430,7 @@ static void hotplug(void) {
     u64 nblocks = region / block;
     CHECK(nblocks <= MAX_BLOCKS && block >= 4096, "a hotplug area this guest can track");
     u64 disk = blk_sectors(b) * SECTOR, plugged = 0, round_trips = 0, pass = 0, gen = 1;
+    u64 last_pass = 0, last_off = 0;
     puts("kite-test: hotplug ready\n");
     for (;;) {
         pass++;
@@ -438,7 +442,7 @@ static void hotplug(void) {
                 if (r == MEM_ACK) {
                     plugged_blocks[i] = 1;
                     block_gen[i] = gen++;
-                    fill_block(addr + i * block, block, block_gen[i]);
+                    fill_block(addr + i * block, block - CHUNK, block_gen[i]);
                     plugged++;
                 }
                 break;
@@ -446,7 +450,7 @@ static void hotplug(void) {
         } else if (requested < plugged * block) {
             for (u64 i = nblocks; i-- > 0;) {
                 if (!plugged_blocks[i]) continue;
-                verify_block(addr + i * block, block, block_gen[i]);
+                verify_block(addr + i * block, block - CHUNK, block_gen[i]);
                 u16 r = mem_request(m, MEM_UNPLUG, addr + i * block);
                 CHECK(r == MEM_ACK || r == 2, "unplug acknowledged or busy");
                 if (r == MEM_ACK) { plugged_blocks[i] = 0; plugged--; }
@@ -454,15 +458,23 @@ static void hotplug(void) {
             }
         } else if (plugged) {
             u64 i = pass % nblocks;
-            if (plugged_blocks[i]) verify_block(addr + i * block, block, block_gen[i]);
+            if (plugged_blocks[i]) verify_block(addr + i * block, block - CHUNK, block_gen[i]);
         }
-        /* The disk round trip, at a place that moves. */
+        /* The disk round trip, at a place that moves, through hotplugged memory if any:
+         * first read back what the last pass wrote (for a freshly plugged block, the
+         * device thread is the first to touch those pages), then write this pass's. */
+        u8 *io = buf;
+        for (u64 i = nblocks; i-- > 0;)
+            if (plugged_blocks[i]) { io = (u8 *)(addr + (i + 1) * block - CHUNK); break; }
+        if (last_pass) {
+            CHECK(blk_rw(b, BLK_IN, last_off / SECTOR, io, CHUNK) == BLK_S_OK, "disk read");
+            for (u32 i = 0; i < CHUNK; i++) CHECK(io[i] == (u8)(last_pass * 13 + i), "disk data");
+        }
         u64 off = (pass * CHUNK) % (disk - CHUNK + 1) / SECTOR * SECTOR;
-        for (u32 i = 0; i < CHUNK; i++) buf[i] = (u8)(pass * 13 + i);
-        CHECK(blk_rw(b, BLK_OUT, off / SECTOR, buf, CHUNK) == BLK_S_OK, "disk write");
-        for (u32 i = 0; i < CHUNK; i++) buf[i] = 0;
-        CHECK(blk_rw(b, BLK_IN, off / SECTOR, buf, CHUNK) == BLK_S_OK, "disk read");
-        for (u32 i = 0; i < CHUNK; i++) CHECK(buf[i] == (u8)(pass * 13 + i), "disk data");
+        for (u32 i = 0; i < CHUNK; i++) io[i] = (u8)(pass * 13 + i);
+        CHECK(blk_rw(b, BLK_OUT, off / SECTOR, io, CHUNK) == BLK_S_OK, "disk write");
+        last_pass = pass;
+        last_off = off;
         round_trips++;
         if (requested == plugged * block && (pass & 63) == 0) {
             puts("kite-test: hotplug steady plugged_mib=");

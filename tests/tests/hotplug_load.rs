@@ -71,6 +71,14 @@ fn hotplug_under_load(backing: &str) {
         socket.to_str().unwrap(),
     ]);
     kite.wait_for("kite-test: hotplug ready", RESIZE_DEADLINE);
+    // An oversized request gets an error reply; the VM carries on.
+    let huge = json!({"command": "info", "padding": "x".repeat(vmm::api::MAX_REQUEST as usize)});
+    let reply = api_call(&socket, huge);
+    assert_eq!(reply["ok"], false, "{reply}");
+    assert!(reply["error"]
+        .as_str()
+        .unwrap_or_default()
+        .contains("larger than"));
     for cycle in 0..cycles {
         // Up by one to three blocks, then all the way down.
         let blocks = 1 + cycle % 3;
