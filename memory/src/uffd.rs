@@ -240,12 +240,12 @@ impl Shared {
         let window_start = (page_addr & !(FILL_WINDOW - 1)).max(range.host_start);
         let window_end =
             ((page_addr & !(FILL_WINDOW - 1)) + FILL_WINDOW).min(range.host_start + range.len);
-        // The window first; if part of it is already present (another fault, or a page
-        // the guest kept), just the faulting page.
+        // The window first. If it fails in any way, the faulting page alone: part of the
+        // window may be present already, or no longer registered (a concurrent shrink
+        // unregisters a tail, and wakes only the threads waiting there), and the faulting
+        // thread must be woken by a fill of its own page or by its own unregistration.
         let mut result = self.fill(&range, window_start, window_end - window_start, buf);
-        if window_end - window_start > PAGE_SIZE
-            && matches!(&result, Err(e) if is_errno(e, nix::errno::Errno::EEXIST))
-        {
+        if window_end - window_start > PAGE_SIZE && result.is_err() {
             result = self.fill(&range, page_addr, PAGE_SIZE, buf);
         }
         let dst = page_addr as *mut libc::c_void;

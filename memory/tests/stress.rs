@@ -265,6 +265,21 @@ fn readers_writer_and_fault_handler_under_watchdog() {
         std::thread::park_timeout(Duration::from_millis(100));
     }
     stop.store(true, Ordering::Relaxed);
+    // The threads must stop too: one stuck (say, on a fault nobody resolves) fails the test
+    // rather than hanging it.
+    let stop_deadline = Instant::now() + Duration::from_secs(30);
+    while !threads.iter().all(|t| t.is_finished()) {
+        assert!(
+            Instant::now() < stop_deadline,
+            "stress threads did not stop within 30 s of the end: {:?}",
+            threads
+                .iter()
+                .filter(|t| !t.is_finished())
+                .map(|t| t.thread().name().unwrap_or("?").to_string())
+                .collect::<Vec<_>>()
+        );
+        std::thread::park_timeout(Duration::from_millis(50));
+    }
     let report = watchdog.finish();
     if let Some(report) = report {
         panic!("stress stalled:\n{report}");
