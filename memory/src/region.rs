@@ -221,6 +221,9 @@ impl Region {
             slot,
             lock: RegionLock::new(reader_limit),
         };
+        if matches!(region.backing, Backing::Anonymous) {
+            region.advise_huge_pages();
+        }
         // Memory beyond the size is reserved but inaccessible until the region grows.
         region.protect(size, capacity - size, libc::PROT_NONE)?;
         Ok(region)
@@ -286,6 +289,22 @@ impl Region {
             self.mapping.as_ptr().wrapping_add(offset as usize).cast(),
             len as usize,
         )
+    }
+
+    /// Asks the host to back the mapping with transparent huge pages where it can: fewer
+    /// page faults when the guest first touches memory, and fewer TLB misses for both the
+    /// guest and the VMM's own copies. Only advice: a host without THP keeps 4 KiB pages.
+    fn advise_huge_pages(&self) {
+        let (addr, len) = self.host_range(0, self.capacity);
+        // SAFETY: the range is this region's own mapping; MADV_HUGEPAGE changes how the
+        // kernel backs it, never its contents.
+        if unsafe { libc::madvise(addr, len, libc::MADV_HUGEPAGE) } != 0 {
+            log::debug!(
+                "region {:?}: no transparent huge pages: {}",
+                self.id,
+                std::io::Error::last_os_error()
+            );
+        }
     }
 
     /// Changes the protection of `[offset, offset + len)` of the mapping.

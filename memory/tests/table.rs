@@ -569,3 +569,50 @@ fn lookups_find_the_right_region_among_many() {
         }
     }
 }
+
+/// The `THPeligible` line of the mapping at `host_addr` in this process's smaps.
+fn thp_eligible(host_addr: u64) -> Option<bool> {
+    let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
+    let mut in_mapping = false;
+    for line in smaps.lines() {
+        if let Some((range, _)) = line.split_once(' ') {
+            if let Some((start, _)) = range.split_once('-') {
+                if let Ok(start) = u64::from_str_radix(start, 16) {
+                    in_mapping = start == host_addr;
+                    continue;
+                }
+            }
+        }
+        if in_mapping {
+            if let Some(v) = line.strip_prefix("THPeligible:") {
+                return Some(v.trim() == "1");
+            }
+        }
+    }
+    None
+}
+
+#[test]
+fn anonymous_regions_ask_for_huge_pages() {
+    let thp =
+        std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").unwrap_or_default();
+    if thp.is_empty() || thp.contains("[never]") {
+        eprintln!("SKIP: transparent huge pages are off on this host");
+        return;
+    }
+    let table = RegionTable::default();
+    let id = table
+        .insert(RegionSpec::anonymous(GuestAddress(0), 8 * MIB), None)
+        .unwrap();
+    let host = table
+        .lock_region(GuestAddress(0), None)
+        .unwrap()
+        .region()
+        .host_addr();
+    assert_eq!(table.region_at(GuestAddress(0)), Some(id));
+    assert_eq!(
+        thp_eligible(host),
+        Some(true),
+        "anonymous guest RAM is THP-eligible"
+    );
+}

@@ -1,8 +1,9 @@
 //! virtio-blk throughput: the test guest reads and writes a 256 MiB image through Kite's
-//! virtio-blk (64 KiB requests, then 4 KiB reads), timed by the host between the guest's
-//! console markers; the baseline is the same I/O done by the host directly on the file
-//! (pwrite/pread, through the same page cache), in the same run. Prints MiB/s, requests/s
-//! and ratios.
+//! virtio-blk (64 KiB requests, then 4 KiB reads; 42 in flight), timed by the host between
+//! the guest's console markers; the baseline is the same I/O done by the host directly on
+//! the file (pwrite/pread, through the same page cache), in the same run. Each phase goes
+//! over the image `KITE_BENCH_PASSES` times (default 4), so the markers' own cost is small.
+//! Prints MiB/s, requests/s and ratios.
 //!
 //! `cargo build --release -p vmm && cargo bench -p kite-tests --bench blk`
 //! (`KITE_BENCH_ROUNDS`, default 3).
@@ -16,6 +17,8 @@ use kite_tests::{kvm_available, Kite};
 const GUEST: &str = env!("KITE_TEST_GUEST");
 const IMAGE: u64 = 256 << 20;
 const DEADLINE: Duration = Duration::from_secs(600);
+/// Requests the test guest keeps in flight (`BATCH` in `tests/guest/guest.c`).
+const IN_FLIGHT: usize = 42;
 
 #[derive(Default, Clone, Copy)]
 struct Round {
@@ -24,14 +27,15 @@ struct Round {
     read4k: f64,
 }
 
-fn kite_round(image: &Path) -> Round {
+fn kite_round(image: &Path, passes: u64) -> Round {
     let disk = format!("path={}", image.display());
+    let cmdline = format!("kite.test=bench kite.passes={passes}");
     let kite = Kite::start(&[
         "run",
         "--kernel",
         GUEST,
         "--cmdline",
-        "kite.test=bench",
+        &cmdline,
         "--disk",
         &disk,
     ]);
@@ -57,31 +61,39 @@ fn kite_round(image: &Path) -> Round {
     }
 }
 
-fn direct_round(image: &Path) -> Round {
+/// The host doing the same I/O with `buffers` buffers in turn: 1 is the physical limit (a
+/// buffer that stays in the cache); `IN_FLIGHT` has the test guest's memory footprint.
+fn direct_round(image: &Path, passes: u64, buffers: usize) -> Round {
     let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open(image)
         .unwrap();
-    let mut buf = vec![0x5au8; 64 << 10];
+    let mut bufs = vec![vec![0x5au8; 64 << 10]; buffers];
+    let mut turn = 0;
+    let mut next = move || {
+        turn = (turn + 1) % buffers;
+        turn
+    };
     let time = |f: &mut dyn FnMut()| {
         let start = Instant::now();
         f();
         start.elapsed().as_secs_f64()
     };
     let write64k = time(&mut || {
-        for off in (0..IMAGE).step_by(64 << 10) {
-            file.write_all_at(&buf, off).unwrap();
+        for off in (0..IMAGE * passes).step_by(64 << 10) {
+            file.write_all_at(&bufs[next()], off % IMAGE).unwrap();
         }
     });
     let read64k = time(&mut || {
-        for off in (0..IMAGE).step_by(64 << 10) {
-            file.read_exact_at(&mut buf, off).unwrap();
+        for off in (0..IMAGE * passes).step_by(64 << 10) {
+            file.read_exact_at(&mut bufs[next()], off % IMAGE).unwrap();
         }
     });
     let read4k = time(&mut || {
-        for off in (0..IMAGE).step_by(4 << 10) {
-            file.read_exact_at(&mut buf[..4 << 10], off).unwrap();
+        for off in (0..IMAGE * passes).step_by(4 << 10) {
+            file.read_exact_at(&mut bufs[next()][..4 << 10], off % IMAGE)
+                .unwrap();
         }
     });
     Round {
@@ -105,6 +117,11 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(3)
         .max(1);
+    let passes: u64 = std::env::var("KITE_BENCH_PASSES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4)
+        .max(1);
     let dir =
         tempfile::tempdir_in(std::env::var_os("CARGO_TARGET_TMPDIR").unwrap_or_else(|| ".".into()))
             .unwrap();
@@ -113,29 +130,32 @@ fn main() {
         .unwrap()
         .set_len(IMAGE)
         .unwrap();
-    let (mut kite, mut direct) = (Vec::new(), Vec::new());
+    let (mut kite, mut direct, mut spread) = (Vec::new(), Vec::new(), Vec::new());
     for round in 0..rounds {
         // Alternate which goes first, so the machine's drift hits both.
-        let (k, d) = if round % 2 == 0 {
-            let k = kite_round(&image);
-            (k, direct_round(&image))
+        let (k, d, s) = if round % 2 == 0 {
+            let k = kite_round(&image, passes);
+            let d = direct_round(&image, passes, 1);
+            (k, d, direct_round(&image, passes, IN_FLIGHT))
         } else {
-            let d = direct_round(&image);
-            (kite_round(&image), d)
+            let d = direct_round(&image, passes, 1);
+            let s = direct_round(&image, passes, IN_FLIGHT);
+            (kite_round(&image, passes), d, s)
         };
         println!(
-            "round {round}: kite write64k {:.3} s read64k {:.3} s read4k {:.3} s | direct {:.3} {:.3} {:.3}",
-            k.write64k, k.read64k, k.read4k, d.write64k, d.read64k, d.read4k
+            "round {round}: kite write64k {:.3} s read64k {:.3} s read4k {:.3} s | direct {:.3} {:.3} {:.3} | direct, {IN_FLIGHT} buffers {:.3} {:.3} {:.3}",
+            k.write64k, k.read64k, k.read4k, d.write64k, d.read64k, d.read4k, s.write64k, s.read64k, s.read4k
         );
         kite.push(k);
         direct.push(d);
+        spread.push(s);
     }
-    let mib = (IMAGE >> 20) as f64;
-    let requests4k = (IMAGE / 4096) as f64;
+    let mib = ((passes * IMAGE) >> 20) as f64;
+    let requests4k = (passes * IMAGE / 4096) as f64;
     let med = |v: &[Round], f: fn(&Round) -> f64| median(v.iter().map(f).collect());
     println!(
-        "\n{:<28}{:>12}{:>12}{:>12}",
-        "median of rounds", "kite", "direct", "kite/direct"
+        "\n{:<26}{:>10}{:>10}{:>13}{:>16}{:>13}",
+        "median of rounds", "kite", "direct", "kite/direct", "direct,42 bufs", "kite/that"
     );
     for (name, f, per) in [
         (
@@ -146,8 +166,16 @@ fn main() {
         ("read 64 KiB (MiB/s)", |r: &Round| r.read64k, mib),
         ("read 4 KiB (requests/s)", |r: &Round| r.read4k, requests4k),
     ] {
-        let (k, d) = (per / med(&kite, f), per / med(&direct, f));
-        println!("{name:<28}{k:>12.0}{d:>12.0}{:>12.2}", k / d);
+        let (k, d, s) = (
+            per / med(&kite, f),
+            per / med(&direct, f),
+            per / med(&spread, f),
+        );
+        println!(
+            "{name:<26}{k:>10.0}{d:>10.0}{:>13.2}{s:>16.0}{:>13.2}",
+            k / d,
+            k / s
+        );
     }
-    println!("target: 64 KiB kite/direct >= 0.8");
+    println!("target: 64 KiB kite/direct >= 0.8 (direct: one buffer, the physical limit)");
 }

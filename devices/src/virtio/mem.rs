@@ -14,7 +14,7 @@ use memory::{Backing, GuardedMemory, LazySource, RegionId, RegionSpec, RegionTab
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 
-use super::worker::{self, memory_deadline, QueueError, QueueHandler, WorkerHandle};
+use super::worker::{self, memory_deadline, QueueError, QueueHandler, Served, WorkerHandle};
 use super::{
     read_config_bytes, ActivateError, Activation, Interrupt, VirtioDevice, INT_CONFIG,
     VIRTIO_F_VERSION_1,
@@ -392,7 +392,7 @@ impl QueueHandler for MemHandler {
         _index: usize,
         queue: &mut Queue,
         memory: &RegionTable,
-    ) -> Result<bool, QueueError> {
+    ) -> Result<Served, QueueError> {
         let mut used = false;
         loop {
             let (head, parsed) = {
@@ -413,7 +413,10 @@ impl QueueHandler for MemHandler {
             queue.add_used(&mem, head, len)?;
             used = true;
         }
-        Ok(used)
+        Ok(Served {
+            notify: used,
+            more: false,
+        })
     }
 }
 

@@ -19,7 +19,9 @@ use vm_device::bus::{MmioAddress, MmioAddressOffset};
 use vm_device::MutDeviceMmio;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{Activation, Interrupt, VirtioDevice, INT_CONFIG, VIRTIO_F_VERSION_1};
+use super::{
+    Activation, Interrupt, VirtioDevice, INT_CONFIG, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+};
 
 /// Size of one device's register window.
 pub const MMIO_WINDOW: u64 = 0x1000;
@@ -210,11 +212,16 @@ impl MmioTransport {
             }
         }
         // The device gets its own copies; the registers keep showing the driver's setup.
+        let event_idx = self.driver_features & VIRTIO_RING_F_EVENT_IDX != 0;
         let queues = self
             .queues
             .iter()
-            .map(|q| Queue::try_from(q.state()))
-            .collect::<Result<Vec<_>, _>>()
+            .map(|q| {
+                let mut queue = Queue::try_from(q.state())?;
+                queue.set_event_idx(event_idx);
+                Ok(queue)
+            })
+            .collect::<Result<Vec<_>, virtio_queue::Error>>()
             .map_err(|e| e.to_string())?;
         let queue_events = self
             .queue_events

@@ -23,6 +23,9 @@ pub use mmio::MmioTransport;
 
 /// Feature bit every modern device offers.
 pub const VIRTIO_F_VERSION_1: u64 = 1 << virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+/// Feature bit: the driver and device tell each other, through the rings, from which
+/// index on they want to be notified (fewer notifications and interrupts).
+pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 /// Interrupt status bit: a queue has used buffers.
 pub const INT_VRING: u32 = virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_VRING;
 /// Interrupt status bit: the configuration (or device status) changed.

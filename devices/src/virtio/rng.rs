@@ -7,7 +7,7 @@ use virtio_bindings::virtio_ids::VIRTIO_ID_RNG;
 use virtio_queue::DescriptorChain;
 
 use super::worker::{self, QueueHandler, WorkerHandle};
-use super::{ActivateError, Activation, VirtioDevice, VIRTIO_F_VERSION_1};
+use super::{ActivateError, Activation, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
 
 const QUEUE_SIZE: u16 = 256;
 /// Most bytes given per request: larger buffers get this much (the driver asks again).
@@ -79,7 +79,7 @@ impl VirtioDevice for Rng {
     }
 
     fn features(&self) -> u64 {
-        VIRTIO_F_VERSION_1
+        VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX
     }
 
     fn read_config(&self, _offset: u64, data: &mut [u8]) {

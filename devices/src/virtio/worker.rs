@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use memory::{GuardedMemory, RegionTable};
+use virtio_bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{ActivateError, Activation, Interrupt, INT_CONFIG, INT_VRING};
@@ -34,6 +36,20 @@ pub fn memory_deadline() -> memory::Deadline {
     Some(Instant::now() + MEMORY_DEADLINE)
 }
 
+/// Requests a device serves under one read lock of guest memory before it lets writers
+/// (memory hotplug) in: a driver that keeps its queue full cannot hold them off.
+const BUDGET: usize = 256;
+
+/// What serving a queue came to.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Served {
+    /// The driver must be interrupted (used buffers it asked to hear about).
+    pub notify: bool,
+    /// The budget ran out with requests perhaps still available: serve the queue again
+    /// soon, without waiting for the driver.
+    pub more: bool,
+}
+
 /// A device's request processing.
 pub trait QueueHandler: Send + 'static {
     /// Serves one request of queue `index`; returns the bytes it wrote to guest memory
@@ -45,39 +61,73 @@ pub trait QueueHandler: Send + 'static {
         mem: &GuardedMemory<'_>,
     ) -> u32;
 
-    /// Serves the available requests of queue `index`; returns whether the driver must be
-    /// notified. By default all of them under one read lock of guest memory; a device whose
+    /// Serves the available requests of queue `index`. By default, under one read lock of
+    /// guest memory, with the driver's notifications suppressed meanwhile and the ring
+    /// checked again before they are re-enabled (requests added while the device worked
+    /// are served without a notification), at most [`BUDGET`] requests. A device whose
     /// requests change guest memory itself (a writer) must not hold the lock meanwhile.
     fn process(
         &mut self,
         index: usize,
         queue: &mut Queue,
         memory: &RegionTable,
-    ) -> Result<bool, QueueError>
+    ) -> Result<Served, QueueError>
     where
         Self: Sized,
     {
         let mem = GuardedMemory::lock_all(memory, memory_deadline())?;
-        let used = serve_available(self, index, queue, &mem)?;
-        Ok(used && queue.needs_notification(&mem)?)
+        let mut served = 0;
+        loop {
+            queue.disable_notification(&mem)?;
+            served += serve_available(self, index, queue, &mem, BUDGET - served)?;
+            if served == BUDGET {
+                // Notifications stay off: the worker comes back by itself.
+                return Ok(Served {
+                    notify: needs_interrupt(queue, &mem)?,
+                    more: true,
+                });
+            }
+            if !queue.enable_notification(&mem)? {
+                break;
+            }
+        }
+        Ok(Served {
+            notify: served > 0 && needs_interrupt(queue, &mem)?,
+            more: false,
+        })
     }
 }
 
-/// Serves every available request of `queue`; returns whether any was used.
+/// Whether the driver wants an interrupt for the buffers used since the last call: its
+/// `used_event` with EVENT_IDX, else the available ring's NO_INTERRUPT flag (which
+/// virtio-queue leaves to the device).
+pub fn needs_interrupt(queue: &mut Queue, mem: &GuardedMemory<'_>) -> Result<bool, QueueError> {
+    let wanted = queue.needs_notification(mem)?;
+    if !wanted || queue.event_idx_enabled() {
+        return Ok(wanted);
+    }
+    let flags: u16 = mem
+        .load(GuestAddress(queue.avail_ring()), Ordering::Acquire)
+        .map_err(|e| QueueError::Rings(virtio_queue::Error::GuestMemory(e)))?;
+    Ok(flags & VRING_AVAIL_F_NO_INTERRUPT as u16 == 0)
+}
+
+/// Serves up to `budget` available requests of `queue`; returns how many it served.
 fn serve_available<H: QueueHandler>(
     handler: &mut H,
     index: usize,
     queue: &mut Queue,
     mem: &GuardedMemory<'_>,
-) -> Result<bool, QueueError> {
-    let chains: Vec<_> = queue.iter(mem)?.collect();
-    let used = !chains.is_empty();
+    budget: usize,
+) -> Result<usize, QueueError> {
+    let chains: Vec<_> = queue.iter(mem)?.take(budget).collect();
+    let served = chains.len();
     for chain in chains {
         let head = chain.head_index();
         let len = handler.serve(index, chain, mem);
         queue.add_used(mem, head, len)?;
     }
-    Ok(used)
+    Ok(served)
 }
 
 struct Worker<H: QueueHandler> {
@@ -100,8 +150,18 @@ impl<H: QueueHandler> Worker<H> {
             .handler
             .process(index, &mut self.queues[index], &self.memory);
         match result {
-            Ok(true) => self.interrupt.raise(INT_VRING),
-            Ok(false) => {}
+            Ok(served) => {
+                if served.notify {
+                    self.interrupt.raise(INT_VRING);
+                }
+                if served.more {
+                    // Come back after the other queues' events (and any writer waiting
+                    // for guest memory) had their turn.
+                    if let Err(e) = self.queue_events[index].write(1) {
+                        log::error!("virtio queue {index}: cannot reschedule: {e}");
+                    }
+                }
+            }
             Err(e) => {
                 log::warn!("virtio queue {index}: {e}; the device needs a reset");
                 self.needs_reset.store(true, Ordering::Release);
@@ -217,4 +277,132 @@ pub fn spawn<H: QueueHandler>(
         stop,
         thread: Some(thread),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use memory::RegionSpec;
+    use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
+    use virtio_queue::desc::{split::Descriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::Address;
+
+    const SIZE: u16 = 256;
+
+    /// Counts the requests it is handed.
+    struct Counter(usize);
+
+    impl QueueHandler for Counter {
+        fn serve(
+            &mut self,
+            _index: usize,
+            _chain: DescriptorChain<&GuardedMemory<'_>>,
+            _mem: &GuardedMemory<'_>,
+        ) -> u32 {
+            self.0 += 1;
+            0
+        }
+    }
+
+    /// Makes `count` more one-descriptor chains available, wrapping around the ring the
+    /// way a driver does.
+    fn offer(table: &RegionTable, avail: GuestAddress, count: u16) {
+        let mem = GuardedMemory::lock_all(table, None).unwrap();
+        let idx_addr = avail.unchecked_add(2);
+        let idx: u16 = mem.read_obj(idx_addr).unwrap();
+        for i in 0..count {
+            let slot = idx.wrapping_add(i) % SIZE;
+            mem.write_obj(slot, avail.unchecked_add(4 + 2 * u64::from(slot)))
+                .unwrap();
+        }
+        mem.write_obj(idx.wrapping_add(count), idx_addr).unwrap();
+    }
+
+    fn used_flags_and_idx(table: &RegionTable, used: GuestAddress) -> (u16, u16) {
+        let mem = GuardedMemory::lock_all(table, None).unwrap();
+        (
+            mem.read_obj(used).unwrap(),
+            mem.read_obj(used.unchecked_add(2)).unwrap(),
+        )
+    }
+
+    #[test]
+    fn a_full_ring_is_served_in_budgets_with_notifications_off_meanwhile() {
+        let table = RegionTable::default();
+        table
+            .insert(RegionSpec::anonymous(GuestAddress(0), 1 << 20), None)
+            .unwrap();
+        let (mut queue, avail, used) = {
+            let mem = GuardedMemory::lock_all(&table, None).unwrap();
+            let mock = MockSplitQueue::new(&mem, SIZE);
+            for i in 0..SIZE {
+                let buf = 0x8_0000 + u64::from(i) * 16;
+                let desc = Descriptor::new(buf, 16, VRING_DESC_F_WRITE as u16, 0);
+                mock.desc_table()
+                    .store(i, RawDescriptor::from(desc))
+                    .unwrap();
+            }
+            let queue: Queue = mock.create_queue().unwrap();
+            (queue, mock.avail_addr(), mock.used_addr())
+        };
+        let mut handler = Counter(0);
+        assert!(
+            BUDGET <= usize::from(SIZE),
+            "one ring can exhaust the budget"
+        );
+
+        offer(&table, avail, SIZE);
+        let served = handler.process(0, &mut queue, &table).unwrap();
+        assert_eq!(handler.0, BUDGET);
+        assert_eq!(
+            served,
+            Served {
+                notify: true,
+                more: true
+            }
+        );
+        let (flags, idx) = used_flags_and_idx(&table, used);
+        assert_eq!(usize::from(idx), BUDGET);
+        assert_eq!(
+            flags, 1,
+            "notifications stay off until the device comes back"
+        );
+
+        // The driver refills while the device is away; nothing is left behind.
+        offer(&table, avail, 10);
+        let served = handler.process(0, &mut queue, &table).unwrap();
+        assert_eq!(
+            served,
+            Served {
+                notify: true,
+                more: false
+            }
+        );
+        assert_eq!(handler.0, usize::from(SIZE) + 10);
+        let (flags, idx) = used_flags_and_idx(&table, used);
+        assert_eq!(idx, SIZE + 10);
+        assert_eq!(flags, 0, "notifications are back on once the ring is empty");
+
+        // A driver that polls asks for no interrupts.
+        {
+            let mem = GuardedMemory::lock_all(&table, None).unwrap();
+            mem.write_obj(VRING_AVAIL_F_NO_INTERRUPT as u16, avail)
+                .unwrap();
+        }
+        offer(&table, avail, 3);
+        let served = handler.process(0, &mut queue, &table).unwrap();
+        assert_eq!(
+            served,
+            Served {
+                notify: false,
+                more: false
+            }
+        );
+        assert_eq!(handler.0, usize::from(SIZE) + 13);
+
+        // Nothing available: nothing to say.
+        let served = handler.process(0, &mut queue, &table).unwrap();
+        assert_eq!(served, Served::default());
+    }
 }

@@ -11,7 +11,10 @@ use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BL
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 
 use super::worker::{self, WorkerHandle};
-use super::{read_config_bytes, ActivateError, Activation, VirtioDevice, VIRTIO_F_VERSION_1};
+use super::{
+    read_config_bytes, ActivateError, Activation, VirtioDevice, VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX,
+};
 use request::BlockHandler;
 
 /// Bytes per sector, the unit of virtio-blk addresses.
@@ -93,7 +96,7 @@ impl VirtioDevice for Block {
         } else {
             0
         };
-        VIRTIO_F_VERSION_1 | (1 << VIRTIO_BLK_F_FLUSH) | read_only
+        VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX | (1 << VIRTIO_BLK_F_FLUSH) | read_only
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {

@@ -10,7 +10,7 @@
 //! only, so a guest cannot flood the log.
 
 use std::fs::File;
-use std::io::{Seek, SeekFrom};
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
 use memory::GuardedMemory;
@@ -20,7 +20,11 @@ use virtio_bindings::virtio_blk::{
 };
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::DescriptorChain;
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::bitmap::BitmapSlice;
+use vm_memory::{
+    Bytes, GuestAddress, GuestMemoryBackend, ReadVolatile, VolatileMemoryError, VolatileSlice,
+    WriteVolatile,
+};
 
 use super::SECTOR_SIZE;
 use crate::virtio::worker::QueueHandler;
@@ -88,11 +92,11 @@ impl BlockHandler {
         }
     }
 
-    fn disk_at(&self, offset: u64) -> Result<&File, RequestError> {
-        let mut disk = &*self.disk;
-        disk.seek(SeekFrom::Start(offset))
-            .map_err(RequestError::Io)?;
-        Ok(disk)
+    fn disk_at(&self, offset: u64) -> DiskCursor<'_> {
+        DiskCursor {
+            file: &self.disk,
+            offset,
+        }
     }
 
     /// Runs the request; returns the bytes it wrote to guest memory.
@@ -108,11 +112,19 @@ impl BlockHandler {
         let sector = u64::from_le_bytes(raw[8..].try_into().unwrap_or_default());
         match kind {
             VIRTIO_BLK_T_IN => {
-                let mut disk = self.disk_at(self.place(sector, data, true)?)?;
+                let mut disk = self.disk_at(self.place(sector, data, true)?);
                 let mut written = 0u32;
                 for d in data {
-                    mem.read_exact_volatile_from(d.addr(), &mut disk, d.len() as usize)
-                        .map_err(RequestError::Guest)?;
+                    let len = d.len() as usize;
+                    match mem.get_slice(d.addr(), len) {
+                        // The common case, a buffer inside one region: one call.
+                        Ok(mut slice) => disk
+                            .read_exact_volatile(&mut slice)
+                            .map_err(|e| RequestError::Guest(e.into()))?,
+                        Err(_) => mem
+                            .read_exact_volatile_from(d.addr(), &mut disk, len)
+                            .map_err(RequestError::Guest)?,
+                    }
                     written = written.saturating_add(d.len());
                 }
                 Ok(written)
@@ -121,10 +133,17 @@ impl BlockHandler {
                 if self.read_only {
                     return Err(RequestError::ReadOnly);
                 }
-                let mut disk = self.disk_at(self.place(sector, data, false)?)?;
+                let mut disk = self.disk_at(self.place(sector, data, false)?);
                 for d in data {
-                    mem.write_all_volatile_to(d.addr(), &mut disk, d.len() as usize)
-                        .map_err(RequestError::Guest)?;
+                    let len = d.len() as usize;
+                    match mem.get_slice(d.addr(), len) {
+                        Ok(slice) => disk
+                            .write_all_volatile(&slice)
+                            .map_err(|e| RequestError::Guest(e.into()))?,
+                        Err(_) => mem
+                            .write_all_volatile_to(d.addr(), &mut disk, len)
+                            .map_err(RequestError::Guest)?,
+                    }
                 }
                 Ok(0)
             }
@@ -141,6 +160,66 @@ impl BlockHandler {
             }
             other => Err(RequestError::Unsupported(other)),
         }
+    }
+}
+
+/// The disk file from a position on, read and written with positioned I/O (one `pread` or
+/// `pwrite` per guest buffer, no shared file position).
+struct DiskCursor<'a> {
+    file: &'a File,
+    offset: u64,
+}
+
+impl DiskCursor<'_> {
+    fn advance(&mut self, done: isize) -> Result<usize, VolatileMemoryError> {
+        let done = usize::try_from(done)
+            .map_err(|_| VolatileMemoryError::IOError(std::io::Error::last_os_error()))?;
+        self.offset += done as u64;
+        Ok(done)
+    }
+}
+
+impl ReadVolatile for DiskCursor<'_> {
+    fn read_volatile<B: BitmapSlice>(
+        &mut self,
+        buf: &mut VolatileSlice<B>,
+    ) -> Result<usize, VolatileMemoryError> {
+        let done = {
+            let guard = buf.ptr_guard_mut();
+            // SAFETY: the file descriptor is open for the cursor's lifetime, and the slice's
+            // memory is valid for writes of `buf.len()` bytes while its guard lives.
+            unsafe {
+                libc::pread(
+                    self.file.as_raw_fd(),
+                    guard.as_ptr().cast(),
+                    buf.len(),
+                    self.offset as libc::off_t,
+                )
+            }
+        };
+        let done = self.advance(done)?;
+        buf.bitmap().mark_dirty(0, done);
+        Ok(done)
+    }
+}
+
+impl WriteVolatile for DiskCursor<'_> {
+    fn write_volatile<B: BitmapSlice>(
+        &mut self,
+        buf: &VolatileSlice<B>,
+    ) -> Result<usize, VolatileMemoryError> {
+        let guard = buf.ptr_guard();
+        // SAFETY: the file descriptor is open for the cursor's lifetime, and the slice's
+        // memory is valid for reads of `buf.len()` bytes while its guard lives.
+        let done = unsafe {
+            libc::pwrite(
+                self.file.as_raw_fd(),
+                guard.as_ptr().cast(),
+                buf.len(),
+                self.offset as libc::off_t,
+            )
+        };
+        self.advance(done)
     }
 }
 
