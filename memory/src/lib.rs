@@ -25,6 +25,7 @@
 //! assert!(table.read(GuestAddress(0xffff), &mut buf, None).is_err());
 //! ```
 
+mod area;
 pub mod copy;
 pub mod guarded;
 pub mod lazy;
@@ -39,6 +40,7 @@ pub mod table;
 #[cfg(not(loom))]
 pub mod uffd;
 
+pub use area::AreaId;
 pub use copy::CopyError;
 pub use guarded::{GuardedMemory, GuardedMemoryError};
 pub use lazy::{FaultRegistry, LazyError, LazyPages, LazyRange};

@@ -5,6 +5,7 @@ use std::fs::File;
 use std::marker::PhantomData;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::ptr::NonNull;
+use std::sync::Arc;
 
 use vm_memory::bitmap::BS;
 use vm_memory::guest_memory::{self, FileOffset};
@@ -14,6 +15,7 @@ use vm_memory::{
     MemoryRegionAddress, VolatileSlice,
 };
 
+use crate::area::{Area, AreaId};
 use crate::lockdep;
 use crate::region_lock::{release as release_lock, RegionLock};
 use crate::sync::{AtomicU64, Ordering};
@@ -50,6 +52,19 @@ pub enum RegionError {
     /// Mapping the region's host memory failed.
     #[error("cannot map region memory: {0}")]
     Mmap(vm_memory::mmap::MmapRegionError),
+    /// Regions inside an area use the area's anonymous memory.
+    #[error("a memfd-backed region cannot be placed inside {0}")]
+    MemfdInArea(AreaId),
+    /// A region inside an area must lie inside it whole.
+    #[error("region at {start:#x} of capacity {capacity:#x} does not fit inside {area}")]
+    OutsideArea {
+        /// Guest-physical start.
+        start: u64,
+        /// Requested capacity.
+        capacity: u64,
+        /// The area.
+        area: AreaId,
+    },
     /// A host memory-management call (madvise, mprotect, fallocate) failed.
     #[error("{call} on region memory failed: {source}")]
     Host {
@@ -140,6 +155,8 @@ pub struct Region {
     backing: Backing,
     slot: u32,
     pub(crate) lock: RegionLock,
+    /// The area whose mapping and slot the region uses, if any.
+    area: Option<Arc<Area>>,
 }
 
 impl std::fmt::Debug for Region {
@@ -162,11 +179,14 @@ fn host_err(call: &'static str) -> RegionError {
 }
 
 impl Region {
+    /// A region with a mapping of its own and memory slot `slot`, or, with `area`, one
+    /// whose memory is its place in the area's mapping (and whose slot is the area's).
     pub(crate) fn new(
         id: RegionId,
         spec: &RegionSpec,
         slot: u32,
         reader_limit: u64,
+        area: Option<Arc<Area>>,
     ) -> Result<Region, RegionError> {
         let RegionSpec {
             start,
@@ -195,10 +215,23 @@ impl Region {
         let len = capacity as usize;
         let prot = libc::PROT_READ | libc::PROT_WRITE;
         let builder = MmapRegionBuilder::new(len).with_mmap_prot(prot);
-        let builder = match spec.backing {
-            Backing::Anonymous | Backing::Lazy(_) => builder
+        let builder = match (&spec.backing, &area) {
+            (Backing::Memfd, Some(area)) => return Err(RegionError::MemfdInArea(area.id())),
+            (_, Some(area)) if !area.holds(start.0, capacity) => {
+                return Err(RegionError::OutsideArea {
+                    start: start.0,
+                    capacity,
+                    area: area.id(),
+                })
+            }
+            // SAFETY: `[start, start + capacity)` lies inside the area (checked above), so
+            // the pointer and length are inside the area's mapping, which lives as long as
+            // the region: the region keeps the area.
+            (_, Some(area)) => unsafe { builder.with_raw_mmap_pointer(area.host_at(start)) }
                 .with_mmap_flags(libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_PRIVATE),
-            Backing::Memfd => {
+            (Backing::Anonymous | Backing::Lazy(_), None) => builder
+                .with_mmap_flags(libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_PRIVATE),
+            (Backing::Memfd, None) => {
                 let file = create_memfd(capacity)?;
                 builder
                     .with_file_offset(FileOffset::new(file, 0))
@@ -218,15 +251,26 @@ impl Region {
             size: AtomicU64::new(size),
             mapping,
             backing: spec.backing.clone(),
-            slot,
+            slot: area.as_ref().map_or(slot, |a| a.slot()),
             lock: RegionLock::new(reader_limit),
+            area,
         };
-        if matches!(region.backing, Backing::Anonymous) {
-            region.advise_huge_pages();
+        if region.area.is_some() {
+            // The area's memory is inaccessible until a region opens its part.
+            region.reopen(0, size)?;
+        } else {
+            if matches!(region.backing, Backing::Anonymous) {
+                region.advise_huge_pages();
+            }
+            // Memory beyond the size is reserved but inaccessible until the region grows.
+            region.protect(size, capacity - size, libc::PROT_NONE)?;
         }
-        // Memory beyond the size is reserved but inaccessible until the region grows.
-        region.protect(size, capacity - size, libc::PROT_NONE)?;
         Ok(region)
+    }
+
+    /// Whether the region has a memory slot of its own (else it uses its area's).
+    pub fn owns_slot(&self) -> bool {
+        self.area.is_none()
     }
 
     /// The region's id.

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use vm_memory::GuestAddress;
 
+use crate::area::{Area, AreaId};
 use crate::lazy::{LazyError, LazyPages, LazyRange};
 use crate::lockdep::{self, HeldLock};
 use crate::metrics::{Lookup, RegionMetrics, TableMetrics, TableStats};
@@ -75,6 +76,17 @@ pub enum TableError {
         len: u64,
         /// The region in the way.
         other: RegionId,
+    },
+    /// The requested range is partly inside a reserved area (or overlaps one, for a new
+    /// area).
+    #[error("range {start:#x}+{len:#x} straddles {area}")]
+    StraddlesArea {
+        /// Requested start.
+        start: u64,
+        /// Requested length.
+        len: u64,
+        /// The area in the way.
+        area: AreaId,
     },
     /// No region has this id.
     #[error("{0} does not exist")]
@@ -143,6 +155,8 @@ impl Default for TableConfig {
 /// What the table lock protects: the writers' view.
 struct Inner {
     regions: BTreeMap<u64, Arc<Region>>,
+    /// Reserved areas by start (see [`RegionTable::reserve_area`]).
+    areas: BTreeMap<u64, std::sync::Arc<Area>>,
     free_slots: Vec<u32>,
     next_slot: u32,
 }
@@ -154,6 +168,31 @@ impl Inner {
             .next_back()
             .map(|(_, r)| r)
             .filter(|r| r.contains(addr))
+    }
+
+    /// The area a range lies in: `Ok(None)` if it touches none, an error if it
+    /// straddles an area's edge.
+    fn area_for(&self, start: u64, len: u64) -> Result<Option<std::sync::Arc<Area>>, TableError> {
+        match self.areas.values().find(|a| a.overlaps(start, len)) {
+            None => Ok(None),
+            Some(area) if area.holds(start, len) => Ok(Some(area.clone())),
+            Some(area) => Err(TableError::StraddlesArea {
+                start,
+                len,
+                area: area.id(),
+            }),
+        }
+    }
+
+    fn take_slot(&mut self, max_slots: u32) -> Result<u32, TableError> {
+        match self.free_slots.pop() {
+            Some(slot) => Ok(slot),
+            None if self.next_slot < max_slots => {
+                self.next_slot += 1;
+                Ok(self.next_slot - 1)
+            }
+            None => Err(TableError::NoSlot(max_slots)),
+        }
     }
 
     fn by_id(&self, id: RegionId) -> Option<Arc<Region>> {
@@ -288,6 +327,7 @@ impl RegionTable {
             published: SnapshotCell::new(Snapshot::new(Vec::new())),
             lock: TableRwLock::new(Inner {
                 regions: BTreeMap::new(),
+                areas: BTreeMap::new(),
                 free_slots: Vec::new(),
                 next_slot: 0,
             }),
@@ -461,8 +501,63 @@ impl RegionTable {
         }
     }
 
+    /// Reserves `[start, start + size)` of guest-physical space as an area: one host
+    /// mapping (reserved, inaccessible) and one memory slot for all of it, created now.
+    /// Regions later inserted inside it take their memory from it and never change a
+    /// memory slot (see the `area` module); regions may not straddle its edges.
+    pub fn reserve_area(
+        &self,
+        start: GuestAddress,
+        size: u64,
+        deadline: Deadline,
+    ) -> Result<AreaId, TableError> {
+        let mut session = self.write_session(deadline)?;
+        let inner = &mut *session.inner;
+        if let Some(other) = inner.regions.values().find(|r| {
+            r.start().0 < start.0.saturating_add(size) && start.0 < r.start().0 + r.capacity()
+        }) {
+            return Err(TableError::Overlap {
+                start: start.0,
+                len: size,
+                other: other.id(),
+            });
+        }
+        if let Some(area) = inner.areas.values().find(|a| a.overlaps(start.0, size)) {
+            return Err(TableError::StraddlesArea {
+                start: start.0,
+                len: size,
+                area: area.id(),
+            });
+        }
+        let slot = inner.take_slot(self.config.max_slots)?;
+        let id = AreaId(
+            self.next_id
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        );
+        let area = match Area::new(id, start, size, slot) {
+            Ok(area) => area,
+            Err(e) => {
+                inner.free_slots.push(slot);
+                return Err(e.into());
+            }
+        };
+        let mapping = SlotMapping {
+            slot,
+            guest_addr: start.0,
+            size,
+            host_addr: area.host_addr(),
+        };
+        if let Err(e) = self.slots.map(&mapping) {
+            inner.free_slots.push(slot);
+            return Err(e.into());
+        }
+        inner.areas.insert(start.0, std::sync::Arc::new(area));
+        Ok(id)
+    }
+
     /// Adds a region: maps its memory, registers lazy population, creates its memory
-    /// slot, then publishes it.
+    /// slot, then publishes it. A region inside a reserved area takes its memory and
+    /// slot from the area instead.
     pub fn insert(&self, spec: RegionSpec, deadline: Deadline) -> Result<RegionId, TableError> {
         let mut session = self.write_session(deadline)?;
         let start = spec.start.0;
@@ -489,26 +584,32 @@ impl RegionTable {
             return Err(LazyError::NoHandler.into());
         }
         let inner = &mut *session.inner;
-        let slot = match inner.free_slots.pop() {
-            Some(slot) => slot,
-            None if inner.next_slot < self.config.max_slots => {
-                inner.next_slot += 1;
-                inner.next_slot - 1
+        let area = inner.area_for(start, spec.capacity)?;
+        // A region inside an area uses the area's slot.
+        let slot = match &area {
+            Some(area) => area.slot(),
+            None => inner.take_slot(self.config.max_slots)?,
+        };
+        let free_slot = |inner: &mut Inner| {
+            if area.is_none() {
+                inner.free_slots.push(slot);
             }
-            None => return Err(TableError::NoSlot(self.config.max_slots)),
         };
         let id = RegionId(
             self.next_id
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         );
-        let region = match Region::new(id, &spec, slot, self.config.reader_limit) {
+        let region = match Region::new(id, &spec, slot, self.config.reader_limit, area.clone()) {
             Ok(region) => Arc::new(region),
             Err(e) => {
-                inner.free_slots.push(slot);
+                free_slot(inner);
                 return Err(e.into());
             }
         };
         let setup = self.register_lazy(&region, 0, spec.size).and_then(|()| {
+            if !region.owns_slot() {
+                return Ok(());
+            }
             self.slots
                 .map(&Self::slot_mapping(&region, spec.size))
                 .map_err(|e| {
@@ -517,7 +618,11 @@ impl RegionTable {
                 })
         });
         if let Err(e) = setup {
-            inner.free_slots.push(slot);
+            if !region.owns_slot() {
+                // Close the area's memory again.
+                let _ = region.discard(0, spec.size);
+            }
+            free_slot(inner);
             return Err(e);
         }
         inner.regions.insert(start, region);
@@ -559,9 +664,11 @@ impl RegionTable {
         };
         self.register_lazy(&region, old, new_size - old)
             .map_err(undo_protect)?;
-        if let Err(e) = self.slots.map(&Self::slot_mapping(&region, new_size)) {
-            let _ = self.unregister_lazy(&region, old, new_size - old);
-            return Err(undo_protect(e.into()));
+        if region.owns_slot() {
+            if let Err(e) = self.slots.map(&Self::slot_mapping(&region, new_size)) {
+                let _ = self.unregister_lazy(&region, old, new_size - old);
+                return Err(undo_protect(e.into()));
+            }
         }
         region.set_size(new_size);
         Ok(())
@@ -582,7 +689,10 @@ impl RegionTable {
         Self::check_resize(&region, new_size, false)?;
         let old = region.size();
         session.exclude_readers(&region, started)?;
-        self.slots.map(&Self::slot_mapping(&region, new_size))?;
+        // In an area, the guest loses the tail when it is discarded below.
+        if region.owns_slot() {
+            self.slots.map(&Self::slot_mapping(&region, new_size))?;
+        }
         region.set_size(new_size);
         self.unregister_lazy(&region, new_size, old - new_size)?;
         region.discard(new_size, old - new_size)?;
@@ -608,12 +718,17 @@ impl RegionTable {
         }
         let size = region.size();
         // 3. The guest loses the memory. If the hypervisor refuses, put the region back.
-        if let Err(e) = self.slots.unmap(&Self::slot_mapping(&region, size)) {
-            session.restore_removed(&region);
-            return Err(e.into());
+        //    A region inside an area keeps no slot of its own: the guest loses it at
+        //    step 5, when discarding it and closing it makes the host kernel drop every
+        //    hypervisor mapping of exactly that range, for good.
+        if region.owns_slot() {
+            if let Err(e) = self.slots.unmap(&Self::slot_mapping(&region, size)) {
+                session.restore_removed(&region);
+                return Err(e.into());
+            }
+            // The slot number is free once KVM has let go of it, whatever happens next.
+            session.inner.free_slots.push(region.slot());
         }
-        // The slot number is free once KVM has let go of it, whatever happens next.
-        session.inner.free_slots.push(region.slot());
         // 4. No more lazy population.
         self.unregister_lazy(&region, 0, size)?;
         // 5. Free the host memory.

@@ -1,49 +1,18 @@
 //! Unit tests of the region table's operations and errors.
 
-use std::sync::{Arc, Mutex};
+mod common;
+
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::slots::RecordingSlots;
 use memory::{
-    Backing, CopyError, GuardedMemory, LookupError, MemorySlots, RegionSpec, RegionTable,
-    SlotError, SlotMapping, TableConfig, TableError,
+    Backing, CopyError, GuardedMemory, LookupError, RegionSpec, RegionTable, TableConfig,
+    TableError,
 };
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 const MIB: u64 = 1 << 20;
-
-/// Records slot calls, and fails them on request.
-#[derive(Default)]
-struct RecordingSlots {
-    calls: Mutex<Vec<(&'static str, SlotMapping)>>,
-    fail: Mutex<bool>,
-}
-
-impl RecordingSlots {
-    fn calls(&self) -> Vec<(&'static str, SlotMapping)> {
-        self.calls.lock().unwrap().clone()
-    }
-    fn result(&self, slot: u32) -> Result<(), SlotError> {
-        if *self.fail.lock().unwrap() {
-            Err(SlotError::Update {
-                slot,
-                source: std::io::Error::from_raw_os_error(libc::EINVAL),
-            })
-        } else {
-            Ok(())
-        }
-    }
-}
-
-impl MemorySlots for RecordingSlots {
-    fn map(&self, m: &SlotMapping) -> Result<(), SlotError> {
-        self.calls.lock().unwrap().push(("map", *m));
-        self.result(m.slot)
-    }
-    fn unmap(&self, m: &SlotMapping) -> Result<(), SlotError> {
-        self.calls.lock().unwrap().push(("unmap", *m));
-        self.result(m.slot)
-    }
-}
 
 fn table_with(slots: Arc<RecordingSlots>, config: TableConfig) -> RegionTable {
     RegionTable::new(slots, None, config)
@@ -570,17 +539,19 @@ fn lookups_find_the_right_region_among_many() {
     }
 }
 
-/// The `THPeligible` line of the mapping at `host_addr` in this process's smaps.
+/// The `THPeligible` line of the mapping holding `host_addr` in this process's smaps
+/// (the kernel may have merged it with a neighbour).
 fn thp_eligible(host_addr: u64) -> Option<bool> {
     let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
     let mut in_mapping = false;
     for line in smaps.lines() {
-        if let Some((range, _)) = line.split_once(' ') {
-            if let Some((start, _)) = range.split_once('-') {
-                if let Ok(start) = u64::from_str_radix(start, 16) {
-                    in_mapping = start == host_addr;
-                    continue;
-                }
+        let range = line.split_once(' ').and_then(|(r, _)| r.split_once('-'));
+        if let Some((start, end)) = range {
+            if let (Ok(start), Ok(end)) =
+                (u64::from_str_radix(start, 16), u64::from_str_radix(end, 16))
+            {
+                in_mapping = (start..end).contains(&host_addr);
+                continue;
             }
         }
         if in_mapping {

@@ -431,7 +431,7 @@ static void bench(u64 passes) {
 #define MEM_PLUG 0
 #define MEM_UNPLUG 1
 #define MEM_ACK 0
-#define MAX_BLOCKS 64
+#define MAX_BLOCKS 1024
 
 struct mem_req { u16 type; u16 pad[3]; u64 addr; u16 nb_blocks; u16 pad2[3]; };
 struct mem_resp { u16 type; u16 pad[3]; u16 state; };
@@ -535,6 +535,18 @@ static void hotplug(void) {
     }
 }
 
+/* Writes to the first block of the hotplug area without plugging it: the guest breaks
+ * its word (VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE), and Kite must stop it. */
+static void touch_unplugged(void) {
+    struct dev *m = find(VIRTIO_ID_MEM, 0);
+    CHECK(m, "virtio-mem present");
+    dev_setup_ok(m);
+    volatile u64 *addr = (volatile u64 *)cfg64(m, 16);
+    puts("kite-test: writing to unplugged memory\n");
+    *addr = 0x6b697465;
+    CHECK(0, "the write to unplugged memory was stopped");
+}
+
 static void probe(void) {
     for (int i = 0; i < MAX_DEVICES; i++) {
         struct dev *d = &devs[ndevs];
@@ -561,6 +573,7 @@ void guest_main(const u8 *zero_page) {
     else if (str_eq_word(test, "hostile")) hostile();
     else if (str_eq_word(test, "bench")) bench(passes ? parse_dec(passes) : 1);
     else if (str_eq_word(test, "hotplug")) hotplug();
+    else if (str_eq_word(test, "touch-unplugged")) touch_unplugged();
     else CHECK(0, "a known test name");
     finish(1);
 }

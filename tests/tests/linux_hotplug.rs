@@ -80,7 +80,7 @@ fn linux_plugs_and_unplugs_a_gibibyte() {
             "the area holds",
         ),
         (
-            serde_json::json!({"command": "resize", "memory": "1500M"}),
+            serde_json::json!({"command": "resize", "memory": "1537M"}),
             "not a multiple",
         ),
         (
@@ -116,8 +116,9 @@ fn linux_plugs_and_unplugs_a_gibibyte() {
     assert_eq!(reply["ok"], Value::Bool(true), "{reply}");
     let unplug_time = wait_plugged(&socket, 0, RESIZE_DEADLINE);
     let info = call(&socket, serde_json::json!({"command": "info"}));
-    assert_eq!(info["memory"]["blocks_plugged"], 8, "{info}");
-    assert_eq!(info["memory"]["blocks_unplugged"], 8, "{info}");
+    let blocks = GIB / devices::virtio::mem::BLOCK_SIZE;
+    assert_eq!(info["memory"]["blocks_plugged"], blocks, "{info}");
+    assert_eq!(info["memory"]["blocks_unplugged"], blocks, "{info}");
     eprintln!("plugged 1 GiB in {plug_time:?}, unplugged it in {unplug_time:?}");
 
     kite.signal(libc::SIGTERM);

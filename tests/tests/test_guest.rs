@@ -179,3 +179,27 @@ fn a_failing_guest_check_is_reported_with_its_exit_code() {
         .stderr
         .contains("the guest reported failure 1 on the exit port"));
 }
+
+#[test]
+fn a_guest_writing_to_unplugged_memory_is_stopped() {
+    let Some(end) = run(
+        "touch-unplugged",
+        &["--memory", "size=256M,hotplug_size=512M"],
+    ) else {
+        return;
+    };
+    assert!(
+        end.console
+            .contains("kite-test: writing to unplugged memory"),
+        "{}\n{}",
+        end.console,
+        end.stderr
+    );
+    assert!(!end.console.contains("kite-test: FAIL"), "{}", end.console);
+    assert_eq!(end.code, Some(exit::GUEST_CRASH), "{}", end.stderr);
+    assert!(
+        end.stderr.contains("not guest memory") || end.stderr.contains("does not have"),
+        "{}",
+        end.stderr
+    );
+}

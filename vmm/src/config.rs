@@ -287,7 +287,8 @@ pub enum HotplugBacking {
     Lazy,
 }
 
-/// Hotplug granularity (virtio-mem's block, Linux's memory block on x86_64).
+/// Granularity of the hotplug area's size: Linux's memory block on x86_64, the unit its
+/// virtio-mem driver adds memory to the system in (it plugs 2 MiB device blocks inside).
 pub const HOTPLUG_BLOCK: u64 = 128 << 20;
 
 impl Default for MemoryConfig {

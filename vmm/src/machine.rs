@@ -322,7 +322,8 @@ pub fn run(spec: MachineSpec<'_>) -> Result<VmEnd, MachineError> {
                 size,
                 backing,
             )
-        });
+        })
+        .transpose()?;
     let mut io = IoManager::new();
     let mut cmdline = spec.cmdline.to_string();
     add_virtio_devices(&vm, &table, &spec, hotplug.clone(), &mut io, &mut cmdline)?;

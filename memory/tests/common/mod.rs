@@ -8,6 +8,8 @@
 
 #![allow(dead_code)]
 
+pub mod slots;
+
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;

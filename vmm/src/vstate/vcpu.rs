@@ -212,6 +212,20 @@ impl Vcpu {
                 rip: None,
             },
             Ok(VcpuExit::Intr) => return RunState::Running,
+            // Memory the guest does not have, like an unplugged hotplug block whose slot
+            // stays (see `memory::RegionTable::reserve_area`): the guest broke its word.
+            Ok(VcpuExit::MemoryFault { gpa, size, .. }) => VcpuStop::Crash {
+                exit: format!(
+                    "guest accessed {size:#x} bytes at {gpa:#x}, which is not guest memory now"
+                ),
+                rip: None,
+            },
+            Err(e) if e.errno() == libc::EFAULT => VcpuStop::Crash {
+                exit: "guest accessed memory it does not have (an unplugged block?): KVM_RUN \
+                       failed with EFAULT"
+                    .into(),
+                rip: None,
+            },
             Ok(other) => VcpuStop::Fatal {
                 exit: format!("unexpected exit {other:?}"),
                 rip: None,
