@@ -4,8 +4,9 @@
 //! (p50/p99) during the test guest's hotplug load. Prints ratios.
 //!
 //! `cargo build --release -p vmm && cargo bench -p kite-tests --bench hotplug`
-//! (needs qemu-system-x86: `scripts/install-deps bench`; `KITE_BENCH_CYCLES` sets the
-//! test-guest load cycles, default 20).
+//! (needs qemu-system-x86: `scripts/install-deps bench`; `KITE_BENCH_ROUNDS` sets the
+//! Linux rounds, Kite and QEMU alternating which goes first, default 1, medians printed;
+//! `KITE_BENCH_CYCLES` sets the test-guest load cycles, default 20).
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -212,33 +213,64 @@ fn main() {
         .is_ok();
     let dir = tempfile::tempdir().unwrap();
     let (kernel, spin) = (kernel.to_str().unwrap(), spin.to_str().unwrap());
+    let rounds: usize = std::env::var("KITE_BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1)
+        .max(1);
     println!("kite: {}", kite_binary().display());
-    let (k_up, k_down) = kite_linux(spin, dir.path());
-    println!(
-        "kite: 1 GiB plugged in {:.1} s, unplugged in {:.1} s",
-        k_up.as_secs_f64(),
-        k_down.as_secs_f64()
-    );
-    if qemu_ok {
-        let (q_up, q_down) = qemu_linux(kernel, spin, dir.path());
-        println!(
-            "qemu q35 + virtio-mem-pci: plugged in {:.1} s, unplugged in {:.1} s",
-            q_up.as_secs_f64(),
-            q_down.as_secs_f64()
-        );
-        println!(
-            "\n{:<26}{:>10}{:>10}{:>12}",
-            "Linux, 1 GiB", "kite (s)", "qemu (s)", "kite/qemu"
-        );
-        for (name, k, q) in [("plug", k_up, q_up), ("unplug", k_down, q_down)] {
-            let (k, q) = (k.as_secs_f64(), q.as_secs_f64());
-            println!("{name:<26}{k:>10.1}{q:>10.1}{:>12.2}", k / q);
-        }
-        println!("target: kite/qemu <= 1.0");
-    } else {
+    if !qemu_ok {
         println!(
             "SKIPPED the QEMU baseline: qemu-system-x86_64 is missing (scripts/install-deps bench)"
         );
+    }
+    let (mut kite, mut qemu) = (Vec::new(), Vec::new());
+    for round in 0..rounds {
+        // Alternate which goes first: this machine's speed drifts by tens of percent over
+        // minutes, and the pair should see the same drift.
+        let kite_first = round % 2 == 0 || !qemu_ok;
+        if kite_first {
+            kite.push(kite_linux(spin, dir.path()));
+        }
+        if qemu_ok {
+            qemu.push(qemu_linux(kernel, spin, dir.path()));
+        }
+        if !kite_first {
+            kite.push(kite_linux(spin, dir.path()));
+        }
+        let (k_up, k_down) = kite[round];
+        print!(
+            "round {round}: kite plugged 1 GiB in {:.1} s, unplugged in {:.1} s",
+            k_up.as_secs_f64(),
+            k_down.as_secs_f64()
+        );
+        if let Some((q_up, q_down)) = qemu.get(round) {
+            print!(
+                " | qemu q35 + virtio-mem-pci {:.1} s, {:.1} s",
+                q_up.as_secs_f64(),
+                q_down.as_secs_f64()
+            );
+        }
+        println!();
+    }
+    if qemu_ok {
+        println!(
+            "\n{:<26}{:>10}{:>10}{:>12}",
+            "Linux, 1 GiB (median)", "kite (s)", "qemu (s)", "kite/qemu"
+        );
+        let median = |v: &[(Duration, Duration)], pick: fn(&(Duration, Duration)) -> Duration| {
+            let mut secs: Vec<f64> = v.iter().map(|r| pick(r).as_secs_f64()).collect();
+            secs.sort_by(f64::total_cmp);
+            secs[secs.len() / 2]
+        };
+        for (name, pick) in [
+            ("plug", (|r: &(Duration, Duration)| r.0) as fn(&_) -> _),
+            ("unplug", |r: &(Duration, Duration)| r.1),
+        ] {
+            let (k, q) = (median(&kite, pick), median(&qemu, pick));
+            println!("{name:<26}{k:>10.1}{q:>10.1}{:>12.2}", k / q);
+        }
+        println!("target: kite/qemu <= 1.0");
     }
     let cycles = std::env::var("KITE_BENCH_CYCLES")
         .ok()

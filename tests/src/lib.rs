@@ -65,6 +65,18 @@ pub struct Kite {
     _dir: tempfile::TempDir,
 }
 
+impl Drop for Kite {
+    /// A test that fails (panics) while its VMM runs must not leave it running: an
+    /// orphaned guest spinning on this small machine would slow every later test and
+    /// benchmark.
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 /// How a `kite` run ended.
 #[derive(Debug)]
 pub struct Ended {

@@ -96,3 +96,25 @@ fn sigint_stops_a_spinning_guest() {
 fn sigterm_stops_a_halted_guest() {
     signalled(&[0xf4, 0xeb, 0xfd], libc::SIGTERM);
 }
+
+/// A test that fails while its guest runs drops its `Kite` while unwinding: the VMM must
+/// go with it, not spin on as an orphan.
+#[test]
+fn a_dropped_kite_does_not_outlive_its_test() {
+    let code: Vec<u8> = SAY_K.iter().chain(&[0xeb, 0xfe]).copied().collect();
+    let Some((kite, _dir)) = run(&code, "boot=1") else {
+        return;
+    };
+    kite.wait_for("K", DEADLINE);
+    let proc = format!("/proc/{}", kite.pid());
+    let unwound = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+        let _kite = kite;
+        panic!("a failing check");
+    }));
+    assert!(unwound.is_err());
+    // Dropping reaps it: its /proc entry is gone by the time drop returns.
+    assert!(
+        !std::path::Path::new(&proc).exists(),
+        "kite still runs after its test failed"
+    );
+}
