@@ -114,6 +114,7 @@ impl VirtioDevice for Block {
             read_only: self.read_only,
             capacity_bytes: self.capacity_sectors * SECTOR_SIZE,
             id: self.id,
+            descriptors: Vec::new(),
         };
         self.worker = Some(worker::spawn(
             format!("kite_{}", self.name),

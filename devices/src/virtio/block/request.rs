@@ -38,6 +38,8 @@ pub(super) struct BlockHandler {
     pub(super) read_only: bool,
     pub(super) capacity_bytes: u64,
     pub(super) id: [u8; VIRTIO_BLK_ID_BYTES as usize],
+    /// Scratch space for a request's descriptors.
+    pub(super) descriptors: Vec<Descriptor>,
 }
 
 /// Why a request failed (logged; the driver sees the status).
@@ -230,7 +232,19 @@ impl QueueHandler for BlockHandler {
         chain: DescriptorChain<&GuardedMemory<'_>>,
         mem: &GuardedMemory<'_>,
     ) -> u32 {
-        let descs: Vec<Descriptor> = chain.collect();
+        // The chain's descriptors, in a buffer kept from request to request.
+        let mut descs = std::mem::take(&mut self.descriptors);
+        descs.clear();
+        descs.extend(chain);
+        let used = self.serve_chain(&descs, mem);
+        self.descriptors = descs;
+        used
+    }
+}
+
+impl BlockHandler {
+    /// Serves the request made of `descs`; returns the used length.
+    fn serve_chain(&self, descs: &[Descriptor], mem: &GuardedMemory<'_>) -> u32 {
         let Some((status, rest)) = descs.split_last() else {
             log::debug!("virtio-blk: empty chain");
             return 0;
