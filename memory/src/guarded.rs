@@ -88,16 +88,19 @@ impl<'t> GuardedMemory<'t> {
 impl<'t> GuestMemoryBackend for GuardedMemory<'t> {
     type R = RegionGuard<'t>;
 
+    #[inline]
     fn num_regions(&self) -> usize {
         self.guards.len()
     }
 
+    #[inline]
     fn find_region(&self, addr: GuestAddress) -> Option<&RegionGuard<'t>> {
         let idx = self.guards.partition_point(|g| g.start_addr() <= addr);
         let guard = &self.guards[idx.checked_sub(1)?];
         (addr <= guard.last_addr()).then_some(guard)
     }
 
+    #[inline]
     fn iter(&self) -> impl Iterator<Item = &RegionGuard<'t>> {
         self.guards.iter()
     }

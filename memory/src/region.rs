@@ -505,26 +505,32 @@ impl std::fmt::Debug for RegionGuard<'_> {
 impl GuestMemoryRegion for RegionGuard<'_> {
     type B = ();
 
+    #[inline]
     fn len(&self) -> GuestUsize {
         self.size
     }
 
+    #[inline]
     fn start_addr(&self) -> GuestAddress {
         self.region().start
     }
 
+    #[inline]
     fn bitmap(&self) -> BS<'_, ()> {}
 
+    #[inline]
     fn get_host_address(&self, addr: MemoryRegionAddress) -> guest_memory::Result<*mut u8> {
         self.check_address(addr)
             .ok_or(guest_memory::Error::InvalidBackendAddress)
             .and_then(|a| self.region().mapping.get_host_address(a))
     }
 
+    #[inline]
     fn file_offset(&self) -> Option<&FileOffset> {
         self.region().mapping.file_offset()
     }
 
+    #[inline]
     fn get_slice(
         &self,
         offset: MemoryRegionAddress,
