@@ -70,9 +70,32 @@ impl Drop for Kite {
     /// orphaned guest spinning on this small machine would slow every later test and
     /// benchmark.
     fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
+        let status = self.child.try_wait();
+        if let Ok(None) = status {
             let _ = self.child.kill();
             let _ = self.child.wait();
+        }
+        if std::thread::panicking() {
+            // The test failed: show what the VMM said, and how it ended.
+            let console = self
+                .console
+                .text
+                .lock()
+                .map(|t| t.0.clone())
+                .unwrap_or_default();
+            let tail: String = console
+                .lines()
+                .rev()
+                .take(40)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect::<Vec<_>>()
+                .join("\n");
+            eprintln!(
+                "kite (exit status before the test ended it: {status:?})\nstderr:\n{}\nlast console lines:\n{tail}",
+                std::fs::read_to_string(&self.stderr).unwrap_or_default()
+            );
         }
     }
 }
