@@ -76,15 +76,20 @@ impl Rig {
                 !left.is_zero(),
                 "the device did not complete within {DEADLINE:?}"
             );
-            let mut fd = libc::pollfd {
-                fd: self.irq.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            // SAFETY: one valid pollfd, for the length given.
-            unsafe { libc::poll(&mut fd, 1, left.as_millis().min(100) as i32) };
+            self.wait_irq(left.min(Duration::from_millis(100)));
             let _ = self.irq.read();
         }
+    }
+
+    /// Waits up to `timeout` for the interrupt; whether it was raised.
+    fn wait_irq(&self, timeout: Duration) -> bool {
+        let mut fd = libc::pollfd {
+            fd: self.irq.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, for the length given.
+        unsafe { libc::poll(&mut fd, 1, timeout.as_millis() as i32) == 1 }
     }
 }
 
@@ -451,13 +456,9 @@ fn with_event_idx_the_device_interrupts_when_used_event_is_passed() {
     wait_used(6);
     // The interrupt for the second batch comes after its used entries: wait for it. One
     // for the first batch would have been raised before the device saw the second.
-    let mut fd = libc::pollfd {
-        fd: r.irq.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd, for the length given.
-    let ready = unsafe { libc::poll(&mut fd, 1, DEADLINE.as_millis() as i32) };
-    assert_eq!(ready, 1, "an interrupt once used_event was passed");
+    assert!(
+        r.wait_irq(DEADLINE),
+        "an interrupt once used_event was passed"
+    );
     assert_eq!(r.irq.read().unwrap(), 1, "one interrupt for six requests");
 }

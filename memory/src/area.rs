@@ -13,7 +13,7 @@
 use vm_memory::mmap::{MmapRegion, MmapRegionBuilder};
 use vm_memory::GuestAddress;
 
-use crate::region::{RegionError, PAGE_SIZE};
+use crate::region::{advise_huge_pages, check_geometry, RegionError, ANONYMOUS_MAPPING};
 
 /// A stable, never reused area identifier.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -53,35 +53,13 @@ impl Area {
         size: u64,
         slot: u32,
     ) -> Result<Area, RegionError> {
-        let geometry = RegionError::BadGeometry {
-            start: start.0,
-            size,
-            capacity: size,
-        };
-        if start.0 % PAGE_SIZE != 0 || size % PAGE_SIZE != 0 {
-            return Err(RegionError::Unaligned {
-                start: start.0,
-                size,
-                capacity: size,
-            });
-        }
-        if size == 0 || start.0.checked_add(size).is_none() {
-            return Err(geometry);
-        }
-        let len = usize::try_from(size).map_err(|_| geometry)?;
+        let len = check_geometry(start, size, size)?;
         let mapping = MmapRegionBuilder::new(len)
             .with_mmap_prot(libc::PROT_NONE)
-            .with_mmap_flags(libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_PRIVATE)
+            .with_mmap_flags(ANONYMOUS_MAPPING)
             .build()
             .map_err(RegionError::Mmap)?;
-        // SAFETY: the range is the mapping just made; MADV_HUGEPAGE changes how the kernel
-        // backs it, never its contents.
-        if unsafe { libc::madvise(mapping.as_ptr().cast(), len, libc::MADV_HUGEPAGE) } != 0 {
-            log::debug!(
-                "{id}: no transparent huge pages: {}",
-                std::io::Error::last_os_error()
-            );
-        }
+        advise_huge_pages(mapping.as_ptr(), len, &id);
         Ok(Area {
             id,
             start,

@@ -171,6 +171,50 @@ impl std::fmt::Debug for Region {
     }
 }
 
+/// Flags of private anonymous guest memory, reserved rather than committed.
+pub(crate) const ANONYMOUS_MAPPING: i32 =
+    libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_PRIVATE;
+
+/// Checks the geometry of a range of guest memory (`size` of it usable now, `capacity`
+/// reserved); returns the host length to map.
+pub(crate) fn check_geometry(
+    start: GuestAddress,
+    size: u64,
+    capacity: u64,
+) -> Result<usize, RegionError> {
+    if start.0 % PAGE_SIZE != 0 || size % PAGE_SIZE != 0 || capacity % PAGE_SIZE != 0 {
+        return Err(RegionError::Unaligned {
+            start: start.0,
+            size,
+            capacity,
+        });
+    }
+    let bad = RegionError::BadGeometry {
+        start: start.0,
+        size,
+        capacity,
+    };
+    if size == 0 || size > capacity || start.0.checked_add(capacity).is_none() {
+        return Err(bad);
+    }
+    usize::try_from(capacity).map_err(|_| bad)
+}
+
+/// Asks the host to back `[addr, addr + len)`, a mapping of `owner`'s, with transparent
+/// huge pages where it can: fewer page faults when the guest first touches memory, and
+/// fewer TLB misses for both the guest and the VMM's own copies. Only advice: a host
+/// without THP keeps 4 KiB pages.
+pub(crate) fn advise_huge_pages(addr: *mut u8, len: usize, owner: &dyn std::fmt::Display) {
+    // SAFETY: MADV_HUGEPAGE changes how the kernel backs a mapping, never its contents,
+    // so no memory Rust relies on can change through it.
+    if unsafe { libc::madvise(addr.cast(), len, libc::MADV_HUGEPAGE) } != 0 {
+        log::debug!(
+            "{owner}: no transparent huge pages: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
 fn host_err(call: &'static str) -> RegionError {
     RegionError::Host {
         call,
@@ -179,8 +223,8 @@ fn host_err(call: &'static str) -> RegionError {
 }
 
 impl Region {
-    /// A region with a mapping of its own and memory slot `slot`, or, with `area`, one
-    /// whose memory is its place in the area's mapping (and whose slot is the area's).
+    /// A region with a mapping of its own, or, with `area`, one whose memory is its place
+    /// in the area's mapping; in memory slot `slot` (the area's, for a region inside one).
     pub(crate) fn new(
         id: RegionId,
         spec: &RegionSpec,
@@ -194,25 +238,7 @@ impl Region {
             capacity,
             ..
         } = *spec;
-        if start.0 % PAGE_SIZE != 0 || size % PAGE_SIZE != 0 || capacity % PAGE_SIZE != 0 {
-            return Err(RegionError::Unaligned {
-                start: start.0,
-                size,
-                capacity,
-            });
-        }
-        if size == 0
-            || size > capacity
-            || start.0.checked_add(capacity).is_none()
-            || usize::try_from(capacity).is_err()
-        {
-            return Err(RegionError::BadGeometry {
-                start: start.0,
-                size,
-                capacity,
-            });
-        }
-        let len = capacity as usize;
+        let len = check_geometry(start, size, capacity)?;
         let prot = libc::PROT_READ | libc::PROT_WRITE;
         let builder = MmapRegionBuilder::new(len).with_mmap_prot(prot);
         let builder = match (&spec.backing, &area) {
@@ -228,9 +254,10 @@ impl Region {
             // the pointer and length are inside the area's mapping, which lives as long as
             // the region: the region keeps the area.
             (_, Some(area)) => unsafe { builder.with_raw_mmap_pointer(area.host_at(start)) }
-                .with_mmap_flags(libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_PRIVATE),
-            (Backing::Anonymous | Backing::Lazy(_), None) => builder
-                .with_mmap_flags(libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_PRIVATE),
+                .with_mmap_flags(ANONYMOUS_MAPPING),
+            (Backing::Anonymous | Backing::Lazy(_), None) => {
+                builder.with_mmap_flags(ANONYMOUS_MAPPING)
+            }
             (Backing::Memfd, None) => {
                 let file = create_memfd(capacity)?;
                 builder
@@ -251,7 +278,7 @@ impl Region {
             size: AtomicU64::new(size),
             mapping,
             backing: spec.backing.clone(),
-            slot: area.as_ref().map_or(slot, |a| a.slot()),
+            slot,
             lock: RegionLock::new(reader_limit),
             area,
         };
@@ -260,7 +287,8 @@ impl Region {
             region.reopen(0, size)?;
         } else {
             if matches!(region.backing, Backing::Anonymous) {
-                region.advise_huge_pages();
+                let (addr, len) = region.host_range(0, capacity);
+                advise_huge_pages(addr.cast(), len, &id);
             }
             // Memory beyond the size is reserved but inaccessible until the region grows.
             region.protect(size, capacity - size, libc::PROT_NONE)?;
@@ -333,22 +361,6 @@ impl Region {
             self.mapping.as_ptr().wrapping_add(offset as usize).cast(),
             len as usize,
         )
-    }
-
-    /// Asks the host to back the mapping with transparent huge pages where it can: fewer
-    /// page faults when the guest first touches memory, and fewer TLB misses for both the
-    /// guest and the VMM's own copies. Only advice: a host without THP keeps 4 KiB pages.
-    fn advise_huge_pages(&self) {
-        let (addr, len) = self.host_range(0, self.capacity);
-        // SAFETY: the range is this region's own mapping; MADV_HUGEPAGE changes how the
-        // kernel backs it, never its contents.
-        if unsafe { libc::madvise(addr, len, libc::MADV_HUGEPAGE) } != 0 {
-            log::debug!(
-                "region {:?}: no transparent huge pages: {}",
-                self.id,
-                std::io::Error::last_os_error()
-            );
-        }
     }
 
     /// Changes the protection of `[offset, offset + len)` of the mapping.

@@ -195,6 +195,23 @@ impl Inner {
         }
     }
 
+    /// Refuses `[start, start + len)` if it overlaps a region's reserved range.
+    fn check_free(&self, start: u64, len: u64) -> Result<(), TableError> {
+        let end = start.saturating_add(len);
+        match self
+            .regions
+            .values()
+            .find(|r| r.start().0 < end && start < r.start().0 + r.capacity())
+        {
+            Some(other) => Err(TableError::Overlap {
+                start,
+                len,
+                other: other.id(),
+            }),
+            None => Ok(()),
+        }
+    }
+
     fn by_id(&self, id: RegionId) -> Option<Arc<Region>> {
         self.regions.values().find(|r| r.id() == id).cloned()
     }
@@ -513,15 +530,7 @@ impl RegionTable {
     ) -> Result<AreaId, TableError> {
         let mut session = self.write_session(deadline)?;
         let inner = &mut *session.inner;
-        if let Some(other) = inner.regions.values().find(|r| {
-            r.start().0 < start.0.saturating_add(size) && start.0 < r.start().0 + r.capacity()
-        }) {
-            return Err(TableError::Overlap {
-                start: start.0,
-                len: size,
-                other: other.id(),
-            });
-        }
+        inner.check_free(start.0, size)?;
         if let Some(area) = inner.areas.values().find(|a| a.overlaps(start.0, size)) {
             return Err(TableError::StraddlesArea {
                 start: start.0,
@@ -561,25 +570,15 @@ impl RegionTable {
     pub fn insert(&self, spec: RegionSpec, deadline: Deadline) -> Result<RegionId, TableError> {
         let mut session = self.write_session(deadline)?;
         let start = spec.start.0;
-        let end = start
-            .checked_add(spec.capacity)
-            .ok_or(RegionError::BadGeometry {
+        if start.checked_add(spec.capacity).is_none() {
+            return Err(RegionError::BadGeometry {
                 start,
                 size: spec.size,
                 capacity: spec.capacity,
-            })?;
-        if let Some(other) = session
-            .inner
-            .regions
-            .values()
-            .find(|r| r.start().0 < end && start < r.start().0 + r.capacity())
-        {
-            return Err(TableError::Overlap {
-                start,
-                len: spec.capacity,
-                other: other.id(),
-            });
+            }
+            .into());
         }
+        session.inner.check_free(start, spec.capacity)?;
         if spec.backing.is_lazy() && self.lazy.is_none() {
             return Err(LazyError::NoHandler.into());
         }

@@ -35,16 +35,21 @@ fn resident_pages(host: u64, len: u64) -> usize {
     vec.iter().filter(|b| **b & 1 != 0).count()
 }
 
-#[test]
-fn regions_in_an_area_share_its_slot_and_never_change_a_slot() {
-    let slots = Arc::new(RecordingSlots::default());
-    let table = RegionTable::new(slots.clone(), None, TableConfig::default());
+/// 16 MiB of RAM at 0, then the test area.
+fn ram_and_area(table: &RegionTable) {
     table
         .insert(RegionSpec::anonymous(GuestAddress(0), 16 * MIB), None)
         .unwrap();
     table
         .reserve_area(GuestAddress(AREA), AREA_SIZE, None)
         .unwrap();
+}
+
+#[test]
+fn regions_in_an_area_share_its_slot_and_never_change_a_slot() {
+    let slots = Arc::new(RecordingSlots::default());
+    let table = RegionTable::new(slots.clone(), None, TableConfig::default());
+    ram_and_area(&table);
     let calls = slots.calls();
     assert_eq!(calls.len(), 2, "RAM's slot, then the area's: {calls:?}");
     let area_slot = calls[1].1;
@@ -140,12 +145,7 @@ fn regions_in_an_area_grow_and_shrink_without_slot_changes() {
 #[test]
 fn areas_reject_straddling_regions_overlaps_and_memfd() {
     let table = RegionTable::default();
-    table
-        .insert(RegionSpec::anonymous(GuestAddress(0), 16 * MIB), None)
-        .unwrap();
-    table
-        .reserve_area(GuestAddress(AREA), AREA_SIZE, None)
-        .unwrap();
+    ram_and_area(&table);
     let straddling = RegionSpec::anonymous(GuestAddress(AREA - 4 * MIB), 8 * MIB);
     assert!(matches!(
         table.insert(straddling, None),

@@ -8,7 +8,7 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use kite_tests::{default_guest_file, kite_binary, kvm_available, Kite};
+use kite_tests::{default_guest_file, kite_binary, kvm_available, qemu_available, Kite};
 
 const INIT_LINE: &str = "Run /init as init process";
 const BOOT_DEADLINE: Duration = Duration::from_secs(15 * 60);
@@ -89,11 +89,7 @@ fn main() {
     ) else {
         return;
     };
-    if Command::new("qemu-system-x86_64")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
+    if !qemu_available() {
         eprintln!("SKIPPED: qemu-system-x86_64 is missing (scripts/install-deps bench)");
         return;
     }

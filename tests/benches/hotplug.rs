@@ -14,7 +14,9 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use kite_tests::{api_call, default_guest_file, kite_binary, kvm_available, wait_plugged, Kite};
+use kite_tests::{
+    api_call, default_guest_file, kite_binary, kvm_available, qemu_available, wait_plugged, Kite,
+};
 use serde_json::{json, Value};
 
 const GIB: u64 = 1 << 30;
@@ -207,10 +209,7 @@ fn main() {
     ) else {
         return;
     };
-    let qemu_ok = Command::new("qemu-system-x86_64")
-        .arg("--version")
-        .output()
-        .is_ok();
+    let qemu_ok = qemu_available();
     let dir = tempfile::tempdir().unwrap();
     let (kernel, spin) = (kernel.to_str().unwrap(), spin.to_str().unwrap());
     let rounds: usize = std::env::var("KITE_BENCH_ROUNDS")

@@ -83,15 +83,8 @@ impl Drop for Kite {
                 .lock()
                 .map(|t| t.0.clone())
                 .unwrap_or_default();
-            let tail: String = console
-                .lines()
-                .rev()
-                .take(40)
-                .collect::<Vec<_>>()
-                .into_iter()
-                .rev()
-                .collect::<Vec<_>>()
-                .join("\n");
+            let lines: Vec<&str> = console.lines().collect();
+            let tail = lines[lines.len().saturating_sub(40)..].join("\n");
             eprintln!(
                 "kite (exit status before the test ended it: {status:?})\nstderr:\n{}\nlast console lines:\n{tail}",
                 std::fs::read_to_string(&self.stderr).unwrap_or_default()
@@ -269,6 +262,14 @@ pub fn tiny_kernel(dir: &Path, code: &[u8]) -> PathBuf {
     let path = dir.join("tiny-kernel.elf");
     std::fs::write(&path, elf).unwrap();
     path
+}
+
+/// Whether QEMU (the benchmarks' baseline, `scripts/install-deps bench`) is installed.
+pub fn qemu_available() -> bool {
+    Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+        .is_ok()
 }
 
 /// Longest the control socket may take to answer, whatever the guest is doing.

@@ -140,11 +140,12 @@ impl MemControl {
         backing: MemBacking,
     ) -> Result<Arc<Self>, memory::TableError> {
         let blocks = (size / BLOCK_SIZE) as usize;
-        table.reserve_area(GuestAddress(addr), blocks as u64 * BLOCK_SIZE, None)?;
+        let size = blocks as u64 * BLOCK_SIZE;
+        table.reserve_area(GuestAddress(addr), size, None)?;
         Ok(Arc::new(MemControl {
             table,
             addr,
-            size: blocks as u64 * BLOCK_SIZE,
+            size,
             backing,
             state: Mutex::new(MemState {
                 requested: 0,

@@ -77,23 +77,20 @@ pub trait QueueHandler: Send + 'static {
     {
         let mem = GuardedMemory::lock_all(memory, memory_deadline())?;
         let mut served = 0;
-        loop {
+        let more = loop {
             queue.disable_notification(&mem)?;
             served += serve_available(self, index, queue, &mem, BUDGET - served)?;
             if served == BUDGET {
                 // Notifications stay off: the worker comes back by itself.
-                return Ok(Served {
-                    notify: needs_interrupt(queue, &mem)?,
-                    more: true,
-                });
+                break true;
             }
             if !queue.enable_notification(&mem)? {
-                break;
+                break false;
             }
-        }
+        };
         Ok(Served {
             notify: served > 0 && needs_interrupt(queue, &mem)?,
-            more: false,
+            more,
         })
     }
 }
@@ -101,7 +98,7 @@ pub trait QueueHandler: Send + 'static {
 /// Whether the driver wants an interrupt for the buffers used since the last call: its
 /// `used_event` with EVENT_IDX, else the available ring's NO_INTERRUPT flag (which
 /// virtio-queue leaves to the device).
-pub fn needs_interrupt(queue: &mut Queue, mem: &GuardedMemory<'_>) -> Result<bool, QueueError> {
+fn needs_interrupt(queue: &mut Queue, mem: &GuardedMemory<'_>) -> Result<bool, QueueError> {
     let wanted = queue.needs_notification(mem)?;
     if !wanted || queue.event_idx_enabled() {
         return Ok(wanted);

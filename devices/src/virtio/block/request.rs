@@ -22,8 +22,7 @@ use virtio_queue::desc::split::Descriptor;
 use virtio_queue::DescriptorChain;
 use vm_memory::bitmap::BitmapSlice;
 use vm_memory::{
-    Bytes, GuestAddress, GuestMemoryBackend, ReadVolatile, VolatileMemoryError, VolatileSlice,
-    WriteVolatile,
+    Bytes, GuestAddress, ReadVolatile, VolatileMemoryError, VolatileSlice, WriteVolatile,
 };
 
 use super::SECTOR_SIZE;
@@ -101,6 +100,36 @@ impl BlockHandler {
         }
     }
 
+    /// Serves the request made of `descs`; returns the used length.
+    fn serve_chain(&self, descs: &[Descriptor], mem: &GuardedMemory<'_>) -> u32 {
+        let Some((status, rest)) = descs.split_last() else {
+            log::debug!("virtio-blk: empty chain");
+            return 0;
+        };
+        // A last descriptor that still points on was cut short: a loop, or a bad index.
+        if status.has_next() || !status.is_write_only() || status.len() == 0 {
+            log::debug!("virtio-blk: request without a status byte");
+            return 0;
+        }
+        let Some(status_addr) = status.addr().0.checked_add(u64::from(status.len()) - 1) else {
+            return 0;
+        };
+        let (code, written) = match self.execute(rest, mem) {
+            Ok(written) => (VIRTIO_BLK_S_OK as u8, written),
+            Err(e) => {
+                log::debug!("virtio-blk: {e}");
+                (e.status(), 0)
+            }
+        };
+        match mem.write_obj(code, GuestAddress(status_addr)) {
+            Ok(()) => written.saturating_add(1),
+            Err(e) => {
+                log::debug!("virtio-blk: cannot write the status: {e}");
+                0
+            }
+        }
+    }
+
     /// Runs the request; returns the bytes it wrote to guest memory.
     fn execute(&self, descs: &[Descriptor], mem: &GuardedMemory<'_>) -> Result<u32, RequestError> {
         let (header, data) = descs.split_first().ok_or(RequestError::Header)?;
@@ -117,16 +146,8 @@ impl BlockHandler {
                 let mut disk = self.disk_at(self.place(sector, data, true)?);
                 let mut written = 0u32;
                 for d in data {
-                    let len = d.len() as usize;
-                    match mem.get_slice(d.addr(), len) {
-                        // The common case, a buffer inside one region: one call.
-                        Ok(mut slice) => disk
-                            .read_exact_volatile(&mut slice)
-                            .map_err(|e| RequestError::Guest(e.into()))?,
-                        Err(_) => mem
-                            .read_exact_volatile_from(d.addr(), &mut disk, len)
-                            .map_err(RequestError::Guest)?,
-                    }
+                    mem.read_exact_volatile_from(d.addr(), &mut disk, d.len() as usize)
+                        .map_err(RequestError::Guest)?;
                     written = written.saturating_add(d.len());
                 }
                 Ok(written)
@@ -137,15 +158,8 @@ impl BlockHandler {
                 }
                 let mut disk = self.disk_at(self.place(sector, data, false)?);
                 for d in data {
-                    let len = d.len() as usize;
-                    match mem.get_slice(d.addr(), len) {
-                        Ok(slice) => disk
-                            .write_all_volatile(&slice)
-                            .map_err(|e| RequestError::Guest(e.into()))?,
-                        Err(_) => mem
-                            .write_all_volatile_to(d.addr(), &mut disk, len)
-                            .map_err(RequestError::Guest)?,
-                    }
+                    mem.write_all_volatile_to(d.addr(), &mut disk, d.len() as usize)
+                        .map_err(RequestError::Guest)?;
                 }
                 Ok(0)
             }
@@ -239,37 +253,5 @@ impl QueueHandler for BlockHandler {
         let used = self.serve_chain(&descs, mem);
         self.descriptors = descs;
         used
-    }
-}
-
-impl BlockHandler {
-    /// Serves the request made of `descs`; returns the used length.
-    fn serve_chain(&self, descs: &[Descriptor], mem: &GuardedMemory<'_>) -> u32 {
-        let Some((status, rest)) = descs.split_last() else {
-            log::debug!("virtio-blk: empty chain");
-            return 0;
-        };
-        // A last descriptor that still points on was cut short: a loop, or a bad index.
-        if status.has_next() || !status.is_write_only() || status.len() == 0 {
-            log::debug!("virtio-blk: request without a status byte");
-            return 0;
-        }
-        let Some(status_addr) = status.addr().0.checked_add(u64::from(status.len()) - 1) else {
-            return 0;
-        };
-        let (code, written) = match self.execute(rest, mem) {
-            Ok(written) => (VIRTIO_BLK_S_OK as u8, written),
-            Err(e) => {
-                log::debug!("virtio-blk: {e}");
-                (e.status(), 0)
-            }
-        };
-        match mem.write_obj(code, GuestAddress(status_addr)) {
-            Ok(()) => written.saturating_add(1),
-            Err(e) => {
-                log::debug!("virtio-blk: cannot write the status: {e}");
-                0
-            }
-        }
     }
 }
