@@ -135,15 +135,31 @@ fn lookup(c: &mut Criterion) {
     g.finish();
 }
 
-/// Runs `op(thread, i)` `iters` times on each of `threads` threads; returns the wall
-/// time of the slowest, so per-iteration time is wall time per op per thread.
+/// Pins the calling thread to CPU `cpu`, so 1- and 2-thread runs are not skewed by
+/// the scheduler moving threads between cores mid-measurement (on this nested host it
+/// otherwise costs 2-thread runs up to ~15%). Best effort: an unpinned run is still a
+/// valid, noisier measurement.
+fn pin_to_cpu(cpu: usize) {
+    // SAFETY: `cpu_set_t` is plain data for which all zeroes is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: CPU_SET writes inside `set`, and `cpu` is below CPU_SETSIZE here.
+    unsafe { libc::CPU_SET(cpu % libc::CPU_SETSIZE as usize, &mut set) };
+    // SAFETY: passes a valid set of the size given, for the calling thread (0).
+    unsafe { libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) };
+}
+
+/// Runs `op(thread, i)` `iters` times on each of `threads` threads, thread `t` pinned
+/// to CPU `t`; returns the wall time of the slowest, so per-iteration time is wall time
+/// per op per thread.
 fn run_threads(threads: usize, iters: u64, op: &(dyn Fn(usize, u64) + Sync)) -> Duration {
     let barrier = Barrier::new(threads);
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
     std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads)
             .map(|t| {
                 let barrier = &barrier;
                 s.spawn(move || {
+                    pin_to_cpu(t % cpus);
                     barrier.wait();
                     let start = Instant::now();
                     for i in 0..iters {

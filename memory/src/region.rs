@@ -302,16 +302,19 @@ impl Region {
     }
 
     /// The region's id.
+    #[inline]
     pub fn id(&self) -> RegionId {
         self.id
     }
 
     /// Guest-physical start.
+    #[inline]
     pub fn start(&self) -> GuestAddress {
         self.start
     }
 
     /// Guest-visible size. Stable only while a guard is held or the table is write-locked.
+    #[inline]
     pub fn size(&self) -> u64 {
         self.size.load(Ordering::SeqCst)
     }

@@ -27,6 +27,7 @@ use crate::sync::{
 pub(crate) const SHARDS: usize = 16;
 #[cfg(loom)]
 pub(crate) const SHARDS: usize = 2;
+const _: () = assert!(SHARDS.is_power_of_two());
 
 /// Flag bit in a shard word: a writer waits for this region's readers.
 const WRITER_WAITS: u64 = 1 << 63;
@@ -45,7 +46,8 @@ pub(crate) enum ReadLockFailure {
 }
 
 pub(crate) struct RegionLock {
-    shards: Box<[CachePadded<AtomicU64>]>,
+    /// Inline, not boxed: the fast path reaches its shard without another load.
+    shards: [CachePadded<AtomicU64>; SHARDS],
     /// Equal to the table's sequence while a writer holds this region.
     write_seq: AtomicU64,
     /// Set once the region is removed; it is never readable again.
@@ -56,9 +58,7 @@ pub(crate) struct RegionLock {
 impl RegionLock {
     pub(crate) fn new(reader_limit: u64) -> Self {
         RegionLock {
-            shards: (0..SHARDS)
-                .map(|_| CachePadded::new(AtomicU64::new(0)))
-                .collect(),
+            shards: std::array::from_fn(|_| CachePadded::new(AtomicU64::new(0))),
             write_seq: AtomicU64::new(0),
             removed: AtomicBool::new(false),
             reader_limit,
@@ -80,19 +80,17 @@ impl RegionLock {
         shard: usize,
         key: usize,
     ) -> Result<(), ReadLockFailure> {
-        let before = self.shards[shard].fetch_add(1, Ordering::SeqCst);
+        let word = self.shard_word(shard);
+        let before = word.fetch_add(1, Ordering::SeqCst);
         if before & COUNT >= self.reader_limit {
-            release(self.shard_word(shard), key);
-            return Err(ReadLockFailure::Saturated);
+            return Err(back_out(word, key, ReadLockFailure::Saturated));
         }
         store_load_fence();
         if self.removed.load(Ordering::SeqCst) {
-            release(self.shard_word(shard), key);
-            return Err(ReadLockFailure::Removed);
+            return Err(back_out(word, key, ReadLockFailure::Removed));
         }
         if self.write_seq.load(Ordering::SeqCst) == table_seq.load(Ordering::SeqCst) {
-            release(self.shard_word(shard), key);
-            return Err(ReadLockFailure::WriteLocked);
+            return Err(back_out(word, key, ReadLockFailure::WriteLocked));
         }
         Ok(())
     }
@@ -100,7 +98,9 @@ impl RegionLock {
     /// The shard word a read lock counted in `shard` lives in.
     #[inline(always)]
     pub(crate) fn shard_word(&self, shard: usize) -> &AtomicU64 {
-        &self.shards[shard]
+        debug_assert!(shard < SHARDS);
+        // The mask (SHARDS is a power of two) spares the hot path a bounds check.
+        &self.shards[shard & (SHARDS - 1)]
     }
 
     /// Marks the region write-locked for the writer whose sequence is `seq`. New
@@ -149,6 +149,15 @@ impl RegionLock {
         }
         drained
     }
+}
+
+/// Releases a read lock that `try_read` counted but may not keep; out of line so the
+/// hit path stays small.
+#[cold]
+#[inline(never)]
+fn back_out(word: &AtomicU64, key: usize, why: ReadLockFailure) -> ReadLockFailure {
+    release(word, key);
+    why
 }
 
 /// Releases a read lock counted in `word` (a region's shard word) and wakes a writer

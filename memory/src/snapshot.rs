@@ -55,11 +55,17 @@ impl Snapshot {
 /// Where writers publish snapshots.
 pub(crate) struct SnapshotCell {
     published: Published<Snapshot>,
-    /// Bumped after every publication.
+    /// Which publication is current: a number no other publication of any table in
+    /// the process shares, so one comparison tells a thread whether its cached
+    /// snapshot is this table's current one (table addresses can be reused).
     generation: AtomicU64,
-    /// Tells tables apart in per-thread caches (addresses can be reused).
-    #[cfg(not(loom))]
-    uid: u64,
+}
+
+/// Hands out publication generations, unique in the process. Starts at 1: a thread's
+/// empty cache holds 0.
+fn next_generation() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 /// What the fast path reads from thread-local storage: plain values with no
@@ -67,8 +73,7 @@ pub(crate) struct SnapshotCell {
 #[cfg(not(loom))]
 #[derive(Clone, Copy)]
 struct FastCache {
-    /// `SnapshotCell::uid` of the cached table; 0 for none.
-    table: u64,
+    /// `SnapshotCell::generation` of the cached snapshot; 0 for none.
     generation: u64,
     /// Points into the `Arc` that `OWNER` holds.
     snapshot: *const Snapshot,
@@ -85,7 +90,7 @@ impl Drop for SnapshotOwner {
     fn drop(&mut self) {
         let _ = FAST.try_with(|fast| {
             fast.set(FastCache {
-                table: 0,
+                generation: 0,
                 snapshot: std::ptr::null(),
                 ..fast.get()
             })
@@ -97,7 +102,6 @@ impl Drop for SnapshotOwner {
 std::thread_local! {
     static FAST: std::cell::Cell<FastCache> = const {
         std::cell::Cell::new(FastCache {
-            table: 0,
             generation: 0,
             snapshot: std::ptr::null(),
             shard: 0,
@@ -109,20 +113,16 @@ std::thread_local! {
 
 impl SnapshotCell {
     pub(crate) fn new(snapshot: Snapshot) -> SnapshotCell {
-        #[cfg(not(loom))]
-        static NEXT_UID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         SnapshotCell {
             published: Published::new(snapshot),
-            generation: AtomicU64::new(0),
-            #[cfg(not(loom))]
-            uid: NEXT_UID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            generation: AtomicU64::new(next_generation()),
         }
     }
 
-    /// Publishes `snapshot`: lookups from now on see it.
+    /// Publishes `snapshot`: lookups from now on see it. Writers are serialised.
     pub(crate) fn store(&self, snapshot: Snapshot) {
         self.published.store(snapshot);
-        self.generation.fetch_add(1, Ordering::SeqCst);
+        self.generation.store(next_generation(), Ordering::SeqCst);
     }
 
     /// Runs `f` with the current snapshot and the calling thread's reader shard.
@@ -132,14 +132,10 @@ impl SnapshotCell {
     #[inline(always)]
     pub(crate) fn with<R>(&self, f: impl FnOnce(&Snapshot, usize) -> R) -> R {
         let generation = self.generation.load(Ordering::Acquire);
-        let mut cache = FAST.with(std::cell::Cell::get);
-        // Table uids start at 1, so an empty cache (table 0) always reloads.
-        if cache.table != self.uid || cache.generation != generation {
-            match self.reload(generation) {
-                Some(fresh) => cache = fresh,
-                // The thread is exiting and its cache is gone: no caching.
-                None => return f(&self.published.load_full(), RegionLock::current_shard()),
-            }
+        let cache = FAST.with(std::cell::Cell::get);
+        // Generations start at 1, so an empty cache (0) always reloads.
+        if cache.generation != generation {
+            return self.with_reloaded(generation, f);
         }
         // SAFETY: `cache.snapshot` points into the `Arc` that this thread's `OWNER`
         // holds. Only `reload`, on this thread, replaces that `Arc`, and not while `f`
@@ -148,11 +144,25 @@ impl SnapshotCell {
         f(snapshot, cache.shard)
     }
 
+    /// `with` after a publication: reloads the cache first. Kept out of line so the
+    /// hot path calls `f` from one place only, where the compiler can inline it.
+    #[cfg(not(loom))]
+    #[cold]
+    #[inline(never)]
+    fn with_reloaded<R>(&self, generation: u64, f: impl FnOnce(&Snapshot, usize) -> R) -> R {
+        match self.reload(generation) {
+            // SAFETY: as in `with`: `reload` just pointed the cache at the `Arc` that
+            // `OWNER` now holds, and nothing on this thread replaces it while `f` runs.
+            Some(fresh) => f(unsafe { &*fresh.snapshot }, fresh.shard),
+            // The thread is exiting and its cache is gone: no caching.
+            None => f(&self.published.load_full(), RegionLock::current_shard()),
+        }
+    }
+
     /// Loads the current snapshot into this thread's cache. `generation` was read
     /// before the load: if a publication slips in between, the next lookup sees a
     /// newer generation and reloads again.
     #[cfg(not(loom))]
-    #[cold]
     fn reload(&self, generation: u64) -> Option<FastCache> {
         let snapshot = self.published.load_full();
         OWNER
@@ -161,7 +171,6 @@ impl SnapshotCell {
                 // Drops the previously cached snapshot.
                 owner.borrow_mut().0 = Some(snapshot);
                 let fresh = FastCache {
-                    table: self.uid,
                     generation,
                     snapshot: pointer,
                     shard: RegionLock::current_shard(),
