@@ -62,7 +62,8 @@ fn kite_round(image: &Path, passes: u64) -> Round {
 }
 
 /// The host doing the same I/O with `buffers` buffers in turn: 1 is the physical limit (a
-/// buffer that stays in the cache); `IN_FLIGHT` has the test guest's memory footprint.
+/// buffer that stays in the cache), and the guest's writes also all come from one buffer;
+/// `IN_FLIGHT` is the guest's read footprint (a buffer per request in flight).
 fn direct_round(image: &Path, passes: u64, buffers: usize) -> Round {
     let file = std::fs::OpenOptions::new()
         .read(true)

@@ -349,7 +349,9 @@ static u8 batch_buf[BATCH][CHUNK] __attribute__((aligned(4096)));
 #define USED_F_NO_NOTIFY 1
 
 /* Fills request slot `n` (descriptors 3n..3n+2) with a `len`-byte request at disk offset
- * `off` and adds it to the available ring; `publish` makes it visible. */
+ * `off` and adds it to the available ring; `publish` makes it visible. Reads land in the
+ * slot's own buffer; writes all send buffer 0 (the device only reads it), so the guest
+ * writes from one buffer, as the host's direct-path baseline does. */
 static void queue_slot(struct dev *d, u16 n, u32 type, u64 off, u32 len) {
     u16 base = (u16)(3 * n);
     reqs[n].hdr.type = type;
@@ -357,7 +359,7 @@ static void queue_slot(struct dev *d, u16 n, u32 type, u64 off, u32 len) {
     reqs[n].hdr.sector = off / SECTOR;
     reqs[n].status = 0xff;
     set_desc(d, base, &reqs[n].hdr, sizeof(reqs[n].hdr), DESC_NEXT, base + 1);
-    set_desc(d, base + 1, batch_buf[n], len, DESC_NEXT | (type == BLK_IN ? DESC_WRITE : 0), base + 2);
+    set_desc(d, base + 1, batch_buf[type == BLK_IN ? n : 0], len, DESC_NEXT | (type == BLK_IN ? DESC_WRITE : 0), base + 2);
     set_desc(d, base + 2, (void *)&reqs[n].status, 1, DESC_WRITE, 0);
     d->q->avail.ring[d->next_avail % QSIZE] = base;
     d->next_avail++;
