@@ -468,6 +468,59 @@ impl RegionTable {
         result
     }
 
+    /// Two-tier lookup of a whole range, for a caller whose fast-path attempt met a
+    /// writer: takes the table lock for read only temporarily, to wait for the writer,
+    /// read-locks every region overlapping `[addr, addr + len)`, and releases the table
+    /// lock. Under the table read lock no region is write-locked or being removed, so
+    /// writers cannot make this fail or retry, however many run back to back.
+    ///
+    /// Same rules as [`RegionTable::lock_region`]: not while holding a guard or the
+    /// table lock (debug builds panic, naming the locks).
+    pub fn lock_overlapping(
+        &self,
+        addr: GuestAddress,
+        len: u64,
+        deadline: Deadline,
+    ) -> Result<Vec<RegionGuard<'_>>, LookupError> {
+        lockdep::assert_may_wait("two-tier lookup");
+        let shard = RegionLock::current_shard();
+        self.stats.count(shard, Lookup::SlowPath);
+        let end = addr.0.saturating_add(len);
+
+        lockdep::acquire_table(HeldLock::TableRead);
+        let Some(inner) = self.lock.read_until(deadline) else {
+            lockdep::release(&HeldLock::TableRead);
+            return Err(LookupError::Timeout { addr: addr.0 });
+        };
+        let overlapping = inner
+            .regions
+            .range(..end)
+            .map(|(_, region)| region)
+            .filter(|region| region.start().0.saturating_add(region.size()) > addr.0);
+        let mut guards = Vec::new();
+        let mut result = Ok(());
+        for region in overlapping {
+            match self.read_lock(region, region.start(), shard) {
+                Ok(guard) => guards.push(guard),
+                // Covers nothing now (no size): not part of the view.
+                Err(LookupError::NotMapped { .. }) => {}
+                Err(e) => {
+                    debug_assert!(
+                        matches!(e, LookupError::Saturated { .. }),
+                        "a region found under the table read lock cannot be write-locked or removed: {e:?}"
+                    );
+                    result = Err(e);
+                    break;
+                }
+            }
+        }
+        // Released under the table lock on failure: a writer cannot be draining them.
+        let result = result.map(|()| guards);
+        drop(inner);
+        lockdep::release(&HeldLock::TableRead);
+        result
+    }
+
     fn write_session(&self, deadline: Deadline) -> Result<WriteSession<'_>, TableError> {
         lockdep::acquire_table(HeldLock::TableWrite);
         let Some(inner) = self.lock.write_until(deadline) else {

@@ -13,7 +13,7 @@ use memory::{
     Backing, FaultRegistry, LazyError, LazyPages, LazyRange, LazySource, LookupError, RegionSpec,
     RegionTable, TableConfig,
 };
-use vm_memory::{Bytes, GuestAddress, GuestMemoryRegion, MemoryRegionAddress};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 
 const PAGE: u64 = 4096;
 /// Preemption bound used unless LOOM_MAX_PREEMPTIONS is set.
@@ -106,6 +106,30 @@ fn two_tier_vs_writer() {
                 let len = guard.len();
                 assert!(len == PAGE || len == 2 * PAGE, "{len}");
                 guard.write_obj(1u8, MemoryRegionAddress(len - 1)).unwrap();
+            })
+        };
+        t.grow(id, 2 * PAGE, None).unwrap();
+        t.shrink(id, PAGE, None).unwrap();
+        reader.join().unwrap();
+        assert_eq!(t.metrics().regions[0].readers, 0);
+    });
+}
+
+/// A guarded view (what devices take) vs a writer: whether its fast attempt meets the
+/// writer or not, taking the view succeeds, with the region in a consistent state.
+#[test]
+fn guarded_view_vs_writer() {
+    model(|| {
+        let t = Arc::new(table());
+        let id = insert(&t, PAGE, 2 * PAGE, Backing::Anonymous);
+        let reader = {
+            let t = t.clone();
+            spawn(move || {
+                let mem = memory::GuardedMemory::lock_all(&t, None).unwrap();
+                let region = mem.iter().next().expect("the region is in the view");
+                let len = region.len();
+                assert!(len == PAGE || len == 2 * PAGE, "{len}");
+                mem.write_obj(1u8, GuestAddress(len - 1)).unwrap();
             })
         };
         t.grow(id, 2 * PAGE, None).unwrap();

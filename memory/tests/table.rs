@@ -2,6 +2,7 @@
 
 mod common;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -491,6 +492,110 @@ fn guarded_memory_works_with_vm_memory_bytes() {
     let mut buf = [0u8; 8];
     table.read(GuestAddress(MIB - 4), &mut buf, None).unwrap();
     assert_eq!(u64::from_le_bytes(buf), 0x1122_3344_5566_7788);
+}
+
+#[test]
+fn guarded_memory_waits_out_a_writer_then_takes_every_region() {
+    let table = RegionTable::default();
+    let changing = table.insert(grow_spec(0, 2 * MIB, 2 * MIB), None).unwrap();
+    table
+        .insert(RegionSpec::anonymous(GuestAddress(4 * MIB), MIB), None)
+        .unwrap();
+    let reader = table.lock_region(GuestAddress(0), None).unwrap();
+    std::thread::scope(|s| {
+        // A writer shrinking the first region marks it, then waits for `reader`.
+        let writer = s.spawn(|| table.shrink(changing, MIB, None));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !matches!(
+            table.lock_fast(GuestAddress(0)),
+            Err(LookupError::WriteLocked { .. })
+        ) {
+            assert!(Instant::now() < deadline, "writer never marked the region");
+            std::thread::yield_now();
+        }
+        let slow_before = table.metrics().slow_path_lookups;
+        let table = &table;
+        let view = s.spawn(move || {
+            let mem = GuardedMemory::lock_all(table, Some(deadline)).unwrap();
+            let sizes: Vec<_> = mem.iter().map(|r| (r.start_addr().0, r.len())).collect();
+            sizes
+        });
+        // The view waits for the writer (in the table lock), holding nothing.
+        while table.metrics().slow_path_lookups == slow_before {
+            assert!(
+                Instant::now() < deadline,
+                "the view never took the slow path"
+            );
+            std::thread::yield_now();
+        }
+        assert_eq!(table.metrics().regions[1].readers, 0);
+        drop(reader);
+        writer.join().unwrap().unwrap();
+        assert_eq!(view.join().unwrap(), vec![(0, MIB), (4 * MIB, MIB)]);
+    });
+}
+
+/// Hotplug runs writer operations back to back (hundreds of 2 MiB blocks per resize),
+/// and more than one writer can queue for the table: a device taking guarded memory
+/// meanwhile must get it, however often a writer holds a region it needs, and never be
+/// turned away for "too many retries" (which would leave the device needing a reset).
+#[test]
+fn guarded_memory_is_taken_while_writers_queue_back_to_back() {
+    let table = RegionTable::default();
+    let regions: Vec<_> = (0..3u64)
+        .map(|i| {
+            table
+                .insert(grow_spec(i * 8 * MIB, 2 * MIB, 4 * MIB), None)
+                .unwrap()
+        })
+        .collect();
+    let stop = AtomicBool::new(false);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (taken, writes) = std::thread::scope(|s| {
+        // Two writers, so one is always queued behind whatever holds the table lock;
+        // each resizes a region that every view includes, with no pause in between.
+        let writers: Vec<_> = regions[..2]
+            .iter()
+            .map(|&id| {
+                let (table, stop) = (&table, &stop);
+                s.spawn(move || {
+                    let mut writes = 0u64;
+                    // The deadline also ends the writers if the reader fails.
+                    while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                        table.grow(id, 4 * MIB, Some(deadline)).unwrap();
+                        table.shrink(id, 2 * MIB, Some(deadline)).unwrap();
+                        writes += 2;
+                    }
+                    writes
+                })
+            })
+            .collect();
+        let mut taken = 0u64;
+        let mut failure = None;
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(3) || taken < 1000 {
+            match GuardedMemory::lock_all(&table, Some(deadline)) {
+                Ok(mem) if mem.num_regions() == 3 => {}
+                Ok(mem) => {
+                    failure = Some(format!("a view of {} regions, not 3", mem.num_regions()));
+                    break;
+                }
+                Err(e) => {
+                    failure = Some(e.to_string());
+                    break;
+                }
+            }
+            taken += 1;
+        }
+        stop.store(true, Ordering::Relaxed);
+        if let Some(e) = failure {
+            panic!("guarded memory refused after {taken} views: {e}");
+        }
+        let writes: u64 = writers.into_iter().map(|w| w.join().unwrap()).sum();
+        (taken, writes)
+    });
+    println!("{taken} views, {writes} writer operations");
+    assert!(writes > 0, "taken {taken}, writes {writes}");
 }
 
 #[test]
