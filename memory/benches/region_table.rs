@@ -628,7 +628,44 @@ region table: paired ratios (median of {ROUNDS} alternating rounds)"
     );
 }
 
-criterion_group!(benches, lookup, read_scaling, copy_64k, two_tier_churn);
+/// Hotplugged blocks, each a region (1 GiB of 2 MiB blocks).
+const HOTPLUG_BLOCKS: u64 = 512;
+
+/// What a device takes per batch of requests: a view of all guest memory, with 8 and
+/// with 8 + 512 regions (1 GiB hotplugged), vs vm-memory's `GuestMemoryAtomic::memory()`.
+fn memory_view(c: &mut Criterion) {
+    let (table, _) = kite_table();
+    let atomic = atomic_memory();
+    let mut g = c.benchmark_group("memory_view");
+    g.bench_function("kite_8_regions", |b| {
+        b.iter(|| black_box(memory::GuardedMemory::lock_all(&table, None).unwrap()))
+    });
+    let hotplug_base = REGIONS * REGION_STRIDE;
+    for i in 0..HOTPLUG_BLOCKS {
+        table
+            .insert(
+                RegionSpec::anonymous(GuestAddress(hotplug_base + i * 2 * MIB), 2 * MIB),
+                None,
+            )
+            .unwrap();
+    }
+    g.bench_function("kite_520_regions", |b| {
+        b.iter(|| black_box(memory::GuardedMemory::lock_all(&table, None).unwrap()))
+    });
+    g.bench_function("guest_memory_atomic", |b| {
+        b.iter(|| black_box(atomic.memory()))
+    });
+    g.finish();
+}
+
+criterion_group!(
+    benches,
+    lookup,
+    read_scaling,
+    copy_64k,
+    two_tier_churn,
+    memory_view
+);
 
 /// Time per iteration of a criterion benchmark, from its saved estimates
 /// (criterion stores `group/name/1` as `group/name_1`).
@@ -685,6 +722,22 @@ fn main() {
             m("lookup", "guest_memory_atomic"),
         ),
         "<= 1.0",
+    );
+    ratio(
+        "memory view, 8 regions / GuestMemoryAtomic::memory (time)",
+        div(
+            m("memory_view", "kite_8_regions"),
+            m("memory_view", "guest_memory_atomic"),
+        ),
+        "-",
+    );
+    ratio(
+        "memory view, 520 regions / 8 regions (time)",
+        div(
+            m("memory_view", "kite_520_regions"),
+            m("memory_view", "kite_8_regions"),
+        ),
+        "-",
     );
     ratio(
         "fast path / RwLock map lookup (time)",

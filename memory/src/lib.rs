@@ -42,7 +42,7 @@ pub mod uffd;
 
 pub use area::AreaId;
 pub use copy::CopyError;
-pub use guarded::{GuardedMemory, GuardedMemoryError};
+pub use guarded::{GuardedMemory, GuardedMemoryError, GuardedRegion};
 pub use lazy::{FaultRegistry, LazyError, LazyPages, LazyRange};
 pub use metrics::{RegionMetrics, TableMetrics, WaitStats};
 pub use region::{

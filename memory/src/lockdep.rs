@@ -21,6 +21,8 @@ pub enum HeldLock {
     TableWrite,
     /// A region read lock (a `RegionGuard`), by region id.
     RegionRead(u64),
+    /// The read lock of a whole-memory view (a `GuardedMemory`).
+    MemoryView,
 }
 
 impl fmt::Display for HeldLock {
@@ -29,6 +31,7 @@ impl fmt::Display for HeldLock {
             HeldLock::TableRead => write!(f, "table lock (read)"),
             HeldLock::TableWrite => write!(f, "table lock (write)"),
             HeldLock::RegionRead(id) => write!(f, "region {id} read lock"),
+            HeldLock::MemoryView => write!(f, "guest memory view"),
         }
     }
 }
@@ -100,7 +103,7 @@ pub(crate) fn acquire_table(lock: HeldLock) {
     with_held(|held| {
         if let Some(region) = held
             .iter()
-            .find(|l| matches!(l, HeldLock::RegionRead(_)))
+            .find(|l| matches!(l, HeldLock::RegionRead(_) | HeldLock::MemoryView))
             .cloned()
         {
             let names = describe(held);
@@ -120,6 +123,14 @@ pub(crate) fn acquire_region(id: u64) {
 }
 
 /// Records that the thread released `lock`.
+/// Records that the thread took the read lock of a whole-memory view.
+#[inline(always)]
+pub(crate) fn acquire_view() {
+    if ENABLED {
+        with_held(|held| held.push(HeldLock::MemoryView));
+    }
+}
+
 #[inline(always)]
 pub(crate) fn release(lock: &HeldLock) {
     if ENABLED {

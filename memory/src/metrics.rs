@@ -93,6 +93,7 @@ impl TableStats {
                 &waits,
             ),
             regions,
+            views: 0,
         }
     }
 }
@@ -159,4 +160,6 @@ pub struct TableMetrics {
     pub writer_waits: WaitStats,
     /// Every published region.
     pub regions: Vec<RegionMetrics>,
+    /// Views of guest memory held now ([`crate::GuardedMemory`], taken by devices).
+    pub views: u64,
 }

@@ -535,9 +535,7 @@ impl GuestMemoryRegion for RegionGuard<'_> {
 
     #[inline]
     fn get_host_address(&self, addr: MemoryRegionAddress) -> guest_memory::Result<*mut u8> {
-        self.check_address(addr)
-            .ok_or(guest_memory::Error::InvalidBackendAddress)
-            .and_then(|a| self.region().mapping.get_host_address(a))
+        self.region().host_address_within(self.size, addr)
     }
 
     #[inline]
@@ -551,18 +549,49 @@ impl GuestMemoryRegion for RegionGuard<'_> {
         offset: MemoryRegionAddress,
         count: usize,
     ) -> guest_memory::Result<VolatileSlice<'_, BS<'_, ()>>> {
-        let end = offset
-            .0
-            .checked_add(count as u64)
-            .ok_or(guest_memory::Error::InvalidBackendAddress)?;
-        if end > self.size {
-            return Err(guest_memory::Error::InvalidBackendAddress);
-        }
-        self.region().mapping.get_slice(offset, count)
+        self.region().slice_within(self.size, offset, count)
     }
 }
 
 impl GuestMemoryRegionBytes for RegionGuard<'_> {}
+
+/// vm-memory access to a region's first `size` bytes, for the types that lend a locked
+/// region to rust-vmm code (`RegionGuard`, `GuardedRegion`).
+impl Region {
+    #[inline]
+    pub(crate) fn host_address_within(
+        &self,
+        size: u64,
+        addr: MemoryRegionAddress,
+    ) -> guest_memory::Result<*mut u8> {
+        if addr.0 >= size {
+            return Err(guest_memory::Error::InvalidBackendAddress);
+        }
+        self.mapping.get_host_address(addr)
+    }
+
+    #[inline]
+    pub(crate) fn slice_within(
+        &self,
+        size: u64,
+        offset: MemoryRegionAddress,
+        count: usize,
+    ) -> guest_memory::Result<VolatileSlice<'_, BS<'_, ()>>> {
+        let end = offset
+            .0
+            .checked_add(count as u64)
+            .ok_or(guest_memory::Error::InvalidBackendAddress)?;
+        if end > size {
+            return Err(guest_memory::Error::InvalidBackendAddress);
+        }
+        self.mapping.get_slice(offset, count)
+    }
+
+    #[inline]
+    pub(crate) fn mapping_file_offset(&self) -> Option<&FileOffset> {
+        self.mapping.file_offset()
+    }
+}
 
 /// Offset of `addr` within a region starting at `start`.
 pub(crate) fn region_offset(start: GuestAddress, addr: GuestAddress) -> u64 {

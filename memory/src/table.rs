@@ -10,6 +10,7 @@
 //! that changes one region waits only for that region's readers.
 
 use std::collections::BTreeMap;
+use std::marker::PhantomData;
 use std::time::{Duration, Instant};
 
 use vm_memory::GuestAddress;
@@ -228,6 +229,10 @@ pub struct RegionTable {
     /// Writer sequence: a region is write-locked while its mark equals this. Bumped
     /// when a writer finishes, which releases every region it marked.
     seq: AtomicU64,
+    /// The read lock of whole-memory views ([`crate::GuardedMemory`]), with the same
+    /// protocol as a region's: writers that take memory away (shrink, remove) mark it
+    /// and wait for its readers; growth and insertion leave views alone.
+    views: RegionLock,
     /// Its address is the key writers park on (see `wake_key`).
     wake_spot: u8,
     next_id: std::sync::atomic::AtomicU64,
@@ -268,6 +273,30 @@ impl Drop for RegionTable {
                 log::error!("dropping {}: {e}", region.id());
             }
         }
+    }
+}
+
+/// Why a view of guest memory was not taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ViewFailure {
+    /// The deadline passed while waiting for a writer.
+    Timeout,
+    /// This thread's shard of the view lock already counts the maximum of readers.
+    Saturated,
+}
+
+/// A held read lock of whole-memory views (see `RegionTable::lock_view`). Released on
+/// drop, by the thread that took it.
+pub(crate) struct ViewLock<'t> {
+    word: &'t AtomicU64,
+    key: usize,
+    _not_send: PhantomData<*const ()>,
+}
+
+impl Drop for ViewLock<'_> {
+    fn drop(&mut self) {
+        release(self.word, self.key);
+        lockdep::release(&HeldLock::MemoryView);
     }
 }
 
@@ -312,20 +341,23 @@ impl WriteSession<'_> {
     /// `started` is when the writer began (before it waited for the table lock), for
     /// the writer-wait metric; the drain's own deadline starts now.
     fn exclude_readers(&self, region: &Region, started: Instant) -> Result<(), TableError> {
+        let views = &self.table.views;
         region.lock.mark_write_locked(self.seq);
+        // Views cover every region, this one too.
+        views.mark_write_locked(self.seq);
         let drain_started = Instant::now();
         // A timeout too large to represent means no deadline.
         let deadline = drain_started.checked_add(self.table.config.drain_timeout);
-        let drained = region
-            .lock
-            .wait_for_readers(self.table.wake_key(), deadline);
+        let key = self.table.wake_key();
+        let drained =
+            region.lock.wait_for_readers(key, deadline) && views.wait_for_readers(key, deadline);
         self.table.stats.record_writer_wait(started.elapsed());
         if drained {
             Ok(())
         } else {
             Err(TableError::DrainTimeout {
                 region: region.id(),
-                readers: region.readers(),
+                readers: region.readers() + views.readers(),
                 waited: drain_started.elapsed(),
             })
         }
@@ -349,6 +381,7 @@ impl RegionTable {
                 next_slot: 0,
             }),
             seq: AtomicU64::new(1),
+            views: RegionLock::new(config.reader_limit),
             wake_spot: 0,
             next_id: std::sync::atomic::AtomicU64::new(1),
             slots,
@@ -468,57 +501,61 @@ impl RegionTable {
         result
     }
 
-    /// Two-tier lookup of a whole range, for a caller whose fast-path attempt met a
-    /// writer: takes the table lock for read only temporarily, to wait for the writer,
-    /// read-locks every region overlapping `[addr, addr + len)`, and releases the table
-    /// lock. Under the table read lock no region is write-locked or being removed, so
-    /// writers cannot make this fail or retry, however many run back to back.
+    /// Read-locks guest memory as a whole for a view ([`crate::GuardedMemory`]) and
+    /// returns the regions the view covers. The fast path first (one shard increment,
+    /// never blocks); if a writer is taking memory away, the two-tier way: the table
+    /// lock for read only to wait it out, the view lock taken under it, the table lock
+    /// released. Under the table read lock no writer is active, so writers cannot make
+    /// this fail or retry, however many run back to back.
     ///
-    /// Same rules as [`RegionTable::lock_region`]: not while holding a guard or the
-    /// table lock (debug builds panic, naming the locks).
-    pub fn lock_overlapping(
+    /// The regions are read after the lock is taken: a writer that took memory away
+    /// before has published its snapshot by then, and one that comes after waits for
+    /// the view. Same rules as [`RegionTable::lock_region`] for the slow path.
+    pub(crate) fn lock_view(
         &self,
-        addr: GuestAddress,
-        len: u64,
         deadline: Deadline,
-    ) -> Result<Vec<RegionGuard<'_>>, LookupError> {
-        lockdep::assert_may_wait("two-tier lookup");
+    ) -> Result<(ViewLock<'_>, Arc<Snapshot>), ViewFailure> {
         let shard = RegionLock::current_shard();
-        self.stats.count(shard, Lookup::SlowPath);
-        let end = addr.0.saturating_add(len);
+        let fast = self.views.try_read(&self.seq, shard, self.wake_key());
+        match fast {
+            Ok(()) => self.stats.count(shard, Lookup::FastHit),
+            Err(ReadLockFailure::Saturated) => return Err(ViewFailure::Saturated),
+            Err(ReadLockFailure::WriteLocked | ReadLockFailure::Removed) => {
+                self.stats.count(shard, Lookup::FastMiss);
+                self.lock_view_slow(shard, deadline)?;
+            }
+        }
+        lockdep::acquire_view();
+        let view = ViewLock {
+            word: self.views.shard_word(shard),
+            key: self.wake_key(),
+            _not_send: PhantomData,
+        };
+        Ok((view, self.published.current()))
+    }
 
+    /// The two-tier half of `lock_view`: takes the view lock under the table read lock.
+    #[cold]
+    fn lock_view_slow(&self, shard: usize, deadline: Deadline) -> Result<(), ViewFailure> {
+        lockdep::assert_may_wait("memory view");
+        self.stats.count(shard, Lookup::SlowPath);
         lockdep::acquire_table(HeldLock::TableRead);
         let Some(inner) = self.lock.read_until(deadline) else {
             lockdep::release(&HeldLock::TableRead);
-            return Err(LookupError::Timeout { addr: addr.0 });
+            return Err(ViewFailure::Timeout);
         };
-        let overlapping = inner
-            .regions
-            .range(..end)
-            .map(|(_, region)| region)
-            .filter(|region| region.start().0.saturating_add(region.size()) > addr.0);
-        let mut guards = Vec::new();
-        let mut result = Ok(());
-        for region in overlapping {
-            match self.read_lock(region, region.start(), shard) {
-                Ok(guard) => guards.push(guard),
-                // Covers nothing now (no size): not part of the view.
-                Err(LookupError::NotMapped { .. }) => {}
-                Err(e) => {
-                    debug_assert!(
-                        matches!(e, LookupError::Saturated { .. }),
-                        "a region found under the table read lock cannot be write-locked or removed: {e:?}"
-                    );
-                    result = Err(e);
-                    break;
-                }
-            }
-        }
-        // Released under the table lock on failure: a writer cannot be draining them.
-        let result = result.map(|()| guards);
+        let locked = self.views.try_read(&self.seq, shard, self.wake_key());
         drop(inner);
         lockdep::release(&HeldLock::TableRead);
-        result
+        debug_assert!(
+            matches!(locked, Ok(()) | Err(ReadLockFailure::Saturated)),
+            "no writer holds the view lock under the table read lock: {locked:?}"
+        );
+        match locked {
+            Ok(()) => Ok(()),
+            Err(ReadLockFailure::Saturated) => Err(ViewFailure::Saturated),
+            Err(_) => Err(ViewFailure::Timeout),
+        }
     }
 
     fn write_session(&self, deadline: Deadline) -> Result<WriteSession<'_>, TableError> {
@@ -828,7 +865,10 @@ impl RegionTable {
                 readers: r.readers(),
             })
             .collect();
-        self.stats.snapshot(regions)
+        TableMetrics {
+            views: self.views.readers(),
+            ..self.stats.snapshot(regions)
+        }
     }
 
     /// Offset of `addr` within the guard's region.

@@ -135,7 +135,36 @@ fn guarded_view_vs_writer() {
         t.grow(id, 2 * PAGE, None).unwrap();
         t.shrink(id, PAGE, None).unwrap();
         reader.join().unwrap();
-        assert_eq!(t.metrics().regions[0].readers, 0);
+        assert_eq!(t.metrics().views, 0);
+    });
+}
+
+/// Removal vs a view: the view either holds the region intact (its write lands before
+/// the removal completes, which waited for it) or does not contain the region at all.
+#[test]
+fn removal_vs_view() {
+    model(|| {
+        let t = Arc::new(table());
+        let id = insert(&t, PAGE, PAGE, Backing::Anonymous);
+        let removed = Arc::new(AtomicBool::new(false));
+        let reader = {
+            let (t, removed) = (t.clone(), removed.clone());
+            spawn(move || {
+                let mem = memory::GuardedMemory::lock_all(&t, None).unwrap();
+                match mem.num_regions() {
+                    1 => {
+                        mem.write_obj(0xaau8, GuestAddress(8)).unwrap();
+                        assert!(!removed.load(Ordering::SeqCst));
+                    }
+                    0 => assert!(mem.write_obj(0xaau8, GuestAddress(8)).is_err()),
+                    n => panic!("{n} regions"),
+                }
+            })
+        };
+        t.remove(id, None).unwrap();
+        removed.store(true, Ordering::SeqCst);
+        reader.join().unwrap();
+        assert_eq!(t.metrics().views, 0);
     });
 }
 
