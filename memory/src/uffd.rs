@@ -176,8 +176,9 @@ fn is_errno(e: &userfaultfd::Error, errno: nix::errno::Errno) -> bool {
     matches!(e, userfaultfd::Error::CopyFailed(n) | userfaultfd::Error::ZeropageFailed(n) if *n == errno)
 }
 
-/// Bytes filled per fault: the aligned window around the faulting page, clipped to its
-/// range. A guest touching memory in order then faults once per window instead of once
+/// Bytes filled per fault: the window around the faulting page, aligned to this size
+/// from the start of its registered range (not to host addresses, which depend on where
+/// the mapping landed) and clipped to the range. A guest touching memory in order then faults once per window instead of once
 /// per page (each fault is a round trip through this thread). The pages are copied in,
 /// not mapped to the zero page, so a following write needs no second fault.
 pub const FILL_WINDOW: u64 = 64 << 10;
@@ -237,9 +238,8 @@ impl Shared {
             c.unregistered.fetch_add(1, Ordering::Relaxed);
             return;
         };
-        let window_start = (page_addr & !(FILL_WINDOW - 1)).max(range.host_start);
-        let window_end =
-            ((page_addr & !(FILL_WINDOW - 1)) + FILL_WINDOW).min(range.host_start + range.len);
+        let window_start = range.host_start + ((page_addr - range.host_start) & !(FILL_WINDOW - 1));
+        let window_end = (window_start + FILL_WINDOW).min(range.host_start + range.len);
         // The window first. If it fails in any way, the faulting page alone: part of the
         // window may be present already, or no longer registered (a concurrent shrink
         // unregisters a tail, and wakes only the threads waiting there), and the faulting
