@@ -61,11 +61,17 @@ pub trait QueueHandler: Send + 'static {
         mem: &GuardedMemory<'_>,
     ) -> u32;
 
-    /// Serves the available requests of queue `index`. By default, under one read lock of
-    /// guest memory, with the driver's notifications suppressed meanwhile and the ring
-    /// checked again before they are re-enabled (requests added while the device worked
-    /// are served without a notification), at most [`BUDGET`] requests. A device whose
-    /// requests change guest memory itself (a writer) must not hold the lock meanwhile.
+    /// Serves the available requests of queue `index`. By default in rounds: each round
+    /// reads how many requests are available, then takes a view of guest memory and
+    /// serves exactly those under it, with the driver's notifications suppressed
+    /// meanwhile and the ring checked again before they are re-enabled (requests added
+    /// while the device worked are served without a notification); at most [`BUDGET`]
+    /// requests in all. A device whose requests change guest memory itself (a writer)
+    /// must not hold a view meanwhile.
+    ///
+    /// The view is taken after the available index is read: memory the driver had
+    /// plugged before it made a request available is in the view that serves it. (A
+    /// view taken first would not show memory plugged between it and the request.)
     fn process(
         &mut self,
         index: usize,
@@ -75,18 +81,30 @@ pub trait QueueHandler: Send + 'static {
     where
         Self: Sized,
     {
-        let mem = GuardedMemory::lock_all(memory, memory_deadline())?;
         let mut served = 0;
+        let mut mem = GuardedMemory::lock_all(memory, memory_deadline())?;
+        queue.disable_notification(&mem)?;
         let more = loop {
-            queue.disable_notification(&mem)?;
-            served += serve_available(self, index, queue, &mem, BUDGET - served)?;
-            if served == BUDGET {
-                // Notifications stay off: the worker comes back by itself.
-                break true;
+            let available = queue
+                .avail_idx(&mem, Ordering::Acquire)?
+                .0
+                .wrapping_sub(queue.next_avail());
+            if available > 0 {
+                // One view at a time: taking one may wait for a writer, who may be
+                // waiting for the view this thread holds.
+                drop(mem);
+                mem = GuardedMemory::lock_all(memory, memory_deadline())?;
+                let budget = usize::from(available).min(BUDGET - served);
+                served += serve_available(self, index, queue, &mem, budget)?;
+                if served == BUDGET {
+                    // Notifications stay off: the worker comes back by itself.
+                    break true;
+                }
             }
             if !queue.enable_notification(&mem)? {
                 break false;
             }
+            queue.disable_notification(&mem)?;
         };
         Ok(Served {
             notify: served > 0 && needs_interrupt(queue, &mem)?,
