@@ -66,11 +66,13 @@ impl Rig {
     /// Notifies queue 0 and waits until the used index reaches `expected`.
     fn kick_and_wait(&mut self, mock: &MockSplitQueue<'_, GuardedMemory<'_>>, expected: u16) {
         self.write(0x50, 0);
+        self.wait_used(expected, || mock.used().idx().load());
+    }
+
+    /// Waits, woken by the device's interrupts, until `used_idx()` reaches `expected`.
+    fn wait_used(&self, expected: u16, used_idx: impl Fn() -> u16) {
         let deadline = Instant::now() + DEADLINE;
-        loop {
-            if mock.used().idx().load() >= expected {
-                return;
-            }
+        while used_idx() < expected {
             let left = deadline.saturating_duration_since(Instant::now());
             assert!(
                 !left.is_zero(),
@@ -465,16 +467,9 @@ fn requests_into_memory_plugged_while_the_device_works_succeed() {
             .unwrap();
         publish(&descs_b, 3);
         r.write(0x50, 0);
-        let deadline = Instant::now() + DEADLINE;
-        while mem.read_obj::<u16>(GuestAddress(used_ring + 2)).unwrap() < expected {
-            let left = deadline.saturating_duration_since(Instant::now());
-            assert!(
-                !left.is_zero(),
-                "round {round}: no completion within {DEADLINE:?}"
-            );
-            r.wait_irq(left.min(Duration::from_millis(100)));
-            let _ = r.irq.read();
-        }
+        r.wait_used(expected, || {
+            mem.read_obj::<u16>(GuestAddress(used_ring + 2)).unwrap()
+        });
         assert_eq!(status_at(&mem, status_a), VIRTIO_BLK_S_OK, "round {round}");
         assert_eq!(
             status_at(&mem, status_b),

@@ -477,12 +477,7 @@ impl RegionTable {
         self.stats.count(shard, Lookup::SlowPath);
 
         // Slow path: the table lock for read, only to wait out the writer.
-        lockdep::acquire_table(HeldLock::TableRead);
-        let Some(inner) = self.lock.read_until(deadline) else {
-            lockdep::release(&HeldLock::TableRead);
-            return Err(LookupError::Timeout { addr: addr.0 });
-        };
-        let result = match inner.find(addr) {
+        self.under_table_read_lock(deadline, |inner| match inner.find(addr) {
             None => Err(LookupError::NotMapped { addr: addr.0 }),
             Some(region) => {
                 let locked = self.read_lock(region, addr, shard);
@@ -495,8 +490,19 @@ impl RegionTable {
                 );
                 locked
             }
-        };
-        drop(inner);
+        })
+        .unwrap_or(Err(LookupError::Timeout { addr: addr.0 }))
+    }
+
+    /// Runs `f` under the table lock taken for read, released before returning (the
+    /// slow path of the two-tier lookups); `None` if `deadline` passed first.
+    fn under_table_read_lock<R>(
+        &self,
+        deadline: Deadline,
+        f: impl FnOnce(&Inner) -> R,
+    ) -> Option<R> {
+        lockdep::acquire_table(HeldLock::TableRead);
+        let result = self.lock.read_until(deadline).map(|inner| f(&inner));
         lockdep::release(&HeldLock::TableRead);
         result
     }
@@ -539,14 +545,11 @@ impl RegionTable {
     fn lock_view_slow(&self, shard: usize, deadline: Deadline) -> Result<(), ViewFailure> {
         lockdep::assert_may_wait("memory view");
         self.stats.count(shard, Lookup::SlowPath);
-        lockdep::acquire_table(HeldLock::TableRead);
-        let Some(inner) = self.lock.read_until(deadline) else {
-            lockdep::release(&HeldLock::TableRead);
-            return Err(ViewFailure::Timeout);
-        };
-        let locked = self.views.try_read(&self.seq, shard, self.wake_key());
-        drop(inner);
-        lockdep::release(&HeldLock::TableRead);
+        let locked = self
+            .under_table_read_lock(deadline, |_| {
+                self.views.try_read(&self.seq, shard, self.wake_key())
+            })
+            .ok_or(ViewFailure::Timeout)?;
         debug_assert!(
             matches!(locked, Ok(()) | Err(ReadLockFailure::Saturated)),
             "no writer holds the view lock under the table read lock: {locked:?}"
