@@ -66,8 +66,13 @@ thread_local! {
 /// share one OS thread and so one thread-local record.
 pub const ENABLED: bool = cfg!(debug_assertions) && !cfg!(loom);
 
-fn with_held<R>(f: impl FnOnce(&mut Vec<HeldLock>) -> R) -> R {
-    RECORD.with(|record| f(&mut record.held.lock().unwrap_or_else(|e| e.into_inner())))
+/// Runs `f` on the calling thread's record. While the thread exits, code in other
+/// thread-locals' destructors may still take locks after the record is gone: that is
+/// not checked (`f` does not run; the default comes back).
+fn with_held<R: Default>(f: impl FnOnce(&mut Vec<HeldLock>) -> R) -> R {
+    RECORD
+        .try_with(|record| f(&mut record.held.lock().unwrap_or_else(|e| e.into_inner())))
+        .unwrap_or_default()
 }
 
 fn describe(held: &[HeldLock]) -> String {
@@ -122,7 +127,6 @@ pub(crate) fn acquire_region(id: u64) {
     }
 }
 
-/// Records that the thread released `lock`.
 /// Records that the thread took the read lock of a whole-memory view.
 #[inline(always)]
 pub(crate) fn acquire_view() {
@@ -131,6 +135,7 @@ pub(crate) fn acquire_view() {
     }
 }
 
+/// Records that the thread released `lock`.
 #[inline(always)]
 pub(crate) fn release(lock: &HeldLock) {
     if ENABLED {

@@ -127,42 +127,41 @@ impl SnapshotCell {
 
     /// Runs `f` with the current snapshot and the calling thread's reader shard.
     /// `f` must not look anything up in a table itself (it does not: it is the fast
-    /// path's lock attempt).
+    /// path's lock attempt). `f` is called from one place only, so the compiler can
+    /// inline it into the hit path.
     #[cfg(not(loom))]
     #[inline(always)]
     pub(crate) fn with<R>(&self, f: impl FnOnce(&Snapshot, usize) -> R) -> R {
         let generation = self.generation.load(Ordering::Acquire);
-        let cache = FAST.with(std::cell::Cell::get);
+        let mut cache = FAST.with(std::cell::Cell::get);
+        // Set only while the thread exits and its cache is gone: no caching then.
+        let mut uncached = None;
         // Generations start at 1, so an empty cache (0) always reloads.
         if cache.generation != generation {
-            return self.with_reloaded(generation, f);
+            match self.reload(generation) {
+                Some(fresh) => cache = fresh,
+                None => {
+                    cache.shard = RegionLock::current_shard();
+                    uncached = Some(self.published.load_full());
+                }
+            }
         }
-        // SAFETY: `cache.snapshot` points into the `Arc` that this thread's `OWNER`
-        // holds. Only `reload`, on this thread, replaces that `Arc`, and not while `f`
-        // runs; `OWNER`'s destructor clears `FAST` before the `Arc` goes.
-        let snapshot = unsafe { &*cache.snapshot };
+        let snapshot = match &uncached {
+            Some(snapshot) => snapshot,
+            // SAFETY: `cache.snapshot` points into the `Arc` that this thread's `OWNER`
+            // holds. Only `reload`, on this thread, replaces that `Arc`, and not while
+            // `f` runs; `OWNER`'s destructor clears `FAST` before the `Arc` goes.
+            None => unsafe { &*cache.snapshot },
+        };
         f(snapshot, cache.shard)
-    }
-
-    /// `with` after a publication: reloads the cache first. Kept out of line so the
-    /// hot path calls `f` from one place only, where the compiler can inline it.
-    #[cfg(not(loom))]
-    #[cold]
-    #[inline(never)]
-    fn with_reloaded<R>(&self, generation: u64, f: impl FnOnce(&Snapshot, usize) -> R) -> R {
-        match self.reload(generation) {
-            // SAFETY: as in `with`: `reload` just pointed the cache at the `Arc` that
-            // `OWNER` now holds, and nothing on this thread replaces it while `f` runs.
-            Some(fresh) => f(unsafe { &*fresh.snapshot }, fresh.shard),
-            // The thread is exiting and its cache is gone: no caching.
-            None => f(&self.published.load_full(), RegionLock::current_shard()),
-        }
     }
 
     /// Loads the current snapshot into this thread's cache. `generation` was read
     /// before the load: if a publication slips in between, the next lookup sees a
-    /// newer generation and reloads again.
+    /// newer generation and reloads again. Out of line, so the hit path stays small.
     #[cfg(not(loom))]
+    #[cold]
+    #[inline(never)]
     fn reload(&self, generation: u64) -> Option<FastCache> {
         let snapshot = self.published.load_full();
         OWNER

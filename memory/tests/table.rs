@@ -752,3 +752,63 @@ fn anonymous_regions_ask_for_huge_pages() {
         "anonymous guest RAM is THP-eligible"
     );
 }
+
+/// A thread's lookup cache is thread-local and goes away while the thread exits;
+/// lookups from later thread-exit code (another thread-local's destructor) still find
+/// current regions, lock them and copy through them.
+#[test]
+fn lookups_work_while_a_thread_exits() {
+    type Outcome = Result<Vec<u8>, String>;
+    struct CopyOnExit(Arc<RegionTable>, std::sync::mpsc::Sender<Outcome>);
+    impl Drop for CopyOnExit {
+        fn drop(&mut self) {
+            let table = &self.0;
+            let mut back = vec![0u8; 4];
+            let outcome = table
+                .write(GuestAddress(2 * MIB + 8), b"exit", None)
+                .and_then(|()| table.read(GuestAddress(2 * MIB + 8), &mut back, None))
+                .map(|()| back)
+                .map_err(|e| e.to_string());
+            let _ = self.1.send(outcome);
+        }
+    }
+    std::thread_local!(static ON_EXIT: std::cell::RefCell<Option<CopyOnExit>> =
+        const { std::cell::RefCell::new(None) });
+
+    let table = Arc::new(RegionTable::default());
+    table
+        .insert(RegionSpec::anonymous(GuestAddress(0), MIB), None)
+        .unwrap();
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let (cached_tx, cached_rx) = std::sync::mpsc::channel();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let thread_table = table.clone();
+    let thread = std::thread::spawn(move || {
+        // Registered before the lookup cache, so destroyed after it (destructors run
+        // in reverse order of registration).
+        ON_EXIT.with(|slot| *slot.borrow_mut() = Some(CopyOnExit(thread_table.clone(), done_tx)));
+        // Fill the lookup cache with a snapshot that has no region at 2 MiB.
+        drop(thread_table.lock_fast(GuestAddress(0)).unwrap());
+        cached_tx.send(()).unwrap();
+        go_rx.recv().unwrap();
+    });
+    cached_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    table
+        .insert(RegionSpec::anonymous(GuestAddress(2 * MIB), MIB), None)
+        .unwrap();
+    go_tx.send(()).unwrap();
+    let outcome = done_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the thread-exit copy reported");
+    assert_eq!(outcome, Ok(b"exit".to_vec()));
+    thread.join().unwrap();
+    assert_eq!(
+        table
+            .metrics()
+            .regions
+            .iter()
+            .map(|r| r.readers)
+            .sum::<u64>(),
+        0
+    );
+}
