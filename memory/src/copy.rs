@@ -17,7 +17,8 @@ pub enum CopyError {
     /// could not be locked.
     #[error("guest copy stopped at {addr:#x} after {copied} bytes: {source}")]
     Lookup {
-        /// First address not copied.
+        /// The address that could not be used: in the source range if reading failed,
+        /// in the destination range if writing did (a guest-to-guest copy does both).
         addr: u64,
         /// Bytes transferred before it.
         copied: usize,
@@ -37,6 +38,11 @@ pub enum CopyError {
 impl CopyError {
     /// The same error for a copy that had already transferred `earlier` bytes.
     fn after(self, earlier: usize) -> CopyError {
+        self.with_copied(|copied| copied + earlier)
+    }
+
+    /// The same error with its count of copied bytes replaced by `f(count)`.
+    fn with_copied(self, f: impl FnOnce(usize) -> usize) -> CopyError {
         match self {
             CopyError::Lookup {
                 addr,
@@ -44,7 +50,7 @@ impl CopyError {
                 source,
             } => CopyError::Lookup {
                 addr,
-                copied: copied + earlier,
+                copied: f(copied),
                 source,
             },
             other => other,
@@ -142,9 +148,9 @@ impl RegionTable {
                     len,
                 });
             };
+            // Bytes read but not written yet are not copied.
             self.read(GuestAddress(s), &mut bounce[..n], deadline)
-                .map_err(|e| e.after(done))?;
-            // Bytes read but not written are not counted as copied.
+                .map_err(|e| e.with_copied(|_| done))?;
             self.write(GuestAddress(d), &bounce[..n], deadline)
                 .map_err(|e| e.after(done))?;
             done += n;

@@ -94,6 +94,7 @@ impl TableStats {
             ),
             regions,
             views: 0,
+            retired_regions: 0,
         }
     }
 }
@@ -162,4 +163,8 @@ pub struct TableMetrics {
     pub regions: Vec<RegionMetrics>,
     /// Views of guest memory held now ([`crate::GuardedMemory`], taken by devices).
     pub views: u64,
+    /// Removed regions whose (already discarded) host mapping is kept because a
+    /// thread's cached lookup view still references them. Each is unmapped by the
+    /// first writer after those threads' next lookups.
+    pub retired_regions: u64,
 }

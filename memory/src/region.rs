@@ -282,10 +282,9 @@ impl Region {
             lock: RegionLock::new(reader_limit),
             area,
         };
-        if region.area.is_some() {
-            // The area's memory is inaccessible until a region opens its part.
-            region.reopen(0, size)?;
-        } else {
+        // A region in an area leaves its part of the area's memory inaccessible: the
+        // table opens it once lazy population is set up (`RegionTable::insert`).
+        if region.area.is_none() {
             if matches!(region.backing, Backing::Anonymous) {
                 let (addr, len) = region.host_range(0, capacity);
                 advise_huge_pages(addr.cast(), len, &id);
@@ -380,12 +379,15 @@ impl Region {
         Ok(())
     }
 
-    /// Frees the host memory of `[offset, offset + len)` and makes it inaccessible, so
-    /// no stray access can silently populate it again.
+    /// Makes `[offset, offset + len)` inaccessible and frees its host memory, in that
+    /// order: an access between the two (a vCPU through an area's memory slot, which
+    /// still covers the range) would otherwise populate freed memory again, and the
+    /// next region opened there would see it.
     pub(crate) fn discard(&self, offset: u64, len: u64) -> Result<(), RegionError> {
         if len == 0 {
             return Ok(());
         }
+        self.protect(offset, len, libc::PROT_NONE)?;
         let (addr, host_len) = self.host_range(offset, len);
         if let Some(file_offset) = self.mapping.file_offset() {
             let file_start = file_offset.start() + offset;
@@ -408,7 +410,7 @@ impl Region {
         if unsafe { libc::madvise(addr, host_len, libc::MADV_DONTNEED) } != 0 {
             return Err(host_err("madvise"));
         }
-        self.protect(offset, len, libc::PROT_NONE)
+        Ok(())
     }
 
     /// Makes `[offset, offset + len)` accessible again (a region grows into it).

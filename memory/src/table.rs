@@ -160,6 +160,11 @@ struct Inner {
     areas: BTreeMap<u64, std::sync::Arc<Area>>,
     free_slots: Vec<u32>,
     next_slot: u32,
+    /// Removed regions that threads' cached lookup views may still reference. The
+    /// table keeps a reference to each until it is the last one, so the region's
+    /// memory is unmapped and its file closed by a writer (see `WriteSession`'s drop),
+    /// never inside a lookup that drops an old view.
+    retired: Vec<Arc<Region>>,
 }
 
 impl Inner {
@@ -240,6 +245,8 @@ pub struct RegionTable {
     lazy: Option<std::sync::Arc<dyn LazyPages>>,
     config: TableConfig,
     stats: TableStats,
+    /// How many removed regions the table keeps for cached views (`Inner::retired`).
+    retired: AtomicU64,
 }
 
 impl std::fmt::Debug for RegionTable {
@@ -310,6 +317,12 @@ struct WriteSession<'t> {
 
 impl Drop for WriteSession<'_> {
     fn drop(&mut self) {
+        // A count of one is the table's own: no view references the region any more,
+        // and nothing can reach it to take a new reference.
+        self.inner.retired.retain(|r| Arc::strong_count(r) > 1);
+        self.table
+            .retired
+            .store(self.inner.retired.len() as u64, Ordering::Relaxed);
         // Bump before the table lock is released (the field drops after this body),
         // like `mmap_write_unlock` ends every VMA write lock before `up_write`.
         self.table.seq.fetch_add(1, Ordering::SeqCst);
@@ -339,15 +352,25 @@ impl WriteSession<'_> {
     /// the session's end, so the region is readable again unchanged.
     ///
     /// `started` is when the writer began (before it waited for the table lock), for
-    /// the writer-wait metric; the drain's own deadline starts now.
-    fn exclude_readers(&self, region: &Region, started: Instant) -> Result<(), TableError> {
+    /// the writer-wait metric. The drain ends at the caller's `deadline` or after the
+    /// table's drain timeout from now, whichever comes first.
+    fn exclude_readers(
+        &self,
+        region: &Region,
+        started: Instant,
+        deadline: Deadline,
+    ) -> Result<(), TableError> {
         let views = &self.table.views;
         region.lock.mark_write_locked(self.seq);
         // Views cover every region, this one too.
         views.mark_write_locked(self.seq);
         let drain_started = Instant::now();
-        // A timeout too large to represent means no deadline.
-        let deadline = drain_started.checked_add(self.table.config.drain_timeout);
+        // A timeout too large to represent means no deadline of the table's own.
+        let own = drain_started.checked_add(self.table.config.drain_timeout);
+        let deadline = match (deadline, own) {
+            (Some(caller), Some(own)) => Some(caller.min(own)),
+            (caller, own) => caller.or(own),
+        };
         let key = self.table.wake_key();
         let drained =
             region.lock.wait_for_readers(key, deadline) && views.wait_for_readers(key, deadline);
@@ -379,6 +402,7 @@ impl RegionTable {
                 areas: BTreeMap::new(),
                 free_slots: Vec::new(),
                 next_slot: 0,
+                retired: Vec::new(),
             }),
             seq: AtomicU64::new(1),
             views: RegionLock::new(config.reader_limit),
@@ -388,6 +412,7 @@ impl RegionTable {
             lazy,
             config,
             stats: TableStats::default(),
+            retired: AtomicU64::new(0),
         }
     }
 
@@ -526,6 +551,10 @@ impl RegionTable {
         &self,
         deadline: Deadline,
     ) -> Result<(ViewLock<'_>, Arc<Snapshot>), ViewFailure> {
+        // Checked before the fast path too: a view taken while holding one is a
+        // deadlock whenever a writer happens to be waiting, not only when the fast
+        // path fails.
+        lockdep::assert_may_wait("memory view");
         let shard = RegionLock::current_shard();
         let fast = self.views.try_read(&self.seq, shard, self.wake_key());
         match fast {
@@ -548,7 +577,6 @@ impl RegionTable {
     /// The two-tier half of `lock_view`: takes the view lock under the table read lock.
     #[cold]
     fn lock_view_slow(&self, shard: usize, deadline: Deadline) -> Result<(), ViewFailure> {
-        lockdep::assert_may_wait("memory view");
         self.stats.count(shard, Lookup::SlowPath);
         let locked = self
             .under_table_read_lock(deadline, |_| {
@@ -704,15 +732,17 @@ impl RegionTable {
             }
         };
         let setup = self.register_lazy(&region, 0, spec.size).and_then(|()| {
-            if !region.owns_slot() {
-                return Ok(());
-            }
-            self.slots
-                .map(&Self::slot_mapping(&region, spec.size))
-                .map_err(|e| {
-                    let _ = self.unregister_lazy(&region, 0, spec.size);
-                    TableError::from(e)
-                })
+            let opened = if region.owns_slot() {
+                self.slots
+                    .map(&Self::slot_mapping(&region, spec.size))
+                    .map_err(TableError::from)
+            } else {
+                // The area's memory opens only now that lazy population is in place.
+                region.reopen(0, spec.size).map_err(TableError::from)
+            };
+            opened.inspect_err(|_| {
+                let _ = self.unregister_lazy(&region, 0, spec.size);
+            })
         });
         if let Err(e) = setup {
             if !region.owns_slot() {
@@ -754,18 +784,21 @@ impl RegionTable {
         Self::check_resize(&region, new_size, true)?;
         let old = region.size();
         self.stats.record_writer_wait(started.elapsed());
-        region.reopen(old, new_size - old)?;
-        let undo_protect = |e: TableError| {
+        // Lazy population first: no access may populate the new part before the
+        // fault handler knows it.
+        self.register_lazy(&region, old, new_size - old)?;
+        let undo = |e: TableError| {
             let _ = region.protect(old, new_size - old, libc::PROT_NONE);
+            let _ = self.unregister_lazy(&region, old, new_size - old);
             e
         };
-        self.register_lazy(&region, old, new_size - old)
-            .map_err(undo_protect)?;
+        region
+            .reopen(old, new_size - old)
+            .map_err(|e| undo(e.into()))?;
         if region.owns_slot() {
-            if let Err(e) = self.slots.map(&Self::slot_mapping(&region, new_size)) {
-                let _ = self.unregister_lazy(&region, old, new_size - old);
-                return Err(undo_protect(e.into()));
-            }
+            self.slots
+                .map(&Self::slot_mapping(&region, new_size))
+                .map_err(|e| undo(e.into()))?;
         }
         region.set_size(new_size);
         Ok(())
@@ -785,7 +818,7 @@ impl RegionTable {
         let region = session.region(id)?;
         Self::check_resize(&region, new_size, false)?;
         let old = region.size();
-        session.exclude_readers(&region, started)?;
+        session.exclude_readers(&region, started, deadline)?;
         // In an area, the guest loses the tail when it is discarded below.
         if region.owns_slot() {
             self.slots.map(&Self::slot_mapping(&region, new_size))?;
@@ -809,7 +842,7 @@ impl RegionTable {
         session.publish_snapshot();
         region.lock.mark_removed();
         // 2. Drain readers; on timeout put everything back.
-        if let Err(e) = session.exclude_readers(&region, started) {
+        if let Err(e) = session.exclude_readers(&region, started, deadline) {
             session.restore_removed(&region);
             return Err(e);
         }
@@ -826,6 +859,9 @@ impl RegionTable {
             // The slot number is free once KVM has let go of it, whatever happens next.
             session.inner.free_slots.push(region.slot());
         }
+        // Whatever happens next, the region is gone for good; threads' cached views
+        // may still reference it, so the table keeps it until they let go.
+        session.inner.retired.push(region.clone());
         // 4. No more lazy population.
         self.unregister_lazy(&region, 0, size)?;
         // 5. Free the host memory.
@@ -875,6 +911,7 @@ impl RegionTable {
             .collect();
         TableMetrics {
             views: self.views.readers(),
+            retired_regions: self.retired.load(Ordering::Relaxed),
             ..self.stats.snapshot(regions)
         }
     }

@@ -165,6 +165,31 @@ fn copies_cross_regions_and_report_unmapped_memory() {
             source: LookupError::NotMapped { addr: 2 * MIB }
         }
     );
+    // A guest-to-guest copy whose source runs off the end part-way through a piece:
+    // what was read but not written does not count as copied.
+    let err = table
+        .copy(GuestAddress(2 * MIB - 100), GuestAddress(0), 200, None)
+        .unwrap_err();
+    assert_eq!(
+        err,
+        CopyError::Lookup {
+            addr: 2 * MIB,
+            copied: 0,
+            source: LookupError::NotMapped { addr: 2 * MIB }
+        }
+    );
+    // Its destination running off the end: the written part counts.
+    let err = table
+        .copy(GuestAddress(0), GuestAddress(2 * MIB - 100), 200, None)
+        .unwrap_err();
+    assert_eq!(
+        err,
+        CopyError::Lookup {
+            addr: 2 * MIB,
+            copied: 100,
+            source: LookupError::NotMapped { addr: 2 * MIB }
+        }
+    );
     assert!(matches!(
         table.read(GuestAddress(u64::MAX - 10), &mut [0u8; 100], None),
         Err(CopyError::Overflow { .. })
@@ -278,6 +303,113 @@ fn remove_with_reader_times_out_and_changes_nothing() {
     table.read(GuestAddress(0), &mut buf, None).unwrap();
     assert_eq!(&buf, b"keep");
     table.shrink(id, 4096, None).unwrap();
+}
+
+/// Whether some host mapping of this process covers `addr` (from /proc/self/maps).
+fn host_mapped(addr: u64) -> bool {
+    std::fs::read_to_string("/proc/self/maps")
+        .unwrap()
+        .lines()
+        .filter_map(|line| line.split_whitespace().next()?.split_once('-'))
+        .any(|(start, end)| {
+            let start = u64::from_str_radix(start, 16).unwrap();
+            let end = u64::from_str_radix(end, 16).unwrap();
+            (start..end).contains(&addr)
+        })
+}
+
+/// A thread's cached lookup view may hold the last reference to a removed region
+/// besides the table's. When the thread's next lookup drops that view, the region is
+/// not unmapped there (a lookup never makes a blocking system call); the table keeps
+/// it, and the next writer unmaps it.
+#[test]
+fn removed_regions_are_unmapped_by_writers_not_by_lookups() {
+    let table = RegionTable::default();
+    let removed = table
+        .insert(RegionSpec::anonymous(GuestAddress(0), MIB), None)
+        .unwrap();
+    let kept = table
+        .insert(RegionSpec::anonymous(GuestAddress(MIB), MIB), None)
+        .unwrap();
+    // On a thread of its own, so no cache of this thread references the region.
+    let host = std::thread::scope(|s| {
+        s.spawn(|| {
+            table
+                .lock_fast(GuestAddress(0))
+                .unwrap()
+                .region()
+                .host_addr()
+        })
+        .join()
+        .unwrap()
+    });
+    let (cached_tx, cached_rx) = std::sync::mpsc::channel();
+    let (remove_tx, remove_rx) = std::sync::mpsc::channel();
+    let (reloaded_tx, reloaded_rx) = std::sync::mpsc::channel();
+    let (exit_tx, exit_rx) = std::sync::mpsc::channel::<()>();
+    let table = &table;
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            // Caches a view holding both regions.
+            drop(table.lock_fast(GuestAddress(0)).unwrap());
+            cached_tx.send(()).unwrap();
+            remove_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+            // A new view: the old one, the other reference to `removed`, goes.
+            drop(table.lock_fast(GuestAddress(MIB)).unwrap());
+            reloaded_tx.send(()).unwrap();
+            // Keeps the thread (and its cache) alive until the checks are done.
+            let _ = exit_rx.recv_timeout(Duration::from_secs(10));
+        });
+        let wait = Duration::from_secs(10);
+        cached_rx.recv_timeout(wait).unwrap();
+        table.remove(removed, None).unwrap();
+        assert_eq!(table.metrics().retired_regions, 1);
+        remove_tx.send(()).unwrap();
+        reloaded_rx.recv_timeout(wait).unwrap();
+        assert!(host_mapped(host), "the lookup unmapped the removed region");
+        // The next writer lets it go.
+        table.shrink(kept, MIB / 2, None).unwrap();
+        assert_eq!(table.metrics().retired_regions, 0);
+        exit_tx.send(()).unwrap();
+    });
+}
+
+/// A writer's own deadline bounds its wait for readers too, not only its wait for
+/// the table lock: with the table's drain timeout far away, shrink and remove give up
+/// at the caller's deadline.
+#[test]
+fn writer_deadline_bounds_the_drain() {
+    let table = RegionTable::default();
+    assert!(TableConfig::default().drain_timeout >= Duration::from_secs(5));
+    let id = table
+        .insert(RegionSpec::anonymous(GuestAddress(0), MIB), None)
+        .unwrap();
+    let guard = table.lock_region(GuestAddress(0), None).unwrap();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            for (what, op) in [
+                (
+                    "shrink",
+                    &(|d| table.shrink(id, 4096, d)) as &(dyn Fn(_) -> _ + Sync),
+                ),
+                ("remove", &|d| table.remove(id, d)),
+            ] {
+                let started = Instant::now();
+                let result = op(Some(started + Duration::from_millis(100)));
+                assert!(
+                    matches!(result, Err(TableError::DrainTimeout { readers: 1, .. })),
+                    "{what}: {result:?}"
+                );
+                assert!(
+                    started.elapsed() < Duration::from_secs(3),
+                    "{what} waited {:?}, past its deadline",
+                    started.elapsed()
+                );
+            }
+        });
+    });
+    drop(guard);
+    assert_eq!(table.layout(), vec![(id, GuestAddress(0), MIB)]);
 }
 
 #[test]
@@ -444,6 +576,35 @@ fn lookup_that_may_wait_while_holding_a_view_panics() {
         .unwrap();
     let _view = GuardedMemory::lock_all(&table, None).unwrap();
     let _ = table.lock_region(GuestAddress(0), None);
+}
+
+/// A view taken while holding one waits for writers that wait for the held one: the
+/// checker catches it even when no writer is active (the view's fast path succeeds).
+#[test]
+#[cfg(debug_assertions)]
+#[should_panic(
+    expected = "lock order violation: memory view called while holding [guest memory view]"
+)]
+fn view_while_holding_a_view_panics() {
+    let table = RegionTable::default();
+    table
+        .insert(RegionSpec::anonymous(GuestAddress(0), MIB), None)
+        .unwrap();
+    let _view = GuardedMemory::lock_all(&table, None).unwrap();
+    let _ = GuardedMemory::lock_all(&table, None);
+}
+
+/// The same for a view taken while holding a region guard.
+#[test]
+#[cfg(debug_assertions)]
+#[should_panic(expected = "lock order violation: memory view called while holding [region")]
+fn view_while_holding_a_guard_panics() {
+    let table = RegionTable::default();
+    table
+        .insert(RegionSpec::anonymous(GuestAddress(0), MIB), None)
+        .unwrap();
+    let _held = table.lock_fast(GuestAddress(0)).unwrap();
+    let _ = GuardedMemory::lock_all(&table, None);
 }
 
 #[test]
@@ -764,11 +925,18 @@ fn lookups_work_while_a_thread_exits() {
         fn drop(&mut self) {
             let table = &self.0;
             let mut back = vec![0u8; 4];
+            // The fast path alone: a stale view would not have the region.
             let outcome = table
-                .write(GuestAddress(2 * MIB + 8), b"exit", None)
-                .and_then(|()| table.read(GuestAddress(2 * MIB + 8), &mut back, None))
-                .map(|()| back)
-                .map_err(|e| e.to_string());
+                .lock_fast(GuestAddress(2 * MIB + 8))
+                .map(drop)
+                .map_err(|e| e.to_string())
+                .and_then(|()| {
+                    table
+                        .write(GuestAddress(2 * MIB + 8), b"exit", None)
+                        .and_then(|()| table.read(GuestAddress(2 * MIB + 8), &mut back, None))
+                        .map(|()| back)
+                        .map_err(|e| e.to_string())
+                });
             let _ = self.1.send(outcome);
         }
     }
@@ -784,8 +952,9 @@ fn lookups_work_while_a_thread_exits() {
     let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
     let thread_table = table.clone();
     let thread = std::thread::spawn(move || {
-        // Registered before the lookup cache, so destroyed after it (destructors run
-        // in reverse order of registration).
+        // Registered before the lookup cache, so destroyed after it where destructors
+        // run in reverse order of registration (glibc); elsewhere the destructor
+        // still runs at exit, with the cache.
         ON_EXIT.with(|slot| *slot.borrow_mut() = Some(CopyOnExit(thread_table.clone(), done_tx)));
         // Fill the lookup cache with a snapshot that has no region at 2 MiB.
         drop(thread_table.lock_fast(GuestAddress(0)).unwrap());

@@ -220,6 +220,8 @@ fn info(context: &ApiContext) -> Value {
             "fast_path_hits": m.fast_path_hits,
             "fast_path_misses": m.fast_path_misses,
             "slow_path_lookups": m.slow_path_lookups,
+            "views": m.views,
+            "retired_regions": m.retired_regions,
             "writer_waits": {
                 "count": waits.count,
                 "p50_ns": waits.p50_ns,
