@@ -95,6 +95,7 @@ impl TableStats {
             regions,
             views: 0,
             retired_regions: 0,
+            writers_draining: 0,
         }
     }
 }
@@ -167,4 +168,7 @@ pub struct TableMetrics {
     /// thread's cached lookup view still references them. Each is unmapped by the
     /// first writer after those threads' next lookups.
     pub retired_regions: u64,
+    /// Writers waiting for readers to release a region they change or remove, now:
+    /// with a region's `readers`, shows who waits for whom.
+    pub writers_draining: u64,
 }

@@ -247,6 +247,8 @@ pub struct RegionTable {
     stats: TableStats,
     /// How many removed regions the table keeps for cached views (`Inner::retired`).
     retired: AtomicU64,
+    /// Writers waiting for readers now (0 or 1: writers are serialised).
+    draining: AtomicU64,
 }
 
 impl std::fmt::Debug for RegionTable {
@@ -372,8 +374,10 @@ impl WriteSession<'_> {
             (caller, own) => caller.or(own),
         };
         let key = self.table.wake_key();
+        self.table.draining.fetch_add(1, Ordering::Relaxed);
         let drained =
             region.lock.wait_for_readers(key, deadline) && views.wait_for_readers(key, deadline);
+        self.table.draining.fetch_sub(1, Ordering::Relaxed);
         self.table.stats.record_writer_wait(started.elapsed());
         if drained {
             Ok(())
@@ -413,6 +417,7 @@ impl RegionTable {
             config,
             stats: TableStats::default(),
             retired: AtomicU64::new(0),
+            draining: AtomicU64::new(0),
         }
     }
 
@@ -912,6 +917,7 @@ impl RegionTable {
         TableMetrics {
             views: self.views.readers(),
             retired_regions: self.retired.load(Ordering::Relaxed),
+            writers_draining: self.draining.load(Ordering::Relaxed),
             ..self.stats.snapshot(regions)
         }
     }

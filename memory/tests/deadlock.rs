@@ -209,13 +209,14 @@ fn region_table_survives_the_same_scenario() {
             let guard = table.lock_region(GuestAddress(0), None).unwrap();
             reader_holds.store(true, Ordering::SeqCst);
             reader_p.tick();
-            // Wait until the writer has marked the region and waits for us.
-            wait_for("the writer to mark the region", DEADLINE, || {
-                matches!(
-                    table.lock_fast(GuestAddress(0)),
-                    Err(LookupError::Removed { .. } | LookupError::NotMapped { .. })
-                )
+            // Wait until the writer has unpublished the region and waits for us.
+            wait_for("the writer to wait for readers", DEADLINE, || {
+                table.metrics().writers_draining == 1
             });
+            assert!(matches!(
+                table.lock_fast(GuestAddress(0)),
+                Err(LookupError::Removed { .. } | LookupError::NotMapped { .. })
+            ));
             // The copy faults while the guard is held; the handler fills the page
             // without any table lock.
             guard
@@ -244,6 +245,7 @@ fn region_table_survives_the_same_scenario() {
         panic!("the region table stalled:\n{report}");
     }
     assert!(handler.stats().zero_fills >= 1);
+    assert_eq!(table.metrics().writers_draining, 0);
     assert!(matches!(
         table.read(GuestAddress(0), &mut [0u8; 1], None),
         Err(memory::CopyError::Lookup {

@@ -222,6 +222,7 @@ fn info(context: &ApiContext) -> Value {
             "slow_path_lookups": m.slow_path_lookups,
             "views": m.views,
             "retired_regions": m.retired_regions,
+            "writers_draining": m.writers_draining,
             "writer_waits": {
                 "count": waits.count,
                 "p50_ns": waits.p50_ns,
