@@ -19,6 +19,15 @@ fn table_with(slots: Arc<RecordingSlots>, config: TableConfig) -> RegionTable {
     RegionTable::new(slots, None, config)
 }
 
+/// A table with one 1 MiB anonymous region at guest address 0.
+fn table_with_a_region() -> (RegionTable, memory::RegionId) {
+    let table = RegionTable::default();
+    let id = table
+        .insert(RegionSpec::anonymous(GuestAddress(0), MIB), None)
+        .unwrap();
+    (table, id)
+}
+
 fn grow_spec(start: u64, size: u64, capacity: u64) -> RegionSpec {
     RegionSpec {
         start: GuestAddress(start),
@@ -126,10 +135,7 @@ fn slot_limit_is_a_typed_error() {
 
 #[test]
 fn copies_cross_regions_and_report_unmapped_memory() {
-    let table = RegionTable::default();
-    table
-        .insert(RegionSpec::anonymous(GuestAddress(0), MIB), None)
-        .unwrap();
+    let (table, _) = table_with_a_region();
     table
         .insert(RegionSpec::anonymous(GuestAddress(MIB), MIB), None)
         .unwrap();
@@ -324,10 +330,7 @@ fn host_mapped(addr: u64) -> bool {
 /// it, and the next writer unmaps it.
 #[test]
 fn removed_regions_are_unmapped_by_writers_not_by_lookups() {
-    let table = RegionTable::default();
-    let removed = table
-        .insert(RegionSpec::anonymous(GuestAddress(0), MIB), None)
-        .unwrap();
+    let (table, removed) = table_with_a_region();
     let kept = table
         .insert(RegionSpec::anonymous(GuestAddress(MIB), MIB), None)
         .unwrap();
@@ -541,10 +544,7 @@ fn reader_saturation_is_a_typed_error() {
 #[cfg(debug_assertions)]
 #[should_panic(expected = "lock order violation: two-tier lookup called while holding [region")]
 fn two_tier_lookup_while_holding_a_guard_panics() {
-    let table = RegionTable::default();
-    table
-        .insert(RegionSpec::anonymous(GuestAddress(0), MIB), None)
-        .unwrap();
+    let (table, _) = table_with_a_region();
     table
         .insert(RegionSpec::anonymous(GuestAddress(MIB), MIB), None)
         .unwrap();
@@ -556,10 +556,7 @@ fn two_tier_lookup_while_holding_a_guard_panics() {
 #[cfg(debug_assertions)]
 #[should_panic(expected = "lock order violation: table lock (write) taken while holding region")]
 fn writer_while_holding_a_guard_panics() {
-    let table = RegionTable::default();
-    let id = table
-        .insert(RegionSpec::anonymous(GuestAddress(0), MIB), None)
-        .unwrap();
+    let (table, id) = table_with_a_region();
     let _held = table.lock_fast(GuestAddress(0)).unwrap();
     let _ = table.remove(id, None);
 }
@@ -570,10 +567,7 @@ fn writer_while_holding_a_guard_panics() {
     expected = "lock order violation: two-tier lookup called while holding [guest memory view]"
 )]
 fn lookup_that_may_wait_while_holding_a_view_panics() {
-    let table = RegionTable::default();
-    table
-        .insert(RegionSpec::anonymous(GuestAddress(0), MIB), None)
-        .unwrap();
+    let (table, _) = table_with_a_region();
     let _view = GuardedMemory::lock_all(&table, None).unwrap();
     let _ = table.lock_region(GuestAddress(0), None);
 }
@@ -586,10 +580,7 @@ fn lookup_that_may_wait_while_holding_a_view_panics() {
     expected = "lock order violation: memory view called while holding [guest memory view]"
 )]
 fn view_while_holding_a_view_panics() {
-    let table = RegionTable::default();
-    table
-        .insert(RegionSpec::anonymous(GuestAddress(0), MIB), None)
-        .unwrap();
+    let (table, _) = table_with_a_region();
     let _view = GuardedMemory::lock_all(&table, None).unwrap();
     let _ = GuardedMemory::lock_all(&table, None);
 }
@@ -599,20 +590,14 @@ fn view_while_holding_a_view_panics() {
 #[cfg(debug_assertions)]
 #[should_panic(expected = "lock order violation: memory view called while holding [region")]
 fn view_while_holding_a_guard_panics() {
-    let table = RegionTable::default();
-    table
-        .insert(RegionSpec::anonymous(GuestAddress(0), MIB), None)
-        .unwrap();
+    let (table, _) = table_with_a_region();
     let _held = table.lock_fast(GuestAddress(0)).unwrap();
     let _ = GuardedMemory::lock_all(&table, None);
 }
 
 #[test]
 fn held_locks_are_recorded_per_thread() {
-    let table = RegionTable::default();
-    let id = table
-        .insert(RegionSpec::anonymous(GuestAddress(0), MIB), None)
-        .unwrap();
+    let (table, id) = table_with_a_region();
     let g = table.lock_fast(GuestAddress(0)).unwrap();
     if memory::lockdep::ENABLED {
         assert_eq!(
@@ -629,10 +614,7 @@ fn held_locks_are_recorded_per_thread() {
 
 #[test]
 fn guarded_memory_works_with_vm_memory_bytes() {
-    let table = RegionTable::default();
-    table
-        .insert(RegionSpec::anonymous(GuestAddress(0), MIB), None)
-        .unwrap();
+    let (table, _) = table_with_a_region();
     table
         .insert(RegionSpec::anonymous(GuestAddress(MIB), MIB), None)
         .unwrap();
@@ -821,10 +803,7 @@ fn guarded_memory_is_taken_while_writers_queue_back_to_back() {
 
 #[test]
 fn metrics_count_paths_and_readers() {
-    let table = RegionTable::default();
-    table
-        .insert(RegionSpec::anonymous(GuestAddress(0), MIB), None)
-        .unwrap();
+    let (table, _) = table_with_a_region();
     for _ in 0..10 {
         drop(table.lock_fast(GuestAddress(0)).unwrap());
     }
