@@ -542,7 +542,7 @@ impl GuestMemoryRegion for RegionGuard<'_> {
 
     #[inline]
     fn file_offset(&self) -> Option<&FileOffset> {
-        self.region().mapping.file_offset()
+        self.region().mapping_file_offset()
     }
 
     #[inline]

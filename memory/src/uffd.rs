@@ -178,9 +178,10 @@ fn is_errno(e: &userfaultfd::Error, errno: nix::errno::Errno) -> bool {
 
 /// Bytes filled per fault: the window around the faulting page, aligned to this size
 /// from the start of its registered range (not to host addresses, which depend on where
-/// the mapping landed) and clipped to the range. A guest touching memory in order then faults once per window instead of once
-/// per page (each fault is a round trip through this thread). The pages are copied in,
-/// not mapped to the zero page, so a following write needs no second fault.
+/// the mapping landed) and clipped to the range. A guest touching memory in order then
+/// faults once per window instead of once per page (each fault is a round trip through
+/// this thread). The pages are copied in, not mapped to the zero page, so a following
+/// write needs no second fault.
 pub const FILL_WINDOW: u64 = 64 << 10;
 
 impl Shared {
