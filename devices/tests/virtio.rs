@@ -5,11 +5,16 @@
 
 use std::os::fd::AsRawFd;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, Sender};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use devices::virtio::block::Block;
+use devices::virtio::mem::{Mem, MemBacking, MemControl};
 use devices::virtio::rng::Rng;
+use devices::virtio::worker::{DeviceThread, QueueHandler};
+use devices::virtio::{ActivateError, Activation, VirtioDevice};
 use memory::{GuardedMemory, RegionSpec};
 use virtio_bindings::bindings::virtio_blk::{
     VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_FLUSH,
@@ -18,6 +23,7 @@ use virtio_bindings::bindings::virtio_blk::{
 use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::{split::Descriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
+use virtio_queue::DescriptorChain;
 use vm_memory::{Bytes, GuestAddress};
 
 mod common;
@@ -365,7 +371,15 @@ fn bad_queue_setup_needs_reset_and_a_reset_recovers() {
     r.write(0x84, 0x100); // 1 TiB
     r.write(0x44, 1);
     r.write(0x70, STATUS_ACK_DRIVER | FEATURES_OK | DRIVER_OK);
-    assert_ne!(r.read(0x70) & NEEDS_RESET, 0);
+    // The device thread checks the rings (the vCPU does not wait for guest memory).
+    let deadline = Instant::now() + DEADLINE;
+    while r.read(0x70) & NEEDS_RESET == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "rings outside memory need a reset"
+        );
+        std::thread::yield_now();
+    }
     // A reset and a proper setup: requests work.
     r.set_up(&mock, 16);
     assert_eq!(r.read(0x70) & NEEDS_RESET, 0);
@@ -540,4 +554,166 @@ fn with_event_idx_the_device_interrupts_when_used_event_is_passed() {
         "an interrupt once used_event was passed"
     );
     assert_eq!(r.irq.read().unwrap(), 1, "one interrupt for six requests");
+}
+
+/// A device whose requests take as long as the test wants (a slow disk): each tells the
+/// test it started, then waits to be let go.
+struct Slow {
+    thread: DeviceThread,
+    started: Sender<()>,
+    release: Arc<Mutex<Receiver<()>>>,
+    serving: Arc<AtomicUsize>,
+    overlapped: Arc<AtomicBool>,
+}
+
+struct SlowHandler {
+    started: Sender<()>,
+    release: Arc<Mutex<Receiver<()>>>,
+    serving: Arc<AtomicUsize>,
+    overlapped: Arc<AtomicBool>,
+}
+
+impl QueueHandler for SlowHandler {
+    fn serve(
+        &mut self,
+        _: usize,
+        _: DescriptorChain<&GuardedMemory<'_>>,
+        _: &GuardedMemory<'_>,
+    ) -> u32 {
+        if self.serving.fetch_add(1, Ordering::SeqCst) > 0 {
+            self.overlapped.store(true, Ordering::SeqCst);
+        }
+        let _ = self.started.send(());
+        let _ = self.release.lock().unwrap().recv_timeout(DEADLINE);
+        self.serving.fetch_sub(1, Ordering::SeqCst);
+        1
+    }
+}
+
+impl VirtioDevice for Slow {
+    fn device_type(&self) -> u32 {
+        4
+    }
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[16]
+    }
+    fn features(&self) -> u64 {
+        devices::virtio::VIRTIO_F_VERSION_1
+    }
+    fn read_config(&self, _: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+    fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
+        let handler = SlowHandler {
+            started: self.started.clone(),
+            release: Arc::clone(&self.release),
+            serving: Arc::clone(&self.serving),
+            overlapped: Arc::clone(&self.overlapped),
+        };
+        self.thread.start("slow".into(), activation, handler)
+    }
+    fn reset(&mut self) {
+        self.thread.stop();
+    }
+}
+
+/// A vCPU that resets a device whose thread is in the middle of a slow request does not
+/// wait for it; the next setup's thread waits for the old one instead, and the request
+/// the reset cut off is not reported in the rings.
+#[test]
+fn a_reset_does_not_wait_for_a_busy_device_thread() {
+    let (started_tx, started) = std::sync::mpsc::channel();
+    let (release, release_rx) = std::sync::mpsc::channel();
+    let overlapped = Arc::new(AtomicBool::new(false));
+    let serving = Arc::new(AtomicUsize::new(0));
+    let device = Slow {
+        thread: DeviceThread::default(),
+        started: started_tx,
+        release: Arc::new(Mutex::new(release_rx)),
+        serving: Arc::clone(&serving),
+        overlapped: Arc::clone(&overlapped),
+    };
+    let mut r = common::rig(Box::new(device), MEMORY);
+    let table = Arc::clone(&r.table);
+    let mem = GuardedMemory::lock_all(&table, None).unwrap();
+    let first = MockSplitQueue::new(&mem, 16);
+    r.set_up(&first, 16);
+    first
+        .add_desc_chains(&[desc(BUFFERS, 64, VRING_DESC_F_WRITE, 0)], 0)
+        .unwrap();
+    r.write(0x50, 0);
+    started.recv_timeout(DEADLINE).expect("the request started");
+
+    // The device thread is stuck in the request. (Before, the reset joined it: the
+    // register write never returned and the rig's access timed out.)
+    r.write(0x70, 0);
+    assert_eq!(
+        serving.load(Ordering::SeqCst),
+        1,
+        "the reset returned while the request was still being served"
+    );
+    assert_eq!(
+        r.read(0x70),
+        0,
+        "the reset is done as far as the driver sees"
+    );
+
+    // The driver sets the device up again, elsewhere, and makes a request.
+    let second = MockSplitQueue::create(&mem, GuestAddress(0x10_0000 - 0x8000), 16);
+    r.set_up(&second, 16);
+    second
+        .add_desc_chains(&[desc(BUFFERS + 64, 64, VRING_DESC_F_WRITE, 0)], 0)
+        .unwrap();
+    r.write(0x50, 0);
+    // The old request finishes; only then does the new thread serve.
+    release.send(()).unwrap();
+    started
+        .recv_timeout(DEADLINE)
+        .expect("the new request started");
+    release.send(()).unwrap();
+    r.wait_used(1, || second.used().idx().load());
+    assert!(
+        !overlapped.load(Ordering::SeqCst),
+        "the new device thread waited for the old one"
+    );
+    assert_eq!(
+        first.used().idx().load(),
+        0,
+        "the request cut off by the reset is not reported"
+    );
+}
+
+#[test]
+fn virtio_mem_requires_unplugged_inaccessible_and_versions_its_configuration() {
+    let table = common::guest_memory(MEMORY);
+    let control =
+        MemControl::new(Arc::clone(&table), 4 << 30, 1 << 30, MemBacking::Anonymous).unwrap();
+    let mut r = common::rig_on(table, Box::new(Mem::new(Arc::clone(&control))));
+    r.write(0x70, 0);
+    r.write(0x70, STATUS_ACK_DRIVER);
+    r.write(0x14, 0);
+    assert_ne!(r.read(0x10) & 2, 0, "UNPLUGGED_INACCESSIBLE offered");
+    // VERSION_1 only: refused.
+    r.write(0x24, 0);
+    r.write(0x20, 0);
+    r.write(0x24, 1);
+    r.write(0x20, 1);
+    r.write(0x70, STATUS_ACK_DRIVER | FEATURES_OK);
+    assert_eq!(r.read(0x70) & FEATURES_OK, 0, "refused without the feature");
+    r.write(0x24, 0);
+    r.write(0x20, 2);
+    r.write(0x70, STATUS_ACK_DRIVER | FEATURES_OK);
+    assert_ne!(r.read(0x70) & FEATURES_OK, 0, "accepted with it");
+
+    let generation = r.read(0xfc);
+    control.request(3 << 20).unwrap_err(); // not whole blocks: no change
+    assert_eq!(r.read(0xfc), generation);
+    control.request(64 << 20).unwrap();
+    assert_ne!(
+        r.read(0xfc),
+        generation,
+        "a new requested size, a new generation"
+    );
+    let requested = u64::from(r.read(0x100 + 48)) | u64::from(r.read(0x100 + 52)) << 32;
+    assert_eq!(requested, 64 << 20);
 }

@@ -19,6 +19,9 @@ typedef unsigned long u64;
 
 #define VIRTIO_ID_BLOCK 2
 #define VIRTIO_ID_RNG 4
+#define VIRTIO_ID_MEM 24
+/* virtio-mem: the driver promises not to touch unplugged memory (Kite requires it). */
+#define MEM_F_UNPLUGGED_INACCESSIBLE 2
 #define DESC_NEXT 1
 #define DESC_WRITE 2
 #define AVAIL_F_NO_INTERRUPT 1
@@ -107,13 +110,9 @@ static int ndevs;
 static inline u32 rd(struct dev *d, u64 off) { return *(volatile u32 *)(d->base + off); }
 static inline void wr(struct dev *d, u64 off, u32 v) { *(volatile u32 *)(d->base + off) = v; }
 
-/* Sets the device up with queue 0 of `size` entries; returns 0 if it then needs a reset. */
-static int dev_setup(struct dev *d, u32 size, u64 desc_addr) {
-    struct queue *q = d->q;
-    u8 *p = (u8 *)q;
-    for (u64 i = 0; i < sizeof(*q); i++) p[i] = 0;
-    /* The guest polls with interrupts off: tell the device not to send any. */
-    q->avail.flags = AVAIL_F_NO_INTERRUPT;
+/* Sets the device up with queue 0 of `size` entries, its rings at `desc_addr`,
+ * `avail_addr` and `used_addr`; returns 0 if it then needs a reset. */
+static int dev_setup_at(struct dev *d, u32 size, u64 desc_addr, u64 avail_addr, u64 used_addr) {
     d->next_avail = 0;
     d->used_seen = 0;
     wr(d, 0x70, 0);
@@ -122,7 +121,7 @@ static int dev_setup(struct dev *d, u32 size, u64 desc_addr) {
     wr(d, 0x14, 1);
     CHECK(rd(d, 0x10) & 1, "VIRTIO_F_VERSION_1 offered");
     wr(d, 0x24, 0);
-    wr(d, 0x20, 0);
+    wr(d, 0x20, d->type == VIRTIO_ID_MEM ? MEM_F_UNPLUGGED_INACCESSIBLE : 0);
     wr(d, 0x24, 1);
     wr(d, 0x20, 1);
     wr(d, 0x70, 3 | 8);
@@ -132,13 +131,24 @@ static int dev_setup(struct dev *d, u32 size, u64 desc_addr) {
     wr(d, 0x38, size);
     wr(d, 0x80, (u32)desc_addr);
     wr(d, 0x84, (u32)(desc_addr >> 32));
-    wr(d, 0x90, (u32)(u64)&q->avail);
-    wr(d, 0x94, 0);
-    wr(d, 0xa0, (u32)(u64)&q->used);
-    wr(d, 0xa4, 0);
+    wr(d, 0x90, (u32)avail_addr);
+    wr(d, 0x94, (u32)(avail_addr >> 32));
+    wr(d, 0xa0, (u32)used_addr);
+    wr(d, 0xa4, (u32)(used_addr >> 32));
     wr(d, 0x44, 1);
     wr(d, 0x70, 3 | 8 | 4);
     return !(rd(d, 0x70) & STATUS_NEEDS_RESET);
+}
+
+/* Sets the device up with queue 0 of `size` entries, its rings in the device's queue
+ * (the descriptor table at `desc_addr`); returns 0 if it then needs a reset. */
+static int dev_setup(struct dev *d, u32 size, u64 desc_addr) {
+    struct queue *q = d->q;
+    u8 *p = (u8 *)q;
+    for (u64 i = 0; i < sizeof(*q); i++) p[i] = 0;
+    /* The guest polls with interrupts off: tell the device not to send any. */
+    q->avail.flags = AVAIL_F_NO_INTERRUPT;
+    return dev_setup_at(d, size, desc_addr, (u64)&q->avail, (u64)&q->used);
 }
 
 static void dev_setup_ok(struct dev *d) {
@@ -146,6 +156,13 @@ static void dev_setup_ok(struct dev *d) {
 }
 
 static int needs_reset(struct dev *d) { return (rd(d, 0x70) & STATUS_NEEDS_RESET) != 0; }
+
+/* Waits for the device to say it needs a reset (its thread finds the problem); 0 if it
+ * never does. */
+static int wait_needs_reset(struct dev *d) {
+    for (u64 spin = 0; spin < SPIN_LIMIT; spin++) if (needs_reset(d)) return 1;
+    return 0;
+}
 
 /* Makes the chain at `head` available and waits for its used entry (or a reset need).
  * Returns the used length, or -1 if the device needs a reset instead. */
@@ -328,15 +345,15 @@ static void hostile(void) {
     CHECK(!dev_setup(d, 15, (u64)d->q->desc), "a queue size of 15 needs a reset");
     valid_read_after(d, "a queue size that is not a power of two");
 
-    CHECK(!dev_setup(d, QSIZE, 1UL << 40), "rings outside guest memory need a reset");
+    dev_setup(d, QSIZE, 1UL << 40);
+    CHECK(wait_needs_reset(d), "rings outside guest memory need a reset");
     valid_read_after(d, "rings outside guest memory");
 
     /* The available index jumps by more than the queue holds. */
     d->q->avail.idx = (u16)(d->next_avail + 1000);
     barrier();
     wr(d, 0x50, 0);
-    u64 spin = 0;
-    while (!needs_reset(d)) CHECK(++spin < SPIN_LIMIT, "a corrupt available index needs a reset");
+    CHECK(wait_needs_reset(d), "a corrupt available index needs a reset");
     valid_read_after(d, "a corrupt available index");
 }
 
@@ -429,10 +446,14 @@ static void bench(u64 passes) {
 }
 
 /* ---- virtio-mem: follow the host's requested size, under load ---- */
-#define VIRTIO_ID_MEM 24
 #define MEM_PLUG 0
 #define MEM_UNPLUG 1
+#define MEM_STATE 3
 #define MEM_ACK 0
+#define MEM_NACK 1
+#define MEM_BUSY 2
+#define MEM_ERROR 3
+#define MEM_STATE_PLUGGED 0
 #define MAX_BLOCKS 1024
 
 struct mem_req { u16 type; u16 pad[3]; u64 addr; u16 nb_blocks; u16 pad2[3]; };
@@ -444,16 +465,18 @@ static u64 block_gen[MAX_BLOCKS];
 
 static u64 cfg64(struct dev *d, u64 off) { return (u64)rd(d, 0x100 + off) | ((u64)rd(d, 0x104 + off) << 32); }
 
-static u16 mem_request(struct dev *d, u16 type, u64 addr) {
+static u16 mem_request_n(struct dev *d, u16 type, u64 addr, u16 blocks) {
     mreq.type = type;
     mreq.addr = addr;
-    mreq.nb_blocks = 1;
+    mreq.nb_blocks = blocks;
     mresp.type = 0xffff;
     set_desc(d, 0, &mreq, sizeof(mreq), DESC_NEXT, 1);
     set_desc(d, 1, (void *)&mresp, sizeof(mresp), DESC_WRITE, 0);
     CHECK(submit(d, 0) >= 0, "virtio-mem request completed");
     return mresp.type;
 }
+
+static u16 mem_request(struct dev *d, u16 type, u64 addr) { return mem_request_n(d, type, addr, 1); }
 
 static u64 word_for(u64 *p, u64 gen) { return ((u64)p * 0x9e3779b97f4a7c15UL) ^ gen; }
 
@@ -503,7 +526,7 @@ static void hotplug(void) {
                 if (!plugged_blocks[i]) continue;
                 verify_block(addr + i * block, block - CHUNK, block_gen[i]);
                 u16 r = mem_request(m, MEM_UNPLUG, addr + i * block);
-                CHECK(r == MEM_ACK || r == 2, "unplug acknowledged or busy");
+                CHECK(r == MEM_ACK || r == MEM_BUSY, "unplug acknowledged or busy");
                 if (r == MEM_ACK) { plugged_blocks[i] = 0; plugged--; }
                 break;
             }
@@ -549,6 +572,120 @@ static void touch_unplugged(void) {
     CHECK(0, "the write to unplugged memory was stopped");
 }
 
+/* A driver that turns hotplugged memory against the devices: virtio-mem requests it gets
+ * wrong; rings and buffers of virtio-blk and virtio-rng in blocks that are then
+ * unplugged. Each must fail alone (an error status, a used length of 0, or a device that
+ * needs a reset), and the devices work again after. Needs two blocks requested at boot,
+ * a disk whose sector 1 is 0x5a, and an rng. */
+static void hostile_hotplug(void) {
+    struct dev *m = find(VIRTIO_ID_MEM, 0), *b = find(VIRTIO_ID_BLOCK, 0), *r = find(VIRTIO_ID_RNG, 0);
+    CHECK(m && b && r, "virtio-mem, a disk and an rng present");
+    dev_setup_ok(m);
+    u64 block = cfg64(m, 0), area = cfg64(m, 16), area_size = cfg64(m, 24);
+    CHECK(cfg64(m, 48) == 2 * block, "two blocks requested at boot");
+    CHECK(mem_request_n(m, MEM_PLUG, area, 2) == MEM_ACK, "two blocks plugged");
+    u64 b0 = area, b1 = area + block;
+
+    CHECK(mem_request(m, MEM_PLUG, area + 1) == MEM_ERROR, "an unaligned plug is an error");
+    CHECK(mem_request(m, MEM_PLUG, area - block) == MEM_ERROR, "a plug below the area is an error");
+    CHECK(mem_request(m, MEM_PLUG, area + area_size) == MEM_ERROR, "a plug beyond the area is an error");
+    CHECK(mem_request_n(m, MEM_PLUG, area + 2 * block, 0xffff) == MEM_ERROR, "65535 blocks is an error");
+    CHECK(mem_request_n(m, MEM_PLUG, area, 0) == MEM_ERROR, "0 blocks is an error");
+    CHECK(mem_request(m, MEM_PLUG, area + 2 * block) == MEM_NACK, "a plug beyond the request is refused");
+    CHECK(mem_request(m, MEM_UNPLUG, area + 3 * block) == MEM_ERROR, "unplugging an unplugged block is an error");
+    CHECK(mem_request(m, 77, area) == MEM_ERROR, "an unknown request is an error");
+    /* A response buffer too short for a response: none is written. */
+    mresp.type = 0xffff;
+    set_desc(m, 0, &mreq, sizeof(mreq), DESC_NEXT, 1);
+    set_desc(m, 1, (void *)&mresp, 4, DESC_WRITE, 0);
+    CHECK(submit(m, 0) == 0 && mresp.type == 0xffff, "no response into a short buffer");
+    /* A descriptor loop. */
+    set_desc(m, 0, &mreq, sizeof(mreq), DESC_NEXT, 0);
+    CHECK(submit(m, 0) == 0, "no response to a descriptor loop");
+    CHECK(!needs_reset(m), "virtio-mem still works");
+    CHECK(mem_request_n(m, MEM_STATE, area, 2) == MEM_ACK && mresp.state == MEM_STATE_PLUGGED,
+          "both blocks still plugged");
+    CHECK(cfg64(m, 40) == 2 * block, "the plugged size did not change");
+    puts("kite-test: survived hostile virtio-mem requests\n");
+
+    /* virtio-blk: a read into a plugged block works; into the same block unplugged, and a
+     * write from it, fail alone. */
+    dev_setup_ok(b);
+    for (u32 i = 0; i < SECTOR; i++) ((volatile u8 *)b1)[i] = 0;
+    CHECK(blk_rw(b, BLK_IN, 1, (void *)b1, SECTOR) == BLK_S_OK, "a read into a plugged block");
+    CHECK(((volatile u8 *)b1)[SECTOR - 1] == 0x5a, "lands there");
+    CHECK(mem_request(m, MEM_UNPLUG, b1) == MEM_ACK, "block 1 unplugged");
+    CHECK(blk_rw(b, BLK_IN, 1, (void *)b1, SECTOR) == BLK_S_IOERR, "a read into an unplugged block fails");
+    CHECK(blk_rw(b, BLK_OUT, 2, (void *)b1, SECTOR) == BLK_S_IOERR, "a write from an unplugged block fails");
+    valid_read_after(b, "buffers in an unplugged block");
+
+    /* An available ring whose header ends block 0 and whose entries begin block 1: block
+     * 1 goes, then the driver announces a request whose entry the device cannot read. */
+    CHECK(mem_request(m, MEM_PLUG, b1) == MEM_ACK, "block 1 plugged again");
+    CHECK(*(volatile u64 *)b1 == 0, "plugged again, it reads as zeros");
+    volatile u16 *avail = (volatile u16 *)(b1 - 4);
+    avail[0] = AVAIL_F_NO_INTERRUPT;
+    avail[1] = 0;
+    avail[2] = 0; /* ring[0]: the chain at descriptor 0 */
+    hdr.type = BLK_IN;
+    hdr.sector = 1;
+    set_desc(b, 0, &hdr, sizeof(hdr), DESC_NEXT, 1);
+    set_desc(b, 1, buf, SECTOR, DESC_NEXT | DESC_WRITE, 2);
+    set_desc(b, 2, (void *)&blk_status, 1, DESC_WRITE, 0);
+    CHECK(dev_setup_at(b, QSIZE, (u64)b->q->desc, b1 - 4, (u64)&b->q->used), "rings across two blocks");
+    CHECK(mem_request(m, MEM_UNPLUG, b1) == MEM_ACK, "block 1 unplugged under the ring");
+    barrier();
+    avail[1] = 1;
+    barrier();
+    wr(b, 0x50, 0);
+    CHECK(wait_needs_reset(b), "an available ring reaching into unplugged memory needs a reset");
+    valid_read_after(b, "an available ring reaching into an unplugged block");
+
+    /* A descriptor table in a block unplugged after it was set up: the chain cannot be
+     * read, the request gets no used length. */
+    struct desc *table = (struct desc *)b0;
+    table[0].addr = (u64)buf;
+    table[0].len = 64;
+    table[0].flags = DESC_WRITE;
+    table[0].next = 0;
+    CHECK(dev_setup(r, QSIZE, b0), "rng with its descriptors in block 0");
+    CHECK(mem_request(m, MEM_UNPLUG, b0) == MEM_ACK, "block 0 unplugged under the descriptors");
+    long used = submit(r, 0);
+    CHECK(used == 0 || (used < 0 && needs_reset(r)), "no random bytes through unplugged descriptors");
+
+    /* virtio-rng buffers: unplugged, read-only, 4 GiB long, looping. */
+    dev_setup_ok(r);
+    set_desc(r, 0, (void *)b1, 64, DESC_WRITE, 0);
+    CHECK(submit(r, 0) == 0, "no random bytes into an unplugged block");
+    set_desc(r, 0, buf, 64, 0, 0);
+    CHECK(submit(r, 0) == 0, "no random bytes into a device-readable buffer");
+    set_desc(r, 0, buf, 0xffffffffU, DESC_WRITE, 0);
+    CHECK(submit(r, 0) <= 65536, "at most 64 KiB into a 4 GiB buffer");
+    set_desc(r, 0, buf, 64, DESC_WRITE | DESC_NEXT, 0);
+    submit(r, 0);
+    if (needs_reset(r)) dev_setup_ok(r);
+    for (u32 i = 0; i < 64; i++) buf[i] = 0;
+    set_desc(r, 0, buf, 64, DESC_WRITE, 0);
+    CHECK(submit(r, 0) == 64, "random bytes after it all");
+    puts("kite-test: survived rings and buffers in unplugged memory\n");
+}
+
+/* Plugs a block, uses it, unplugs it and writes to it anyway: Kite must stop the guest. */
+static void touch_after_unplug(void) {
+    struct dev *m = find(VIRTIO_ID_MEM, 0);
+    CHECK(m, "virtio-mem present");
+    dev_setup_ok(m);
+    u64 area = cfg64(m, 16);
+    CHECK(mem_request(m, MEM_PLUG, area) == MEM_ACK, "a block plugged");
+    volatile u64 *addr = (volatile u64 *)area;
+    *addr = 0x6b697465;
+    CHECK(*addr == 0x6b697465, "plugged memory holds a write");
+    CHECK(mem_request(m, MEM_UNPLUG, area) == MEM_ACK, "and unplugged");
+    puts("kite-test: writing to memory unplugged after use\n");
+    *addr = 0x6b697465;
+    CHECK(0, "the write to unplugged memory was stopped");
+}
+
 static void probe(void) {
     for (int i = 0; i < MAX_DEVICES; i++) {
         struct dev *d = &devs[ndevs];
@@ -576,6 +713,8 @@ void guest_main(const u8 *zero_page) {
     else if (str_eq_word(test, "bench")) bench(passes ? parse_dec(passes) : 1);
     else if (str_eq_word(test, "hotplug")) hotplug();
     else if (str_eq_word(test, "touch-unplugged")) touch_unplugged();
+    else if (str_eq_word(test, "hostile-hotplug")) hostile_hotplug();
+    else if (str_eq_word(test, "touch-after-unplug")) touch_after_unplug();
     else CHECK(0, "a known test name");
     finish(1);
 }

@@ -203,3 +203,69 @@ fn a_guest_writing_to_unplugged_memory_is_stopped() {
         end.stderr
     );
 }
+
+/// guest.c's `hostile-hotplug`: virtio-mem requests a driver gets wrong, and virtio-blk
+/// and virtio-rng rings and buffers in hotplugged blocks that are then unplugged —
+/// among them an available ring whose entries lie in an unplugged block, which made the
+/// device thread spin forever (and the VMM unkillable) before.
+#[test]
+fn hostile_guest_with_hotplugged_memory_cannot_break_the_devices() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("vda.img");
+    image(&disk, 1 << 20, |_| 0x5a);
+    let Some(end) = run(
+        "hostile-hotplug",
+        &[
+            "--memory",
+            "size=256M,hotplug_size=128M,hotplugged_size=4M",
+            "--disk",
+            &disk_arg(&disk, false),
+            "--rng",
+        ],
+    ) else {
+        return;
+    };
+    passed(&end);
+    for line in [
+        "survived hostile virtio-mem requests",
+        "survived buffers in an unplugged block",
+        "survived an available ring reaching into an unplugged block",
+        "survived rings and buffers in unplugged memory",
+    ] {
+        assert!(
+            end.console.contains(&format!("kite-test: {line}")),
+            "{line}:\n{}",
+            end.console
+        );
+    }
+    let data = std::fs::read(&disk).unwrap();
+    assert!(
+        data.iter().all(|b| *b == 0x5a),
+        "no write from unplugged memory landed"
+    );
+    let warnings = end.stderr.lines().filter(|l| l.contains("WARN")).count();
+    assert!(
+        warnings <= 10,
+        "a few warnings, not a flood:\n{}",
+        end.stderr
+    );
+}
+
+#[test]
+fn a_guest_writing_to_memory_it_unplugged_is_stopped() {
+    let Some(end) = run(
+        "touch-after-unplug",
+        &["--memory", "size=256M,hotplug_size=128M,hotplugged_size=2M"],
+    ) else {
+        return;
+    };
+    assert!(
+        end.console
+            .contains("kite-test: writing to memory unplugged after use"),
+        "{}\n{}",
+        end.console,
+        end.stderr
+    );
+    assert!(!end.console.contains("kite-test: FAIL"), "{}", end.console);
+    assert_eq!(end.code, Some(exit::GUEST_CRASH), "{}", end.stderr);
+}

@@ -190,6 +190,7 @@ fn info(context: &ApiContext) -> Value {
             json!({
                 "boot": context.boot_memory,
                 "hotplug_size": h.size(),
+                "driver_ok": h.driver_ready(),
                 "requested": h.requested(),
                 "plugged": h.plugged(),
                 "resize_requests": stats.requests,

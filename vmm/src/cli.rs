@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::{ConfigError, CpusConfig, DiskConfig, MemoryConfig, VmConfig};
-use crate::machine::{self, Blame, MachineSpec, VmEnd};
+use crate::machine::{self, Blame, HotplugSpec, MachineSpec, VmEnd};
 
 /// Exit codes of `kite`.
 pub mod exit {
@@ -87,7 +87,8 @@ struct RunArgs {
     /// vCPUs: boot=N.
     #[arg(long, value_name = "boot=N")]
     cpus: Option<String>,
-    /// Guest memory: size=SIZE (K, M, G suffixes) [default: size=512M].
+    /// Guest memory: size=SIZE[,hotplug_size=SIZE][,hotplugged_size=SIZE]
+    /// [,hotplug_backing=anon|lazy] (K, M, G, T suffixes) [default: size=512M].
     #[arg(long, value_name = "size=SIZE")]
     memory: Option<String>,
     /// A virtio-blk disk: path=FILE[,readonly=on]; repeat for more (vda, vdb, ...).
@@ -308,10 +309,11 @@ fn run(args: RunArgs) -> i32 {
         memory: config.memory.size.bytes(),
         disks: &config.disks,
         rng: config.rng,
-        hotplug: config
-            .memory
-            .hotplug_size
-            .map(|s| (s.bytes(), config.memory.hotplug_backing)),
+        hotplug: config.memory.hotplug_size.map(|s| HotplugSpec {
+            size: s.bytes(),
+            backing: config.memory.hotplug_backing,
+            requested: config.memory.hotplugged_size.map_or(0, |s| s.bytes()),
+        }),
         api_socket: args.api_socket.as_deref(),
         console: Box::new(std::io::stdout()),
     };

@@ -95,6 +95,17 @@ pub enum ConfigError {
     /// A hotplug area that is not whole blocks, or too large.
     #[error("--memory: hotplug_size={} must be a multiple of {} MiB, at most {} GiB", Size(*.0), HOTPLUG_BLOCK >> 20, MAX_MEMORY >> 30)]
     HotplugSize(u64),
+    /// Initially plugged memory that is not whole virtio-mem blocks or exceeds the area.
+    #[error(
+        "--memory: hotplugged_size={} must be a multiple of {} MiB and fit in hotplug_size={}",
+        Size(*.plugged), devices::virtio::mem::BLOCK_SIZE >> 20, Size(*.area)
+    )]
+    HotpluggedSize {
+        /// The size given.
+        plugged: u64,
+        /// The hotplug area's size (0 without one).
+        area: u64,
+    },
     /// More virtio devices than interrupt lines for them.
     #[error("{0} virtio devices is too many (at most {MAX_VIRTIO_DEVICES})")]
     TooManyDevices(usize),
@@ -274,6 +285,10 @@ pub struct MemoryConfig {
     /// How hotplugged memory is backed.
     #[serde(default)]
     pub hotplug_backing: HotplugBacking,
+    /// Hotplug memory requested from the start (the guest plugs it when its driver
+    /// starts, as after a resize); none without it.
+    #[serde(default)]
+    pub hotplugged_size: Option<Size>,
 }
 
 /// `hotplug_backing=`: how hotplugged memory is backed.
@@ -297,6 +312,7 @@ impl Default for MemoryConfig {
             size: Size(DEFAULT_MEMORY),
             hotplug_size: None,
             hotplug_backing: HotplugBacking::Anon,
+            hotplugged_size: None,
         }
     }
 }
@@ -307,7 +323,7 @@ impl FromStr for MemoryConfig {
     fn from_str(s: &str) -> Result<Self, ConfigError> {
         let mut memory = MemoryConfig::default();
         let mut sized = false;
-        let keys = ["size", "hotplug_size", "hotplug_backing"];
+        let keys = ["size", "hotplug_size", "hotplug_backing", "hotplugged_size"];
         for (key, value) in parse_options("memory", s, &keys)? {
             match key {
                 "size" => {
@@ -315,6 +331,7 @@ impl FromStr for MemoryConfig {
                     sized = true;
                 }
                 "hotplug_size" => memory.hotplug_size = Some(value.parse()?),
+                "hotplugged_size" => memory.hotplugged_size = Some(value.parse()?),
                 _ => {
                     memory.hotplug_backing = match value {
                         "anon" => HotplugBacking::Anon,
@@ -453,6 +470,12 @@ impl VmConfig {
                 return Err(ConfigError::HotplugSize(hotplug));
             }
         }
+        if let Some(Size(plugged)) = self.memory.hotplugged_size {
+            let area = self.memory.hotplug_size.map_or(0, Size::bytes);
+            if plugged % devices::virtio::mem::BLOCK_SIZE != 0 || plugged > area {
+                return Err(ConfigError::HotpluggedSize { plugged, area });
+            }
+        }
         let hotplug = usize::from(self.memory.hotplug_size.is_some_and(|s| s.0 > 0));
         let devices = self.disks.len() + usize::from(self.rng) + hotplug;
         if devices > MAX_VIRTIO_DEVICES {
@@ -538,6 +561,37 @@ mod tests {
             ..VmConfig::default()
         };
         assert_eq!(c.validate(), Err(ConfigError::HotplugSize(100 << 20)));
+        for (memory, plugged, area) in [
+            ("size=512M,hotplugged_size=2M", 2 << 20, 0),
+            (
+                "size=512M,hotplug_size=128M,hotplugged_size=256M",
+                256 << 20,
+                128 << 20,
+            ),
+            (
+                "size=512M,hotplug_size=128M,hotplugged_size=3M",
+                3 << 20,
+                128 << 20,
+            ),
+        ] {
+            let c = VmConfig {
+                memory: memory.parse().unwrap(),
+                ..VmConfig::default()
+            };
+            assert_eq!(
+                c.validate(),
+                Err(ConfigError::HotpluggedSize { plugged, area }),
+                "{memory}"
+            );
+        }
+        let c = VmConfig {
+            memory: "size=512M,hotplug_size=128M,hotplugged_size=4M"
+                .parse()
+                .unwrap(),
+            ..VmConfig::default()
+        };
+        assert_eq!(c.validate(), Ok(()));
+        assert_eq!(c.memory.hotplugged_size, Some(Size(4 << 20)));
         let json: VmConfig = serde_json::from_str(
             r#"{"memory": {"size": "512M", "hotplug_size": "2G", "hotplug_backing": "lazy"}}"#,
         )

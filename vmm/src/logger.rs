@@ -11,9 +11,30 @@ struct Logger {
     sink: Mutex<Box<dyn Write + Send>>,
 }
 
+/// Crates whose messages are all about guest-controlled data (rings and descriptors a
+/// driver wrote): logged at debug level whatever level they were sent at, so a guest
+/// cannot fill the log through them. (Kite's own guest-caused warnings are rate-limited
+/// where they are made: `devices::guest_log`.)
+const GUEST_DATA_TARGETS: &[&str] = &["virtio_queue"];
+
+/// The level a record is logged at.
+fn effective_level(metadata: &Metadata<'_>) -> log::Level {
+    let target = metadata.target();
+    let guest_data = GUEST_DATA_TARGETS.iter().any(|t| {
+        target
+            .strip_prefix(t)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with("::"))
+    });
+    if guest_data {
+        metadata.level().max(log::Level::Debug)
+    } else {
+        metadata.level()
+    }
+}
+
 impl Log for Logger {
     fn enabled(&self, metadata: &Metadata<'_>) -> bool {
-        metadata.level() <= self.level
+        effective_level(metadata) <= self.level
     }
 
     fn log(&self, record: &Record<'_>) {
@@ -65,4 +86,65 @@ pub fn init(verbosity: u8, file: Option<&Path>) -> std::io::Result<()> {
     .map_err(|e| std::io::Error::other(e.to_string()))?;
     log::set_max_level(level);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[derive(Clone, Default)]
+    struct Sink(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Sink {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn logged(level: LevelFilter, target: &str, at: log::Level) -> bool {
+        let sink = Sink::default();
+        let logger = Logger {
+            level,
+            sink: Mutex::new(Box::new(sink.clone())),
+        };
+        logger.log(
+            &Record::builder()
+                .target(target)
+                .level(at)
+                .args(format_args!("message"))
+                .build(),
+        );
+        let written = !sink.0.lock().unwrap().is_empty();
+        written
+    }
+
+    #[test]
+    fn guest_data_errors_of_virtio_queue_are_debug_messages() {
+        assert!(!logged(
+            LevelFilter::Warn,
+            "virtio_queue::queue",
+            log::Level::Error
+        ));
+        assert!(!logged(LevelFilter::Info, "virtio_queue", log::Level::Warn));
+        assert!(logged(
+            LevelFilter::Debug,
+            "virtio_queue::queue",
+            log::Level::Error
+        ));
+        assert!(logged(
+            LevelFilter::Warn,
+            "devices::virtio",
+            log::Level::Warn
+        ));
+        assert!(logged(
+            LevelFilter::Warn,
+            "virtio_queued",
+            log::Level::Error
+        ));
+    }
 }

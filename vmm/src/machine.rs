@@ -69,6 +69,9 @@ pub enum MachineError {
     /// The userfaultfd fault handler could not be started.
     #[error("lazy hotplug memory: {0}")]
     Lazy(#[from] memory::LazyError),
+    /// The initial hotplug request does not fit the area.
+    #[error("--memory: hotplugged_size: {0}")]
+    Hotplug(devices::virtio::mem::MemError),
     /// A VM without vCPUs.
     #[error("a VM needs at least one vCPU")]
     NoVcpus,
@@ -96,7 +99,8 @@ impl MachineError {
             MachineError::Disk(_) => Blame::InputFile,
             MachineError::Vm(VmError::TooManyVcpus { .. })
             | MachineError::NoVcpus
-            | MachineError::Api(_) => Blame::Arguments,
+            | MachineError::Api(_)
+            | MachineError::Hotplug(_) => Blame::Arguments,
             _ => Blame::Vmm,
         }
     }
@@ -147,12 +151,23 @@ pub struct MachineSpec<'a> {
     pub disks: &'a [DiskConfig],
     /// Whether to add a virtio-rng device.
     pub rng: bool,
-    /// The hotplug area's size and backing, if any.
-    pub hotplug: Option<(u64, HotplugBacking)>,
+    /// The hotplug area, if any.
+    pub hotplug: Option<HotplugSpec>,
     /// Where to serve the control socket, if anywhere.
     pub api_socket: Option<&'a Path>,
     /// Guest console output.
     pub console: Box<dyn Write + Send>,
+}
+
+/// The hotplug area (virtio-mem).
+#[derive(Clone, Copy, Debug)]
+pub struct HotplugSpec {
+    /// Its size in bytes.
+    pub size: u64,
+    /// How plugged blocks are backed.
+    pub backing: HotplugBacking,
+    /// Bytes requested from the start.
+    pub requested: u64,
 }
 
 /// Events that end the VM: the i8042 reset, a vCPU stopping, SIGINT/SIGTERM.
@@ -289,7 +304,10 @@ pub fn run(spec: MachineSpec<'_>) -> Result<VmEnd, MachineError> {
 
     // Guest RAM: the region table is the one description of the layout; KVM slots follow it.
     let faults = match spec.hotplug {
-        Some((_, HotplugBacking::Lazy)) => Some(FaultHandler::start()?),
+        Some(HotplugSpec {
+            backing: HotplugBacking::Lazy,
+            ..
+        }) => Some(FaultHandler::start()?),
         _ => None,
     };
     let table = Arc::new(RegionTable::new(
@@ -310,18 +328,22 @@ pub fn run(spec: MachineSpec<'_>) -> Result<VmEnd, MachineError> {
         .collect();
     let hotplug = spec
         .hotplug
-        .filter(|(size, _)| *size > 0)
-        .map(|(size, backing)| {
-            let backing = match backing {
+        .filter(|h| h.size > 0)
+        .map(|h| -> Result<_, MachineError> {
+            let backing = match h.backing {
                 HotplugBacking::Anon => MemBacking::Anonymous,
                 HotplugBacking::Lazy => MemBacking::Lazy,
             };
-            MemControl::new(
+            let control = MemControl::new(
                 Arc::clone(&table),
                 layout::hotplug_addr(&ram),
-                size,
+                h.size,
                 backing,
-            )
+            )?;
+            control
+                .request(h.requested)
+                .map_err(MachineError::Hotplug)?;
+            Ok(control)
         })
         .transpose()?;
     let mut io = IoManager::new();

@@ -8,6 +8,7 @@
 //! requests are served without holding guest-memory read locks: a request is read under
 //! the locks, carried out with none held, and answered under the locks again.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -15,7 +16,7 @@ use memory::{Backing, GuardedMemory, LazySource, RegionId, RegionSpec, RegionTab
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 
-use super::worker::{self, memory_deadline, QueueError, QueueHandler, Served, WorkerHandle};
+use super::worker::{memory_deadline, DeviceThread, QueueError, QueueHandler, Served};
 use super::{
     read_config_bytes, ActivateError, Activation, Interrupt, VirtioDevice, INT_CONFIG,
     VIRTIO_F_VERSION_1,
@@ -89,13 +90,32 @@ pub struct ResizeStats {
     pub last_latency_ns: Option<u64>,
 }
 
-struct MemState {
+/// What the driver reads in the configuration space, and the host's request. Changed under
+/// a short lock that is never held across a table change, so a vCPU reading the
+/// configuration never waits for a plug or unplug.
+struct MemConfig {
     requested: u64,
-    /// The region of each plugged block.
-    blocks: Vec<Option<RegionId>>,
+    plugged_blocks: u64,
+    /// Bumped on every change of the above: a driver reads a 64-bit field in two 32-bit
+    /// accesses and compares the generation before and after.
+    generation: u32,
     last_request: Option<Instant>,
     stats: ResizeStats,
+    /// The driver's interrupt, while the device is active.
     interrupt: Option<Arc<Interrupt>>,
+}
+
+impl MemConfig {
+    /// Records the latency once the plugged size meets the request.
+    fn note_progress(&mut self) {
+        if self.plugged_blocks * BLOCK_SIZE == self.requested
+            && self.stats.last_latency_ns.is_none()
+        {
+            if let Some(at) = self.last_request {
+                self.stats.last_latency_ns = Some(at.elapsed().as_nanos() as u64);
+            }
+        }
+    }
 }
 
 /// The host's side of a virtio-mem device: its area, the requested and plugged sizes.
@@ -105,7 +125,10 @@ pub struct MemControl {
     addr: u64,
     size: u64,
     backing: MemBacking,
-    state: Mutex<MemState>,
+    /// The region of each plugged block. Held by the device thread across plugs and
+    /// unplugs (table writers), never by a vCPU or the control socket.
+    blocks: Mutex<Vec<Option<RegionId>>>,
+    config: Mutex<MemConfig>,
 }
 
 impl std::fmt::Debug for MemControl {
@@ -147,9 +170,11 @@ impl MemControl {
             addr,
             size,
             backing,
-            state: Mutex::new(MemState {
+            blocks: Mutex::new(vec![None; blocks]),
+            config: Mutex::new(MemConfig {
                 requested: 0,
-                blocks: vec![None; blocks],
+                plugged_blocks: 0,
+                generation: 0,
                 last_request: None,
                 stats: ResizeStats::default(),
                 interrupt: None,
@@ -157,8 +182,12 @@ impl MemControl {
         }))
     }
 
-    fn state(&self) -> std::sync::MutexGuard<'_, MemState> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    fn config_state(&self) -> std::sync::MutexGuard<'_, MemConfig> {
+        self.config.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn blocks(&self) -> std::sync::MutexGuard<'_, Vec<Option<RegionId>>> {
+        self.blocks.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Guest address of the area.
@@ -173,17 +202,28 @@ impl MemControl {
 
     /// Bytes the host asks the guest to have plugged.
     pub fn requested(&self) -> u64 {
-        self.state().requested
+        self.config_state().requested
     }
 
     /// Bytes plugged now.
     pub fn plugged(&self) -> u64 {
-        self.state().blocks.iter().flatten().count() as u64 * BLOCK_SIZE
+        self.config_state().plugged_blocks * BLOCK_SIZE
+    }
+
+    /// Whether the guest's driver has set the device up (`DRIVER_OK`) and not reset it
+    /// since: a size request made before then waits for the driver.
+    pub fn driver_ready(&self) -> bool {
+        self.config_state().interrupt.is_some()
     }
 
     /// Plug and timing counters.
     pub fn stats(&self) -> ResizeStats {
-        self.state().stats
+        self.config_state().stats
+    }
+
+    /// The configuration generation (see [`VirtioDevice::config_generation`]).
+    pub fn generation(&self) -> u32 {
+        self.config_state().generation
     }
 
     /// Asks the guest to plug or unplug towards `size` bytes; the driver learns it from a
@@ -198,38 +238,38 @@ impl MemControl {
         if size % BLOCK_SIZE != 0 {
             return Err(MemError::Unaligned(size));
         }
-        let mut state = self.state();
-        state.requested = size;
-        state.last_request = Some(Instant::now());
-        state.stats.requests += 1;
-        state.stats.last_latency_ns = None;
-        Self::note_progress(&mut state);
-        if let Some(interrupt) = &state.interrupt {
+        let mut config = self.config_state();
+        config.requested = size;
+        config.generation = config.generation.wrapping_add(1);
+        config.last_request = Some(Instant::now());
+        config.stats.requests += 1;
+        config.stats.last_latency_ns = None;
+        config.note_progress();
+        if let Some(interrupt) = &config.interrupt {
             interrupt.raise(INT_CONFIG);
         }
         Ok(())
     }
 
-    /// Records the latency once the plugged size meets the request.
-    fn note_progress(state: &mut MemState) {
-        let plugged = state.blocks.iter().flatten().count() as u64 * BLOCK_SIZE;
-        if plugged == state.requested && state.stats.last_latency_ns.is_none() {
-            if let Some(at) = state.last_request {
-                state.stats.last_latency_ns = Some(at.elapsed().as_nanos() as u64);
-            }
-        }
+    /// Adds `plugged` and subtracts `unplugged` blocks from the plugged size.
+    fn count_blocks(&self, plugged: u64, unplugged: u64) {
+        let mut config = self.config_state();
+        config.plugged_blocks = config.plugged_blocks + plugged - unplugged;
+        config.generation = config.generation.wrapping_add(1);
+        config.stats.plugs += plugged;
+        config.stats.unplugs += unplugged;
+        config.note_progress();
     }
 
     fn config(&self) -> [u8; 56] {
-        let state = self.state();
-        let plugged = state.blocks.iter().flatten().count() as u64 * BLOCK_SIZE;
+        let config = self.config_state();
         let mut c = [0u8; 56];
         c[0..8].copy_from_slice(&BLOCK_SIZE.to_le_bytes());
         c[16..24].copy_from_slice(&self.addr.to_le_bytes());
         c[24..32].copy_from_slice(&self.size.to_le_bytes());
         c[32..40].copy_from_slice(&self.size.to_le_bytes()); // usable region
-        c[40..48].copy_from_slice(&plugged.to_le_bytes());
-        c[48..56].copy_from_slice(&state.requested.to_le_bytes());
+        c[40..48].copy_from_slice(&(config.plugged_blocks * BLOCK_SIZE).to_le_bytes());
+        c[48..56].copy_from_slice(&config.requested.to_le_bytes());
         c
     }
 
@@ -261,40 +301,47 @@ impl MemControl {
         Some(Instant::now() + WRITER_DEADLINE)
     }
 
-    fn plug(&self, state: &mut MemState, blocks: std::ops::Range<usize>) -> u16 {
-        if blocks.clone().any(|b| state.blocks[b].is_some()) {
+    fn plug(&self, blocks: &mut [Option<RegionId>], range: std::ops::Range<usize>) -> u16 {
+        if blocks[range.clone()].iter().any(Option::is_some) {
             return RESP_ERROR;
         }
-        let plugged = state.blocks.iter().flatten().count();
-        if ((plugged + blocks.len()) as u64) * BLOCK_SIZE > state.requested {
+        let plugged = blocks.iter().flatten().count();
+        if ((plugged + range.len()) as u64) * BLOCK_SIZE > self.requested() {
             return RESP_NACK;
         }
-        for b in blocks.clone() {
+        for b in range.clone() {
             match self.table.insert(self.spec(b), Self::deadline()) {
-                Ok(id) => state.blocks[b] = Some(id),
+                Ok(id) => blocks[b] = Some(id),
                 Err(e) => {
                     log::warn!("virtio-mem: cannot plug block {b}: {e}");
                     // Undo this request's blocks: all or nothing.
-                    for undo in blocks.start..b {
-                        self.unplug_block(state, undo);
+                    for undo in &mut blocks[range.start..b] {
+                        if let Some(id) = *undo {
+                            if self.table.remove(id, Self::deadline()).is_ok() {
+                                *undo = None;
+                            } else {
+                                // Stays plugged: count it, so sizes stay true.
+                                self.count_blocks(1, 0);
+                            }
+                        }
                     }
                     return RESP_ERROR;
                 }
             }
         }
-        state.stats.plugs += blocks.len() as u64;
+        self.count_blocks(range.len() as u64, 0);
         RESP_ACK
     }
 
     /// Removes block `b`; false if it stays plugged (a reader held it past the deadline).
-    fn unplug_block(&self, state: &mut MemState, b: usize) -> bool {
-        let Some(id) = state.blocks[b] else {
+    fn unplug_block(&self, blocks: &mut [Option<RegionId>], b: usize) -> bool {
+        let Some(id) = blocks[b] else {
             return true;
         };
         match self.table.remove(id, Self::deadline()) {
             Ok(()) => {
-                state.blocks[b] = None;
-                state.stats.unplugs += 1;
+                blocks[b] = None;
+                self.count_blocks(0, 1);
                 true
             }
             Err(e) => {
@@ -304,11 +351,11 @@ impl MemControl {
         }
     }
 
-    fn unplug(&self, state: &mut MemState, blocks: std::ops::Range<usize>) -> u16 {
-        if blocks.clone().any(|b| state.blocks[b].is_none()) {
+    fn unplug(&self, blocks: &mut [Option<RegionId>], range: std::ops::Range<usize>) -> u16 {
+        if blocks[range.clone()].iter().any(Option::is_none) {
             return RESP_ERROR;
         }
-        if blocks.into_iter().all(|b| self.unplug_block(state, b)) {
+        if range.into_iter().all(|b| self.unplug_block(blocks, b)) {
             RESP_ACK
         } else {
             RESP_BUSY
@@ -320,34 +367,28 @@ impl MemControl {
         let kind = le16(request, 0);
         let addr = u64::from_le_bytes(request[8..16].try_into().unwrap_or_default());
         let count = le16(request, 16);
-        let mut state = self.state();
-        let result = match kind {
+        let mut blocks = self.blocks();
+        match kind {
             REQ_PLUG | REQ_UNPLUG | REQ_STATE => match self.block_range(addr, count) {
                 None => response(RESP_ERROR, 0),
-                Some(blocks) if kind == REQ_PLUG => response(self.plug(&mut state, blocks), 0),
-                Some(blocks) if kind == REQ_UNPLUG => response(self.unplug(&mut state, blocks), 0),
-                Some(blocks) => {
-                    let plugged = blocks
-                        .clone()
-                        .filter(|b| state.blocks[*b].is_some())
-                        .count();
+                Some(range) if kind == REQ_PLUG => response(self.plug(&mut blocks, range), 0),
+                Some(range) if kind == REQ_UNPLUG => response(self.unplug(&mut blocks, range), 0),
+                Some(range) => {
+                    let plugged = blocks[range.clone()].iter().flatten().count();
                     let s = match plugged {
                         0 => STATE_UNPLUGGED,
-                        n if n == blocks.len() => STATE_PLUGGED,
+                        n if n == range.len() => STATE_PLUGGED,
                         _ => STATE_MIXED,
                     };
                     response(RESP_ACK, s)
                 }
             },
             REQ_UNPLUG_ALL => {
-                let all = 0..state.blocks.len();
-                let done = all.into_iter().all(|b| self.unplug_block(&mut state, b));
+                let done = (0..blocks.len()).all(|b| self.unplug_block(&mut blocks, b));
                 response(if done { RESP_ACK } else { RESP_BUSY }, 0)
             }
             _ => response(RESP_ERROR, 0),
-        };
-        Self::note_progress(&mut state);
-        result
+        }
     }
 }
 
@@ -355,7 +396,7 @@ impl MemControl {
 #[derive(Debug)]
 pub struct Mem {
     control: Arc<MemControl>,
-    worker: Option<WorkerHandle>,
+    thread: DeviceThread,
 }
 
 impl Mem {
@@ -363,7 +404,7 @@ impl Mem {
     pub fn new(control: Arc<MemControl>) -> Self {
         Mem {
             control,
-            worker: None,
+            thread: DeviceThread::default(),
         }
     }
 }
@@ -371,6 +412,10 @@ impl Mem {
 struct MemHandler {
     control: Arc<MemControl>,
 }
+
+/// Requests served before the device thread looks at its other events (a stop request):
+/// each may plug or unplug many blocks.
+const MEM_BUDGET: usize = 16;
 
 /// A request and where its response goes, read from `chain`.
 fn parse(
@@ -400,35 +445,51 @@ impl QueueHandler for MemHandler {
         0
     }
 
+    /// Serves up to [`MEM_BUDGET`] requests, each read under a view of guest memory,
+    /// carried out with none held, and answered under a view again.
     fn process(
         &mut self,
         _index: usize,
         queue: &mut Queue,
         memory: &RegionTable,
+        stopping: &AtomicBool,
     ) -> Result<Served, QueueError> {
-        let mut used = false;
-        loop {
+        let mut served = 0;
+        while served < MEM_BUDGET && !stopping.load(Ordering::Acquire) {
             let (head, parsed) = {
                 let mem = GuardedMemory::lock_all(memory, memory_deadline())?;
-                let Some(chain) = queue.iter(&mem)?.next() else {
+                let available = queue
+                    .avail_idx(&mem, Ordering::Acquire)?
+                    .0
+                    .wrapping_sub(queue.next_avail());
+                if available == 0 {
                     break;
+                }
+                let Some(chain) = queue.iter(&mem)?.next() else {
+                    return Err(QueueError::Unreadable {
+                        announced: usize::from(available),
+                        read: 0,
+                    });
                 };
                 let head = chain.head_index();
                 (head, parse(chain, &mem))
             };
             // No read locks held: plugging and unplugging are writer operations.
             let answer = parsed.map(|(request, at)| (self.control.handle(&request), at));
+            if stopping.load(Ordering::Acquire) {
+                break; // reset meanwhile: the driver has forgotten the request
+            }
             let mem = GuardedMemory::lock_all(memory, memory_deadline())?;
             let len = match answer {
                 Some((resp, at)) if mem.write_slice(&resp, at).is_ok() => RESPONSE_LEN as u32,
                 _ => 0,
             };
             queue.add_used(&mem, head, len)?;
-            used = true;
+            served += 1;
         }
         Ok(Served {
-            notify: used,
-            more: false,
+            notify: served > 0,
+            more: served == MEM_BUDGET,
         })
     }
 }
@@ -436,6 +497,10 @@ impl QueueHandler for MemHandler {
 impl VirtioDevice for Mem {
     fn device_type(&self) -> u32 {
         VIRTIO_ID_MEM
+    }
+
+    fn name(&self) -> String {
+        "virtio-mem".into()
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
@@ -446,27 +511,33 @@ impl VirtioDevice for Mem {
         VIRTIO_F_VERSION_1 | VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE
     }
 
+    /// The driver must promise not to touch unplugged memory: it is not backed, and a
+    /// vCPU that touches it stops the VM.
+    fn required_features(&self) -> u64 {
+        VIRTIO_F_VERSION_1 | VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE
+    }
+
+    fn config_generation(&self) -> u32 {
+        self.control.generation()
+    }
+
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         read_config_bytes(&self.control.config(), offset, data);
     }
 
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
-        if self.worker.is_some() {
-            return Err(ActivateError::AlreadyActive);
-        }
-        self.control.state().interrupt = Some(Arc::clone(&activation.interrupt));
+        let interrupt = Arc::clone(&activation.interrupt);
         let handler = MemHandler {
             control: Arc::clone(&self.control),
         };
-        self.worker = Some(worker::spawn("kite_mem".into(), activation, handler)?);
+        self.thread.start("kite_mem".into(), activation, handler)?;
+        self.control.config_state().interrupt = Some(interrupt);
         Ok(())
     }
 
     fn reset(&mut self) {
-        if let Some(worker) = self.worker.take() {
-            worker.stop();
-        }
-        self.control.state().interrupt = None;
+        self.thread.stop();
+        self.control.config_state().interrupt = None;
     }
 }
 
@@ -474,6 +545,7 @@ impl VirtioDevice for Mem {
 mod tests {
     use super::*;
     use memory::TableConfig;
+    use vm_memory::Address;
 
     const AREA: u64 = 4 << 30;
 
@@ -560,5 +632,101 @@ mod tests {
         }
         assert_eq!(answer(&c, 99, AREA, 1).0, RESP_ERROR, "unknown type");
         assert_eq!(c.plugged(), 0);
+    }
+
+    #[test]
+    fn every_size_change_bumps_the_generation() {
+        let c = control();
+        let g0 = c.generation();
+        c.request(2 * BLOCK_SIZE).unwrap();
+        let g1 = c.generation();
+        assert_ne!(g1, g0, "a new requested size");
+        assert_eq!(answer(&c, REQ_PLUG, AREA, 2).0, RESP_ACK);
+        let g2 = c.generation();
+        assert_ne!(g2, g1, "a new plugged size");
+        assert_eq!(answer(&c, REQ_STATE, AREA, 2).0, RESP_ACK);
+        assert_eq!(c.generation(), g2, "no change, no new generation");
+        assert_eq!(answer(&c, REQ_UNPLUG, AREA, 1).0, RESP_ACK);
+        assert_ne!(c.generation(), g2, "unplugging changes the plugged size");
+    }
+
+    #[test]
+    fn configuration_reads_do_not_wait_for_an_unplug() {
+        let c = control();
+        c.request(BLOCK_SIZE).unwrap();
+        assert_eq!(answer(&c, REQ_PLUG, AREA, 1).0, RESP_ACK);
+        // A reader of the block (a device request in flight) holds the unplug up.
+        let reader = c.table.lock_region(GuestAddress(AREA), None).unwrap();
+        let unplug = {
+            let c = Arc::clone(&c);
+            std::thread::spawn(move || answer(&c, REQ_UNPLUG, AREA, 1).0)
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while c.table.metrics().writers_draining == 0 {
+            assert!(Instant::now() < deadline, "the unplug starts waiting");
+            std::thread::yield_now();
+        }
+        // What a vCPU does on a configuration read, while the unplug waits.
+        let (read, config) = std::sync::mpsc::channel();
+        {
+            let c = Arc::clone(&c);
+            std::thread::spawn(move || {
+                let _ = read.send((c.generation(), c.config(), c.plugged(), c.driver_ready()));
+            });
+        }
+        let (_, config, plugged, ready) = config
+            .recv_timeout(WRITER_DEADLINE / 2)
+            .expect("a configuration read does not wait for the unplug");
+        assert_eq!(plugged, BLOCK_SIZE);
+        assert_eq!(config[40..48], BLOCK_SIZE.to_le_bytes());
+        assert!(!ready, "no driver yet");
+        drop(reader);
+        assert_eq!(unplug.join().unwrap(), RESP_ACK);
+        assert_eq!(c.plugged(), 0);
+    }
+
+    #[test]
+    fn requests_are_served_in_budgets() {
+        use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+        use virtio_queue::desc::{split::Descriptor, RawDescriptor};
+        use virtio_queue::mock::MockSplitQueue;
+        const REQUESTS: u16 = 40;
+        let c = control();
+        c.table
+            .insert(RegionSpec::anonymous(GuestAddress(0), 1 << 20), None)
+            .unwrap();
+        let (mut queue, used) = {
+            let mem = GuardedMemory::lock_all(&c.table, None).unwrap();
+            let mock = MockSplitQueue::new(&mem, 128);
+            let mut descs = Vec::new();
+            for i in 0..u64::from(REQUESTS) {
+                let at = 0x8_0000 + i * 64;
+                mem.write_slice(&request(REQ_STATE, AREA, 1), GuestAddress(at))
+                    .unwrap();
+                let flags = VRING_DESC_F_NEXT as u16;
+                descs.push(RawDescriptor::from(Descriptor::new(at, 24, flags, 0)));
+                let flags = VRING_DESC_F_WRITE as u16;
+                descs.push(RawDescriptor::from(Descriptor::new(at + 32, 10, flags, 0)));
+            }
+            mock.add_desc_chains(&descs, 0).unwrap();
+            (mock.create_queue::<Queue>().unwrap(), mock.used_addr())
+        };
+        let used_idx = || {
+            let mem = GuardedMemory::lock_all(&c.table, None).unwrap();
+            mem.read_obj::<u16>(used.unchecked_add(2)).unwrap()
+        };
+        let mut handler = MemHandler {
+            control: Arc::clone(&c),
+        };
+        let stopping = AtomicBool::new(false);
+        let mut rounds = Vec::new();
+        loop {
+            let served = handler.process(0, &mut queue, &c.table, &stopping).unwrap();
+            rounds.push((used_idx(), served.more));
+            if !served.more {
+                break;
+            }
+        }
+        assert_eq!(rounds, [(16, true), (32, true), (40, false)]);
     }
 }

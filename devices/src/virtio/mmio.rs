@@ -2,14 +2,17 @@
 //! discover, negotiate with, set up and reset a device.
 //!
 //! Whatever the driver writes, the transport stays consistent: out-of-range queue
-//! selections, sizes and widths are ignored, features the device did not offer keep
-//! `FEATURES_OK` from being set, and queues that are not valid in guest memory at
-//! `DRIVER_OK` set `DEVICE_NEEDS_RESET` instead of activating the device.
+//! selections, sizes and widths are ignored, features the device did not offer (or
+//! missing ones it requires) keep `FEATURES_OK` from being set, and queues of invalid
+//! size at `DRIVER_OK`, or not valid in guest memory (checked by the device thread), set
+//! `DEVICE_NEEDS_RESET`. A register access never waits: not for guest memory (a writer
+//! may hold it), not for the device thread (which may be in the middle of I/O); what the
+//! driver did wrong is logged rate-limited ([`GuestLog`]).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use memory::{GuardedMemory, RegionTable};
+use memory::RegionTable;
 use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FAILED, VIRTIO_CONFIG_S_FEATURES_OK,
     VIRTIO_CONFIG_S_NEEDS_RESET,
@@ -19,9 +22,8 @@ use vm_device::bus::{MmioAddress, MmioAddressOffset};
 use vm_device::MutDeviceMmio;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{
-    Activation, Interrupt, VirtioDevice, INT_CONFIG, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
-};
+use super::{Activation, Interrupt, VirtioDevice, INT_CONFIG, VIRTIO_RING_F_EVENT_IDX};
+use crate::guest_log::GuestLog;
 
 /// Size of one device's register window.
 pub const MMIO_WINDOW: u64 = 0x1000;
@@ -68,7 +70,10 @@ pub struct MmioTransport {
     queue_events: Vec<EventFd>,
     /// Queues the driver gave an invalid size: they cannot be activated.
     bad_size: Vec<bool>,
+    /// Set by the device thread when a queue turns out unusable; a fresh one per reset,
+    /// so a stopped thread still finishing cannot mark the device anew.
     needs_reset: Arc<AtomicBool>,
+    log: Arc<GuestLog>,
     status: u32,
     device_features_sel: u32,
     driver_features_sel: u32,
@@ -98,7 +103,9 @@ impl MmioTransport {
         let queue_events = (0..queues.len())
             .map(|_| EventFd::new(libc::EFD_NONBLOCK))
             .collect::<std::io::Result<Vec<_>>>()?;
+        let log = Arc::new(GuestLog::new(device.name()));
         Ok(MmioTransport {
+            log,
             device,
             memory,
             interrupt,
@@ -158,7 +165,7 @@ impl MmioTransport {
         for fd in &self.queue_events {
             let _ = fd.read();
         }
-        self.needs_reset.store(false, Ordering::Release);
+        self.needs_reset = Arc::new(AtomicBool::new(false));
         self.interrupt.acknowledge(u32::MAX);
         self.status = 0;
         self.driver_features = 0;
@@ -176,13 +183,15 @@ impl MmioTransport {
         let mut status = value;
         if newly & VIRTIO_CONFIG_S_FEATURES_OK != 0 {
             let offered = self.device.features();
-            let acceptable = self.driver_features & !offered == 0
-                && self.driver_features & VIRTIO_F_VERSION_1 != 0;
-            if !acceptable {
-                log::warn!(
-                    "virtio: driver features {:#x} not offered ({offered:#x}) or not modern",
-                    self.driver_features
-                );
+            let required = self.device.required_features();
+            let driver = self.driver_features;
+            if driver & !offered != 0 || driver & required != required {
+                self.log.warn("features refused", || {
+                    format!(
+                        "driver features {driver:#x} refused: offered {offered:#x}, \
+                         required {required:#x}"
+                    )
+                });
                 status &= !VIRTIO_CONFIG_S_FEATURES_OK;
             }
         }
@@ -190,7 +199,8 @@ impl MmioTransport {
             if status & VIRTIO_CONFIG_S_FEATURES_OK == 0 {
                 status &= !VIRTIO_CONFIG_S_DRIVER_OK;
             } else if let Err(why) = self.activate() {
-                log::warn!("virtio: cannot activate the device: {why}");
+                self.log
+                    .warn("activation failed", || format!("cannot activate: {why}"));
                 self.needs_reset.store(true, Ordering::Release);
                 self.interrupt.raise(INT_CONFIG);
             }
@@ -202,14 +212,13 @@ impl MmioTransport {
         self.status = status;
     }
 
+    /// Hands the queues to the device. Their rings are checked against guest memory by
+    /// the device thread: taking guest memory here could wait for a writer.
     fn activate(&mut self) -> Result<(), String> {
+        if let Some(i) =
+            (0..self.queues.len()).find(|&i| self.queues[i].ready() && self.bad_size[i])
         {
-            let mem = GuardedMemory::lock_all(&self.memory, None).map_err(|e| e.to_string())?;
-            for (i, q) in self.queues.iter().enumerate() {
-                if q.ready() && (self.bad_size[i] || !q.is_valid(&mem)) {
-                    return Err(format!("queue {i} is not valid in guest memory"));
-                }
-            }
+            return Err(format!("queue {i} has an invalid size"));
         }
         // The device gets its own copies; the registers keep showing the driver's setup.
         let event_idx = self.driver_features & VIRTIO_RING_F_EVENT_IDX != 0;
@@ -237,6 +246,7 @@ impl MmioTransport {
                 interrupt: Arc::clone(&self.interrupt),
                 features: self.driver_features,
                 needs_reset: Arc::clone(&self.needs_reset),
+                log: Arc::clone(&self.log),
             })
             .map_err(|e| e.to_string())?;
         self.active = true;
@@ -264,7 +274,7 @@ impl MmioTransport {
                 .map_or(0, |q| u32::from(q.ready())),
             REG_INTERRUPT_STATUS => self.interrupt.status(),
             REG_STATUS => self.status(),
-            REG_CONFIG_GENERATION => 0,
+            REG_CONFIG_GENERATION => self.device.config_generation(),
             _ => 0,
         }
     }

@@ -2,7 +2,8 @@
 //!
 //! A device ([`VirtioDevice`]) describes itself (type, queues, features, config space) and,
 //! once the driver has set it up, serves its queues on a device thread of its own
-//! ([`worker`]), never on a vCPU thread. Every guest-memory access goes through the region
+//! ([`worker`]), never on a vCPU thread, and a vCPU never waits for it: a register access
+//! neither does guest I/O nor waits for guest memory. Every guest-memory access goes through the region
 //! table's guards ([`memory::GuardedMemory`]), taken per batch of requests; descriptor chains
 //! are parsed by virtio-queue.
 
@@ -15,6 +16,7 @@ pub mod worker;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
+use crate::guest_log::GuestLog;
 use memory::RegionTable;
 use virtio_queue::Queue;
 use vmm_sys_util::eventfd::EventFd;
@@ -82,6 +84,8 @@ pub struct Activation {
     pub features: u64,
     /// Set by the device when a queue turns out unusable: the driver must reset it.
     pub needs_reset: Arc<std::sync::atomic::AtomicBool>,
+    /// Where the device reports what the driver did wrong, rate-limited.
+    pub log: Arc<GuestLog>,
 }
 
 /// Errors activating a device.
@@ -102,17 +106,33 @@ pub enum ActivateError {
 pub trait VirtioDevice: Send {
     /// The virtio device id (`VIRTIO_ID_*`).
     fn device_type(&self) -> u32;
+    /// The device as the log names it, e.g. `virtio-blk vda`.
+    fn name(&self) -> String {
+        format!("virtio device {}", self.device_type())
+    }
     /// The largest size of each queue; also the number of queues.
     fn queue_max_sizes(&self) -> &[u16];
     /// Feature bits offered.
     fn features(&self) -> u64;
+    /// Feature bits the driver must accept for `FEATURES_OK` (a subset of [`features`]).
+    ///
+    /// [`features`]: VirtioDevice::features
+    fn required_features(&self) -> u64 {
+        VIRTIO_F_VERSION_1
+    }
+    /// The configuration generation: changes whenever the configuration space does, so a
+    /// driver reading a field in several accesses can tell it was not torn.
+    fn config_generation(&self) -> u32 {
+        0
+    }
     /// Reads the configuration space at `offset`; bytes beyond it read as zero.
     fn read_config(&self, offset: u64, data: &mut [u8]);
     /// Writes the configuration space (ignored by devices with a read-only one).
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
     /// Starts serving the queues.
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError>;
-    /// Stops serving the queues (waiting for the device thread) and forgets them.
+    /// Stops serving the queues and forgets them. Must not wait for the device thread
+    /// (it runs on a vCPU thread): the next activation's thread waits for the old one.
     fn reset(&mut self);
 }
 

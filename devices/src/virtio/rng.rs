@@ -6,7 +6,7 @@ use memory::GuardedMemory;
 use virtio_bindings::virtio_ids::VIRTIO_ID_RNG;
 use virtio_queue::DescriptorChain;
 
-use super::worker::{self, QueueHandler, WorkerHandle};
+use super::worker::{DeviceThread, QueueHandler};
 use super::{ActivateError, Activation, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
 
 const QUEUE_SIZE: u16 = 256;
@@ -16,7 +16,7 @@ const MAX_REQUEST: usize = 64 << 10;
 /// A virtio-rng device.
 #[derive(Debug, Default)]
 pub struct Rng {
-    worker: Option<WorkerHandle>,
+    thread: DeviceThread,
 }
 
 struct RngHandler {
@@ -74,6 +74,10 @@ impl VirtioDevice for Rng {
         VIRTIO_ID_RNG
     }
 
+    fn name(&self) -> String {
+        "virtio-rng".into()
+    }
+
     fn queue_max_sizes(&self) -> &[u16] {
         &[QUEUE_SIZE]
     }
@@ -87,22 +91,16 @@ impl VirtioDevice for Rng {
     }
 
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
-        if self.worker.is_some() {
-            return Err(ActivateError::AlreadyActive);
-        }
-        self.worker = Some(worker::spawn(
+        self.thread.start(
             "kite_rng".into(),
             activation,
             RngHandler {
                 buf: vec![0; MAX_REQUEST],
             },
-        )?);
-        Ok(())
+        )
     }
 
     fn reset(&mut self) {
-        if let Some(worker) = self.worker.take() {
-            worker.stop();
-        }
+        self.thread.stop();
     }
 }

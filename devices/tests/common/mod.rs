@@ -33,8 +33,8 @@ struct Access {
     reply: std::sync::mpsc::Sender<u32>,
 }
 
-/// `device` on `memory` bytes of guest RAM at address 0.
-pub fn rig(device: Box<dyn VirtioDevice>, memory: u64) -> Rig {
+/// Guest memory of `memory` bytes of RAM at address 0.
+pub fn guest_memory(memory: u64) -> Arc<RegionTable> {
     let table = Arc::new(RegionTable::new(
         Arc::new(memory::NoSlots),
         None,
@@ -43,6 +43,16 @@ pub fn rig(device: Box<dyn VirtioDevice>, memory: u64) -> Rig {
     table
         .insert(RegionSpec::anonymous(GuestAddress(0), memory), None)
         .unwrap();
+    table
+}
+
+/// `device` on `memory` bytes of guest RAM at address 0.
+pub fn rig(device: Box<dyn VirtioDevice>, memory: u64) -> Rig {
+    rig_on(guest_memory(memory), device)
+}
+
+/// `device` on guest memory `table`.
+pub fn rig_on(table: Arc<RegionTable>, device: Box<dyn VirtioDevice>) -> Rig {
     let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
     let interrupt = Arc::new(Interrupt::new(irq.try_clone().unwrap()));
     let mut transport = MmioTransport::new(device, Arc::clone(&table), interrupt).unwrap();

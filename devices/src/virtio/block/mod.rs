@@ -10,7 +10,7 @@ use std::sync::Arc;
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_ID_BYTES};
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 
-use super::worker::{self, WorkerHandle};
+use super::worker::DeviceThread;
 use super::{
     read_config_bytes, ActivateError, Activation, VirtioDevice, VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_EVENT_IDX,
@@ -45,7 +45,7 @@ pub struct Block {
     capacity_sectors: u64,
     id: [u8; VIRTIO_BLK_ID_BYTES as usize],
     name: String,
-    worker: Option<WorkerHandle>,
+    thread: DeviceThread,
 }
 
 impl Block {
@@ -71,7 +71,7 @@ impl Block {
             capacity_sectors: size / SECTOR_SIZE,
             id,
             name: name.to_string(),
-            worker: None,
+            thread: DeviceThread::default(),
         })
     }
 
@@ -84,6 +84,10 @@ impl Block {
 impl VirtioDevice for Block {
     fn device_type(&self) -> u32 {
         VIRTIO_ID_BLOCK
+    }
+
+    fn name(&self) -> String {
+        format!("virtio-blk {}", self.name)
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
@@ -106,9 +110,6 @@ impl VirtioDevice for Block {
     }
 
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
-        if self.worker.is_some() {
-            return Err(ActivateError::AlreadyActive);
-        }
         let handler = BlockHandler {
             disk: Arc::clone(&self.disk),
             read_only: self.read_only,
@@ -116,17 +117,11 @@ impl VirtioDevice for Block {
             id: self.id,
             descriptors: Vec::new(),
         };
-        self.worker = Some(worker::spawn(
-            format!("kite_{}", self.name),
-            activation,
-            handler,
-        )?);
-        Ok(())
+        self.thread
+            .start(format!("kite_{}", self.name), activation, handler)
     }
 
     fn reset(&mut self) {
-        if let Some(worker) = self.worker.take() {
-            worker.stop();
-        }
+        self.thread.stop();
     }
 }
