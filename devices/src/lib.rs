@@ -5,4 +5,5 @@
 
 pub mod guest_log;
 pub mod legacy;
+pub mod thread_exit;
 pub mod virtio;

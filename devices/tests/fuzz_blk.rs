@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use devices::virtio::block::Block;
+use devices::virtio::device_thread::ThreadContext;
 use memory::GuardedMemory;
 use vm_memory::{Bytes, GuestAddress};
 
@@ -111,7 +112,7 @@ fn random_requests_never_hang_panic_or_grow_the_disk() {
     let dir = tempfile::tempdir().unwrap();
     let disk = dir.path().join("disk.img");
     std::fs::write(&disk, vec![0x33u8; (DISK_SECTORS * 512) as usize]).unwrap();
-    let device = Block::new(&disk, false, "vda").unwrap();
+    let device = Block::new(&disk, false, "vda", &ThreadContext::default()).unwrap();
     let mut rig = common::rig(Box::new(device), MEMORY);
     let table = Arc::clone(&rig.table);
     let mem = GuardedMemory::lock_all(&table, None).unwrap();

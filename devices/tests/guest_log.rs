@@ -3,6 +3,7 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use devices::virtio::device_thread::ThreadContext;
 use devices::virtio::rng::Rng;
 use log::{Level, LevelFilter, Log, Metadata, Record};
 
@@ -29,7 +30,10 @@ static WARNINGS: Counter = Counter(AtomicUsize::new(0));
 fn refused_features_written_ten_thousand_times_log_a_few_lines() {
     log::set_logger(&WARNINGS).unwrap();
     log::set_max_level(LevelFilter::Warn);
-    let mut r = common::rig(Box::new(Rng::default()), 1 << 20);
+    let mut r = common::rig(
+        Box::new(Rng::new(&ThreadContext::default()).unwrap()),
+        1 << 20,
+    );
     r.write(0x70, 0);
     r.write(0x70, 3);
     // No VERSION_1: every FEATURES_OK is refused.

@@ -7,13 +7,14 @@ use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, Sender};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use devices::virtio::block::Block;
+use devices::virtio::device_thread::{DeviceThread, ThreadContext};
 use devices::virtio::mem::{Mem, MemBacking, MemControl};
 use devices::virtio::rng::Rng;
-use devices::virtio::worker::{DeviceThread, QueueHandler};
+use devices::virtio::worker::QueueHandler;
 use devices::virtio::{ActivateError, Activation, VirtioDevice};
 use memory::{GuardedMemory, RegionSpec};
 use virtio_bindings::bindings::virtio_blk::{
@@ -156,7 +157,13 @@ fn status_at(mem: &GuardedMemory<'_>, addr: u64) -> u32 {
 #[test]
 fn transport_identifies_the_device_and_refuses_unoffered_features() {
     let dir = tempfile::tempdir().unwrap();
-    let device = Block::new(&disk(dir.path(), 8), false, "vda").unwrap();
+    let device = Block::new(
+        &disk(dir.path(), 8),
+        false,
+        "vda",
+        &ThreadContext::default(),
+    )
+    .unwrap();
     let mut r = common::rig(Box::new(device), MEMORY);
     assert_eq!(r.read(0x0), 0x7472_6976);
     assert_eq!(r.read(0x4), 2);
@@ -180,7 +187,10 @@ fn transport_identifies_the_device_and_refuses_unoffered_features() {
 fn block_writes_reads_flushes_and_identifies() {
     let dir = tempfile::tempdir().unwrap();
     let path = disk(dir.path(), 64);
-    let mut r = common::rig(Box::new(Block::new(&path, false, "vda").unwrap()), MEMORY);
+    let mut r = common::rig(
+        Box::new(Block::new(&path, false, "vda", &ThreadContext::default()).unwrap()),
+        MEMORY,
+    );
     let table = Arc::clone(&r.table);
     let mem = GuardedMemory::lock_all(&table, None).unwrap();
     let mock = MockSplitQueue::new(&mem, 16);
@@ -228,7 +238,10 @@ fn block_writes_reads_flushes_and_identifies() {
 fn read_only_disk_refuses_writes_and_reads_beyond_the_end_fail() {
     let dir = tempfile::tempdir().unwrap();
     let path = disk(dir.path(), 8);
-    let mut r = common::rig(Box::new(Block::new(&path, true, "vdb").unwrap()), MEMORY);
+    let mut r = common::rig(
+        Box::new(Block::new(&path, true, "vdb", &ThreadContext::default()).unwrap()),
+        MEMORY,
+    );
     assert_ne!(r.read(0x10) & (1 << 5), 0, "VIRTIO_BLK_F_RO offered");
     let table = Arc::clone(&r.table);
     let mem = GuardedMemory::lock_all(&table, None).unwrap();
@@ -258,7 +271,10 @@ fn hostile_chains_fail_alone() {
     let dir = tempfile::tempdir().unwrap();
     let path = disk(dir.path(), 64);
     std::fs::write(&path, vec![0x5a; 64 * 512]).unwrap();
-    let mut r = common::rig(Box::new(Block::new(&path, false, "vda").unwrap()), MEMORY);
+    let mut r = common::rig(
+        Box::new(Block::new(&path, false, "vda", &ThreadContext::default()).unwrap()),
+        MEMORY,
+    );
     let table = Arc::clone(&r.table);
     let mem = GuardedMemory::lock_all(&table, None).unwrap();
     let mock = MockSplitQueue::new(&mem, 64);
@@ -350,7 +366,10 @@ fn hostile_chains_fail_alone() {
 fn bad_queue_setup_needs_reset_and_a_reset_recovers() {
     let dir = tempfile::tempdir().unwrap();
     let path = disk(dir.path(), 8);
-    let mut r = common::rig(Box::new(Block::new(&path, false, "vda").unwrap()), MEMORY);
+    let mut r = common::rig(
+        Box::new(Block::new(&path, false, "vda", &ThreadContext::default()).unwrap()),
+        MEMORY,
+    );
     let table = Arc::clone(&r.table);
     let mem = GuardedMemory::lock_all(&table, None).unwrap();
     let mock = MockSplitQueue::new(&mem, 16);
@@ -393,7 +412,10 @@ fn bad_queue_setup_needs_reset_and_a_reset_recovers() {
 fn corrupt_available_index_needs_reset() {
     let dir = tempfile::tempdir().unwrap();
     let path = disk(dir.path(), 8);
-    let mut r = common::rig(Box::new(Block::new(&path, false, "vda").unwrap()), MEMORY);
+    let mut r = common::rig(
+        Box::new(Block::new(&path, false, "vda", &ThreadContext::default()).unwrap()),
+        MEMORY,
+    );
     let table = Arc::clone(&r.table);
     let mem = GuardedMemory::lock_all(&table, None).unwrap();
     let mock = MockSplitQueue::new(&mem, 16);
@@ -427,7 +449,10 @@ fn requests_into_memory_plugged_while_the_device_works_succeed() {
     let (desc_table, avail_ring, used_ring) = (0u64, 0x1000u64, 0x2000u64);
     let dir = tempfile::tempdir().unwrap();
     let path = disk(dir.path(), 2 * u64::from(BIG) / 512);
-    let mut r = common::rig(Box::new(Block::new(&path, false, "vda").unwrap()), MEMORY);
+    let mut r = common::rig(
+        Box::new(Block::new(&path, false, "vda", &ThreadContext::default()).unwrap()),
+        MEMORY,
+    );
     let table = Arc::clone(&r.table);
     let mem = GuardedMemory::lock_all(&table, None).unwrap();
     r.set_up_at(
@@ -495,7 +520,10 @@ fn requests_into_memory_plugged_while_the_device_works_succeed() {
 
 #[test]
 fn rng_fills_buffers() {
-    let mut r = common::rig(Box::new(Rng::default()), MEMORY);
+    let mut r = common::rig(
+        Box::new(Rng::new(&ThreadContext::default()).unwrap()),
+        MEMORY,
+    );
     assert_eq!(r.read(0x8), 4, "entropy device id");
     let table = Arc::clone(&r.table);
     let mem = GuardedMemory::lock_all(&table, None).unwrap();
@@ -514,7 +542,10 @@ fn rng_fills_buffers() {
 
 #[test]
 fn with_event_idx_the_device_interrupts_when_used_event_is_passed() {
-    let mut r = common::rig(Box::new(Rng::default()), MEMORY);
+    let mut r = common::rig(
+        Box::new(Rng::new(&ThreadContext::default()).unwrap()),
+        MEMORY,
+    );
     let table = Arc::clone(&r.table);
     let mem = GuardedMemory::lock_all(&table, None).unwrap();
     let mock = MockSplitQueue::new(&mem, 16);
@@ -560,15 +591,11 @@ fn with_event_idx_the_device_interrupts_when_used_event_is_passed() {
 /// test it started, then waits to be let go.
 struct Slow {
     thread: DeviceThread,
-    started: Sender<()>,
-    release: Arc<Mutex<Receiver<()>>>,
-    serving: Arc<AtomicUsize>,
-    overlapped: Arc<AtomicBool>,
 }
 
 struct SlowHandler {
     started: Sender<()>,
-    release: Arc<Mutex<Receiver<()>>>,
+    release: Receiver<()>,
     serving: Arc<AtomicUsize>,
     overlapped: Arc<AtomicBool>,
 }
@@ -584,7 +611,7 @@ impl QueueHandler for SlowHandler {
             self.overlapped.store(true, Ordering::SeqCst);
         }
         let _ = self.started.send(());
-        let _ = self.release.lock().unwrap().recv_timeout(DEADLINE);
+        let _ = self.release.recv_timeout(DEADLINE);
         self.serving.fetch_sub(1, Ordering::SeqCst);
         1
     }
@@ -604,13 +631,7 @@ impl VirtioDevice for Slow {
         data.fill(0);
     }
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
-        let handler = SlowHandler {
-            started: self.started.clone(),
-            release: Arc::clone(&self.release),
-            serving: Arc::clone(&self.serving),
-            overlapped: Arc::clone(&self.overlapped),
-        };
-        self.thread.start("slow".into(), activation, handler)
+        self.thread.activate(activation)
     }
     fn reset(&mut self) {
         self.thread.stop();
@@ -618,20 +639,22 @@ impl VirtioDevice for Slow {
 }
 
 /// A vCPU that resets a device whose thread is in the middle of a slow request does not
-/// wait for it; the next setup's thread waits for the old one instead, and the request
-/// the reset cut off is not reported in the rings.
+/// wait for it; the next setup is served once the thread is done with the old one, and
+/// the request the reset cut off is not reported in the rings.
 #[test]
 fn a_reset_does_not_wait_for_a_busy_device_thread() {
     let (started_tx, started) = std::sync::mpsc::channel();
     let (release, release_rx) = std::sync::mpsc::channel();
     let overlapped = Arc::new(AtomicBool::new(false));
     let serving = Arc::new(AtomicUsize::new(0));
-    let device = Slow {
-        thread: DeviceThread::default(),
+    let handler = SlowHandler {
         started: started_tx,
-        release: Arc::new(Mutex::new(release_rx)),
+        release: release_rx,
         serving: Arc::clone(&serving),
         overlapped: Arc::clone(&overlapped),
+    };
+    let device = Slow {
+        thread: DeviceThread::spawn("slow", 4, handler, &ThreadContext::default()).unwrap(),
     };
     let mut r = common::rig(Box::new(device), MEMORY);
     let table = Arc::clone(&r.table);
@@ -674,7 +697,7 @@ fn a_reset_does_not_wait_for_a_busy_device_thread() {
     r.wait_used(1, || second.used().idx().load());
     assert!(
         !overlapped.load(Ordering::SeqCst),
-        "the new device thread waited for the old one"
+        "the new setup waited for the old one's request"
     );
     assert_eq!(
         first.used().idx().load(),
@@ -688,7 +711,10 @@ fn virtio_mem_requires_unplugged_inaccessible_and_versions_its_configuration() {
     let table = common::guest_memory(MEMORY);
     let control =
         MemControl::new(Arc::clone(&table), 4 << 30, 1 << 30, MemBacking::Anonymous).unwrap();
-    let mut r = common::rig_on(table, Box::new(Mem::new(Arc::clone(&control))));
+    let mut r = common::rig_on(
+        table,
+        Box::new(Mem::new(Arc::clone(&control), &ThreadContext::default()).unwrap()),
+    );
     r.write(0x70, 0);
     r.write(0x70, STATUS_ACK_DRIVER);
     r.write(0x14, 0);
@@ -716,4 +742,61 @@ fn virtio_mem_requires_unplugged_inaccessible_and_versions_its_configuration() {
     );
     let requested = u64::from(r.read(0x100 + 48)) | u64::from(r.read(0x100 + 52)) << 32;
     assert_eq!(requested, 64 << 20);
+}
+
+#[test]
+fn a_disk_another_vm_holds_is_refused() {
+    use devices::virtio::block::BlockError;
+    let dir = tempfile::tempdir().unwrap();
+    let path = disk(dir.path(), 8);
+    let context = ThreadContext::default();
+    // OFD locks belong to an open file, not a process: a second open here conflicts as
+    // another VM's would.
+    let writer = Block::new(&path, false, "vda", &context).unwrap();
+    for read_only in [false, true] {
+        let refused = Block::new(&path, read_only, "vdb", &context).unwrap_err();
+        assert!(
+            matches!(refused, BlockError::Locked { .. }),
+            "read_only={read_only}: {refused}"
+        );
+        assert!(refused.to_string().contains("in use by another process"));
+    }
+    drop(writer);
+    let reader = Block::new(&path, true, "vda", &context).unwrap();
+    let _another_reader = Block::new(&path, true, "vdb", &context).unwrap();
+    assert!(matches!(
+        Block::new(&path, false, "vdc", &context),
+        Err(BlockError::Locked { .. })
+    ));
+    assert_eq!(reader.capacity_sectors(), 8);
+}
+
+/// A disk on a block device (a loop device over a file) has the device's size; its
+/// metadata says 0.
+#[test]
+fn a_block_device_disk_has_the_device_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = disk(dir.path(), 2048);
+    let out = std::process::Command::new("losetup")
+        .args(["--find", "--show"])
+        .arg(&image)
+        .output();
+    let device = match out {
+        Ok(out) if out.status.success() => String::from_utf8(out.stdout).unwrap(),
+        other => {
+            // Loop devices need root; CI runs as root.
+            eprintln!("SKIPPED: no loop device here: {other:?}");
+            assert!(std::env::var_os("CI").is_none(), "CI has loop devices");
+            return;
+        }
+    };
+    let device = device.trim();
+    let block = Block::new(Path::new(device), true, "vda", &ThreadContext::default());
+    let detached = std::process::Command::new("losetup")
+        .args(["--detach", device])
+        .status();
+    let block = block.unwrap();
+    assert_eq!(block.capacity_sectors(), 2048, "{device}");
+    drop(block);
+    assert!(detached.unwrap().success());
 }

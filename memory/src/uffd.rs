@@ -55,6 +55,25 @@ struct Shared {
     stop: EventFd,
 }
 
+/// What the VMM gives the fault-handler thread.
+pub struct FaultThreadHooks {
+    /// Run first on the thread (the VMM installs its seccomp filter there); an error ends
+    /// the thread, reported through `died`.
+    pub confine: Box<dyn FnOnce() -> Result<(), String> + Send>,
+    /// Told why, when the thread ends before the handler is dropped.
+    pub died: Box<dyn FnOnce(String) + Send>,
+}
+
+impl Default for FaultThreadHooks {
+    /// Unconfined; a death is logged.
+    fn default() -> Self {
+        FaultThreadHooks {
+            confine: Box::new(|| Ok(())),
+            died: Box::new(|why| log::error!("{why}")),
+        }
+    }
+}
+
 /// Owns the userfaultfd and the thread that serves it. Stops the thread on drop.
 pub struct FaultHandler {
     shared: Arc<Shared>,
@@ -75,6 +94,13 @@ impl FaultHandler {
     /// `KVM_RUN` are served too; that needs root or `CAP_SYS_PTRACE`) and starts the
     /// handler thread.
     pub fn start() -> Result<Arc<FaultHandler>, LazyError> {
+        Self::start_with(FaultThreadHooks::default())
+    }
+
+    /// Like [`FaultHandler::start`], with `hooks` run on the handler thread: `confine`
+    /// first, and `died` if the thread ends before the handler is dropped (a failed
+    /// poll, a failed confinement), after which lazy memory is not filled any more.
+    pub fn start_with(hooks: FaultThreadHooks) -> Result<Arc<FaultHandler>, LazyError> {
         let uffd = UffdBuilder::new()
             .close_on_exec(true)
             .non_blocking(true)
@@ -93,7 +119,13 @@ impl FaultHandler {
         let worker = shared.clone();
         let thread = std::thread::Builder::new()
             .name("kite-uffd".into())
-            .spawn(move || worker.serve())
+            .spawn(move || {
+                let FaultThreadHooks { confine, died } = hooks;
+                let result = confine().and_then(|()| worker.serve());
+                if let Err(why) = result {
+                    died(format!("the userfaultfd fault handler stopped: {why}"));
+                }
+            })
             .map_err(|e| LazyError::Start(format!("spawn: {e}")))?;
         Ok(Arc::new(FaultHandler {
             shared,
@@ -185,7 +217,8 @@ fn is_errno(e: &userfaultfd::Error, errno: nix::errno::Errno) -> bool {
 pub const FILL_WINDOW: u64 = 64 << 10;
 
 impl Shared {
-    fn serve(&self) {
+    /// Serves faults until stopped (`Ok`) or unable to go on.
+    fn serve(&self) -> Result<(), String> {
         let mut page = vec![0u8; FILL_WINDOW as usize];
         loop {
             let mut fds = [
@@ -203,17 +236,14 @@ impl Shared {
             // SAFETY: `fds` is a valid array of two pollfd structures for the call's duration.
             let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
             if rc < 0 {
-                if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
                     continue;
                 }
-                log::error!(
-                    "fault handler: poll failed: {}",
-                    std::io::Error::last_os_error()
-                );
-                return;
+                return Err(format!("poll failed: {e}"));
             }
             if fds[1].revents != 0 {
-                return;
+                return Ok(());
             }
             loop {
                 match self.uffd.read_event() {

@@ -173,3 +173,30 @@ fn registry_splits_on_remove_and_replaces_overlaps_on_add() {
     registry.remove(0, u64::MAX / 2);
     assert!(registry.is_empty());
 }
+
+#[test]
+fn a_fault_handler_that_cannot_start_serving_reports_its_death() {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let hooks = memory::FaultThreadHooks {
+        confine: Box::new(|| Err("no filter".into())),
+        died: Box::new(move |why| {
+            let _ = tx.send(why);
+        }),
+    };
+    let handler = match FaultHandler::start_with(hooks) {
+        Ok(handler) => handler,
+        Err(e) => {
+            eprintln!("SKIPPED: no userfaultfd here: {e}");
+            assert!(std::env::var_os("CI").is_none(), "CI has userfaultfd: {e}");
+            return;
+        }
+    };
+    let why = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the death is reported");
+    assert!(
+        why.contains("fault handler") && why.contains("no filter"),
+        "{why}"
+    );
+    drop(handler);
+}

@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::{ConfigError, CpusConfig, DiskConfig, MemoryConfig, VmConfig};
-use crate::machine::{self, Blame, HotplugSpec, MachineSpec, VmEnd};
+use crate::end::VmEnd;
+use crate::machine::{self, Blame, HotplugSpec, MachineSpec};
 
 /// Exit codes of `kite`.
 pub mod exit {
@@ -351,6 +352,10 @@ fn run(args: RunArgs) -> i32 {
             rip: at,
         }) => {
             eprintln!("kite: the VM stopped: {what} at guest RIP {}", rip(at));
+            exit::VMM_ERROR
+        }
+        Ok(VmEnd::VmmFailure(why)) => {
+            eprintln!("kite: the VMM failed: {why}");
             exit::VMM_ERROR
         }
         Ok(VmEnd::Signal(num)) => {

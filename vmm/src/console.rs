@@ -4,21 +4,24 @@
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use devices::legacy::SerialConsole;
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use vmm_sys_util::eventfd::EventFd;
-use vmm_sys_util::terminal::Terminal;
 
 /// What the Linux kernel prints when it panics.
 const PANIC_MARKER: &[u8] = b"Kernel panic - not syncing";
 
 /// Guest console output: passed to `out`, and watched for a kernel panic. If `out` fails
-/// (say, a closed pipe), the output is dropped from then on, with one warning.
+/// (say, a closed pipe), the output is dropped from then on, with one warning. An
+/// interrupted write is retried; output a non-blocking `out` cannot take now is dropped
+/// (a vCPU does not wait for a stalled reader) and counted, and output goes on.
 pub struct ConsoleOutput {
     out: Box<dyn Write + Send>,
     broken: bool,
+    /// Bytes dropped because `out` would have blocked.
+    dropped: u64,
     /// The tail of the output, long enough to find the marker across writes.
     tail: Vec<u8>,
     panicked: Arc<AtomicBool>,
@@ -30,6 +33,7 @@ impl ConsoleOutput {
         ConsoleOutput {
             out,
             broken: false,
+            dropped: 0,
             tail: Vec::with_capacity(2 * PANIC_MARKER.len()),
             panicked,
         }
@@ -41,11 +45,24 @@ impl Write for ConsoleOutput {
         let n = if self.broken {
             buf.len()
         } else {
-            self.out.write(buf).unwrap_or_else(|e| {
-                self.broken = true;
-                log::warn!("guest console output stopped: {e}");
-                buf.len()
-            })
+            loop {
+                match self.out.write(buf) {
+                    Ok(n) => break n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        if self.dropped == 0 {
+                            log::warn!("guest console output is not read fast enough: dropping");
+                        }
+                        self.dropped += buf.len() as u64;
+                        break buf.len();
+                    }
+                    Err(e) => {
+                        self.broken = true;
+                        log::warn!("guest console output stopped: {e}");
+                        break buf.len();
+                    }
+                }
+            }
         };
         self.tail.extend_from_slice(&buf[..n]);
         if self
@@ -63,13 +80,38 @@ impl Write for ConsoleOutput {
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
-        if !self.broken && self.out.flush().is_err() {
-            self.broken = true;
-            log::warn!("guest console output stopped: flush failed");
+        if self.broken {
+            return Ok(());
+        }
+        match self.out.flush() {
+            Err(e)
+                if e.kind() != std::io::ErrorKind::Interrupted
+                    && e.kind() != std::io::ErrorKind::WouldBlock =>
+            {
+                self.broken = true;
+                log::warn!("guest console output stopped: flush failed: {e}");
+            }
+            _ => {}
         }
         Ok(())
     }
 }
+
+impl Drop for ConsoleOutput {
+    fn drop(&mut self) {
+        if self.dropped > 0 {
+            log::warn!(
+                "guest console output: {} bytes dropped in all",
+                self.dropped
+            );
+        }
+    }
+}
+
+/// The terminal settings of stdin before raw mode, while it is in raw mode: what the
+/// signal handler puts back when it ends the process at once.
+static SAVED_TERMINAL: OnceLock<libc::termios> = OnceLock::new();
+static TERMINAL_RAW: AtomicBool = AtomicBool::new(false);
 
 /// Puts stdin in raw mode (when it is a terminal) and back in canonical mode when dropped.
 #[derive(Debug)]
@@ -81,17 +123,51 @@ impl RawTerminal {
     /// Raw mode on stdin if it is a terminal; otherwise nothing.
     pub fn enter() -> Self {
         let stdin = std::io::stdin();
-        let raw = std::io::IsTerminal::is_terminal(&stdin) && stdin.lock().set_raw_mode().is_ok();
-        RawTerminal { raw }
+        if !std::io::IsTerminal::is_terminal(&stdin) {
+            return RawTerminal { raw: false };
+        }
+        // SAFETY: termios is plain data; tcgetattr fills it for a valid fd.
+        let mut saved: libc::termios = unsafe { std::mem::zeroed() };
+        // SAFETY: stdin's fd and a valid termios to fill.
+        if unsafe { libc::tcgetattr(libc::STDIN_FILENO, &mut saved) } != 0 {
+            return RawTerminal { raw: false };
+        }
+        let saved = *SAVED_TERMINAL.get_or_init(|| saved);
+        let mut raw = saved;
+        // SAFETY: cfmakeraw edits the termios it is given.
+        unsafe { libc::cfmakeraw(&mut raw) };
+        // SAFETY: stdin's fd and a valid termios.
+        let ok = unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &raw) } == 0;
+        TERMINAL_RAW.store(ok, Ordering::SeqCst);
+        RawTerminal { raw: ok }
     }
 }
 
 impl Drop for RawTerminal {
     fn drop(&mut self) {
         if self.raw {
-            if let Err(e) = std::io::stdin().lock().set_canon_mode() {
-                log::warn!("cannot restore the terminal: {e}");
+            TERMINAL_RAW.store(false, Ordering::SeqCst);
+            if let Some(saved) = SAVED_TERMINAL.get() {
+                // SAFETY: stdin's fd and the termios it had before.
+                if unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, saved) } != 0 {
+                    log::warn!(
+                        "cannot restore the terminal: {}",
+                        std::io::Error::last_os_error()
+                    );
+                }
             }
+        }
+    }
+}
+
+/// Puts the terminal back as it was before raw mode, if it is in raw mode; for a signal
+/// handler about to end the process (tcsetattr is async-signal-safe; the settings were
+/// saved before raw mode began).
+pub fn restore_terminal_from_signal_handler() {
+    if TERMINAL_RAW.load(Ordering::SeqCst) {
+        if let Some(saved) = SAVED_TERMINAL.get() {
+            // SAFETY: stdin's fd and the termios it had before raw mode.
+            unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, saved) };
         }
     }
 }
@@ -238,6 +314,59 @@ mod tests {
             out.flush().unwrap();
         }
         assert!(flag.load(Ordering::Acquire));
+    }
+
+    /// Fails each write once with `error`, then takes it.
+    struct Flaky {
+        error: std::io::ErrorKind,
+        failed: bool,
+        got: Sink,
+    }
+
+    impl Write for Flaky {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.failed = !self.failed;
+            if self.failed {
+                return Err(self.error.into());
+            }
+            self.got.write(buf)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn interrupted_and_full_outputs_do_not_switch_the_console_off() {
+        let got = Sink::default();
+        let flaky = Flaky {
+            error: std::io::ErrorKind::Interrupted,
+            failed: false,
+            got: got.clone(),
+        };
+        let mut out = ConsoleOutput::new(Box::new(flaky), Arc::new(AtomicBool::new(false)));
+        out.write_all(b"one ").unwrap();
+        out.write_all(b"two").unwrap();
+        assert_eq!(
+            &*got.0.lock().unwrap(),
+            b"one two",
+            "interrupted writes are retried"
+        );
+
+        let got = Sink::default();
+        let flaky = Flaky {
+            error: std::io::ErrorKind::WouldBlock,
+            failed: false,
+            got: got.clone(),
+        };
+        let mut out = ConsoleOutput::new(Box::new(flaky), Arc::new(AtomicBool::new(false)));
+        out.write_all(b"lost ").unwrap();
+        out.write_all(b"kept").unwrap();
+        assert_eq!(
+            &*got.0.lock().unwrap(),
+            b"kept",
+            "what a full output cannot take is dropped, and output goes on"
+        );
     }
 
     #[test]

@@ -7,6 +7,7 @@ pub mod arch;
 pub mod cli;
 pub mod config;
 pub mod console;
+pub mod end;
 pub mod logger;
 pub mod machine;
 pub mod signals;

@@ -4,20 +4,24 @@
 use std::io::Write;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{channel, Receiver};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::mpsc::channel;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use devices::legacy::{
     ExitPort, SerialConsole, EXIT_PORT, I8042, I8042_PORT_BASE, I8042_PORT_LEN, SERIAL_IRQ,
     SERIAL_PORT_BASE, SERIAL_PORT_LEN,
 };
 use devices::virtio::block::{Block, BlockError};
+use devices::virtio::device_thread::ThreadContext;
 use devices::virtio::mem::{Mem, MemBacking, MemControl};
 use devices::virtio::mmio::{MMIO_WINDOW, QUEUE_NOTIFY_OFFSET};
 use devices::virtio::rng::Rng;
 use devices::virtio::{Interrupt, MmioTransport, VirtioDevice};
-use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
-use memory::{FaultHandler, GuardedMemory, LazyPages, RegionSpec, RegionTable, TableConfig};
+use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+use memory::{
+    FaultHandler, FaultThreadHooks, GuardedMemory, LazyPages, RegionSpec, RegionTable, TableConfig,
+};
 use vm_device::bus::{MmioAddress, MmioRange, PioAddress, PioRange};
 use vm_device::device_manager::{IoManager, MmioManager, PioManager};
 use vmm_sys_util::eventfd::EventFd;
@@ -27,8 +31,8 @@ use crate::arch::x86_64::boot::{self, BootError, BootSpec};
 use crate::arch::x86_64::layout;
 use crate::config::{DiskConfig, HotplugBacking};
 use crate::console::{ConsoleInput, ConsoleOutput, RawTerminal};
-use crate::signals;
-use crate::vstate::vcpu::{install_kick_handler, Vcpu, VcpuError, VcpuStop};
+use crate::end::{signal_event, EndEvents, Failures, VmEnd};
+use crate::vstate::vcpu::{install_kick_handler, Vcpu, VcpuError};
 use crate::vstate::vm::{Vm, VmError};
 
 /// Errors building or running a VM.
@@ -72,6 +76,9 @@ pub enum MachineError {
     /// The initial hotplug request does not fit the area.
     #[error("--memory: hotplugged_size: {0}")]
     Hotplug(devices::virtio::mem::MemError),
+    /// A device thread could not be started.
+    #[error("cannot start a device: {0}")]
+    Device(devices::virtio::ActivateError),
     /// A VM without vCPUs.
     #[error("a VM needs at least one vCPU")]
     NoVcpus,
@@ -104,35 +111,6 @@ impl MachineError {
             _ => Blame::Vmm,
         }
     }
-}
-
-/// How a VM ended.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum VmEnd {
-    /// The guest powered off.
-    PowerOff,
-    /// The guest reset the machine (Kite ends the VM, as Firecracker does).
-    Reset,
-    /// The guest kernel panicked.
-    GuestPanic,
-    /// The guest wrote a status to the test exit port: 0 passes, anything else fails.
-    GuestStatus(u8),
-    /// The guest crashed.
-    GuestCrash {
-        /// The exit.
-        exit: String,
-        /// Guest RIP, if known.
-        rip: Option<u64>,
-    },
-    /// KVM could not run the guest on.
-    Fatal {
-        /// The exit or error.
-        exit: String,
-        /// Guest RIP, if known.
-        rip: Option<u64>,
-    },
-    /// The VMM was asked to stop by a signal.
-    Signal(i32),
 }
 
 /// What to boot, and where its console goes.
@@ -170,79 +148,12 @@ pub struct HotplugSpec {
     pub requested: u64,
 }
 
-/// Events that end the VM: the i8042 reset, a vCPU stopping, SIGINT/SIGTERM.
-struct EndEvents {
-    reset: EventFd,
-    exit_port: EventFd,
-    vcpu_stopped: EventFd,
-    signal: &'static EventFd,
-    stops: Receiver<(u8, VcpuStop)>,
-    end: Option<VmEnd>,
-}
-
-impl MutEventSubscriber for EndEvents {
-    fn init(&mut self, ops: &mut EventOps) {
-        for fd in [
-            &self.reset,
-            &self.exit_port,
-            &self.vcpu_stopped,
-            self.signal,
-        ] {
-            if let Err(e) = ops.add(Events::new(fd, EventSet::IN)) {
-                log::error!("cannot watch a VM event: {e:?}");
-            }
-        }
-    }
-
-    fn process(&mut self, events: Events, _ops: &mut EventOps) {
-        let fd = events.fd();
-        if fd == std::os::fd::AsRawFd::as_raw_fd(&self.reset) {
-            let _ = self.reset.read();
-            self.end.get_or_insert(VmEnd::Reset);
-        } else if fd == std::os::fd::AsRawFd::as_raw_fd(&self.exit_port) {
-            if let Ok(counter) = self.exit_port.read() {
-                self.end
-                    .get_or_insert(VmEnd::GuestStatus(ExitPort::status_of(counter)));
-            }
-        } else if fd == std::os::fd::AsRawFd::as_raw_fd(self.signal) {
-            let _ = self.signal.read();
-            let num = signals::received().unwrap_or(libc::SIGTERM);
-            self.end.get_or_insert(VmEnd::Signal(num));
-        } else {
-            let _ = self.vcpu_stopped.read();
-            while let Ok((id, why)) = self.stops.try_recv() {
-                log::info!("vCPU {id} stopped: {why:?}");
-                let end = match why {
-                    VcpuStop::Requested => continue,
-                    VcpuStop::PowerOff => VmEnd::PowerOff,
-                    VcpuStop::Reset => VmEnd::Reset,
-                    VcpuStop::Crash { exit, rip } => VmEnd::GuestCrash { exit, rip },
-                    VcpuStop::Fatal { exit, rip } => VmEnd::Fatal { exit, rip },
-                };
-                self.end.get_or_insert(end);
-            }
-        }
-    }
-}
-
 fn event_error<E: std::fmt::Debug>(e: E) -> MachineError {
     MachineError::Events(format!("{e:?}"))
 }
 
 fn eventfd() -> Result<EventFd, MachineError> {
     EventFd::new(libc::EFD_NONBLOCK).map_err(event_error)
-}
-
-/// The SIGINT/SIGTERM eventfd: one per process, as the handlers are.
-fn signal_event() -> Result<&'static EventFd, MachineError> {
-    static SIGNAL_EVENT: OnceLock<EventFd> = OnceLock::new();
-    if let Some(fd) = SIGNAL_EVENT.get() {
-        return Ok(fd);
-    }
-    let fd = eventfd()?;
-    let fd = SIGNAL_EVENT.get_or_init(move || fd);
-    signals::install(fd).map_err(MachineError::Signals)?;
-    Ok(fd)
 }
 
 /// Puts the virtio devices `spec` asks for on the MMIO bus, each with its register window,
@@ -253,19 +164,27 @@ fn add_virtio_devices(
     table: &Arc<RegionTable>,
     spec: &MachineSpec<'_>,
     hotplug: Option<Arc<MemControl>>,
+    threads: &ThreadContext,
     io: &mut IoManager,
     cmdline: &mut String,
 ) -> Result<(), MachineError> {
     let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
     for (i, disk) in spec.disks.iter().enumerate() {
         let name = format!("vd{}", char::from(b'a' + (i % 26) as u8));
-        devices.push(Box::new(Block::new(&disk.path, disk.readonly, &name)?));
+        devices.push(Box::new(Block::new(
+            &disk.path,
+            disk.readonly,
+            &name,
+            threads,
+        )?));
     }
     if spec.rng {
-        devices.push(Box::<Rng>::default());
+        devices.push(Box::new(Rng::new(threads).map_err(MachineError::Device)?));
     }
     if let Some(control) = hotplug {
-        devices.push(Box::new(Mem::new(control)));
+        devices.push(Box::new(
+            Mem::new(control, threads).map_err(MachineError::Device)?,
+        ));
     }
     for (i, device) in devices.into_iter().enumerate() {
         let base = layout::VIRTIO_MMIO_BASE + i as u64 * MMIO_WINDOW;
@@ -292,6 +211,10 @@ fn add_virtio_devices(
     Ok(())
 }
 
+/// Longest the VMM waits for its vCPU threads to stop when the VM ends; a vCPU stuck in
+/// the host past it is left behind (the process exits anyway).
+const VCPU_STOP_DEADLINE: Duration = Duration::from_secs(5);
+
 /// Builds the VM `spec` describes, runs it until it ends, and tears it down.
 pub fn run(spec: MachineSpec<'_>) -> Result<VmEnd, MachineError> {
     if spec.cpus == 0 {
@@ -301,13 +224,27 @@ pub fn run(spec: MachineSpec<'_>) -> Result<VmEnd, MachineError> {
     install_kick_handler()?;
     let vm = Vm::new()?;
     vm.check_vcpu_count(u32::from(spec.cpus))?;
+    let failures = Arc::new(Failures::new().map_err(event_error)?);
+    let threads = ThreadContext {
+        confine: Arc::new(|_| Ok(())),
+        died: {
+            let failures = Arc::clone(&failures);
+            Arc::new(move |why| failures.report(why))
+        },
+    };
 
     // Guest RAM: the region table is the one description of the layout; KVM slots follow it.
     let faults = match spec.hotplug {
         Some(HotplugSpec {
             backing: HotplugBacking::Lazy,
             ..
-        }) => Some(FaultHandler::start()?),
+        }) => Some(FaultHandler::start_with(FaultThreadHooks {
+            confine: Box::new(|| Ok(())),
+            died: {
+                let failures = Arc::clone(&failures);
+                Box::new(move |why| failures.report(why))
+            },
+        })?),
         _ => None,
     };
     let table = Arc::new(RegionTable::new(
@@ -348,7 +285,15 @@ pub fn run(spec: MachineSpec<'_>) -> Result<VmEnd, MachineError> {
         .transpose()?;
     let mut io = IoManager::new();
     let mut cmdline = spec.cmdline.to_string();
-    add_virtio_devices(&vm, &table, &spec, hotplug.clone(), &mut io, &mut cmdline)?;
+    add_virtio_devices(
+        &vm,
+        &table,
+        &spec,
+        hotplug.clone(),
+        &threads,
+        &mut io,
+        &mut cmdline,
+    )?;
     let _api = spec
         .api_socket
         .map(|path| {
@@ -432,6 +377,7 @@ pub fn run(spec: MachineSpec<'_>) -> Result<VmEnd, MachineError> {
         vcpu_stopped: vcpu_stopped.try_clone().map_err(event_error)?,
         signal,
         stops,
+        failures,
         end: None,
     }));
     events.add_subscriber(end_events.clone());
@@ -466,8 +412,9 @@ pub fn run(spec: MachineSpec<'_>) -> Result<VmEnd, MachineError> {
         }
     });
     stop.store(true, Ordering::Release);
+    let deadline = Instant::now() + VCPU_STOP_DEADLINE;
     for handle in handles {
-        handle.stop();
+        handle.stop(deadline);
     }
     let end = result?;
     Ok(match end {

@@ -1,4 +1,5 @@
-//! SIGINT and SIGTERM become an event of the VMM's event loop, so the VM shuts down cleanly.
+//! SIGINT and SIGTERM become an event of the VMM's event loop, so the VM shuts down cleanly;
+//! a second one ends the process at once (exit code 128 + the signal).
 
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicI32, Ordering};
@@ -12,7 +13,13 @@ static EVENT_FD: AtomicI32 = AtomicI32::new(-1);
 static RECEIVED: AtomicI32 = AtomicI32::new(0);
 
 extern "C" fn on_signal(num: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
-    RECEIVED.store(num, Ordering::SeqCst);
+    if RECEIVED.swap(num, Ordering::SeqCst) != 0 {
+        // The second one: the clean shutdown the first asked for is taking too long for
+        // whoever sent it. End now.
+        crate::console::restore_terminal_from_signal_handler();
+        // SAFETY: _exit(2) is async-signal-safe and ends the process at once.
+        unsafe { libc::_exit(128 + num) };
+    }
     let fd = EVENT_FD.load(Ordering::SeqCst);
     if fd >= 0 {
         let one = 1u64.to_ne_bytes();

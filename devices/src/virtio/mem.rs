@@ -8,7 +8,7 @@
 //! requests are served without holding guest-memory read locks: a request is read under
 //! the locks, carried out with none held, and answered under the locks again.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -16,7 +16,8 @@ use memory::{Backing, GuardedMemory, LazySource, RegionId, RegionSpec, RegionTab
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 
-use super::worker::{memory_deadline, DeviceThread, QueueError, QueueHandler, Served};
+use super::device_thread::{DeviceThread, ThreadContext};
+use super::worker::{memory_deadline, QueueError, QueueHandler, Served, Stopping};
 use super::{
     read_config_bytes, ActivateError, Activation, Interrupt, VirtioDevice, INT_CONFIG,
     VIRTIO_F_VERSION_1,
@@ -400,12 +401,15 @@ pub struct Mem {
 }
 
 impl Mem {
-    /// The device of `control`'s area.
-    pub fn new(control: Arc<MemControl>) -> Self {
-        Mem {
+    /// The device of `control`'s area, with its thread `kite_mem`.
+    pub fn new(control: Arc<MemControl>, context: &ThreadContext) -> Result<Self, ActivateError> {
+        let handler = MemHandler {
+            control: Arc::clone(&control),
+        };
+        Ok(Mem {
             control,
-            thread: DeviceThread::default(),
-        }
+            thread: DeviceThread::spawn("kite_mem", VIRTIO_ID_MEM, handler, context)?,
+        })
     }
 }
 
@@ -452,10 +456,10 @@ impl QueueHandler for MemHandler {
         _index: usize,
         queue: &mut Queue,
         memory: &RegionTable,
-        stopping: &AtomicBool,
+        stopping: Stopping<'_>,
     ) -> Result<Served, QueueError> {
         let mut served = 0;
-        while served < MEM_BUDGET && !stopping.load(Ordering::Acquire) {
+        while served < MEM_BUDGET && !stopping.requested() {
             let (head, parsed) = {
                 let mem = GuardedMemory::lock_all(memory, memory_deadline())?;
                 let available = queue
@@ -476,7 +480,7 @@ impl QueueHandler for MemHandler {
             };
             // No read locks held: plugging and unplugging are writer operations.
             let answer = parsed.map(|(request, at)| (self.control.handle(&request), at));
-            if stopping.load(Ordering::Acquire) {
+            if stopping.requested() {
                 break; // reset meanwhile: the driver has forgotten the request
             }
             let mem = GuardedMemory::lock_all(memory, memory_deadline())?;
@@ -527,10 +531,7 @@ impl VirtioDevice for Mem {
 
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
         let interrupt = Arc::clone(&activation.interrupt);
-        let handler = MemHandler {
-            control: Arc::clone(&self.control),
-        };
-        self.thread.start("kite_mem".into(), activation, handler)?;
+        self.thread.activate(activation)?;
         self.control.config_state().interrupt = Some(interrupt);
         Ok(())
     }
@@ -718,10 +719,11 @@ mod tests {
         let mut handler = MemHandler {
             control: Arc::clone(&c),
         };
-        let stopping = AtomicBool::new(false);
         let mut rounds = Vec::new();
         loop {
-            let served = handler.process(0, &mut queue, &c.table, &stopping).unwrap();
+            let served = handler
+                .process(0, &mut queue, &c.table, Stopping::never())
+                .unwrap();
             rounds.push((used_idx(), served.more));
             if !served.more {
                 break;

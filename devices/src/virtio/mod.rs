@@ -2,12 +2,13 @@
 //!
 //! A device ([`VirtioDevice`]) describes itself (type, queues, features, config space) and,
 //! once the driver has set it up, serves its queues on a device thread of its own
-//! ([`worker`]), never on a vCPU thread, and a vCPU never waits for it: a register access
+//! ([`device_thread`]), never on a vCPU thread, and a vCPU never waits for it: a register access
 //! neither does guest I/O nor waits for guest memory. Every guest-memory access goes through the region
 //! table's guards ([`memory::GuardedMemory`]), taken per batch of requests; descriptor chains
 //! are parsed by virtio-queue.
 
 pub mod block;
+pub mod device_thread;
 pub mod mem;
 pub mod mmio;
 pub mod rng;

@@ -6,7 +6,8 @@ use memory::GuardedMemory;
 use virtio_bindings::virtio_ids::VIRTIO_ID_RNG;
 use virtio_queue::DescriptorChain;
 
-use super::worker::{DeviceThread, QueueHandler};
+use super::device_thread::{DeviceThread, ThreadContext};
+use super::worker::QueueHandler;
 use super::{ActivateError, Activation, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
 
 const QUEUE_SIZE: u16 = 256;
@@ -14,9 +15,21 @@ const QUEUE_SIZE: u16 = 256;
 const MAX_REQUEST: usize = 64 << 10;
 
 /// A virtio-rng device.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Rng {
     thread: DeviceThread,
+}
+
+impl Rng {
+    /// The device, with its thread `kite_rng`.
+    pub fn new(context: &ThreadContext) -> Result<Self, ActivateError> {
+        let handler = RngHandler {
+            buf: vec![0; MAX_REQUEST],
+        };
+        Ok(Rng {
+            thread: DeviceThread::spawn("kite_rng", VIRTIO_ID_RNG, handler, context)?,
+        })
+    }
 }
 
 struct RngHandler {
@@ -91,13 +104,7 @@ impl VirtioDevice for Rng {
     }
 
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
-        self.thread.start(
-            "kite_rng".into(),
-            activation,
-            RngHandler {
-                buf: vec![0; MAX_REQUEST],
-            },
-        )
+        self.thread.activate(activation)
     }
 
     fn reset(&mut self) {

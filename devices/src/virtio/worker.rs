@@ -1,25 +1,15 @@
-//! The device thread: an event-manager loop that waits on the queue eventfds and hands each
-//! notified queue, with guest memory read-locked for the batch, to the device's
-//! [`QueueHandler`]. A stop request ends it (device reset or VM shutdown) between two
-//! requests; nobody waits for it on a vCPU thread: a device thread that replaces a stopped
-//! one (the driver set the device up again) waits for its predecessor itself, before it
-//! touches the queues.
+//! Serving a queue: a device's [`QueueHandler`] and the default way of going through the
+//! available requests (in rounds, each under a fresh view of guest memory, within a
+//! budget, stopping between two requests when the device thread is asked to). The thread
+//! itself is [`super::device_thread`].
 
-use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::thread::JoinHandle;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use memory::{GuardedMemory, RegionTable};
 use virtio_bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress};
-use vmm_sys_util::eventfd::EventFd;
-
-use super::{ActivateError, Activation, Interrupt, INT_CONFIG, INT_VRING};
-use crate::guest_log::GuestLog;
 
 /// Longest a device waits for a writer (memory hotplug) before it gives the batch up.
 const MEMORY_DEADLINE: Duration = Duration::from_secs(5);
@@ -55,6 +45,36 @@ pub fn memory_deadline() -> memory::Deadline {
 /// Requests a device serves under one read lock of guest memory before it lets writers
 /// (memory hotplug) in: a driver that keeps its queue full cannot hold them off.
 const BUDGET: usize = 256;
+
+/// Whether the device thread has been asked to stop serving the setup it is serving (a
+/// device reset came): checked between requests.
+#[derive(Clone, Copy, Debug)]
+pub struct Stopping<'a> {
+    stops: &'a AtomicU64,
+    epoch: u64,
+}
+
+impl<'a> Stopping<'a> {
+    /// Stop once `stops` (stop requests so far) is no longer `epoch` (its value when the
+    /// setup being served began).
+    pub fn new(stops: &'a AtomicU64, epoch: u64) -> Self {
+        Stopping { stops, epoch }
+    }
+
+    /// Never asked to stop (tests, tools).
+    pub fn never() -> Stopping<'static> {
+        static NO_STOPS: AtomicU64 = AtomicU64::new(0);
+        Stopping {
+            stops: &NO_STOPS,
+            epoch: 0,
+        }
+    }
+
+    /// Whether a stop was requested.
+    pub fn requested(&self) -> bool {
+        self.stops.load(Ordering::Acquire) != self.epoch
+    }
+}
 
 /// What serving a queue came to.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -97,7 +117,7 @@ pub trait QueueHandler: Send + 'static {
         index: usize,
         queue: &mut Queue,
         memory: &RegionTable,
-        stopping: &AtomicBool,
+        stopping: Stopping<'_>,
     ) -> Result<Served, QueueError>
     where
         Self: Sized,
@@ -117,7 +137,7 @@ pub trait QueueHandler: Send + 'static {
                 mem = GuardedMemory::lock_all(memory, memory_deadline())?;
                 let budget = usize::from(available).min(BUDGET - served);
                 served += serve_available(self, index, queue, &mem, budget, stopping)?;
-                if served == BUDGET || stopping.load(Ordering::Acquire) {
+                if served == BUDGET || stopping.requested() {
                     // Notifications stay off: the worker comes back by itself (or stops).
                     break true;
                 }
@@ -157,7 +177,7 @@ fn serve_available<H: QueueHandler>(
     queue: &mut Queue,
     mem: &GuardedMemory<'_>,
     budget: usize,
-    stopping: &AtomicBool,
+    stopping: Stopping<'_>,
 ) -> Result<usize, QueueError> {
     let chains: Vec<_> = queue.iter(mem)?.take(budget).collect();
     if chains.len() < budget {
@@ -168,14 +188,14 @@ fn serve_available<H: QueueHandler>(
     }
     let mut served = 0;
     for chain in chains {
-        if stopping.load(Ordering::Acquire) {
+        if stopping.requested() {
             break;
         }
         let head = chain.head_index();
         let len = handler.serve(index, chain, mem);
         // A device reset during the request: the driver has forgotten it, and its rings
-        // may already be set up anew (by the next device thread) at the same place.
-        if stopping.load(Ordering::Acquire) {
+        // may already be set up anew at the same place.
+        if stopping.requested() {
             break;
         }
         queue.add_used(mem, head, len)?;
@@ -184,345 +204,11 @@ fn serve_available<H: QueueHandler>(
     Ok(served)
 }
 
-/// The event-loop data of the stop event and of the predecessor's exit.
-const STOP_EVENT: u32 = u32::MAX;
-const PREDECESSOR_EXIT: u32 = u32::MAX - 1;
-
-struct Worker<H: QueueHandler> {
-    handler: H,
-    memory: Arc<RegionTable>,
-    queues: Vec<Queue>,
-    queue_events: Vec<EventFd>,
-    interrupt: Arc<Interrupt>,
-    stop: EventFd,
-    stopping: Arc<AtomicBool>,
-    needs_reset: Arc<AtomicBool>,
-    log: Arc<GuestLog>,
-    /// The device's previous thread, stopped but perhaps still finishing a request: the
-    /// queues are not touched until it is gone.
-    predecessor: Option<WorkerHandle>,
-    done: bool,
-}
-
-impl<H: QueueHandler> Worker<H> {
-    fn fail(&mut self, e: &QueueError) {
-        self.log
-            .warn("queue error", || format!("{e}; the device needs a reset"));
-        self.needs_reset.store(true, Ordering::Release);
-        self.interrupt.raise(INT_CONFIG);
-    }
-
-    /// Checks that every ready queue lies in guest memory, then serves them all (requests
-    /// made before the device thread could run).
-    fn start_serving(&mut self) {
-        let invalid = match GuardedMemory::lock_all(&self.memory, memory_deadline()) {
-            Ok(mem) => self
-                .queues
-                .iter()
-                .position(|q| q.ready() && !q.is_valid(&mem))
-                .map(QueueError::Invalid),
-            Err(e) => Some(QueueError::Memory(e)),
-        };
-        if let Some(e) = invalid {
-            self.fail(&e);
-            return;
-        }
-        for i in 0..self.queues.len() {
-            self.serve(i);
-        }
-    }
-
-    fn serve(&mut self, index: usize) {
-        if self.needs_reset.load(Ordering::Acquire)
-            || self.predecessor.is_some()
-            || self.stopping.load(Ordering::Acquire)
-        {
-            return;
-        }
-        // A queue the driver never made ready has no rings to touch.
-        if !self.queues[index].ready() {
-            return;
-        }
-        let result =
-            self.handler
-                .process(index, &mut self.queues[index], &self.memory, &self.stopping);
-        match result {
-            Ok(served) => {
-                if served.notify && !self.stopping.load(Ordering::Acquire) {
-                    self.interrupt.raise(INT_VRING);
-                }
-                if served.more && !self.stopping.load(Ordering::Acquire) {
-                    // Come back after the other queues' events (and any writer waiting
-                    // for guest memory) had their turn.
-                    if let Err(e) = self.queue_events[index].write(1) {
-                        log::error!("virtio queue {index}: cannot reschedule: {e}");
-                    }
-                }
-            }
-            Err(e) => self.fail(&e),
-        }
-    }
-}
-
-impl<H: QueueHandler> MutEventSubscriber for Worker<H> {
-    fn init(&mut self, ops: &mut EventOps) {
-        for (i, fd) in self.queue_events.iter().enumerate() {
-            if let Err(e) = ops.add(Events::with_data(fd, i as u32, EventSet::IN)) {
-                log::error!("virtio: cannot watch queue {i}: {e:?}");
-            }
-        }
-        if let Err(e) = ops.add(Events::with_data(&self.stop, STOP_EVENT, EventSet::IN)) {
-            log::error!("virtio: cannot watch the stop event: {e:?}");
-        }
-        if let Some(predecessor) = &self.predecessor {
-            let exited = Events::with_data(&predecessor.exited, PREDECESSOR_EXIT, EventSet::IN);
-            if let Err(e) = ops.add(exited) {
-                log::error!("virtio: cannot watch the previous device thread: {e:?}");
-                if let Some(predecessor) = self.predecessor.take() {
-                    predecessor.join();
-                }
-            } else {
-                return; // served once the predecessor has gone
-            }
-        }
-        self.start_serving();
-    }
-
-    fn process(&mut self, events: Events, ops: &mut EventOps) {
-        match events.data() {
-            STOP_EVENT => self.done = true,
-            PREDECESSOR_EXIT => {
-                if let Some(predecessor) = self.predecessor.take() {
-                    let _ = ops.remove(Events::with_data(
-                        &predecessor.exited,
-                        PREDECESSOR_EXIT,
-                        EventSet::IN,
-                    ));
-                    predecessor.join();
-                }
-                self.start_serving();
-            }
-            index => {
-                let index = index as usize;
-                if let Some(fd) = self.queue_events.get(index) {
-                    let _ = fd.read();
-                    self.serve(index);
-                }
-            }
-        }
-    }
-}
-
-/// Longest dropping a [`WorkerHandle`] waits for its thread (VM shutdown): a thread stuck
-/// in a host I/O call is left behind rather than holding the VMM up.
-const DROP_DEADLINE: Duration = Duration::from_secs(2);
-
-/// A running device thread.
-#[derive(Debug)]
-pub struct WorkerHandle {
-    name: String,
-    stop: EventFd,
-    stopping: Arc<AtomicBool>,
-    /// Signalled by the thread as it exits (even by a panic).
-    exited: EventFd,
-    thread: Option<JoinHandle<()>>,
-}
-
-/// Signals its eventfd when dropped: the thread's last act, even when it unwinds.
-struct ExitSignal(EventFd);
-
-impl Drop for ExitSignal {
-    fn drop(&mut self) {
-        if let Err(e) = self.0.write(1) {
-            log::error!("virtio: a device thread cannot signal its exit: {e}");
-        }
-    }
-}
-
-impl WorkerHandle {
-    /// Asks the thread to stop after the request it is serving, if any. Does not wait.
-    pub fn request_stop(&self) {
-        self.stopping.store(true, Ordering::Release);
-        if let Err(e) = self.stop.write(1) {
-            log::error!("virtio: cannot stop device thread {}: {e}", self.name);
-        }
-    }
-
-    /// Waits for the thread to exit, until `deadline`; whether it did.
-    pub fn wait(&mut self, deadline: Instant) -> bool {
-        let Some(thread) = self.thread.take() else {
-            return true;
-        };
-        if !wait_readable(&self.exited, deadline) {
-            self.thread = Some(thread);
-            return false;
-        }
-        if thread.join().is_err() {
-            log::error!("virtio: device thread {} panicked", self.name);
-        }
-        true
-    }
-
-    /// Waits for the thread (which must have been asked to stop) without a deadline.
-    fn join(mut self) {
-        if let Some(thread) = self.thread.take() {
-            if thread.join().is_err() {
-                log::error!("virtio: device thread {} panicked", self.name);
-            }
-        }
-    }
-}
-
-impl Drop for WorkerHandle {
-    fn drop(&mut self) {
-        if self.thread.is_none() {
-            return;
-        }
-        self.request_stop();
-        if !self.wait(Instant::now() + DROP_DEADLINE) {
-            log::error!(
-                "virtio: device thread {} did not stop within {DROP_DEADLINE:?}; left behind",
-                self.name
-            );
-        }
-    }
-}
-
-/// Waits until `fd` is readable or `deadline` passes; whether it became readable.
-fn wait_readable(fd: &EventFd, deadline: Instant) -> bool {
-    let mut pollfd = libc::pollfd {
-        fd: fd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let ms = i32::try_from(left.as_nanos().div_ceil(1_000_000)).unwrap_or(i32::MAX);
-        // SAFETY: one valid pollfd, its count given.
-        let n = unsafe { libc::poll(&mut pollfd, 1, ms) };
-        if n > 0 {
-            return true;
-        }
-        if n == 0 || std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
-            return false;
-        }
-    }
-}
-
-/// A device's thread across resets: the running one, and the one a reset stopped, which
-/// the next activation's thread waits for.
-#[derive(Debug, Default)]
-pub struct DeviceThread {
-    running: Option<WorkerHandle>,
-    stopped: Option<WorkerHandle>,
-}
-
-impl DeviceThread {
-    /// Starts thread `name` serving `activation`'s queues with `handler` (after the
-    /// previous thread, if one is still finishing).
-    pub fn start<H: QueueHandler>(
-        &mut self,
-        name: String,
-        activation: Activation,
-        handler: H,
-    ) -> Result<(), ActivateError> {
-        if self.running.is_some() {
-            return Err(ActivateError::AlreadyActive);
-        }
-        self.running = Some(spawn(name, activation, handler, self.stopped.take())?);
-        Ok(())
-    }
-
-    /// Asks the running thread to stop; does not wait for it.
-    pub fn stop(&mut self) {
-        if let Some(running) = self.running.take() {
-            running.request_stop();
-            // A stopped thread not yet waited for is the running one's predecessor: the
-            // running one owns it, so at most one is kept here.
-            self.stopped = Some(running);
-        }
-    }
-
-    /// Whether a thread is serving the queues.
-    pub fn is_running(&self) -> bool {
-        self.running.is_some()
-    }
-}
-
-/// Starts thread `name` serving `activation`'s queues with `handler`, once `predecessor`
-/// (stopped) has exited; sets the activation's `needs_reset` if a queue turns out
-/// unusable.
-fn spawn<H: QueueHandler>(
-    name: String,
-    activation: Activation,
-    handler: H,
-    predecessor: Option<WorkerHandle>,
-) -> Result<WorkerHandle, ActivateError> {
-    let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(ActivateError::EventFd)?;
-    let exited = EventFd::new(libc::EFD_NONBLOCK).map_err(ActivateError::EventFd)?;
-    let exit_signal = ExitSignal(exited.try_clone().map_err(ActivateError::EventFd)?);
-    let stopping = Arc::new(AtomicBool::new(false));
-    let worker = Worker {
-        handler,
-        memory: activation.memory,
-        queues: activation.queues,
-        queue_events: activation.queue_events,
-        interrupt: activation.interrupt,
-        stop: stop.try_clone().map_err(ActivateError::EventFd)?,
-        stopping: Arc::clone(&stopping),
-        needs_reset: activation.needs_reset,
-        log: activation.log,
-        predecessor,
-        done: false,
-    };
-    let thread = std::thread::Builder::new()
-        .name(name.clone())
-        .spawn(move || {
-            let _exit_signal = exit_signal;
-            run(worker);
-        })
-        .map_err(ActivateError::Thread)?;
-    Ok(WorkerHandle {
-        name,
-        stop,
-        stopping,
-        exited,
-        thread: Some(thread),
-    })
-}
-
-fn run<H: QueueHandler>(worker: Worker<H>) {
-    let mut events = match EventManager::<Worker<H>>::new() {
-        Ok(events) => events,
-        Err(e) => {
-            log::error!("virtio: cannot start the device's event loop: {e:?}");
-            return;
-        }
-    };
-    let id = events.add_subscriber(worker);
-    loop {
-        if let Err(e) = events.run() {
-            log::error!("virtio: device event loop: {e:?}");
-            break;
-        }
-        let done = events.subscriber_mut(id).map(|w| w.done).unwrap_or(true);
-        if done {
-            break;
-        }
-    }
-    // A predecessor still finishing (this thread was stopped before it had gone) is
-    // waited for here, so that a thread's exit means its predecessors' too.
-    if let Ok(worker) = events.remove_subscriber(id) {
-        if let Some(predecessor) = worker.predecessor {
-            predecessor.join();
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use memory::RegionSpec;
+    use std::sync::Arc;
     use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
     use virtio_queue::desc::{split::Descriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
@@ -594,7 +280,7 @@ mod tests {
 
         offer(&table, avail, SIZE);
         let served = handler
-            .process(0, &mut queue, &table, &AtomicBool::new(false))
+            .process(0, &mut queue, &table, Stopping::never())
             .unwrap();
         assert_eq!(handler.0, BUDGET);
         assert_eq!(
@@ -614,7 +300,7 @@ mod tests {
         // The driver refills while the device is away; nothing is left behind.
         offer(&table, avail, 10);
         let served = handler
-            .process(0, &mut queue, &table, &AtomicBool::new(false))
+            .process(0, &mut queue, &table, Stopping::never())
             .unwrap();
         assert_eq!(
             served,
@@ -636,7 +322,7 @@ mod tests {
         }
         offer(&table, avail, 3);
         let served = handler
-            .process(0, &mut queue, &table, &AtomicBool::new(false))
+            .process(0, &mut queue, &table, Stopping::never())
             .unwrap();
         assert_eq!(
             served,
@@ -649,7 +335,7 @@ mod tests {
 
         // Nothing available: nothing to say.
         let served = handler
-            .process(0, &mut queue, &table, &AtomicBool::new(false))
+            .process(0, &mut queue, &table, Stopping::never())
             .unwrap();
         assert_eq!(served, Served::default());
     }
@@ -687,7 +373,7 @@ mod tests {
         let (done, result) = std::sync::mpsc::channel();
         let served_table = Arc::clone(&table);
         std::thread::spawn(move || {
-            let served = Counter(0).process(0, &mut queue, &served_table, &AtomicBool::new(false));
+            let served = Counter(0).process(0, &mut queue, &served_table, Stopping::never());
             let _ = done.send(served.map_err(|e| e.to_string()));
         });
         let result = result
@@ -698,71 +384,5 @@ mod tests {
             error.contains("announces 1 requests, but only 0"),
             "{error}"
         );
-    }
-
-    #[test]
-    fn queues_never_made_ready_are_left_alone() {
-        let table = Arc::new(RegionTable::default());
-        table
-            .insert(RegionSpec::anonymous(GuestAddress(0), 1 << 20), None)
-            .unwrap();
-        let rings = GuestAddress(0x1_0000);
-        let (ready, used) = {
-            let mem = GuardedMemory::lock_all(&table, None).unwrap();
-            // What a device writing to a queue with no rings would overwrite.
-            mem.write_slice(&[0xaa; 0x1000], GuestAddress(0)).unwrap();
-            let mock = MockSplitQueue::create(&mem, rings, SIZE);
-            let desc = Descriptor::new(0x8_0000, 16, VRING_DESC_F_WRITE as u16, 0);
-            mock.desc_table()
-                .store(0, RawDescriptor::from(desc))
-                .unwrap();
-            let queue: Queue = mock.create_queue().unwrap();
-            (queue, mock.used_addr())
-        };
-        offer(&table, ready_avail(&ready), 1);
-        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let mut thread = DeviceThread::default();
-        thread
-            .start(
-                "test_device".into(),
-                Activation {
-                    memory: Arc::clone(&table),
-                    // Queue 0 was never set up or made ready.
-                    queues: vec![Queue::new(SIZE).unwrap(), ready],
-                    queue_events: (0..2)
-                        .map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap())
-                        .collect(),
-                    interrupt: Arc::new(Interrupt::new(irq.try_clone().unwrap())),
-                    features: 0,
-                    needs_reset: Arc::new(AtomicBool::new(false)),
-                    log: Arc::new(GuestLog::new("test")),
-                },
-                Counter(0),
-            )
-            .unwrap();
-        // The device serves its queues in order when it starts: once queue 1's request
-        // is used, queue 0 had its turn.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while used_flags_and_idx(&table, used).1 != 1 {
-            assert!(
-                wait_readable(&irq, deadline),
-                "the ready queue is served in time"
-            );
-            let _ = irq.read();
-        }
-        let mut low = [0u8; 0x1000];
-        GuardedMemory::lock_all(&table, None)
-            .unwrap()
-            .read_slice(&mut low, GuestAddress(0))
-            .unwrap();
-        assert!(
-            low.iter().all(|b| *b == 0xaa),
-            "nothing was written at guest address 0"
-        );
-        thread.stop();
-    }
-
-    fn ready_avail(queue: &Queue) -> GuestAddress {
-        GuestAddress(queue.avail_ring())
     }
 }

@@ -6,7 +6,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use devices::thread_exit::{wait_readable, ExitSignal};
 
 use kvm_bindings::{KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
 use kvm_ioctls::{VcpuExit, VcpuFd};
@@ -125,9 +127,13 @@ impl Vcpu {
         stop_event: EventFd,
     ) -> Result<VcpuHandle, VcpuError> {
         let id = self.id;
+        let spawn_error = |source| VcpuError::Spawn { id, source };
+        let exited = EventFd::new(libc::EFD_NONBLOCK).map_err(spawn_error)?;
+        let exit_signal = ExitSignal(exited.try_clone().map_err(spawn_error)?);
         let thread = std::thread::Builder::new()
             .name(format!("kite_vcpu{id}"))
             .spawn(move || {
+                let _exit_signal = exit_signal;
                 let why = self.run(&stop);
                 log::debug!("vCPU {id} stopped: {why:?}");
                 // The receiver is gone only when the VMM is already shutting down.
@@ -136,8 +142,8 @@ impl Vcpu {
                     log::error!("vCPU {id}: cannot signal its stop: {e}");
                 }
             })
-            .map_err(|source| VcpuError::Spawn { id, source })?;
-        Ok(VcpuHandle { thread })
+            .map_err(spawn_error)?;
+        Ok(VcpuHandle { id, thread, exited })
     }
 
     fn run(&mut self, stop: &AtomicBool) -> VcpuStop {
@@ -259,11 +265,15 @@ impl Vcpu {
 /// A running vCPU thread.
 #[derive(Debug)]
 pub struct VcpuHandle {
+    id: u8,
     thread: JoinHandle<()>,
+    /// Signalled by the thread as it exits.
+    exited: EventFd,
 }
 
-/// How often a vCPU that has been asked to stop is kicked out of `KVM_RUN` again: a kick
-/// landing just before it enters `KVM_RUN` is lost, the next one is not.
+/// How long a vCPU that has been asked to stop gets before it is kicked out of `KVM_RUN`
+/// again: a kick that lands just before it enters `KVM_RUN` is lost, the next one is not.
+/// (A vCPU that sees the kick exits at once; this is only the fallback.)
 const KICK_INTERVAL: Duration = Duration::from_millis(10);
 
 extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
@@ -275,17 +285,25 @@ pub fn install_kick_handler() -> Result<(), VcpuError> {
 }
 
 impl VcpuHandle {
-    /// Kicks the vCPU until it has seen `stop` (already set) and waits for its thread.
-    pub fn stop(self) {
-        while !self.thread.is_finished() {
+    /// Kicks the vCPU until it has seen `stop` (already set) and waits for its thread to
+    /// exit, until `deadline`; past it the thread is left behind, with an error logged.
+    pub fn stop(self, deadline: Instant) {
+        loop {
             if let Err(e) = self.thread.kill(SIGRTMIN()) {
-                log::error!("cannot kick a vCPU thread: {e}");
+                log::error!("cannot kick vCPU {}: {e}", self.id);
                 break;
             }
-            std::thread::sleep(KICK_INTERVAL);
+            let next_kick = (Instant::now() + KICK_INTERVAL).min(deadline);
+            if wait_readable(&self.exited, next_kick) {
+                break;
+            }
+            if Instant::now() >= deadline {
+                log::error!("vCPU {} did not stop in time; left behind", self.id);
+                return;
+            }
         }
         if self.thread.join().is_err() {
-            log::error!("a vCPU thread panicked");
+            log::error!("vCPU {} panicked", self.id);
         }
     }
 }

@@ -4,13 +4,15 @@
 mod request;
 
 use std::fs::{File, OpenOptions};
+use std::io::{Seek, SeekFrom};
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_ID_BYTES};
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 
-use super::worker::DeviceThread;
+use super::device_thread::{DeviceThread, ThreadContext};
 use super::{
     read_config_bytes, ActivateError, Activation, VirtioDevice, VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_EVENT_IDX,
@@ -35,43 +37,96 @@ pub enum BlockError {
         /// The error.
         source: std::io::Error,
     },
+    /// Another process (another VM) holds the disk.
+    #[error("disk {path} is in use by another process (it holds a lock on it): {source}")]
+    Locked {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The device thread could not be started.
+    #[error("disk device thread: {0}")]
+    Thread(ActivateError),
 }
 
 /// A virtio-blk device.
 #[derive(Debug)]
 pub struct Block {
-    disk: Arc<File>,
     read_only: bool,
     capacity_sectors: u64,
-    id: [u8; VIRTIO_BLK_ID_BYTES as usize],
     name: String,
     thread: DeviceThread,
 }
 
+/// Takes an open-file-description lock on all of `disk`: shared for reading, exclusive
+/// for writing; fails at once if another holds a conflicting one.
+fn lock(disk: &File, read_only: bool) -> std::io::Result<()> {
+    let kind = if read_only {
+        libc::F_RDLCK
+    } else {
+        libc::F_WRLCK
+    };
+    // SAFETY: flock is plain data; all-zero is a valid value, the fields set follow.
+    let mut flock: libc::flock = unsafe { std::mem::zeroed() };
+    flock.l_type = kind as libc::c_short;
+    flock.l_whence = libc::SEEK_SET as libc::c_short;
+    flock.l_start = 0;
+    flock.l_len = 0; // to the end, however the file grows
+                     // SAFETY: fcntl on a file descriptor we own, with a pointer to a valid flock.
+    if unsafe { libc::fcntl(disk.as_raw_fd(), libc::F_OFD_SETLK, &flock) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 impl Block {
-    /// Disk `name` (also its thread's name and, truncated, its id) on the raw file `path`.
-    /// Its capacity is the file size in whole sectors.
-    pub fn new(path: &Path, read_only: bool, name: &str) -> Result<Self, BlockError> {
+    /// Disk `name` (also its thread's name, `kite_NAME`, and, truncated, its id) on the
+    /// raw file or block device `path`. Its capacity is the file's or device's size in
+    /// whole sectors. The disk is locked for this process (an OFD lock: shared when
+    /// read-only, exclusive otherwise), so two VMs cannot write one image: a disk another
+    /// holds is refused.
+    pub fn new(
+        path: &Path,
+        read_only: bool,
+        name: &str,
+        context: &ThreadContext,
+    ) -> Result<Self, BlockError> {
         let open_error = |source| BlockError::Open {
             path: path.to_path_buf(),
             source,
         };
-        let disk = OpenOptions::new()
+        let mut disk = OpenOptions::new()
             .read(true)
             .write(!read_only)
             .open(path)
             .map_err(open_error)?;
-        let size = disk.metadata().map_err(open_error)?.len();
+        lock(&disk, read_only).map_err(|source| BlockError::Locked {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        // The end of a block device is its size; its metadata says 0.
+        let size = disk.seek(SeekFrom::End(0)).map_err(open_error)?;
+        let disk = Arc::new(disk);
         let mut id = [0u8; VIRTIO_BLK_ID_BYTES as usize];
         let n = name.len().min(id.len());
         id[..n].copy_from_slice(&name.as_bytes()[..n]);
-        Ok(Block {
-            disk: Arc::new(disk),
+        let capacity_sectors = size / SECTOR_SIZE;
+        let handler = BlockHandler {
+            disk: Arc::clone(&disk),
             read_only,
-            capacity_sectors: size / SECTOR_SIZE,
+            capacity_bytes: capacity_sectors * SECTOR_SIZE,
             id,
+            descriptors: Vec::new(),
+        };
+        let thread =
+            DeviceThread::spawn(&format!("kite_{name}"), VIRTIO_ID_BLOCK, handler, context)
+                .map_err(BlockError::Thread)?;
+        Ok(Block {
+            read_only,
+            capacity_sectors,
             name: name.to_string(),
-            thread: DeviceThread::default(),
+            thread,
         })
     }
 
@@ -110,15 +165,7 @@ impl VirtioDevice for Block {
     }
 
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
-        let handler = BlockHandler {
-            disk: Arc::clone(&self.disk),
-            read_only: self.read_only,
-            capacity_bytes: self.capacity_sectors * SECTOR_SIZE,
-            id: self.id,
-            descriptors: Vec::new(),
-        };
-        self.thread
-            .start(format!("kite_{}", self.name), activation, handler)
+        self.thread.activate(activation)
     }
 
     fn reset(&mut self) {

@@ -1,0 +1,172 @@
+//! How a VM ends: the events that end it ([`EndEvents`], watched by the VMM's event loop),
+//! what they come to ([`VmEnd`]), and the failures of VMM threads that end it
+//! ([`Failures`]).
+
+use std::os::fd::AsRawFd;
+use std::sync::mpsc::Receiver;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use devices::legacy::ExitPort;
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::machine::MachineError;
+use crate::signals;
+use crate::vstate::vcpu::VcpuStop;
+
+/// How a VM ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VmEnd {
+    /// The guest powered off.
+    PowerOff,
+    /// The guest reset the machine (Kite ends the VM, as Firecracker does).
+    Reset,
+    /// The guest kernel panicked.
+    GuestPanic,
+    /// The guest wrote a status to the test exit port: 0 passes, anything else fails.
+    GuestStatus(u8),
+    /// The guest crashed.
+    GuestCrash {
+        /// The exit.
+        exit: String,
+        /// Guest RIP, if known.
+        rip: Option<u64>,
+    },
+    /// KVM could not run the guest on.
+    Fatal {
+        /// The exit or error.
+        exit: String,
+        /// Guest RIP, if known.
+        rip: Option<u64>,
+    },
+    /// The VMM was asked to stop by a signal.
+    Signal(i32),
+    /// A thread of the VMM other than a vCPU failed (a device thread or the fault
+    /// handler died): the VM cannot go on.
+    VmmFailure(String),
+}
+
+/// Failures of VMM threads other than vCPUs (a device thread or the fault handler that
+/// died): each is reported here, from any thread, and ends the VM.
+#[derive(Debug)]
+pub struct Failures {
+    event: EventFd,
+    reasons: Mutex<Vec<String>>,
+}
+
+impl Failures {
+    /// No failures yet.
+    pub fn new() -> std::io::Result<Self> {
+        Ok(Failures {
+            event: EventFd::new(libc::EFD_NONBLOCK)?,
+            reasons: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Reports a failure: logged, and the VM ends.
+    pub fn report(&self, why: String) {
+        log::error!("{why}");
+        self.reasons
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(why);
+        if let Err(e) = self.event.write(1) {
+            log::error!("cannot signal a failure: {e}");
+        }
+    }
+
+    /// The first failure reported, if any.
+    pub fn first(&self) -> Option<String> {
+        self.reasons
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .first()
+            .cloned()
+    }
+}
+
+/// Events that end the VM: the i8042 reset, the exit port, a vCPU stopping, a failed
+/// VMM thread, SIGINT/SIGTERM. The first one decides how the VM ended.
+pub struct EndEvents {
+    /// The i8042's reset line.
+    pub reset: EventFd,
+    /// The test exit port.
+    pub exit_port: EventFd,
+    /// Signalled by a vCPU thread that stopped, after it sent why on `stops`.
+    pub vcpu_stopped: EventFd,
+    /// Signalled by the SIGINT/SIGTERM handler.
+    pub signal: &'static EventFd,
+    /// Why each vCPU stopped.
+    pub stops: Receiver<(u8, VcpuStop)>,
+    /// Failed VMM threads.
+    pub failures: Arc<Failures>,
+    /// How the VM ended, once it has.
+    pub end: Option<VmEnd>,
+}
+
+impl MutEventSubscriber for EndEvents {
+    fn init(&mut self, ops: &mut EventOps) {
+        for fd in [
+            &self.reset,
+            &self.exit_port,
+            &self.vcpu_stopped,
+            self.signal,
+            &self.failures.event,
+        ] {
+            if let Err(e) = ops.add(Events::new(fd, EventSet::IN)) {
+                log::error!("cannot watch a VM event: {e:?}");
+            }
+        }
+    }
+
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        let fd = events.fd();
+        if fd == std::os::fd::AsRawFd::as_raw_fd(&self.reset) {
+            let _ = self.reset.read();
+            self.end.get_or_insert(VmEnd::Reset);
+        } else if fd == std::os::fd::AsRawFd::as_raw_fd(&self.exit_port) {
+            if let Ok(counter) = self.exit_port.read() {
+                self.end
+                    .get_or_insert(VmEnd::GuestStatus(ExitPort::status_of(counter)));
+            }
+        } else if fd == self.failures.event.as_raw_fd() {
+            let _ = self.failures.event.read();
+            if let Some(why) = self.failures.first() {
+                self.end.get_or_insert(VmEnd::VmmFailure(why));
+            }
+        } else if fd == std::os::fd::AsRawFd::as_raw_fd(self.signal) {
+            let _ = self.signal.read();
+            let num = signals::received().unwrap_or(libc::SIGTERM);
+            self.end.get_or_insert(VmEnd::Signal(num));
+        } else {
+            let _ = self.vcpu_stopped.read();
+            while let Ok((id, why)) = self.stops.try_recv() {
+                log::info!("vCPU {id} stopped: {why:?}");
+                let end = match why {
+                    VcpuStop::Requested => continue,
+                    VcpuStop::PowerOff => VmEnd::PowerOff,
+                    VcpuStop::Reset => VmEnd::Reset,
+                    VcpuStop::Crash { exit, rip } => VmEnd::GuestCrash { exit, rip },
+                    VcpuStop::Fatal { exit, rip } => VmEnd::Fatal { exit, rip },
+                };
+                self.end.get_or_insert(end);
+            }
+        }
+    }
+}
+
+fn eventfd() -> Result<EventFd, MachineError> {
+    EventFd::new(libc::EFD_NONBLOCK).map_err(|e| MachineError::Events(format!("{e:?}")))
+}
+
+/// The SIGINT/SIGTERM eventfd: one per process, as the handlers are.
+pub fn signal_event() -> Result<&'static EventFd, MachineError> {
+    static SIGNAL_EVENT: OnceLock<EventFd> = OnceLock::new();
+    if let Some(fd) = SIGNAL_EVENT.get() {
+        return Ok(fd);
+    }
+    let fd = eventfd()?;
+    let fd = SIGNAL_EVENT.get_or_init(move || fd);
+    signals::install(fd).map_err(MachineError::Signals)?;
+    Ok(fd)
+}
