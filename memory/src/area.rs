@@ -13,7 +13,9 @@
 use vm_memory::mmap::{MmapRegion, MmapRegionBuilder};
 use vm_memory::GuestAddress;
 
-use crate::region::{advise_huge_pages, check_geometry, RegionError, ANONYMOUS_MAPPING};
+use crate::region::{
+    advise_huge_pages, advise_no_dump, check_geometry, RegionError, ANONYMOUS_MAPPING,
+};
 
 /// A stable, never reused area identifier.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -59,6 +61,7 @@ impl Area {
             .with_mmap_flags(ANONYMOUS_MAPPING)
             .build()
             .map_err(RegionError::Mmap)?;
+        advise_no_dump(mapping.as_ptr(), len, &id);
         advise_huge_pages(mapping.as_ptr(), len, &id);
         Ok(Area {
             id,

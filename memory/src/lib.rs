@@ -52,4 +52,4 @@ pub use slots::{MemorySlots, NoSlots, SlotError, SlotMapping};
 pub use sync::Deadline;
 pub use table::{LookupError, RegionTable, TableConfig, TableError};
 #[cfg(not(loom))]
-pub use uffd::{FaultHandler, FaultStats, FaultThreadHooks};
+pub use uffd::{FaultHandler, FaultStats, ThreadHooks};

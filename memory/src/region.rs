@@ -215,6 +215,18 @@ pub(crate) fn advise_huge_pages(addr: *mut u8, len: usize, owner: &dyn std::fmt:
     }
 }
 
+/// Keeps guest memory out of core dumps: it is the guest's data (keys, customer data),
+/// not the VMM's, and can be gigabytes.
+pub(crate) fn advise_no_dump(addr: *mut u8, len: usize, owner: &dyn std::fmt::Display) {
+    // SAFETY: MADV_DONTDUMP only changes what a core dump holds, never the contents.
+    if unsafe { libc::madvise(addr.cast(), len, libc::MADV_DONTDUMP) } != 0 {
+        log::warn!(
+            "{owner}: guest memory may appear in core dumps: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
 fn host_err(call: &'static str) -> RegionError {
     RegionError::Host {
         call,
@@ -285,8 +297,9 @@ impl Region {
         // A region in an area leaves its part of the area's memory inaccessible: the
         // table opens it once lazy population is set up (`RegionTable::insert`).
         if region.area.is_none() {
+            let (addr, len) = region.host_range(0, capacity);
+            advise_no_dump(addr.cast(), len, &id);
             if matches!(region.backing, Backing::Anonymous) {
-                let (addr, len) = region.host_range(0, capacity);
                 advise_huge_pages(addr.cast(), len, &id);
             }
             // Memory beyond the size is reserved but inaccessible until the region grows.

@@ -55,8 +55,9 @@ struct Shared {
     stop: EventFd,
 }
 
-/// What the VMM gives the fault-handler thread.
-pub struct FaultThreadHooks {
+/// What the VMM gives a thread it does not start itself (the fault handler; the VMM's
+/// own control socket uses it too).
+pub struct ThreadHooks {
     /// Run first on the thread (the VMM installs its seccomp filter there); an error ends
     /// the thread, reported through `died`.
     pub confine: Box<dyn FnOnce() -> Result<(), String> + Send>,
@@ -64,10 +65,10 @@ pub struct FaultThreadHooks {
     pub died: Box<dyn FnOnce(String) + Send>,
 }
 
-impl Default for FaultThreadHooks {
+impl Default for ThreadHooks {
     /// Unconfined; a death is logged.
     fn default() -> Self {
-        FaultThreadHooks {
+        ThreadHooks {
             confine: Box::new(|| Ok(())),
             died: Box::new(|why| log::error!("{why}")),
         }
@@ -94,13 +95,13 @@ impl FaultHandler {
     /// `KVM_RUN` are served too; that needs root or `CAP_SYS_PTRACE`) and starts the
     /// handler thread.
     pub fn start() -> Result<Arc<FaultHandler>, LazyError> {
-        Self::start_with(FaultThreadHooks::default())
+        Self::start_with(ThreadHooks::default())
     }
 
     /// Like [`FaultHandler::start`], with `hooks` run on the handler thread: `confine`
     /// first, and `died` if the thread ends before the handler is dropped (a failed
     /// poll, a failed confinement), after which lazy memory is not filled any more.
-    pub fn start_with(hooks: FaultThreadHooks) -> Result<Arc<FaultHandler>, LazyError> {
+    pub fn start_with(hooks: ThreadHooks) -> Result<Arc<FaultHandler>, LazyError> {
         let uffd = UffdBuilder::new()
             .close_on_exec(true)
             .non_blocking(true)
@@ -120,7 +121,7 @@ impl FaultHandler {
         let thread = std::thread::Builder::new()
             .name("kite-uffd".into())
             .spawn(move || {
-                let FaultThreadHooks { confine, died } = hooks;
+                let ThreadHooks { confine, died } = hooks;
                 let result = confine().and_then(|()| worker.serve());
                 if let Err(why) = result {
                     died(format!("the userfaultfd fault handler stopped: {why}"));

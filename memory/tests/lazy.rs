@@ -177,7 +177,7 @@ fn registry_splits_on_remove_and_replaces_overlaps_on_add() {
 #[test]
 fn a_fault_handler_that_cannot_start_serving_reports_its_death() {
     let (tx, rx) = std::sync::mpsc::channel();
-    let hooks = memory::FaultThreadHooks {
+    let hooks = memory::ThreadHooks {
         confine: Box::new(|| Err("no filter".into())),
         died: Box::new(move |why| {
             let _ = tx.send(why);

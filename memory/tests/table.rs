@@ -844,9 +844,9 @@ fn lookups_find_the_right_region_among_many() {
     }
 }
 
-/// The `THPeligible` line of the mapping holding `host_addr` in this process's smaps
-/// (the kernel may have merged it with a neighbour).
-fn thp_eligible(host_addr: u64) -> Option<bool> {
+/// The value of line `field` (e.g. `THPeligible:`) of the mapping holding `host_addr` in
+/// this process's smaps (the kernel may have merged it with a neighbour).
+fn smaps_field(host_addr: u64, field: &str) -> Option<String> {
     let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
     let mut in_mapping = false;
     for line in smaps.lines() {
@@ -860,12 +860,68 @@ fn thp_eligible(host_addr: u64) -> Option<bool> {
             }
         }
         if in_mapping {
-            if let Some(v) = line.strip_prefix("THPeligible:") {
-                return Some(v.trim() == "1");
+            if let Some(v) = line.strip_prefix(field) {
+                return Some(v.trim().to_string());
             }
         }
     }
     None
+}
+
+fn thp_eligible(host_addr: u64) -> Option<bool> {
+    smaps_field(host_addr, "THPeligible:").map(|v| v == "1")
+}
+
+/// Guest memory is left out of core dumps (`dd` among the mapping's flags): regions of
+/// every backing, and hotplug areas.
+#[test]
+fn guest_memory_is_left_out_of_core_dumps() {
+    let table = RegionTable::default();
+    table
+        .insert(RegionSpec::anonymous(GuestAddress(0), 2 * MIB), None)
+        .unwrap();
+    table
+        .insert(
+            RegionSpec {
+                start: GuestAddress(4 * MIB),
+                size: 2 * MIB,
+                capacity: 2 * MIB,
+                backing: Backing::Memfd,
+            },
+            None,
+        )
+        .unwrap();
+    table
+        .reserve_area(GuestAddress(1 << 30), 8 * MIB, None)
+        .unwrap();
+    let hosts: Vec<u64> = [0, 4 * MIB]
+        .iter()
+        .map(|a| {
+            table
+                .lock_region(GuestAddress(*a), None)
+                .unwrap()
+                .region()
+                .host_addr()
+        })
+        .collect();
+    for host in hosts {
+        let flags = smaps_field(host, "VmFlags:").expect("the mapping is in smaps");
+        assert!(
+            flags.split_whitespace().any(|f| f == "dd"),
+            "{host:#x}: {flags}"
+        );
+    }
+    let id = table
+        .insert(RegionSpec::anonymous(GuestAddress(1 << 30), 2 * MIB), None)
+        .unwrap();
+    let host = table
+        .lock_region(GuestAddress(1 << 30), None)
+        .unwrap()
+        .region()
+        .host_addr();
+    let flags = smaps_field(host, "VmFlags:").expect("the area is in smaps");
+    assert!(flags.split_whitespace().any(|f| f == "dd"), "area: {flags}");
+    table.remove(id, None).unwrap();
 }
 
 #[test]

@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::config::{ConfigError, CpusConfig, DiskConfig, MemoryConfig, VmConfig};
 use crate::end::VmEnd;
 use crate::machine::{self, Blame, HotplugSpec, MachineSpec};
+use crate::seccomp::SeccompMode;
 
 /// Exit codes of `kite`.
 pub mod exit {
@@ -24,6 +25,11 @@ pub mod exit {
     pub const GUEST_CRASH: i32 = 4;
     /// The guest reported failure on the test exit port (0xf4).
     pub const GUEST_FAILURE: i32 = 5;
+    /// A Kite thread made a system call its seccomp filter does not allow: Kite stopped
+    /// at once (`--seccomp=on`).
+    pub const BAD_SYSCALL: i32 = 6;
+    /// The VM ran longer than `--timeout` and was stopped.
+    pub const TIMEOUT: i32 = 124;
     /// Stopped by signal N (SIGINT, SIGTERM): 128 + N.
     pub const SIGNAL_BASE: i32 = 128;
 }
@@ -104,6 +110,23 @@ struct RunArgs {
     /// JSON configuration mirroring these flags; flags given as well override it.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
+    /// Confine each thread with its seccomp filter: on (a forbidden system call ends
+    /// Kite, exit 6), log (the kernel logs it), off.
+    #[arg(long, value_name = "on|log|off", default_value = "on")]
+    seccomp: SeccompMode,
+    /// Stop the VM after this many seconds (exit 124), so a guest that neither
+    /// finishes nor crashes cannot hold a CI job for ever.
+    #[arg(long, value_name = "SECONDS", value_parser = parse_timeout)]
+    timeout: Option<std::time::Duration>,
+}
+
+/// `--timeout`: whole seconds, 1 to a year.
+fn parse_timeout(s: &str) -> Result<std::time::Duration, String> {
+    const YEAR: u64 = 365 * 24 * 3600;
+    match s.parse::<u64>() {
+        Ok(n) if (1..=YEAR).contains(&n) => Ok(std::time::Duration::from_secs(n)),
+        _ => Err(format!("'{s}' is not a number of seconds from 1 to {YEAR}")),
+    }
 }
 
 /// The kernel command line without `--cmdline`.
@@ -316,6 +339,8 @@ fn run(args: RunArgs) -> i32 {
             requested: config.memory.hotplugged_size.map_or(0, |s| s.bytes()),
         }),
         api_socket: args.api_socket.as_deref(),
+        seccomp: args.seccomp,
+        timeout: args.timeout,
         console: Box::new(std::io::stdout()),
     };
     let rip = |rip: Option<u64>| rip.map_or_else(|| "unknown".into(), |r| format!("{r:#x}"));
@@ -354,6 +379,13 @@ fn run(args: RunArgs) -> i32 {
             eprintln!("kite: the VM stopped: {what} at guest RIP {}", rip(at));
             exit::VMM_ERROR
         }
+        Ok(VmEnd::Timeout(after)) => {
+            eprintln!(
+                "kite: the VM ran longer than --timeout {}; stopped",
+                after.as_secs()
+            );
+            exit::TIMEOUT
+        }
         Ok(VmEnd::VmmFailure(why)) => {
             eprintln!("kite: the VMM failed: {why}");
             exit::VMM_ERROR
@@ -373,8 +405,23 @@ fn run(args: RunArgs) -> i32 {
     }
 }
 
+/// A panic anywhere ends Kite with exit 1 and the panic's message: a VM whose vCPU or
+/// device thread died must not stay half alive. (Release builds abort on a panic
+/// anyway; this gives the message and the documented code first.)
+fn install_panic_hook() {
+    std::panic::set_hook(Box::new(|info| {
+        let thread = std::thread::current();
+        let name = thread.name().unwrap_or("unnamed");
+        eprintln!("kite: thread {name} panicked: {info}");
+        crate::console::restore_terminal_from_signal_handler();
+        // SAFETY: _exit ends the process at once: nothing runs on after a panic.
+        unsafe { libc::_exit(exit::VMM_ERROR) };
+    }));
+}
+
 /// Runs `kite` with the process's arguments; returns the exit code.
 pub fn main() -> i32 {
+    install_panic_hook();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) if !e.use_stderr() => {

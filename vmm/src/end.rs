@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use devices::legacy::ExitPort;
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::timerfd::TimerFd;
 
 use crate::machine::MachineError;
 use crate::signals;
@@ -41,6 +42,8 @@ pub enum VmEnd {
     },
     /// The VMM was asked to stop by a signal.
     Signal(i32),
+    /// The VM ran longer than `--timeout`.
+    Timeout(std::time::Duration),
     /// A thread of the VMM other than a vCPU failed (a device thread or the fault
     /// handler died): the VM cannot go on.
     VmmFailure(String),
@@ -100,6 +103,8 @@ pub struct EndEvents {
     pub stops: Receiver<(u8, VcpuStop)>,
     /// Failed VMM threads.
     pub failures: Arc<Failures>,
+    /// Fires when the VM has run for `--timeout`, with that duration.
+    pub timeout: Option<(TimerFd, std::time::Duration)>,
     /// How the VM ended, once it has.
     pub end: Option<VmEnd>,
 }
@@ -117,6 +122,11 @@ impl MutEventSubscriber for EndEvents {
                 log::error!("cannot watch a VM event: {e:?}");
             }
         }
+        if let Some((timer, _)) = &self.timeout {
+            if let Err(e) = ops.add(Events::new(timer, EventSet::IN)) {
+                log::error!("cannot watch the --timeout timer: {e:?}");
+            }
+        }
     }
 
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
@@ -129,6 +139,11 @@ impl MutEventSubscriber for EndEvents {
                 self.end
                     .get_or_insert(VmEnd::GuestStatus(ExitPort::status_of(counter)));
             }
+        } else if let Some((timer, after)) =
+            self.timeout.as_mut().filter(|(t, _)| t.as_raw_fd() == fd)
+        {
+            let _ = timer.wait();
+            self.end.get_or_insert(VmEnd::Timeout(*after));
         } else if fd == self.failures.event.as_raw_fd() {
             let _ = self.failures.event.read();
             if let Some(why) = self.failures.first() {

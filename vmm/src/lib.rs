@@ -10,5 +10,6 @@ pub mod console;
 pub mod end;
 pub mod logger;
 pub mod machine;
+pub mod seccomp;
 pub mod signals;
 pub mod vstate;

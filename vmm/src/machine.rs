@@ -20,11 +20,12 @@ use devices::virtio::rng::Rng;
 use devices::virtio::{Interrupt, MmioTransport, VirtioDevice};
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use memory::{
-    FaultHandler, FaultThreadHooks, GuardedMemory, LazyPages, RegionSpec, RegionTable, TableConfig,
+    FaultHandler, GuardedMemory, LazyPages, RegionSpec, RegionTable, TableConfig, ThreadHooks,
 };
 use vm_device::bus::{MmioAddress, MmioRange, PioAddress, PioRange};
 use vm_device::device_manager::{IoManager, MmioManager, PioManager};
 use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::timerfd::TimerFd;
 
 use crate::api::{ApiContext, ApiError, ApiServer};
 use crate::arch::x86_64::boot::{self, BootError, BootSpec};
@@ -32,6 +33,7 @@ use crate::arch::x86_64::layout;
 use crate::config::{DiskConfig, HotplugBacking};
 use crate::console::{ConsoleInput, ConsoleOutput, RawTerminal};
 use crate::end::{signal_event, EndEvents, Failures, VmEnd};
+use crate::seccomp::{Confinement, SeccompError, SeccompMode, ThreadKind};
 use crate::vstate::vcpu::{install_kick_handler, Vcpu, VcpuError};
 use crate::vstate::vm::{Vm, VmError};
 
@@ -79,6 +81,9 @@ pub enum MachineError {
     /// A device thread could not be started.
     #[error("cannot start a device: {0}")]
     Device(devices::virtio::ActivateError),
+    /// The seccomp filters could not be built or installed.
+    #[error(transparent)]
+    Seccomp(#[from] SeccompError),
     /// A VM without vCPUs.
     #[error("a VM needs at least one vCPU")]
     NoVcpus,
@@ -133,6 +138,10 @@ pub struct MachineSpec<'a> {
     pub hotplug: Option<HotplugSpec>,
     /// Where to serve the control socket, if anywhere.
     pub api_socket: Option<&'a Path>,
+    /// What the threads' seccomp filters do.
+    pub seccomp: SeccompMode,
+    /// How long the VM may run.
+    pub timeout: Option<Duration>,
     /// Guest console output.
     pub console: Box<dyn Write + Send>,
 }
@@ -220,16 +229,44 @@ pub fn run(spec: MachineSpec<'_>) -> Result<VmEnd, MachineError> {
     if spec.cpus == 0 {
         return Err(MachineError::NoVcpus);
     }
+    // No process Kite starts may gain privileges (set-user-id files, file capabilities);
+    // the seccomp filters need this too.
+    // SAFETY: prctl(PR_SET_NO_NEW_PRIVS, 1) takes no pointers and only ever restricts.
+    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+        return Err(MachineError::Events(format!(
+            "PR_SET_NO_NEW_PRIVS: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
     let signal = signal_event()?;
     install_kick_handler()?;
     let vm = Vm::new()?;
     vm.check_vcpu_count(u32::from(spec.cpus))?;
     let failures = Arc::new(Failures::new().map_err(event_error)?);
+    let confinement = Confinement::new(spec.seccomp)?;
     let threads = ThreadContext {
-        confine: Arc::new(|_| Ok(())),
+        confine: {
+            let confinement = Arc::clone(&confinement);
+            Arc::new(move |device_type| {
+                let kind = ThreadKind::of_device(device_type)
+                    .ok_or_else(|| format!("no seccomp filter for device type {device_type}"))?;
+                confinement.confine(kind).map_err(|e| e.to_string())
+            })
+        },
         died: {
             let failures = Arc::clone(&failures);
             Arc::new(move |why| failures.report(why))
+        },
+    };
+    // Hooks of a thread of kind `kind` started by another crate.
+    let hooks = |kind: ThreadKind| ThreadHooks {
+        confine: {
+            let confinement = Arc::clone(&confinement);
+            Box::new(move || confinement.confine(kind).map_err(|e| e.to_string()))
+        },
+        died: {
+            let failures = Arc::clone(&failures);
+            Box::new(move |why| failures.report(why))
         },
     };
 
@@ -238,13 +275,7 @@ pub fn run(spec: MachineSpec<'_>) -> Result<VmEnd, MachineError> {
         Some(HotplugSpec {
             backing: HotplugBacking::Lazy,
             ..
-        }) => Some(FaultHandler::start_with(FaultThreadHooks {
-            confine: Box::new(|| Ok(())),
-            died: {
-                let failures = Arc::clone(&failures);
-                Box::new(move |why| failures.report(why))
-            },
-        })?),
+        }) => Some(FaultHandler::start_with(hooks(ThreadKind::FaultHandler))?),
         _ => None,
     };
     let table = Arc::new(RegionTable::new(
@@ -305,6 +336,7 @@ pub fn run(spec: MachineSpec<'_>) -> Result<VmEnd, MachineError> {
                     hotplug,
                     faults,
                 },
+                hooks(ThreadKind::Api),
             )
         })
         .transpose()?;
@@ -378,6 +410,14 @@ pub fn run(spec: MachineSpec<'_>) -> Result<VmEnd, MachineError> {
         signal,
         stops,
         failures,
+        timeout: spec
+            .timeout
+            .map(|after| -> Result<_, MachineError> {
+                let mut timer = TimerFd::new().map_err(event_error)?;
+                timer.reset(after, None).map_err(event_error)?;
+                Ok((timer, after))
+            })
+            .transpose()?,
         end: None,
     }));
     events.add_subscriber(end_events.clone());
@@ -392,7 +432,12 @@ pub fn run(spec: MachineSpec<'_>) -> Result<VmEnd, MachineError> {
     let mut started = Ok(());
     for vcpu in vcpus {
         let event = vcpu_stopped.try_clone().map_err(event_error)?;
-        match vcpu.start(Arc::clone(&stop), stops_tx.clone(), event) {
+        match vcpu.start(
+            Arc::clone(&stop),
+            stops_tx.clone(),
+            event,
+            Arc::clone(&confinement),
+        ) {
             Ok(handle) => handles.push(handle),
             Err(e) => {
                 started = Err(e);
@@ -400,17 +445,22 @@ pub fn run(spec: MachineSpec<'_>) -> Result<VmEnd, MachineError> {
             }
         }
     }
-    let result = started.map_err(MachineError::from).and_then(|()| loop {
-        events.run().map_err(event_error)?;
-        if let Some(end) = end_events
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .end
-            .take()
-        {
-            break Ok(end);
-        }
-    });
+    // Every thread exists now: the main thread confines itself last (a thread keeps the
+    // filter it was created with).
+    let result = started
+        .map_err(MachineError::from)
+        .and_then(|()| Ok(confinement.confine(ThreadKind::Main)?))
+        .and_then(|()| loop {
+            events.run().map_err(event_error)?;
+            if let Some(end) = end_events
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .end
+                .take()
+            {
+                break Ok(end);
+            }
+        });
     stop.store(true, Ordering::Release);
     let deadline = Instant::now() + VCPU_STOP_DEADLINE;
     for handle in handles {

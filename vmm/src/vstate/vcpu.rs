@@ -20,6 +20,7 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 use super::vm::{Vm, VmError};
 use crate::arch::x86_64::cpuid;
 use crate::arch::x86_64::regs::{self, BootEntry, RegsError};
+use crate::seccomp::{Confinement, ThreadKind};
 
 /// Errors creating a vCPU.
 #[derive(Debug, thiserror::Error)]
@@ -125,6 +126,7 @@ impl Vcpu {
         stop: Arc<AtomicBool>,
         stopped: Sender<(u8, VcpuStop)>,
         stop_event: EventFd,
+        confinement: Arc<Confinement>,
     ) -> Result<VcpuHandle, VcpuError> {
         let id = self.id;
         let spawn_error = |source| VcpuError::Spawn { id, source };
@@ -134,7 +136,13 @@ impl Vcpu {
             .name(format!("kite_vcpu{id}"))
             .spawn(move || {
                 let _exit_signal = exit_signal;
-                let why = self.run(&stop);
+                let why = match confinement.confine(ThreadKind::Vcpu) {
+                    Ok(()) => self.run(&stop),
+                    Err(e) => VcpuStop::Fatal {
+                        exit: e.to_string(),
+                        rip: None,
+                    },
+                };
                 log::debug!("vCPU {id} stopped: {why:?}");
                 // The receiver is gone only when the VMM is already shutting down.
                 let _ = stopped.send((id, why));

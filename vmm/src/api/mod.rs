@@ -1,5 +1,5 @@
 //! The control socket (`--api-socket PATH`): a Unix socket, mode 0600, served by its own
-//! thread. One JSON request per connection, one JSON line back:
+//! thread ([`server`]). One JSON request per connection, one JSON line back:
 //!
 //! - `{"command": "info"}` → `{"ok": true, "memory": {...}, "region_table": {...}}`
 //! - `{"command": "resize", "memory": "2G"}` (total guest memory, boot RAM included) →
@@ -7,26 +7,23 @@
 //!
 //! Malformed, unknown or oversized requests get an error reply; the VM is unaffected.
 
+mod server;
+
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use devices::virtio::mem::MemControl;
 use memory::RegionTable;
 use serde_json::{json, Value};
-use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::Size;
+pub use server::{ApiServer, CLIENT_DEADLINE};
 
 /// Largest request read.
 pub const MAX_REQUEST: u64 = 64 << 10;
-/// Longest a client may take to send its request.
-const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Errors starting the control socket.
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +39,9 @@ pub enum ApiError {
     /// Something other than a stale socket is at the path.
     #[error("--api-socket {0}: the path exists and is not a socket")]
     Exists(PathBuf),
+    /// A live socket is at the path: another VM's, or another program's.
+    #[error("--api-socket {0}: another process is listening there")]
+    InUse(PathBuf),
 }
 
 /// What the control socket reports on and acts on.
@@ -56,118 +56,7 @@ pub struct ApiContext {
     pub faults: Option<Arc<memory::FaultHandler>>,
 }
 
-/// The running control socket; stopped (and its file removed) when dropped.
-pub struct ApiServer {
-    path: PathBuf,
-    stop: EventFd,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl std::fmt::Debug for ApiServer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ApiServer")
-            .field("path", &self.path)
-            .finish()
-    }
-}
-
-impl ApiServer {
-    /// Listens on `path` (mode 0600; a stale socket there is replaced).
-    pub fn start(path: &Path, context: ApiContext) -> Result<ApiServer, ApiError> {
-        let socket_error = |source| ApiError::Socket {
-            path: path.to_path_buf(),
-            source,
-        };
-        if let Ok(meta) = std::fs::symlink_metadata(path) {
-            if !meta.file_type().is_socket() {
-                return Err(ApiError::Exists(path.to_path_buf()));
-            }
-            std::fs::remove_file(path).map_err(socket_error)?;
-        }
-        let listener = UnixListener::bind(path).map_err(socket_error)?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-            .map_err(socket_error)?;
-        let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(socket_error)?;
-        let stop_seen = stop.try_clone().map_err(socket_error)?;
-        let thread = std::thread::Builder::new()
-            .name("kite_api".into())
-            .spawn(move || serve(listener, stop_seen, context))
-            .map_err(socket_error)?;
-        Ok(ApiServer {
-            path: path.to_path_buf(),
-            stop,
-            thread: Some(thread),
-        })
-    }
-}
-
-impl Drop for ApiServer {
-    fn drop(&mut self) {
-        if self.stop.write(1).is_ok() {
-            if let Some(thread) = self.thread.take() {
-                let _ = thread.join();
-            }
-        }
-        let _ = std::fs::remove_file(&self.path);
-    }
-}
-
-/// Waits for a connection or the stop event; true for a connection.
-fn wait_for_client(listener: &UnixListener, stop: &EventFd) -> bool {
-    let mut fds = [
-        libc::pollfd {
-            fd: listener.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-        libc::pollfd {
-            fd: stop.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-    ];
-    loop {
-        // SAFETY: `fds` is an array of two valid pollfd structures, its length given.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
-        if n < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
-            continue;
-        }
-        return n > 0 && fds[1].revents == 0;
-    }
-}
-
-fn serve(listener: UnixListener, stop: EventFd, context: ApiContext) {
-    while wait_for_client(&listener, &stop) {
-        match listener.accept() {
-            Ok((stream, _)) => {
-                if let Err(e) = answer(stream, &context) {
-                    log::debug!("control socket: {e}");
-                }
-            }
-            Err(e) => log::warn!("control socket: accept: {e}"),
-        }
-    }
-}
-
-fn answer(stream: UnixStream, context: &ApiContext) -> std::io::Result<()> {
-    stream.set_read_timeout(Some(CLIENT_TIMEOUT))?;
-    stream.set_write_timeout(Some(CLIENT_TIMEOUT))?;
-    let mut line = Vec::new();
-    BufReader::new((&stream).take(MAX_REQUEST + 1)).read_until(b'\n', &mut line)?;
-    let reply = if line.len() as u64 > MAX_REQUEST {
-        error(format!("request larger than {MAX_REQUEST} bytes"))
-    } else {
-        match serde_json::from_slice::<Value>(&line) {
-            Ok(request) => handle(&request, context),
-            Err(e) => error(format!("not JSON: {e}")),
-        }
-    };
-    let mut out = serde_json::to_vec(&reply).unwrap_or_default();
-    out.push(b'\n');
-    (&stream).write_all(&out)
-}
-
-fn error(message: String) -> Value {
+pub(crate) fn error(message: String) -> Value {
     json!({"ok": false, "error": message})
 }
 
@@ -271,7 +160,11 @@ pub fn call(path: &Path, request: &Value, timeout: Duration) -> std::io::Result<
     stream.set_write_timeout(Some(timeout))?;
     let mut line = serde_json::to_vec(request)?;
     line.push(b'\n');
-    (&stream).write_all(&line)?;
+    match (&stream).write_all(&line) {
+        // The server may answer (a refusal) before it has read the whole request.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+        other => other?,
+    }
     let mut reply = Vec::new();
     BufReader::new((&stream).take(1 << 20)).read_until(b'\n', &mut reply)?;
     Ok(serde_json::from_slice(&reply)?)

@@ -1,0 +1,251 @@
+//! The allow-list of each kind of Kite thread: the system calls it makes once confined,
+//! found by tracing every test scenario and reviewed by hand. Anything else ends the
+//! process (see `super`). Arguments are checked where a call could do much more than
+//! the thread needs: `ioctl` requests, no executable memory from `mmap` and `mprotect`.
+
+use std::collections::BTreeMap;
+
+use seccompiler::{
+    SeccompCmpArgLen as Len, SeccompCmpOp as Op, SeccompCondition as Cond, SeccompRule,
+};
+use vmm_sys_util::ioctl::{ioctl_expr, _IOC_NONE, _IOC_READ, _IOC_WRITE};
+
+use super::ThreadKind;
+
+/// System-call rules: calls allowed whatever their arguments (an empty list), or when one
+/// of the rules matches.
+pub type Rules = BTreeMap<i64, Vec<SeccompRule>>;
+
+const KVMIO: u32 = 0xae;
+const UFFDIO: u32 = 0xaa;
+
+/// `_IOC` with the size of `T`.
+const fn ioc<T>(dir: u32, ty: u32, nr: u32) -> u64 {
+    ioctl_expr(dir, ty, nr, std::mem::size_of::<T>() as u32) as u64
+}
+
+/// `KVM_RUN`.
+pub const KVM_RUN: u64 = ioctl_expr(_IOC_NONE, KVMIO, 0x80, 0) as u64;
+/// `KVM_GET_REGS` (a crashed vCPU's RIP).
+pub const KVM_GET_REGS: u64 = ioc::<kvm_bindings::kvm_regs>(_IOC_READ, KVMIO, 0x81);
+/// `KVM_SET_USER_MEMORY_REGION` (slots removed as guest memory is torn down).
+pub const KVM_SET_USER_MEMORY_REGION: u64 =
+    ioc::<kvm_bindings::kvm_userspace_memory_region>(_IOC_WRITE, KVMIO, 0x46);
+/// `UFFDIO_REGISTER` (`struct uffdio_register`: a range and two u64s).
+pub const UFFDIO_REGISTER: u64 = ioctl_expr(_IOC_READ | _IOC_WRITE, UFFDIO, 0x00, 32) as u64;
+/// `UFFDIO_UNREGISTER` (`struct uffdio_range`).
+pub const UFFDIO_UNREGISTER: u64 = ioctl_expr(_IOC_READ, UFFDIO, 0x01, 16) as u64;
+/// `UFFDIO_WAKE` (`struct uffdio_range`).
+pub const UFFDIO_WAKE: u64 = ioctl_expr(_IOC_READ, UFFDIO, 0x02, 16) as u64;
+/// `UFFDIO_COPY` (`struct uffdio_copy`).
+pub const UFFDIO_COPY: u64 = ioctl_expr(_IOC_READ | _IOC_WRITE, UFFDIO, 0x03, 40) as u64;
+/// `UFFDIO_ZEROPAGE` (`struct uffdio_zeropage`).
+pub const UFFDIO_ZEROPAGE: u64 = ioctl_expr(_IOC_READ | _IOC_WRITE, UFFDIO, 0x04, 32) as u64;
+/// `TCSETS`: the terminal put back as it was, on the way out.
+pub const TCSETS: u64 = 0x5402;
+
+fn cond(arg: u8, op: Op, value: u64) -> Cond {
+    Cond::new(arg, Len::Qword, op, value).expect("a valid condition")
+}
+
+fn rule(conditions: Vec<Cond>) -> SeccompRule {
+    SeccompRule::new(conditions).expect("a rule with conditions")
+}
+
+/// `ioctl` with one of `requests`.
+fn ioctls(requests: &[u64]) -> Vec<SeccompRule> {
+    requests
+        .iter()
+        .map(|r| rule(vec![cond(1, Op::Eq, *r)]))
+        .collect()
+}
+
+/// Calls allowed with any arguments.
+fn allow(rules: &mut Rules, calls: &[i64]) {
+    for call in calls {
+        rules.entry(*call).or_default();
+    }
+}
+
+/// What every thread does: allocate and free memory (never executable), lock (futex),
+/// log (write), drop descriptors, take random seeds, read clocks, handle signals (the
+/// vCPU kick), end; and put the terminal back (`ioctl(0, TCSETS)`).
+fn common() -> Rules {
+    let mut rules = Rules::new();
+    allow(
+        &mut rules,
+        &[
+            libc::SYS_brk,
+            libc::SYS_munmap,
+            libc::SYS_mremap,
+            libc::SYS_madvise,
+            libc::SYS_futex,
+            libc::SYS_sched_yield,
+            libc::SYS_write,
+            libc::SYS_close,
+            libc::SYS_getrandom,
+            libc::SYS_clock_gettime,
+            libc::SYS_gettid,
+            libc::SYS_getpid,
+            libc::SYS_rt_sigreturn,
+            libc::SYS_rt_sigprocmask,
+            libc::SYS_sigaltstack,
+            libc::SYS_exit,
+            libc::SYS_exit_group,
+        ],
+    );
+    let not_executable = || vec![rule(vec![cond(2, Op::MaskedEq(libc::PROT_EXEC as u64), 0)])];
+    rules.insert(libc::SYS_mmap, not_executable());
+    rules.insert(libc::SYS_mprotect, not_executable());
+    rules.insert(
+        libc::SYS_ioctl,
+        vec![rule(vec![
+            cond(0, Op::Eq, libc::STDIN_FILENO as u64),
+            cond(1, Op::Eq, TCSETS),
+        ])],
+    );
+    // The standard library checks that a descriptor it takes over is open (debug builds).
+    add_fcntls(&mut rules, &[libc::F_GETFD]);
+    rules
+}
+
+/// Adds `commands` to the thread's allowed `fcntl`s.
+fn add_fcntls(rules: &mut Rules, commands: &[libc::c_int]) {
+    rules.entry(libc::SYS_fcntl).or_default().extend(
+        commands
+            .iter()
+            .map(|c| rule(vec![cond(1, Op::Eq, *c as u64)])),
+    );
+}
+
+/// Adds `requests` to the thread's allowed `ioctl`s.
+fn add_ioctls(rules: &mut Rules, requests: &[u64]) {
+    rules
+        .entry(libc::SYS_ioctl)
+        .or_default()
+        .extend(ioctls(requests));
+}
+
+/// An event loop (event-manager over epoll) reading eventfds.
+fn event_loop(rules: &mut Rules) {
+    allow(
+        rules,
+        &[
+            libc::SYS_epoll_create1,
+            libc::SYS_epoll_ctl,
+            libc::SYS_epoll_wait,
+            libc::SYS_epoll_pwait,
+            libc::SYS_read,
+        ],
+    );
+}
+
+/// The rules of threads of `kind`.
+pub fn rules(kind: ThreadKind) -> Rules {
+    let mut rules = common();
+    match kind {
+        ThreadKind::Vcpu => {
+            // KVM_RUN and its exits: port and MMIO accesses go to devices, which write
+            // eventfds (common), read them (a reset drains queue notifications), clone
+            // them for a device setup.
+            add_ioctls(&mut rules, &[KVM_RUN, KVM_GET_REGS]);
+            allow(&mut rules, &[libc::SYS_read]);
+            add_fcntls(&mut rules, &[libc::F_DUPFD_CLOEXEC]);
+        }
+        ThreadKind::Block => {
+            event_loop(&mut rules);
+            allow(
+                &mut rules,
+                &[
+                    libc::SYS_pread64,
+                    libc::SYS_pwrite64,
+                    libc::SYS_preadv,
+                    libc::SYS_pwritev,
+                    libc::SYS_fsync,
+                    libc::SYS_fdatasync,
+                ],
+            );
+        }
+        ThreadKind::Rng => event_loop(&mut rules),
+        ThreadKind::Mem => {
+            // Plugging and unplugging: regions opened and discarded inside the hotplug
+            // area (mprotect, madvise: common), lazy ones registered with userfaultfd.
+            event_loop(&mut rules);
+            add_ioctls(&mut rules, &[UFFDIO_REGISTER, UFFDIO_UNREGISTER]);
+            allow(&mut rules, &[libc::SYS_fallocate]);
+        }
+        ThreadKind::FaultHandler => {
+            allow(
+                &mut rules,
+                &[
+                    libc::SYS_poll,
+                    libc::SYS_ppoll,
+                    libc::SYS_read,
+                    libc::SYS_pread64,
+                ],
+            );
+            add_ioctls(&mut rules, &[UFFDIO_COPY, UFFDIO_ZEROPAGE, UFFDIO_WAKE]);
+        }
+        ThreadKind::Api => {
+            // Each client is served non-blocking, with a deadline.
+            add_ioctls(&mut rules, &[libc::FIONBIO]);
+            allow(
+                &mut rules,
+                &[
+                    libc::SYS_poll,
+                    libc::SYS_ppoll,
+                    libc::SYS_accept4,
+                    libc::SYS_read,
+                    libc::SYS_recvfrom,
+                    libc::SYS_sendto,
+                    libc::SYS_setsockopt,
+                    libc::SYS_getsockopt,
+                    libc::SYS_shutdown,
+                ],
+            );
+        }
+        ThreadKind::Main => {
+            // The event loop, console input, kicking and waiting for vCPUs, removing the
+            // control socket, tearing guest memory down (slots, lazy ranges).
+            event_loop(&mut rules);
+            allow(
+                &mut rules,
+                &[
+                    libc::SYS_tgkill,
+                    libc::SYS_poll,
+                    libc::SYS_ppoll,
+                    libc::SYS_unlink,
+                    libc::SYS_unlinkat,
+                    libc::SYS_newfstatat,
+                    libc::SYS_statx,
+                    libc::SYS_fstat,
+                    libc::SYS_fallocate,
+                    libc::SYS_shutdown,
+                ],
+            );
+            add_ioctls(
+                &mut rules,
+                &[KVM_SET_USER_MEMORY_REGION, UFFDIO_UNREGISTER, UFFDIO_WAKE],
+            );
+        }
+    }
+    rules
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ioctl_numbers_are_the_kernels() {
+        // From <linux/kvm.h>, <linux/userfaultfd.h>, <asm/ioctls.h>.
+        assert_eq!(KVM_RUN, 0xae80);
+        assert_eq!(KVM_GET_REGS, 0x8090_ae81);
+        assert_eq!(KVM_SET_USER_MEMORY_REGION, 0x4020_ae46);
+        assert_eq!(UFFDIO_REGISTER, 0xc020_aa00);
+        assert_eq!(UFFDIO_UNREGISTER, 0x8010_aa01);
+        assert_eq!(UFFDIO_WAKE, 0x8010_aa02);
+        assert_eq!(UFFDIO_COPY, 0xc028_aa03);
+        assert_eq!(UFFDIO_ZEROPAGE, 0xc020_aa04);
+    }
+}
