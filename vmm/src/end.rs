@@ -49,6 +49,48 @@ pub enum VmEnd {
     VmmFailure(String),
 }
 
+/// What a vCPU that KVM could not give memory ran into: memory the guest does not have
+/// (it touched an unplugged block: the guest's fault) or memory it has that the host
+/// could not back (the host's: out of memory, or a failed fault handler).
+pub struct GuestMemoryMap {
+    /// Guest memory.
+    pub table: Arc<memory::RegionTable>,
+    /// The hotplug area's guest-physical range, if there is one.
+    pub hotplug_area: Option<std::ops::Range<u64>>,
+}
+
+impl GuestMemoryMap {
+    /// How the VM ends when KVM could not reach the memory at `gpa` (if known).
+    pub fn memory_fault(&self, gpa: Option<u64>, rip: Option<u64>) -> VmEnd {
+        let in_area = |gpa: u64| self.hotplug_area.as_ref().is_some_and(|a| a.contains(&gpa));
+        let unplugged = match gpa {
+            Some(gpa) => {
+                in_area(gpa) && self.table.region_at(vm_memory::GuestAddress(gpa)).is_none()
+            }
+            // Without the address: the only memory a guest may lack is unplugged memory.
+            None => self.hotplug_area.is_some(),
+        };
+        let at = gpa.map_or_else(String::new, |gpa| format!(" at {gpa:#x}"));
+        if unplugged {
+            VmEnd::GuestCrash {
+                exit: format!(
+                    "guest accessed memory it does not have{at} (an unplugged block; it \
+                     promised not to, VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE)"
+                ),
+                rip,
+            }
+        } else {
+            VmEnd::Fatal {
+                exit: format!(
+                    "the host could not provide guest memory{at} (KVM_RUN failed with EFAULT: \
+                     out of memory?)"
+                ),
+                rip,
+            }
+        }
+    }
+}
+
 /// Failures of VMM threads other than vCPUs (a device thread or the fault handler that
 /// died): each is reported here, from any thread, and ends the VM.
 #[derive(Debug)]
@@ -103,6 +145,8 @@ pub struct EndEvents {
     pub stops: Receiver<(u8, VcpuStop)>,
     /// Failed VMM threads.
     pub failures: Arc<Failures>,
+    /// Guest memory's layout, to tell who is at fault when KVM cannot reach memory.
+    pub memory: GuestMemoryMap,
     /// Fires when the VM has run for `--timeout`, with that duration.
     pub timeout: Option<(TimerFd, std::time::Duration)>,
     /// How the VM ended, once it has.
@@ -163,6 +207,7 @@ impl MutEventSubscriber for EndEvents {
                     VcpuStop::Reset => VmEnd::Reset,
                     VcpuStop::Crash { exit, rip } => VmEnd::GuestCrash { exit, rip },
                     VcpuStop::Fatal { exit, rip } => VmEnd::Fatal { exit, rip },
+                    VcpuStop::NoMemory { gpa, rip } => self.memory.memory_fault(gpa, rip),
                 };
                 self.end.get_or_insert(end);
             }
@@ -184,4 +229,57 @@ pub fn signal_event() -> Result<&'static EventFd, MachineError> {
     let fd = SIGNAL_EVENT.get_or_init(move || fd);
     signals::install(fd).map_err(MachineError::Signals)?;
     Ok(fd)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use memory::RegionSpec;
+    use vm_memory::GuestAddress;
+
+    const GIB: u64 = 1 << 30;
+
+    #[test]
+    fn a_memory_fault_is_the_guests_only_in_unplugged_memory() {
+        let table = Arc::new(memory::RegionTable::default());
+        table
+            .insert(RegionSpec::anonymous(GuestAddress(0), 64 << 20), None)
+            .unwrap();
+        table
+            .reserve_area(GuestAddress(4 * GIB), GIB, None)
+            .unwrap();
+        table
+            .insert(RegionSpec::anonymous(GuestAddress(4 * GIB), 2 << 20), None)
+            .unwrap();
+        let map = GuestMemoryMap {
+            table: Arc::clone(&table),
+            hotplug_area: Some(4 * GIB..5 * GIB),
+        };
+        let guests = |end: &VmEnd| matches!(end, VmEnd::GuestCrash { .. });
+        assert!(
+            guests(&map.memory_fault(Some(4 * GIB + (4 << 20)), None)),
+            "unplugged"
+        );
+        assert!(
+            !guests(&map.memory_fault(Some(4 * GIB), None)),
+            "plugged: the host's"
+        );
+        assert!(
+            !guests(&map.memory_fault(Some(4096), None)),
+            "RAM: the host's"
+        );
+        assert!(
+            guests(&map.memory_fault(None, None)),
+            "unknown, with a hotplug area"
+        );
+        let no_hotplug = GuestMemoryMap {
+            table,
+            hotplug_area: None,
+        };
+        let end = no_hotplug.memory_fault(None, Some(0x1000));
+        assert!(
+            matches!(&end, VmEnd::Fatal { exit, rip: Some(0x1000) } if exit.contains("out of memory")),
+            "{end:?}"
+        );
+    }
 }

@@ -57,6 +57,27 @@ impl Log for Logger {
     }
 }
 
+/// Opens the log file for appending, refusing a symbolic link.
+fn open_log(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(|e| {
+            if e.raw_os_error() == Some(libc::ELOOP) {
+                std::io::Error::other(format!(
+                    "{} is a symbolic link; give the file itself",
+                    path.display()
+                ))
+            } else {
+                e
+            }
+        })
+}
+
 /// The level for `-v` given `verbosity` times: warnings, then info, debug, trace.
 pub fn level(verbosity: u8) -> LevelFilter {
     match verbosity {
@@ -67,15 +88,11 @@ pub fn level(verbosity: u8) -> LevelFilter {
     }
 }
 
-/// Installs the logger. `file` is appended to, created if missing.
+/// Installs the logger. `file` is appended to, created if missing; a symbolic link there
+/// is refused, so that Kite (often root) is never led into writing some other file.
 pub fn init(verbosity: u8, file: Option<&Path>) -> std::io::Result<()> {
     let sink: Box<dyn Write + Send> = match file {
-        Some(path) => Box::new(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)?,
-        ),
+        Some(path) => Box::new(open_log(path)?),
         None => Box::new(std::io::stderr()),
     };
     let level = level(verbosity);

@@ -30,9 +30,9 @@ use vmm_sys_util::timerfd::TimerFd;
 use crate::api::{ApiContext, ApiError, ApiServer};
 use crate::arch::x86_64::boot::{self, BootError, BootSpec};
 use crate::arch::x86_64::layout;
-use crate::config::{DiskConfig, HotplugBacking};
+use crate::config::{DiskConfig, HotplugBacking, MAX_CMDLINE};
 use crate::console::{ConsoleInput, ConsoleOutput, RawTerminal};
-use crate::end::{signal_event, EndEvents, Failures, VmEnd};
+use crate::end::{signal_event, EndEvents, Failures, GuestMemoryMap, VmEnd};
 use crate::seccomp::{Confinement, SeccompError, SeccompMode, ThreadKind};
 use crate::vstate::vcpu::{install_kick_handler, Vcpu, VcpuError};
 use crate::vstate::vm::{Vm, VmError};
@@ -84,6 +84,17 @@ pub enum MachineError {
     /// The seccomp filters could not be built or installed.
     #[error(transparent)]
     Seccomp(#[from] SeccompError),
+    /// The kernel command line with the device announcements is too long.
+    #[error(
+        "the kernel command line would be {len} bytes with the announcements of {devices} \
+         virtio devices appended (at most {MAX_CMDLINE}): shorten --cmdline"
+    )]
+    CmdlineTooLong {
+        /// Its length.
+        len: usize,
+        /// Devices announced on it.
+        devices: usize,
+    },
     /// A VM without vCPUs.
     #[error("a VM needs at least one vCPU")]
     NoVcpus,
@@ -112,7 +123,8 @@ impl MachineError {
             MachineError::Vm(VmError::TooManyVcpus { .. })
             | MachineError::NoVcpus
             | MachineError::Api(_)
-            | MachineError::Hotplug(_) => Blame::Arguments,
+            | MachineError::Hotplug(_)
+            | MachineError::CmdlineTooLong { .. } => Blame::Arguments,
             _ => Blame::Vmm,
         }
     }
@@ -175,7 +187,6 @@ fn add_virtio_devices(
     hotplug: Option<Arc<MemControl>>,
     threads: &ThreadContext,
     io: &mut IoManager,
-    cmdline: &mut String,
 ) -> Result<(), MachineError> {
     let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
     for (i, disk) in spec.disks.iter().enumerate() {
@@ -196,8 +207,7 @@ fn add_virtio_devices(
         ));
     }
     for (i, device) in devices.into_iter().enumerate() {
-        let base = layout::VIRTIO_MMIO_BASE + i as u64 * MMIO_WINDOW;
-        let irq = layout::VIRTIO_IRQ_BASE + i as u32;
+        let (base, irq) = virtio_slot(i);
         let irqfd = eventfd()?;
         vm.register_irqfd(&irqfd, irq)?;
         let interrupt = Arc::new(Interrupt::new(irqfd));
@@ -215,9 +225,35 @@ fn add_virtio_devices(
             Arc::new(Mutex::new(transport)),
         )
         .map_err(bus)?;
-        cmdline.push_str(&format!(" virtio_mmio.device=4K@{base:#x}:{irq}"));
     }
     Ok(())
+}
+
+/// The register window and interrupt line of the `index`th virtio device.
+fn virtio_slot(index: usize) -> (u64, u32) {
+    (
+        layout::VIRTIO_MMIO_BASE + index as u64 * MMIO_WINDOW,
+        layout::VIRTIO_IRQ_BASE + index as u32,
+    )
+}
+
+/// The kernel command line the guest gets: `spec`'s, with each virtio device announced
+/// (in the order `add_virtio_devices` places them). All of it must fit.
+fn guest_cmdline(spec: &MachineSpec<'_>) -> Result<String, MachineError> {
+    let hotplug = spec.hotplug.is_some_and(|h| h.size > 0);
+    let devices = spec.disks.len() + usize::from(spec.rng) + usize::from(hotplug);
+    let mut cmdline = spec.cmdline.to_string();
+    for i in 0..devices {
+        let (base, irq) = virtio_slot(i);
+        cmdline.push_str(&format!(" virtio_mmio.device=4K@{base:#x}:{irq}"));
+    }
+    if cmdline.len() > MAX_CMDLINE {
+        return Err(MachineError::CmdlineTooLong {
+            len: cmdline.len(),
+            devices,
+        });
+    }
+    Ok(cmdline)
 }
 
 /// Longest the VMM waits for its vCPU threads to stop when the VM ends; a vCPU stuck in
@@ -229,6 +265,7 @@ pub fn run(spec: MachineSpec<'_>) -> Result<VmEnd, MachineError> {
     if spec.cpus == 0 {
         return Err(MachineError::NoVcpus);
     }
+    let cmdline = guest_cmdline(&spec)?;
     // No process Kite starts may gain privileges (set-user-id files, file capabilities);
     // the seccomp filters need this too.
     // SAFETY: prctl(PR_SET_NO_NEW_PRIVS, 1) takes no pointers and only ever restricts.
@@ -314,17 +351,9 @@ pub fn run(spec: MachineSpec<'_>) -> Result<VmEnd, MachineError> {
             Ok(control)
         })
         .transpose()?;
+    let hotplug_area = hotplug.as_ref().map(|h| h.addr()..h.addr() + h.size());
     let mut io = IoManager::new();
-    let mut cmdline = spec.cmdline.to_string();
-    add_virtio_devices(
-        &vm,
-        &table,
-        &spec,
-        hotplug.clone(),
-        &threads,
-        &mut io,
-        &mut cmdline,
-    )?;
+    add_virtio_devices(&vm, &table, &spec, hotplug.clone(), &threads, &mut io)?;
     let _api = spec
         .api_socket
         .map(|path| {
@@ -410,6 +439,10 @@ pub fn run(spec: MachineSpec<'_>) -> Result<VmEnd, MachineError> {
         signal,
         stops,
         failures,
+        memory: GuestMemoryMap {
+            table: Arc::clone(&table),
+            hotplug_area: hotplug_area.clone(),
+        },
         timeout: spec
             .timeout
             .map(|after| -> Result<_, MachineError> {

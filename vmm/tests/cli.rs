@@ -123,11 +123,44 @@ fn bad_flags_are_bad_arguments() {
     );
     let long = "x".repeat(4096);
     refused(&["run", "--cmdline", &long], bad, "too long");
+    // The line the guest gets has the devices' announcements too: that must fit.
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = file_with(
+        dir.path(),
+        "kernel",
+        b"not run: the command line is refused first",
+    );
+    let disk = file_with(dir.path(), "disk.img", &[0; 512]);
+    let disk = format!("path={}", disk.display());
+    let nearly = "x".repeat(2040);
+    refused(
+        &[
+            "run",
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--cmdline",
+            &nearly,
+            "--disk",
+            &disk,
+            "--rng",
+        ],
+        bad,
+        "announcements of 2 virtio devices",
+    );
     refused(
         &["-v", "--log-file", "/nonexistent/dir/log", "run"],
         bad,
         "--log-file",
     );
+    // A symbolic link at the log's path is not followed into another file.
+    let precious = file_with(dir.path(), "precious", b"keep");
+    let link = dir.path().join("kite.log");
+    std::os::unix::fs::symlink(&precious, &link).unwrap();
+    let remote = ["remote", "--api-socket", "/nonexistent", "info"];
+    let mut args = vec!["--log-file", link.to_str().unwrap()];
+    args.extend(remote);
+    refused(&args, bad, "is a symbolic link");
+    assert_eq!(std::fs::read(&precious).unwrap(), b"keep");
 }
 
 #[test]

@@ -68,6 +68,14 @@ pub enum VcpuStop {
         /// Guest RIP at the exit, if it could be read.
         rip: Option<u64>,
     },
+    /// KVM could not reach the memory behind a guest access (`KVM_RUN` failed with
+    /// `EFAULT`; the guest-physical address when KVM tells it).
+    NoMemory {
+        /// The guest-physical address, if known.
+        gpa: Option<u64>,
+        /// Guest RIP at the exit, if it could be read.
+        rip: Option<u64>,
+    },
     /// KVM cannot run the guest on: an internal error, a failed entry, an unexpected exit.
     Fatal {
         /// The exit or error.
@@ -226,18 +234,16 @@ impl Vcpu {
                 rip: None,
             },
             Ok(VcpuExit::Intr) => return RunState::Running,
-            // Memory the guest does not have, like an unplugged hotplug block whose slot
-            // stays (see `memory::RegionTable::reserve_area`): the guest broke its word.
-            Ok(VcpuExit::MemoryFault { gpa, size, .. }) => VcpuStop::Crash {
-                exit: format!(
-                    "guest accessed {size:#x} bytes at {gpa:#x}, which is not guest memory now"
-                ),
+            // KVM could not reach the memory behind a guest access: the guest touched
+            // memory it does not have (an unplugged block, whose slot stays: see
+            // `memory::RegionTable::reserve_area`), or the host could not back memory the
+            // guest has (out of memory). Who is at fault is decided with the layout.
+            Ok(VcpuExit::MemoryFault { gpa, .. }) => VcpuStop::NoMemory {
+                gpa: Some(gpa),
                 rip: None,
             },
-            Err(e) if e.errno() == libc::EFAULT => VcpuStop::Crash {
-                exit: "guest accessed memory it does not have (an unplugged block?): KVM_RUN \
-                       failed with EFAULT"
-                    .into(),
+            Err(e) if e.errno() == libc::EFAULT => VcpuStop::NoMemory {
+                gpa: None,
                 rip: None,
             },
             Ok(other) => VcpuStop::Fatal {
@@ -263,6 +269,10 @@ impl Vcpu {
             },
             VcpuStop::Fatal { exit, rip: None } => VcpuStop::Fatal {
                 exit,
+                rip: self.rip(),
+            },
+            VcpuStop::NoMemory { gpa, rip: None } => VcpuStop::NoMemory {
+                gpa,
                 rip: self.rip(),
             },
             other => other,
