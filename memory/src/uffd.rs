@@ -107,7 +107,12 @@ impl FaultHandler {
             .non_blocking(true)
             .user_mode_only(false)
             .create()
-            .map_err(|e| LazyError::Start(format!("userfaultfd: {e}")))?;
+            .map_err(|e| {
+                LazyError::Start(format!(
+                    "userfaultfd: {e} (serving the kernel's faults too, as KVM's accesses \
+                     need, takes root, CAP_SYS_PTRACE or vm.unprivileged_userfaultfd=1)"
+                ))
+            })?;
         let stop = EventFd::new(libc::EFD_NONBLOCK)
             .map_err(|e| LazyError::Start(format!("eventfd: {e}")))?;
         let shared = Arc::new(Shared {

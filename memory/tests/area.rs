@@ -184,7 +184,10 @@ fn lazy_regions_in_an_area_fill_on_first_touch() {
         Ok(handler) => handler,
         Err(e) => {
             eprintln!("SKIPPED: no userfaultfd here: {e}");
-            assert!(std::env::var_os("CI").is_none(), "CI must have userfaultfd");
+            assert!(
+                std::env::var_os("KITE_NO_SKIPS").is_none(),
+                "CI must have userfaultfd"
+            );
             return;
         }
     };

@@ -929,7 +929,11 @@ fn anonymous_regions_ask_for_huge_pages() {
     let thp =
         std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").unwrap_or_default();
     if thp.is_empty() || thp.contains("[never]") {
-        eprintln!("SKIP: transparent huge pages are off on this host");
+        eprintln!("SKIPPED: transparent huge pages are off on this host");
+        assert!(
+            std::env::var_os("KITE_NO_SKIPS").is_none(),
+            "KITE_NO_SKIPS: THP is off"
+        );
         return;
     }
     let table = RegionTable::default();

@@ -34,7 +34,17 @@ pub fn kvm_available() -> bool {
         return true;
     }
     eprintln!("SKIPPED: /dev/kvm is missing, so no guest can boot on this host");
+    no_skips_wanted("/dev/kvm is missing");
     false
+}
+
+/// Fails the test when skips are not allowed (`KITE_NO_SKIPS`, set by `scripts/test-all`:
+/// CI machines have everything a test needs, so a skip there hides a broken setup).
+pub fn no_skips_wanted(why: &str) {
+    assert!(
+        std::env::var_os("KITE_NO_SKIPS").is_none(),
+        "KITE_NO_SKIPS is set, but this test would skip: {why}"
+    );
 }
 
 /// A file of the default guest (`resources/build-guest` makes them), or a loud skip.
@@ -47,6 +57,7 @@ pub fn default_guest_file(name: &str) -> Option<PathBuf> {
         "SKIPPED: {} is missing: run resources/build-guest",
         path.display()
     );
+    no_skips_wanted("the default guest is not built");
     None
 }
 

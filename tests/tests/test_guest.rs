@@ -269,3 +269,77 @@ fn a_guest_writing_to_memory_it_unplugged_is_stopped() {
     assert!(!end.console.contains("kite-test: FAIL"), "{}", end.console);
     assert_eq!(end.code, Some(exit::GUEST_CRASH), "{}", end.stderr);
 }
+
+/// The gid of the `kvm` group, if `/dev/kvm` is open to it (`scripts/install-deps kvm`).
+fn kvm_group() -> Option<u32> {
+    use std::os::unix::fs::MetadataExt;
+    let groups = std::fs::read_to_string("/etc/group").ok()?;
+    let gid = groups.lines().find_map(|l| {
+        let mut fields = l.split(':');
+        (fields.next() == Some("kvm")).then(|| fields.nth(1)?.parse::<u32>().ok())?
+    })?;
+    let kvm = std::fs::metadata("/dev/kvm").ok()?;
+    (kvm.gid() == gid && kvm.mode() & 0o060 == 0o060).then_some(gid)
+}
+
+/// Kite needs no root: a user in the kvm group boots the test guest with a disk, an rng,
+/// hotplug memory and the control socket, confined as always. Lazy hotplug memory, whose
+/// fault handler must serve KVM's own accesses, is refused with a clear message.
+#[test]
+fn a_user_in_the_kvm_group_boots_the_test_guest() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    const NOBODY: u32 = 65534;
+    if !kvm_available() {
+        return;
+    }
+    // SAFETY: geteuid cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    let Some(kvm) = kvm_group().filter(|_| root) else {
+        eprintln!(
+            "SKIPPED: needs root and /dev/kvm open to a kvm group (scripts/install-deps kvm)"
+        );
+        kite_tests::no_skips_wanted("not root, or no kvm group");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let disk = dir.path().join("vda.img");
+    image(&disk, 8 << 20, |_| 0);
+    std::os::unix::fs::chown(&disk, Some(NOBODY), Some(kvm)).unwrap();
+    let socket = dir.path().join("api.sock");
+    let run = |memory: &str| {
+        let mut command = std::process::Command::new(kite_tests::kite_binary());
+        command
+            .args([
+                "run",
+                "--kernel",
+                GUEST,
+                "--cmdline",
+                "kite.test=blk-pattern",
+            ])
+            .args([
+                "--disk",
+                &disk_arg(&disk, false),
+                "--rng",
+                "--memory",
+                memory,
+            ])
+            .arg("--api-socket")
+            .arg(&socket)
+            .uid(NOBODY)
+            .gid(kvm);
+        Kite::spawn(command).wait_exit(DEADLINE)
+    };
+    let end = run("size=256M,hotplug_size=128M,hotplugged_size=2M");
+    passed(&end);
+    assert_eq!(std::fs::read(&disk).unwrap()[1], pattern(0, 1));
+
+    let end = run("size=256M,hotplug_size=128M,hotplug_backing=lazy");
+    assert_eq!(end.code, Some(exit::VMM_ERROR), "{}", end.stderr);
+    assert!(
+        end.stderr.contains("vm.unprivileged_userfaultfd"),
+        "{}",
+        end.stderr
+    );
+}

@@ -76,6 +76,10 @@ fn has_kvm() -> bool {
         return true;
     }
     eprintln!("SKIPPED: /dev/kvm is missing; this test loads a kernel into a VM");
+    assert!(
+        std::env::var_os("KITE_NO_SKIPS").is_none(),
+        "KITE_NO_SKIPS: /dev/kvm is missing"
+    );
     false
 }
 
@@ -281,6 +285,10 @@ fn default_kernel() -> Option<PathBuf> {
     eprintln!(
         "SKIPPED: {} is missing (run resources/build-guest)",
         path.display()
+    );
+    assert!(
+        std::env::var_os("KITE_NO_SKIPS").is_none(),
+        "KITE_NO_SKIPS: no default guest"
     );
     None
 }
