@@ -48,8 +48,10 @@ const RESP_ERROR: u16 = 3;
 const STATE_PLUGGED: u16 = 0;
 const STATE_UNPLUGGED: u16 = 1;
 const STATE_MIXED: u16 = 2;
-const REQUEST_LEN: usize = 24;
-const RESPONSE_LEN: usize = 10;
+/// Bytes of a virtio-mem request.
+pub const REQUEST_LEN: usize = 24;
+/// Bytes of a virtio-mem response.
+pub const RESPONSE_LEN: usize = 10;
 
 /// How hotplugged memory is backed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -363,8 +365,10 @@ impl MemControl {
         }
     }
 
-    /// Carries out one request (no guest-memory locks may be held): the response.
-    fn handle(&self, request: &[u8; REQUEST_LEN]) -> [u8; RESPONSE_LEN] {
+    /// Carries out one driver request (plug, unplug, unplug all, state), as the device
+    /// thread does: the response. No guest-memory locks may be held (plugging and
+    /// unplugging are region-table writers).
+    pub fn handle_request(&self, request: &[u8; REQUEST_LEN]) -> [u8; RESPONSE_LEN] {
         let kind = le16(request, 0);
         let addr = u64::from_le_bytes(request[8..16].try_into().unwrap_or_default());
         let count = le16(request, 16);
@@ -479,7 +483,7 @@ impl QueueHandler for MemHandler {
                 (head, parse(chain, &mem))
             };
             // No read locks held: plugging and unplugging are writer operations.
-            let answer = parsed.map(|(request, at)| (self.control.handle(&request), at));
+            let answer = parsed.map(|(request, at)| (self.control.handle_request(&request), at));
             if stopping.requested() {
                 break; // reset meanwhile: the driver has forgotten the request
             }
@@ -568,7 +572,7 @@ mod tests {
     }
 
     fn answer(c: &MemControl, kind: u16, addr: u64, blocks: u16) -> (u16, u16) {
-        let r = c.handle(&request(kind, addr, blocks));
+        let r = c.handle_request(&request(kind, addr, blocks));
         (le16(&r, 0), le16(&r, 8))
     }
 

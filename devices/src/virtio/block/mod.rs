@@ -17,7 +17,7 @@ use super::{
     read_config_bytes, ActivateError, Activation, VirtioDevice, VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_EVENT_IDX,
 };
-use request::BlockHandler;
+pub use request::BlockHandler;
 
 /// Bytes per sector, the unit of virtio-blk addresses.
 pub const SECTOR_SIZE: u64 = 512;
@@ -112,13 +112,8 @@ impl Block {
         let n = name.len().min(id.len());
         id[..n].copy_from_slice(&name.as_bytes()[..n]);
         let capacity_sectors = size / SECTOR_SIZE;
-        let handler = BlockHandler {
-            disk: Arc::clone(&disk),
-            read_only,
-            capacity_bytes: capacity_sectors * SECTOR_SIZE,
-            id,
-            descriptors: Vec::new(),
-        };
+        let handler =
+            BlockHandler::new(Arc::clone(&disk), read_only, capacity_sectors * SECTOR_SIZE, id);
         let thread =
             DeviceThread::spawn(&format!("kite_{name}"), VIRTIO_ID_BLOCK, handler, context)
                 .map_err(BlockError::Thread)?;

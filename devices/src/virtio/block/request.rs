@@ -31,14 +31,15 @@ use crate::virtio::worker::QueueHandler;
 /// Bytes of a request header.
 const HEADER: u32 = 16;
 
-/// The request processing of one disk.
-pub(super) struct BlockHandler {
-    pub(super) disk: Arc<File>,
-    pub(super) read_only: bool,
-    pub(super) capacity_bytes: u64,
-    pub(super) id: [u8; VIRTIO_BLK_ID_BYTES as usize],
+/// The request processing of one disk: a [`QueueHandler`] for its request queue (what
+/// the device thread runs; public for fuzzing and tools that serve a queue themselves).
+pub struct BlockHandler {
+    disk: Arc<File>,
+    read_only: bool,
+    capacity_bytes: u64,
+    id: [u8; VIRTIO_BLK_ID_BYTES as usize],
     /// Scratch space for a request's descriptors.
-    pub(super) descriptors: Vec<Descriptor>,
+    descriptors: Vec<Descriptor>,
 }
 
 /// Why a request failed (logged; the driver sees the status).
@@ -74,6 +75,23 @@ impl RequestError {
 }
 
 impl BlockHandler {
+    /// Requests on `disk` of `capacity_bytes` (whole sectors), refusing writes if
+    /// `read_only`; `id` answers `GET_ID`.
+    pub fn new(
+        disk: Arc<File>,
+        read_only: bool,
+        capacity_bytes: u64,
+        id: [u8; VIRTIO_BLK_ID_BYTES as usize],
+    ) -> Self {
+        BlockHandler {
+            disk,
+            read_only,
+            capacity_bytes,
+            id,
+            descriptors: Vec::new(),
+        }
+    }
+
     /// The disk offset of `data` at `sector`, if all of it lies inside the disk and every
     /// descriptor goes the `writable` way.
     fn place(&self, sector: u64, data: &[Descriptor], writable: bool) -> Result<u64, RequestError> {
