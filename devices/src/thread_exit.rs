@@ -15,6 +15,7 @@
 //! ```
 
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use vmm_sys_util::eventfd::EventFd;
@@ -50,4 +51,17 @@ pub fn wait_readable(fd: &impl AsRawFd, deadline: Instant) -> bool {
             return false;
         }
     }
+}
+
+static LEFT_BEHIND: AtomicBool = AtomicBool::new(false);
+
+/// Records that a thread did not exit by its deadline and was left running: whatever it
+/// holds must then outlive the process's own teardown.
+pub fn note_left_behind() {
+    LEFT_BEHIND.store(true, Ordering::SeqCst);
+}
+
+/// Whether any thread was left behind.
+pub fn threads_left_behind() -> bool {
+    LEFT_BEHIND.load(Ordering::SeqCst)
 }

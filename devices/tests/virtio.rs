@@ -812,3 +812,54 @@ fn a_block_device_disk_has_the_device_size() {
     drop(block);
     assert!(detached.unwrap().success());
 }
+
+/// Descriptors this process has open.
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+/// A driver that sets a busy device up again and again (resets and setups, or FAILED and
+/// DRIVER_OK without a reset) while its thread is stuck in a request: the setups waiting
+/// for the thread do not pile up (each would hold duplicated descriptors), and a device
+/// that FAILED is not set up again without a reset.
+#[test]
+fn setups_of_a_busy_device_do_not_pile_up() {
+    let (started_tx, started) = std::sync::mpsc::channel();
+    let (release, release_rx) = std::sync::mpsc::channel();
+    let handler = SlowHandler {
+        started: started_tx,
+        release: release_rx,
+        serving: Arc::new(AtomicUsize::new(0)),
+        overlapped: Arc::new(AtomicBool::new(false)),
+    };
+    let device = Slow {
+        thread: DeviceThread::spawn("slow", 4, handler, &ThreadContext::default()).unwrap(),
+    };
+    let mut r = common::rig(Box::new(device), MEMORY);
+    let table = Arc::clone(&r.table);
+    let mem = GuardedMemory::lock_all(&table, None).unwrap();
+    let mock = MockSplitQueue::new(&mem, 16);
+    r.set_up(&mock, 16);
+    mock.add_desc_chains(&[desc(BUFFERS, 64, VRING_DESC_F_WRITE, 0)], 0)
+        .unwrap();
+    r.write(0x50, 0);
+    started.recv_timeout(DEADLINE).expect("the request started");
+
+    let before = open_fds();
+    for _ in 0..2000 {
+        r.set_up(&mock, 16); // a reset, then a full setup
+    }
+    const FAILED: u32 = 128;
+    for _ in 0..2000 {
+        r.write(0x70, STATUS_ACK_DRIVER | FEATURES_OK | DRIVER_OK | FAILED);
+        r.write(0x70, STATUS_ACK_DRIVER | FEATURES_OK);
+        r.write(0x70, STATUS_ACK_DRIVER | FEATURES_OK | DRIVER_OK);
+    }
+    let grown = open_fds().saturating_sub(before);
+    assert!(
+        grown < 16,
+        "{grown} more descriptors open after 4000 setups"
+    );
+    assert_ne!(r.read(0x70) & FAILED, 0, "FAILED stays until a reset");
+    release.send(()).unwrap();
+}

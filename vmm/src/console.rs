@@ -22,6 +22,9 @@ pub struct ConsoleOutput {
     broken: bool,
     /// Bytes dropped because `out` would have blocked.
     dropped: u64,
+    /// Set when the VM is stopping: a write interrupted then (a vCPU kicked out of a
+    /// stalled console write) is abandoned, not retried.
+    stopping: Option<Arc<AtomicBool>>,
     /// The tail of the output, long enough to find the marker across writes.
     tail: Vec<u8>,
     panicked: Arc<AtomicBool>,
@@ -34,9 +37,24 @@ impl ConsoleOutput {
             out,
             broken: false,
             dropped: 0,
+            stopping: None,
             tail: Vec::with_capacity(2 * PANIC_MARKER.len()),
             panicked,
         }
+    }
+}
+
+impl ConsoleOutput {
+    /// Abandons a write that `stopping` (the VM's stop flag) interrupts.
+    pub fn stop_with(mut self, stopping: Arc<AtomicBool>) -> Self {
+        self.stopping = Some(stopping);
+        self
+    }
+
+    fn is_stopping(&self) -> bool {
+        self.stopping
+            .as_ref()
+            .is_some_and(|s| s.load(Ordering::Acquire))
     }
 }
 
@@ -48,7 +66,12 @@ impl Write for ConsoleOutput {
             loop {
                 match self.out.write(buf) {
                     Ok(n) => break n,
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {
+                        if self.is_stopping() {
+                            self.dropped += buf.len() as u64;
+                            break buf.len();
+                        }
+                    }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                         if self.dropped == 0 {
                             log::warn!("guest console output is not read fast enough: dropping");
@@ -367,6 +390,33 @@ mod tests {
             b"kept",
             "what a full output cannot take is dropped, and output goes on"
         );
+    }
+
+    /// Always interrupted, as a console whose reader stalls is once the vCPU is kicked.
+    struct Stalled;
+
+    impl Write for Stalled {
+        fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+            Err(std::io::ErrorKind::Interrupted.into())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_stalled_console_write_is_abandoned_when_the_vm_stops() {
+        let stopping = Arc::new(AtomicBool::new(true));
+        let mut out = ConsoleOutput::new(Box::new(Stalled), Arc::new(AtomicBool::new(false)))
+            .stop_with(stopping);
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            out.write_all(b"output nobody reads").unwrap();
+            let _ = done.send(());
+        });
+        finished
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("the write gives up once the VM is stopping");
     }
 
     #[test]

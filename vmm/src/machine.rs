@@ -119,6 +119,7 @@ impl MachineError {
     pub fn blame(&self) -> Blame {
         match self {
             MachineError::Boot(e) if e.is_bad_input() => Blame::InputFile,
+            MachineError::Disk(BlockError::Thread(_)) => Blame::Vmm,
             MachineError::Disk(_) => Blame::InputFile,
             MachineError::Vm(VmError::TooManyVcpus { .. })
             | MachineError::NoVcpus
@@ -387,12 +388,16 @@ pub fn run(spec: MachineSpec<'_>) -> Result<VmEnd, MachineError> {
 
     // Devices.
     let panicked = Arc::new(AtomicBool::new(false));
+    // Set when the VM ends: vCPUs leave their loop (and a stalled console write).
+    let stop = Arc::new(AtomicBool::new(false));
     let serial_irq = eventfd()?;
     vm.register_irqfd(&serial_irq, SERIAL_IRQ)?;
     let input_drained = eventfd()?;
     let serial = Arc::new(Mutex::new(SerialConsole::new(
         serial_irq,
-        Box::new(ConsoleOutput::new(spec.console, Arc::clone(&panicked))),
+        Box::new(
+            ConsoleOutput::new(spec.console, Arc::clone(&panicked)).stop_with(Arc::clone(&stop)),
+        ),
         input_drained.try_clone().map_err(event_error)?,
     )));
     let reset = eventfd()?;
@@ -460,7 +465,6 @@ pub fn run(spec: MachineSpec<'_>) -> Result<VmEnd, MachineError> {
     ))));
 
     let _terminal = RawTerminal::enter();
-    let stop = Arc::new(AtomicBool::new(false));
     let mut handles = Vec::new();
     let mut started = Ok(());
     for vcpu in vcpus {
@@ -496,8 +500,25 @@ pub fn run(spec: MachineSpec<'_>) -> Result<VmEnd, MachineError> {
         });
     stop.store(true, Ordering::Release);
     let deadline = Instant::now() + VCPU_STOP_DEADLINE;
+    for handle in &handles {
+        handle.kick();
+    }
+    let mut all_stopped = true;
     for handle in handles {
-        handle.stop(deadline);
+        // Every one, even after one was left behind.
+        all_stopped &= handle.stop(deadline);
+    }
+    // A thread still running may hold the last references to devices and guest memory:
+    // it must not tear them down (its filter does not allow that, and the process ends
+    // anyway). What it may hold is kept for the rest of the process.
+    if all_stopped {
+        // The devices go (each thread given a deadline), then guest memory.
+        drop(io);
+    } else {
+        std::mem::forget(io);
+    }
+    if !all_stopped || devices::thread_exit::threads_left_behind() {
+        std::mem::forget(Arc::clone(&table));
     }
     let end = result?;
     Ok(match end {

@@ -51,6 +51,73 @@ fn a_path_where_another_process_listens_is_refused_and_left_alone() {
     drop(first);
 }
 
+/// A listener that never accepts and whose backlog is full is still someone else's
+/// socket: it is refused, at once (a blocking probe would wait for ever).
+#[test]
+fn a_hung_listener_is_refused_without_waiting() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("hung.sock");
+    let _listener = UnixListener::bind(&path).unwrap();
+    let mut clients = Vec::new();
+    loop {
+        // SAFETY: socket(2) with constant arguments; the descriptor is owned below.
+        let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_NONBLOCK, 0) };
+        assert!(fd >= 0);
+        // SAFETY: a fresh descriptor nobody else owns.
+        let socket = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        let stream = std::os::unix::net::UnixStream::from(socket);
+        let addr = std::os::unix::net::SocketAddr::from_pathname(&path).unwrap();
+        // std's connect_addr is unstable: connect through a blocking-free retry instead.
+        match connect_nonblocking(&stream, &addr) {
+            Ok(()) => clients.push(stream),
+            Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => break,
+            Err(e) => panic!("{e}"),
+        }
+        assert!(clients.len() < 10_000, "the backlog never filled");
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    let probed = path.clone();
+    std::thread::spawn(move || {
+        let _ = tx.send(matches!(start(&probed), Err(ApiError::InUse(_))));
+    });
+    let refused = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("starting does not wait for a hung listener");
+    assert!(refused, "a hung listener's path is refused");
+}
+
+/// connect(2) on a non-blocking Unix socket.
+fn connect_nonblocking(
+    stream: &UnixStream,
+    addr: &std::os::unix::net::SocketAddr,
+) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let path = addr.as_pathname().unwrap();
+    // SAFETY: sockaddr_un is plain data; all-zero is valid.
+    let mut raw: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    raw.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (dst, src) in raw
+        .sun_path
+        .iter_mut()
+        .zip(path.as_os_str().as_encoded_bytes())
+    {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: connect(2) with a sockaddr_un of the length given.
+    let rc = unsafe {
+        libc::connect(
+            stream.as_raw_fd(),
+            (&raw as *const libc::sockaddr_un).cast(),
+            std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 #[test]
 fn a_stale_socket_is_replaced_and_other_files_are_refused() {
     let dir = tempfile::tempdir().unwrap();

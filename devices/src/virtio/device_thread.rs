@@ -22,7 +22,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::worker::{memory_deadline, QueueError, QueueHandler, Stopping};
 use super::{ActivateError, Activation, Interrupt, INT_CONFIG, INT_VRING};
 use crate::guest_log::GuestLog;
-use crate::thread_exit::{wait_readable, ExitSignal};
+use crate::thread_exit::{note_left_behind, wait_readable, ExitSignal};
 
 /// What the VMM gives each device thread.
 #[derive(Clone)]
@@ -77,10 +77,13 @@ impl Mailbox {
     }
 
     fn send(&self, command: Command) {
-        self.commands
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push_back(command);
+        let mut commands = self.commands.lock().unwrap_or_else(|e| e.into_inner());
+        // A setup is sent only after the one before it was stopped: one still waiting is
+        // stale. Keeping just the newest bounds the mailbox (and the descriptors each
+        // setup holds) whatever the driver does while the thread is busy.
+        commands.retain(|c| !matches!(c, Command::Activate(..)));
+        commands.push_back(command);
+        drop(commands);
         self.wake();
     }
 
@@ -210,6 +213,7 @@ impl Drop for DeviceThread {
         self.mailbox.stops.fetch_add(1, Ordering::AcqRel);
         self.mailbox.send(Command::Exit);
         if !wait_readable(&self.exited, Instant::now() + DROP_DEADLINE) {
+            note_left_behind();
             log::error!(
                 "virtio: device thread {} did not stop within {DROP_DEADLINE:?}; left behind",
                 self.name
@@ -257,7 +261,12 @@ struct Worker<H: QueueHandler> {
 }
 
 impl Active {
-    fn fail(&self, e: &QueueError) {
+    /// The queue is unusable: the driver must reset the device. Not for a setup that
+    /// was stopped meanwhile (its errors are about rings the driver has given up).
+    fn fail(&self, e: &QueueError, stopping: Stopping<'_>) {
+        if stopping.requested() {
+            return;
+        }
         self.log
             .warn("queue error", || format!("{e}; the device needs a reset"));
         self.needs_reset.store(true, Ordering::Release);
@@ -294,7 +303,7 @@ impl<H: QueueHandler> Worker<H> {
             Err(e) => Some(QueueError::Memory(e)),
         };
         if let Some(e) = invalid {
-            active.fail(&e);
+            active.fail(&e, Stopping::new(&self.mailbox.stops, epoch));
             return;
         }
         for (i, fd) in active.queue_events.iter().enumerate() {
@@ -346,7 +355,7 @@ impl<H: QueueHandler> Worker<H> {
                     }
                 }
             }
-            Err(e) => active.fail(&e),
+            Err(e) => active.fail(&e, stopping),
         }
     }
 

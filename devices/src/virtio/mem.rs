@@ -22,6 +22,7 @@ use super::{
     read_config_bytes, ActivateError, Activation, Interrupt, VirtioDevice, INT_CONFIG,
     VIRTIO_F_VERSION_1,
 };
+use crate::guest_log::GuestLog;
 
 /// The virtio device id of virtio-mem.
 pub const VIRTIO_ID_MEM: u32 = 24;
@@ -132,6 +133,8 @@ pub struct MemControl {
     /// unplugs (table writers), never by a vCPU or the control socket.
     blocks: Mutex<Vec<Option<RegionId>>>,
     config: Mutex<MemConfig>,
+    /// Plugs and unplugs the driver asks for that fail, rate-limited.
+    log: GuestLog,
 }
 
 impl std::fmt::Debug for MemControl {
@@ -182,6 +185,7 @@ impl MemControl {
                 stats: ResizeStats::default(),
                 interrupt: None,
             }),
+            log: GuestLog::new("virtio-mem"),
         }))
     }
 
@@ -316,7 +320,8 @@ impl MemControl {
             match self.table.insert(self.spec(b), Self::deadline()) {
                 Ok(id) => blocks[b] = Some(id),
                 Err(e) => {
-                    log::warn!("virtio-mem: cannot plug block {b}: {e}");
+                    self.log
+                        .warn("plug failed", || format!("cannot plug block {b}: {e}"));
                     // Undo this request's blocks: all or nothing.
                     for undo in &mut blocks[range.start..b] {
                         if let Some(id) = *undo {
@@ -348,7 +353,8 @@ impl MemControl {
                 true
             }
             Err(e) => {
-                log::warn!("virtio-mem: cannot unplug block {b}: {e}");
+                self.log
+                    .warn("unplug failed", || format!("cannot unplug block {b}: {e}"));
                 false
             }
         }

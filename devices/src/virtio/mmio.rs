@@ -180,7 +180,8 @@ impl MmioTransport {
             return;
         }
         let newly = value & !self.status;
-        let mut status = value;
+        // FAILED stays until a reset: a driver that gave up must start over.
+        let mut status = value | (self.status & VIRTIO_CONFIG_S_FAILED);
         if newly & VIRTIO_CONFIG_S_FEATURES_OK != 0 {
             let offered = self.device.features();
             let required = self.device.required_features();
@@ -196,7 +197,9 @@ impl MmioTransport {
             }
         }
         if newly & VIRTIO_CONFIG_S_DRIVER_OK != 0 && !self.active {
-            if status & VIRTIO_CONFIG_S_FEATURES_OK == 0 {
+            if status & (VIRTIO_CONFIG_S_FEATURES_OK | VIRTIO_CONFIG_S_FAILED)
+                != VIRTIO_CONFIG_S_FEATURES_OK
+            {
                 status &= !VIRTIO_CONFIG_S_DRIVER_OK;
             } else if let Err(why) = self.activate() {
                 self.log

@@ -76,6 +76,10 @@ impl<'a> Stopping<'a> {
     }
 }
 
+/// Rounds of [`QueueHandler::process`] (reading the available index, serving what it
+/// announced, re-checking) before the device thread looks at its other events.
+const MAX_ROUNDS: usize = 64;
+
 /// What serving a queue came to.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Served {
@@ -123,9 +127,16 @@ pub trait QueueHandler: Send + 'static {
         Self: Sized,
     {
         let mut served = 0;
+        let mut rounds = 0;
         let mut mem = GuardedMemory::lock_all(memory, memory_deadline())?;
         queue.disable_notification(&mem)?;
         let more = loop {
+            // Rounds that found nothing cost no budget: bound them too, so a driver
+            // moving its index in step with the device cannot keep it here.
+            rounds += 1;
+            if rounds > MAX_ROUNDS || stopping.requested() {
+                break true;
+            }
             let available = queue
                 .avail_idx(&mem, Ordering::Acquire)?
                 .0

@@ -14,7 +14,7 @@
 
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
@@ -116,8 +116,8 @@ fn claim(path: &Path) -> Result<(), ApiError> {
     if !meta.file_type().is_socket() {
         return Err(ApiError::Exists(path.to_path_buf()));
     }
-    match UnixStream::connect(path) {
-        Ok(_) => Err(ApiError::InUse(path.to_path_buf())),
+    match probe(path) {
+        Ok(()) => Err(ApiError::InUse(path.to_path_buf())),
         Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => std::fs::remove_file(path)
             .map_err(|source| ApiError::Socket {
                 path: path.to_path_buf(),
@@ -130,6 +130,51 @@ fn claim(path: &Path) -> Result<(), ApiError> {
     }
 }
 
+/// Connects to the socket at `path` without waiting: `Ok` if someone listens there (also
+/// when its backlog is full: a hung listener is still not Kite's to replace),
+/// `ConnectionRefused` if nobody does.
+fn probe(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = path.as_os_str().as_bytes();
+    // SAFETY: sockaddr_un is plain data; all-zero is valid.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    if bytes.len() >= addr.sun_path.len() {
+        return Err(std::io::Error::from_raw_os_error(libc::ENAMETOOLONG));
+    }
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (dst, src) in addr.sun_path.iter_mut().zip(bytes) {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: socket(2) with constant arguments; the descriptor is owned right below.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor nobody else owns.
+    let socket = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    // SAFETY: connect(2) on our socket with a sockaddr_un of the length given.
+    let rc = unsafe {
+        libc::connect(
+            socket.as_raw_fd(),
+            (&addr as *const libc::sockaddr_un).cast(),
+            std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        return Ok(());
+    }
+    match std::io::Error::last_os_error() {
+        e if e.raw_os_error() == Some(libc::EAGAIN) => Ok(()), // listening, backlog full
+        e => Err(e),
+    }
+}
+
 /// Binds a listener at `path` that only its owner can connect to, from the start.
 fn bind_private(path: &Path) -> std::io::Result<UnixListener> {
     // The umask is the process's: Kite binds its socket while no other thread creates
@@ -139,9 +184,8 @@ fn bind_private(path: &Path) -> std::io::Result<UnixListener> {
     let listener = UnixListener::bind(path);
     // SAFETY: as above.
     unsafe { libc::umask(old) };
-    let listener = listener?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    Ok(listener)
+    // No chmod after: it would follow a symbolic link put at the path meanwhile.
+    listener
 }
 
 /// What waiting on a client came to.
@@ -196,6 +240,7 @@ fn wait(
 
 /// Serves clients of `user` (Kite's own effective user) and root until stopped.
 fn serve(listener: UnixListener, stop: EventFd, user: libc::uid_t, context: ApiContext) {
+    let mut accept_failures = 0u64;
     while wait(&listener, libc::POLLIN, &stop, None) == Wait::Ready {
         match listener.accept() {
             Ok((stream, _)) => {
@@ -203,10 +248,24 @@ fn serve(listener: UnixListener, stop: EventFd, user: libc::uid_t, context: ApiC
                     log::debug!("control socket: {e}");
                 }
             }
-            Err(e) => log::warn!("control socket: accept: {e}"),
+            Err(e) => {
+                // Out of descriptors, say: the connection stays pending and the listener
+                // readable. Do not spin on it, nor log every attempt.
+                accept_failures += 1;
+                if accept_failures.is_power_of_two() {
+                    log::warn!("control socket: accept failed ({accept_failures} times): {e}");
+                }
+                let backoff = Some(Instant::now() + ACCEPT_BACKOFF);
+                if wait(&stop, libc::POLLIN, &stop, backoff) != Wait::TimedOut {
+                    return;
+                }
+            }
         }
     }
 }
+
+/// Pause after a failed `accept`, before trying again.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// Whether the peer of `stream` is `user`, or root.
 fn peer_allowed(stream: &UnixStream, user: libc::uid_t) -> std::io::Result<bool> {

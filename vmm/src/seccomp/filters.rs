@@ -28,9 +28,6 @@ const fn ioc<T>(dir: u32, ty: u32, nr: u32) -> u64 {
 pub const KVM_RUN: u64 = ioctl_expr(_IOC_NONE, KVMIO, 0x80, 0) as u64;
 /// `KVM_GET_REGS` (a crashed vCPU's RIP).
 pub const KVM_GET_REGS: u64 = ioc::<kvm_bindings::kvm_regs>(_IOC_READ, KVMIO, 0x81);
-/// `KVM_SET_USER_MEMORY_REGION` (slots removed as guest memory is torn down).
-pub const KVM_SET_USER_MEMORY_REGION: u64 =
-    ioc::<kvm_bindings::kvm_userspace_memory_region>(_IOC_WRITE, KVMIO, 0x46);
 /// `UFFDIO_REGISTER` (`struct uffdio_register`: a range and two u64s).
 pub const UFFDIO_REGISTER: u64 = ioctl_expr(_IOC_READ | _IOC_WRITE, UFFDIO, 0x00, 32) as u64;
 /// `UFFDIO_UNREGISTER` (`struct uffdio_range`).
@@ -78,7 +75,6 @@ fn common() -> Rules {
             libc::SYS_brk,
             libc::SYS_munmap,
             libc::SYS_mremap,
-            libc::SYS_madvise,
             libc::SYS_futex,
             libc::SYS_sched_yield,
             libc::SYS_write,
@@ -97,6 +93,21 @@ fn common() -> Rules {
     let not_executable = || vec![rule(vec![cond(2, Op::MaskedEq(libc::PROT_EXEC as u64), 0)])];
     rules.insert(libc::SYS_mmap, not_executable());
     rules.insert(libc::SYS_mprotect, not_executable());
+    // Freeing memory (the allocator, thread exit, discarding unplugged blocks) and the
+    // advice Kite gives guest memory; not advice that acts on the host (HWPOISON,
+    // SOFT_OFFLINE, ...).
+    rules.insert(
+        libc::SYS_madvise,
+        [
+            libc::MADV_DONTNEED,
+            libc::MADV_FREE,
+            libc::MADV_HUGEPAGE,
+            libc::MADV_DONTDUMP,
+        ]
+        .iter()
+        .map(|advice| rule(vec![cond(2, Op::Eq, *advice as u64)]))
+        .collect(),
+    );
     rules.insert(
         libc::SYS_ioctl,
         vec![rule(vec![
@@ -172,7 +183,6 @@ pub fn rules(kind: ThreadKind) -> Rules {
             // area (mprotect, madvise: common), lazy ones registered with userfaultfd.
             event_loop(&mut rules);
             add_ioctls(&mut rules, &[UFFDIO_REGISTER, UFFDIO_UNREGISTER]);
-            allow(&mut rules, &[libc::SYS_fallocate]);
         }
         ThreadKind::FaultHandler => {
             allow(
@@ -206,7 +216,7 @@ pub fn rules(kind: ThreadKind) -> Rules {
         }
         ThreadKind::Main => {
             // The event loop, console input, kicking and waiting for vCPUs, removing the
-            // control socket, tearing guest memory down (slots, lazy ranges).
+            // control socket, tearing guest memory down.
             event_loop(&mut rules);
             allow(
                 &mut rules,
@@ -219,14 +229,11 @@ pub fn rules(kind: ThreadKind) -> Rules {
                     libc::SYS_newfstatat,
                     libc::SYS_statx,
                     libc::SYS_fstat,
-                    libc::SYS_fallocate,
                     libc::SYS_shutdown,
                 ],
             );
-            add_ioctls(
-                &mut rules,
-                &[KVM_SET_USER_MEMORY_REGION, UFFDIO_UNREGISTER, UFFDIO_WAKE],
-            );
+            // Guest memory torn down: lazy ranges unregistered (KVM slots go with the VM).
+            add_ioctls(&mut rules, &[UFFDIO_UNREGISTER]);
         }
     }
     rules
@@ -241,7 +248,6 @@ mod tests {
         // From <linux/kvm.h>, <linux/userfaultfd.h>, <asm/ioctls.h>.
         assert_eq!(KVM_RUN, 0xae80);
         assert_eq!(KVM_GET_REGS, 0x8090_ae81);
-        assert_eq!(KVM_SET_USER_MEMORY_REGION, 0x4020_ae46);
         assert_eq!(UFFDIO_REGISTER, 0xc020_aa00);
         assert_eq!(UFFDIO_UNREGISTER, 0x8010_aa01);
         assert_eq!(UFFDIO_WAKE, 0x8010_aa02);

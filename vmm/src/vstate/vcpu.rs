@@ -305,23 +305,29 @@ pub fn install_kick_handler() -> Result<(), VcpuError> {
 impl VcpuHandle {
     /// Kicks the vCPU until it has seen `stop` (already set) and waits for its thread to
     /// exit, until `deadline`; past it the thread is left behind, with an error logged.
-    pub fn stop(self, deadline: Instant) {
+    /// Whether it stopped.
+    pub fn stop(self, deadline: Instant) -> bool {
         loop {
-            if let Err(e) = self.thread.kill(SIGRTMIN()) {
-                log::error!("cannot kick vCPU {}: {e}", self.id);
-                break;
-            }
+            self.kick();
             let next_kick = (Instant::now() + KICK_INTERVAL).min(deadline);
             if wait_readable(&self.exited, next_kick) {
                 break;
             }
             if Instant::now() >= deadline {
                 log::error!("vCPU {} did not stop in time; left behind", self.id);
-                return;
+                return false;
             }
         }
         if self.thread.join().is_err() {
             log::error!("vCPU {} panicked", self.id);
+        }
+        true
+    }
+
+    /// Kicks the vCPU out of `KVM_RUN` (it then sees `stop`, if set).
+    pub fn kick(&self) {
+        if let Err(e) = self.thread.kill(SIGRTMIN()) {
+            log::error!("cannot kick vCPU {}: {e}", self.id);
         }
     }
 }

@@ -112,8 +112,12 @@ impl Block {
         let n = name.len().min(id.len());
         id[..n].copy_from_slice(&name.as_bytes()[..n]);
         let capacity_sectors = size / SECTOR_SIZE;
-        let handler =
-            BlockHandler::new(Arc::clone(&disk), read_only, capacity_sectors * SECTOR_SIZE, id);
+        let handler = BlockHandler::new(
+            Arc::clone(&disk),
+            read_only,
+            capacity_sectors * SECTOR_SIZE,
+            id,
+        );
         let thread =
             DeviceThread::spawn(&format!("kite_{name}"), VIRTIO_ID_BLOCK, handler, context)
                 .map_err(BlockError::Thread)?;
