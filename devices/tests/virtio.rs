@@ -638,15 +638,22 @@ impl VirtioDevice for Slow {
     }
 }
 
-/// A vCPU that resets a device whose thread is in the middle of a slow request does not
-/// wait for it; the next setup is served once the thread is done with the old one, and
-/// the request the reset cut off is not reported in the rings.
-#[test]
-fn a_reset_does_not_wait_for_a_busy_device_thread() {
+/// A [`Slow`] device, with the test's ends of its requests: `started` tells a request
+/// began, `release` lets it finish; `serving` counts requests in progress; `overlapped`
+/// says two ever were.
+struct SlowRig {
+    device: Slow,
+    started: Receiver<()>,
+    release: Sender<()>,
+    serving: Arc<AtomicUsize>,
+    overlapped: Arc<AtomicBool>,
+}
+
+fn slow_device() -> SlowRig {
     let (started_tx, started) = std::sync::mpsc::channel();
     let (release, release_rx) = std::sync::mpsc::channel();
-    let overlapped = Arc::new(AtomicBool::new(false));
     let serving = Arc::new(AtomicUsize::new(0));
+    let overlapped = Arc::new(AtomicBool::new(false));
     let handler = SlowHandler {
         started: started_tx,
         release: release_rx,
@@ -656,6 +663,27 @@ fn a_reset_does_not_wait_for_a_busy_device_thread() {
     let device = Slow {
         thread: DeviceThread::spawn("slow", 4, handler, &ThreadContext::default()).unwrap(),
     };
+    SlowRig {
+        device,
+        started,
+        release,
+        serving,
+        overlapped,
+    }
+}
+
+/// A vCPU that resets a device whose thread is in the middle of a slow request does not
+/// wait for it; the next setup is served once the thread is done with the old one, and
+/// the request the reset cut off is not reported in the rings.
+#[test]
+fn a_reset_does_not_wait_for_a_busy_device_thread() {
+    let SlowRig {
+        device,
+        started,
+        release,
+        serving,
+        overlapped,
+    } = slow_device();
     let mut r = common::rig(Box::new(device), MEMORY);
     let table = Arc::clone(&r.table);
     let mem = GuardedMemory::lock_all(&table, None).unwrap();
@@ -824,17 +852,12 @@ fn open_fds() -> usize {
 /// that FAILED is not set up again without a reset.
 #[test]
 fn setups_of_a_busy_device_do_not_pile_up() {
-    let (started_tx, started) = std::sync::mpsc::channel();
-    let (release, release_rx) = std::sync::mpsc::channel();
-    let handler = SlowHandler {
-        started: started_tx,
-        release: release_rx,
-        serving: Arc::new(AtomicUsize::new(0)),
-        overlapped: Arc::new(AtomicBool::new(false)),
-    };
-    let device = Slow {
-        thread: DeviceThread::spawn("slow", 4, handler, &ThreadContext::default()).unwrap(),
-    };
+    let SlowRig {
+        device,
+        started,
+        release,
+        ..
+    } = slow_device();
     let mut r = common::rig(Box::new(device), MEMORY);
     let table = Arc::clone(&r.table);
     let mem = GuardedMemory::lock_all(&table, None).unwrap();

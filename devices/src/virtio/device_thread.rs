@@ -422,29 +422,15 @@ fn run<H: QueueHandler>(worker: Worker<H>) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::virtio::worker::tests::Counter;
     use memory::RegionSpec;
     use std::sync::atomic::AtomicBool;
     use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
     use virtio_queue::desc::{split::Descriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
-    use virtio_queue::DescriptorChain;
     use vm_memory::{Address, Bytes, GuestAddress};
 
     const SIZE: u16 = 16;
-
-    /// Counts the requests it is handed.
-    struct Counter;
-
-    impl QueueHandler for Counter {
-        fn serve(
-            &mut self,
-            _index: usize,
-            _chain: DescriptorChain<&GuardedMemory<'_>>,
-            _mem: &GuardedMemory<'_>,
-        ) -> u32 {
-            0
-        }
-    }
 
     fn used_idx(table: &RegionTable, used: GuestAddress) -> u16 {
         let mem = GuardedMemory::lock_all(table, None).unwrap();
@@ -470,7 +456,7 @@ mod tests {
         };
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let mut thread =
-            DeviceThread::spawn("test_device", 4, Counter, &ThreadContext::default()).unwrap();
+            DeviceThread::spawn("test_device", 4, Counter(0), &ThreadContext::default()).unwrap();
         thread
             .activate(Activation {
                 memory: Arc::clone(&table),
@@ -516,7 +502,7 @@ mod tests {
                 let _ = tx.lock().unwrap().send(why);
             }),
         };
-        let _thread = DeviceThread::spawn("kite_test", 4, Counter, &context).unwrap();
+        let _thread = DeviceThread::spawn("kite_test", 4, Counter(0), &context).unwrap();
         let why = rx
             .recv_timeout(Duration::from_secs(10))
             .expect("the death is reported");

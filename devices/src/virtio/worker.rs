@@ -216,7 +216,7 @@ fn serve_available<H: QueueHandler>(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use memory::RegionSpec;
     use std::sync::Arc;
@@ -227,8 +227,8 @@ mod tests {
 
     const SIZE: u16 = 256;
 
-    /// Counts the requests it is handed.
-    struct Counter(usize);
+    /// Counts the requests it is handed (the device-thread tests use it too).
+    pub(crate) struct Counter(pub(crate) usize);
 
     impl QueueHandler for Counter {
         fn serve(

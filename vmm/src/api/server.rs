@@ -288,15 +288,25 @@ fn peer_allowed(stream: &UnixStream, user: libc::uid_t) -> std::io::Result<bool>
     Ok(cred.uid == 0 || cred.uid == user)
 }
 
-fn timed_out() -> std::io::Error {
-    std::io::Error::new(
-        std::io::ErrorKind::TimedOut,
-        format!("client took longer than {CLIENT_DEADLINE:?}"),
-    )
-}
-
-fn stopped() -> std::io::Error {
-    std::io::Error::new(std::io::ErrorKind::Interrupted, "the server is stopping")
+/// Waits until the client's `stream` has `events`; an error once the server is stopping
+/// or the client's `deadline` has passed.
+fn wait_for_client(
+    stream: &UnixStream,
+    events: libc::c_short,
+    stop: &EventFd,
+    deadline: Option<Instant>,
+) -> std::io::Result<()> {
+    match wait(stream, events, stop, deadline) {
+        Wait::Ready => Ok(()),
+        Wait::Stopped => Err(std::io::Error::new(
+            std::io::ErrorKind::Interrupted,
+            "the server is stopping",
+        )),
+        Wait::TimedOut => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("client took longer than {CLIENT_DEADLINE:?}"),
+        )),
+    }
 }
 
 /// Reads one request line from `stream` and answers it, all before the client's deadline.
@@ -326,11 +336,7 @@ fn answer(
         match (&*stream).write(&out[written..]) {
             Ok(n) => written += n,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                match wait(stream, libc::POLLOUT, stop, deadline) {
-                    Wait::Ready => {}
-                    Wait::Stopped => return Err(stopped()),
-                    Wait::TimedOut => return Err(timed_out()),
-                }
+                wait_for_client(stream, libc::POLLOUT, stop, deadline)?
             }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
@@ -366,11 +372,7 @@ fn read_request(
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                match wait(stream, libc::POLLIN, stop, deadline) {
-                    Wait::Ready => {}
-                    Wait::Stopped => return Err(stopped()),
-                    Wait::TimedOut => return Err(timed_out()),
-                }
+                wait_for_client(stream, libc::POLLIN, stop, deadline)?
             }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
