@@ -413,7 +413,7 @@ fn install_panic_hook() {
         let thread = std::thread::current();
         let name = thread.name().unwrap_or("unnamed");
         eprintln!("kite: thread {name} panicked: {info}");
-        crate::console::restore_terminal_from_signal_handler();
+        crate::console::restore_terminal_now();
         // SAFETY: _exit ends the process at once: nothing runs on after a panic.
         unsafe { libc::_exit(exit::VMM_ERROR) };
     }));

@@ -184,9 +184,9 @@ impl Drop for RawTerminal {
 }
 
 /// Puts the terminal back as it was before raw mode, if it is in raw mode; for a signal
-/// handler about to end the process (tcsetattr is async-signal-safe; the settings were
-/// saved before raw mode began).
-pub fn restore_terminal_from_signal_handler() {
+/// handler or the panic hook about to end the process (tcsetattr is async-signal-safe;
+/// the settings were saved before raw mode began).
+pub fn restore_terminal_now() {
     if TERMINAL_RAW.load(Ordering::SeqCst) {
         if let Some(saved) = SAVED_TERMINAL.get() {
             // SAFETY: stdin's fd and the termios it had before raw mode.

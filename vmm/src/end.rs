@@ -11,7 +11,7 @@ use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
-use crate::machine::MachineError;
+use crate::machine::{eventfd, MachineError};
 use crate::signals;
 use crate::vstate::vcpu::VcpuStop;
 
@@ -213,10 +213,6 @@ impl MutEventSubscriber for EndEvents {
             }
         }
     }
-}
-
-fn eventfd() -> Result<EventFd, MachineError> {
-    EventFd::new(libc::EFD_NONBLOCK).map_err(|e| MachineError::Events(format!("{e:?}")))
 }
 
 /// The SIGINT/SIGTERM eventfd: one per process, as the handlers are.

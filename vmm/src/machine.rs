@@ -174,7 +174,8 @@ fn event_error<E: std::fmt::Debug>(e: E) -> MachineError {
     MachineError::Events(format!("{e:?}"))
 }
 
-fn eventfd() -> Result<EventFd, MachineError> {
+/// A non-blocking eventfd.
+pub(crate) fn eventfd() -> Result<EventFd, MachineError> {
     EventFd::new(libc::EFD_NONBLOCK).map_err(event_error)
 }
 

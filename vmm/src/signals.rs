@@ -16,7 +16,7 @@ extern "C" fn on_signal(num: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc:
     if RECEIVED.swap(num, Ordering::SeqCst) != 0 {
         // The second one: the clean shutdown the first asked for is taking too long for
         // whoever sent it. End now.
-        crate::console::restore_terminal_from_signal_handler();
+        crate::console::restore_terminal_now();
         // SAFETY: _exit(2) is async-signal-safe and ends the process at once.
         unsafe { libc::_exit(128 + num) };
     }

@@ -149,22 +149,13 @@ impl DeviceThread {
             .name(name.to_string())
             .spawn(move || {
                 let _exit_signal = exit_signal;
-                let mut watch = DeathWatch {
-                    name: thread_name,
+                let _panic_watch = PanicWatch {
+                    name: thread_name.clone(),
                     died: Arc::clone(&context.died),
-                    ended_well: false,
                 };
-                if let Err(e) = (context.confine)(device_type) {
-                    (context.died)(format!("device thread {}: {e}", watch.name));
-                    watch.ended_well = true; // already reported
-                    return;
-                }
-                match run(worker) {
-                    Ok(()) => watch.ended_well = true,
-                    Err(e) => {
-                        (context.died)(format!("device thread {}: {e}", watch.name));
-                        watch.ended_well = true;
-                    }
+                let result = (context.confine)(device_type).and_then(|()| run(worker));
+                if let Err(e) = result {
+                    (context.died)(format!("device thread {thread_name}: {e}"));
                 }
             })
             .map_err(ActivateError::Thread)?;
@@ -198,11 +189,6 @@ impl DeviceThread {
             self.active = false;
         }
     }
-
-    /// Whether a setup is being served (activated and not stopped).
-    pub fn is_active(&self) -> bool {
-        self.active
-    }
 }
 
 impl Drop for DeviceThread {
@@ -226,16 +212,15 @@ impl Drop for DeviceThread {
     }
 }
 
-/// Reports a thread that ends without saying it ended well (a panic).
-struct DeathWatch {
+/// Reports a thread that unwinds (a panic).
+struct PanicWatch {
     name: String,
     died: Arc<dyn Fn(String) + Send + Sync>,
-    ended_well: bool,
 }
 
-impl Drop for DeathWatch {
+impl Drop for PanicWatch {
     fn drop(&mut self) {
-        if !self.ended_well {
+        if std::thread::panicking() {
             (self.died)(format!("device thread {} panicked", self.name));
         }
     }

@@ -312,8 +312,11 @@ impl MemControl {
         if blocks[range.clone()].iter().any(Option::is_some) {
             return RESP_ERROR;
         }
-        let plugged = blocks.iter().flatten().count();
-        if ((plugged + range.len()) as u64) * BLOCK_SIZE > self.requested() {
+        let fits = {
+            let config = self.config_state();
+            (config.plugged_blocks + range.len() as u64) * BLOCK_SIZE <= config.requested
+        };
+        if !fits {
             return RESP_NACK;
         }
         for b in range.clone() {

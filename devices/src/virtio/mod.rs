@@ -2,10 +2,10 @@
 //!
 //! A device ([`VirtioDevice`]) describes itself (type, queues, features, config space) and,
 //! once the driver has set it up, serves its queues on a device thread of its own
-//! ([`device_thread`]), never on a vCPU thread, and a vCPU never waits for it: a register access
-//! neither does guest I/O nor waits for guest memory. Every guest-memory access goes through the region
-//! table's guards ([`memory::GuardedMemory`]), taken per batch of requests; descriptor chains
-//! are parsed by virtio-queue.
+//! ([`device_thread`]), never on a vCPU thread, and a vCPU never waits for it: a register
+//! access neither does guest I/O nor waits for guest memory. Every guest-memory access
+//! goes through the region table's guards ([`memory::GuardedMemory`]), taken per batch of
+//! requests; descriptor chains are parsed by virtio-queue.
 
 pub mod block;
 pub mod device_thread;
@@ -23,6 +23,8 @@ use virtio_queue::Queue;
 use vmm_sys_util::eventfd::EventFd;
 
 pub use mmio::MmioTransport;
+/// Device ids of the devices Kite has (virtio-mem's is `mem::VIRTIO_ID_MEM`).
+pub use virtio_bindings::virtio_ids::{VIRTIO_ID_BLOCK, VIRTIO_ID_RNG};
 
 /// Feature bit every modern device offers.
 pub const VIRTIO_F_VERSION_1: u64 = 1 << virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
@@ -133,7 +135,8 @@ pub trait VirtioDevice: Send {
     /// Starts serving the queues.
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError>;
     /// Stops serving the queues and forgets them. Must not wait for the device thread
-    /// (it runs on a vCPU thread): the next activation's thread waits for the old one.
+    /// (it runs on a vCPU thread): the thread finishes the request in hand, then takes
+    /// the next setup.
     fn reset(&mut self);
 }
 

@@ -20,6 +20,8 @@ use std::collections::BTreeMap;
 use std::str::FromStr;
 use std::sync::Arc;
 
+use devices::virtio::mem::VIRTIO_ID_MEM;
+use devices::virtio::{VIRTIO_ID_BLOCK, VIRTIO_ID_RNG};
 use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
 use serde::{Deserialize, Serialize};
 
@@ -96,19 +98,12 @@ impl ThreadKind {
     /// The kind of the thread of a virtio device of type `device_type` (`VIRTIO_ID_*`).
     pub fn of_device(device_type: u32) -> Option<Self> {
         match device_type {
-            virtio_bindings_ids::BLOCK => Some(ThreadKind::Block),
-            virtio_bindings_ids::RNG => Some(ThreadKind::Rng),
-            virtio_bindings_ids::MEM => Some(ThreadKind::Mem),
+            VIRTIO_ID_BLOCK => Some(ThreadKind::Block),
+            VIRTIO_ID_RNG => Some(ThreadKind::Rng),
+            VIRTIO_ID_MEM => Some(ThreadKind::Mem),
             _ => None,
         }
     }
-}
-
-/// The virtio device ids Kite has threads for.
-mod virtio_bindings_ids {
-    pub const BLOCK: u32 = 2;
-    pub const RNG: u32 = 4;
-    pub const MEM: u32 = devices::virtio::mem::VIRTIO_ID_MEM;
 }
 
 /// Errors building or installing filters.
@@ -290,7 +285,7 @@ extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc
             message.len,
         )
     };
-    crate::console::restore_terminal_from_signal_handler();
+    crate::console::restore_terminal_now();
     // SAFETY: _exit(2) is async-signal-safe and ends the process at once.
     unsafe { libc::_exit(crate::cli::exit::BAD_SYSCALL) };
 }
