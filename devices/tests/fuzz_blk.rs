@@ -47,7 +47,7 @@ impl Rng {
 }
 
 impl Rig {
-    fn set_up(&mut self, mem: &GuardedMemory<'_>) {
+    fn set_up_fuzzed(&mut self, mem: &GuardedMemory<'_>) {
         mem.write_slice(&[0u8; 0x3000], GuestAddress(DESC)).unwrap();
         self.write(0x70, 0);
         self.write(0x70, 3);
@@ -120,7 +120,7 @@ fn random_requests_never_hang_panic_or_grow_the_disk() {
     let deadline = Instant::now() + Duration::from_secs(secs);
     let (mut kicks, mut resets, mut completed) = (0u64, 0u64, 0u64);
     while Instant::now() < deadline {
-        rig.set_up(&mem);
+        rig.set_up_fuzzed(&mem);
         let mut avail_idx = 0u16;
         let mut used_seen = 0u16;
         for _ in 0..8 {

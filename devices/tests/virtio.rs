@@ -3,12 +3,11 @@
 //! served on the device thread. Includes a hostile driver: descriptor loops, addresses
 //! outside guest memory, huge lengths, bad queue sizes, a corrupt available index.
 
-use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use devices::virtio::block::Block;
 use devices::virtio::device_thread::{DeviceThread, ThreadContext};
@@ -28,90 +27,12 @@ use virtio_queue::DescriptorChain;
 use vm_memory::{Bytes, GuestAddress};
 
 mod common;
-use common::{Rig, NEEDS_RESET};
+use common::{desc, header, DEADLINE, DRIVER_OK, FEATURES_OK, NEEDS_RESET, STATUS_ACK_DRIVER};
 
 const MIB: u64 = 1 << 20;
 const MEMORY: u64 = 16 * MIB;
 /// Where request buffers go (the rings are at 0).
 const BUFFERS: u64 = MIB;
-const DEADLINE: Duration = Duration::from_secs(10);
-
-const STATUS_ACK_DRIVER: u32 = 1 | 2;
-const FEATURES_OK: u32 = 8;
-const DRIVER_OK: u32 = 4;
-
-impl Rig {
-    /// Negotiates every offered feature and sets up queue 0 at the mock's rings, of `size`.
-    fn set_up(&mut self, mock: &MockSplitQueue<'_, GuardedMemory<'_>>, size: u32) {
-        let rings = [mock.desc_table_addr(), mock.avail_addr(), mock.used_addr()];
-        self.set_up_at(rings, size);
-    }
-
-    /// Negotiates every offered feature and sets up queue 0 with its descriptor table,
-    /// available and used rings at `rings`, of `size`.
-    fn set_up_at(&mut self, rings: [GuestAddress; 3], size: u32) {
-        self.write(0x70, 0);
-        self.write(0x70, STATUS_ACK_DRIVER);
-        for sel in 0..2 {
-            self.write(0x14, sel);
-            let features = self.read(0x10);
-            self.write(0x24, sel);
-            self.write(0x20, features);
-        }
-        self.write(0x70, STATUS_ACK_DRIVER | FEATURES_OK);
-        assert_ne!(self.read(0x70) & FEATURES_OK, 0);
-        self.write(0x30, 0);
-        self.write(0x38, size);
-        for (low, addr) in [0x80, 0x90, 0xa0].into_iter().zip(rings) {
-            self.write(low, addr.0 as u32);
-            self.write(low + 4, (addr.0 >> 32) as u32);
-        }
-        self.write(0x44, 1);
-        self.write(0x70, STATUS_ACK_DRIVER | FEATURES_OK | DRIVER_OK);
-    }
-
-    /// Notifies queue 0 and waits until the used index reaches `expected`.
-    fn kick_and_wait(&mut self, mock: &MockSplitQueue<'_, GuardedMemory<'_>>, expected: u16) {
-        self.write(0x50, 0);
-        self.wait_used(expected, || mock.used().idx().load());
-    }
-
-    /// Waits, woken by the device's interrupts, until `used_idx()` reaches `expected`.
-    fn wait_used(&self, expected: u16, used_idx: impl Fn() -> u16) {
-        let deadline = Instant::now() + DEADLINE;
-        while used_idx() < expected {
-            let left = deadline.saturating_duration_since(Instant::now());
-            assert!(
-                !left.is_zero(),
-                "the device did not complete within {DEADLINE:?}"
-            );
-            self.wait_irq(left.min(Duration::from_millis(100)));
-            let _ = self.irq.read();
-        }
-    }
-
-    /// Waits up to `timeout` for the interrupt; whether it was raised.
-    fn wait_irq(&self, timeout: Duration) -> bool {
-        let mut fd = libc::pollfd {
-            fd: self.irq.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd, for the length given.
-        unsafe { libc::poll(&mut fd, 1, timeout.as_millis() as i32) == 1 }
-    }
-}
-
-fn desc(addr: u64, len: u32, flags: u32, next: u16) -> RawDescriptor {
-    RawDescriptor::from(Descriptor::new(addr, len, flags as u16, next))
-}
-
-fn header(kind: u32, sector: u64) -> [u8; 16] {
-    let mut h = [0u8; 16];
-    h[..4].copy_from_slice(&kind.to_le_bytes());
-    h[8..].copy_from_slice(&sector.to_le_bytes());
-    h
-}
 
 fn disk(dir: &Path, sectors: u64) -> std::path::PathBuf {
     let path = dir.join("disk.img");
@@ -601,12 +522,7 @@ struct SlowHandler {
 }
 
 impl QueueHandler for SlowHandler {
-    fn serve(
-        &mut self,
-        _: usize,
-        _: DescriptorChain<&GuardedMemory<'_>>,
-        _: &GuardedMemory<'_>,
-    ) -> u32 {
+    fn serve(&mut self, _: usize, _: DescriptorChain<&GuardedMemory<'_>>) -> u32 {
         if self.serving.fetch_add(1, Ordering::SeqCst) > 0 {
             self.overlapped.store(true, Ordering::SeqCst);
         }

@@ -1,15 +1,38 @@
-//! Guarded memory for rust-vmm code: a view of all guest memory that implements
-//! vm-memory's `GuestMemoryBackend`, so virtio-queue, linux-loader and other crates
-//! run over regions that no writer can take away while the view lives.
+//! Guarded memory for rust-vmm code: guest memory that implements vm-memory's
+//! `GuestMemoryBackend`, so virtio-queue, linux-loader and other crates run over regions
+//! that no writer can take away while they use them.
 //!
-//! A view is one read lock on guest memory as a whole plus the snapshot of regions
-//! current when it was taken, so its cost does not grow with the number of regions
-//! (hotplug makes hundreds). Writers that take memory away (shrink, remove) wait for
-//! views as they wait for a region's readers; growth and insertion do not, so a view
-//! may see a region grow, never shrink, and does not see regions inserted after it.
-//! Taking a view follows the two-tier lookup: the fast path, else the table lock for
-//! read only to wait out the writer (see [`RegionTable`]), so writers, however many
-//! run back to back, cannot make it fail or retry.
+//! A [`GuardedMemory`] holds nothing at first. The first time an access reaches a region,
+//! it read-locks that region and keeps the lock until [`GuardedMemory::release`] or drop:
+//! a device request holds exactly the regions its rings and buffers touch, for as long as
+//! it touches them (guarantee 12), and a writer of any other region never waits for it.
+//!
+//! The lock order is the one Linux uses when a fault falls back from
+//! `lock_vma_under_rcu`: a thread that holds no region may wait (the two-tier lookup);
+//! a thread that holds a region only tries more with the fast path, which never blocks.
+//! If that fails (a writer holds the region), the access fails, the memory remembers the
+//! miss, and [`GuardedMemory::retry`] drops every lock, waits for the writer with the
+//! two-tier lookup and runs the access again. So a reader never waits while it holds a
+//! region, and no cycle can close with the writer, who waits for readers while holding
+//! the table lock. The lock checker enforces it: the two-tier lookup panics in debug
+//! builds when the thread holds any region.
+//!
+//! ```
+//! use memory::{GuardedMemory, RegionSpec, RegionTable};
+//! use vm_memory::{Bytes, GuestAddress};
+//!
+//! let table = RegionTable::default();
+//! table.insert(RegionSpec::anonymous(GuestAddress(0), 0x1000), None).unwrap();
+//! table.insert(RegionSpec::anonymous(GuestAddress(0x1000), 0x1000), None).unwrap();
+//! let mut mem = GuardedMemory::new(&table, None);
+//! // One access across both regions: the second is taken with the fast path.
+//! mem.retry(|mem| mem.write_slice(&[7; 2], GuestAddress(0xfff))).unwrap().unwrap();
+//! assert_eq!(mem.held(), 2);
+//! mem.release();
+//! assert_eq!(mem.held(), 0);
+//! ```
+
+use std::cell::{Cell, RefCell};
 
 use vm_memory::bitmap::BS;
 use vm_memory::guest_memory::{self, FileOffset};
@@ -18,93 +41,235 @@ use vm_memory::{
     MemoryRegionAddress, VolatileSlice,
 };
 
-use crate::region::Region;
-use crate::snapshot::Snapshot;
-use crate::sync::{Arc, Deadline};
-use crate::table::{RegionTable, ViewFailure, ViewLock};
+use crate::region::{Region, RegionGuard};
+use crate::sync::Deadline;
+use crate::table::{LookupError, RegionTable};
 
-/// Why a view of guest memory could not be taken.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+/// Why guarded memory could not be locked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum GuardedMemoryError {
     /// The deadline passed while a writer was changing guest memory.
     #[error("timed out waiting for a writer of guest memory")]
     Timeout,
-    /// This thread already holds the maximum number of views.
-    #[error("too many views of guest memory held")]
+    /// A region already counts the maximum number of readers in this thread's shard.
+    #[error("too many readers of a guest memory region")]
     Saturated,
+    /// Writers changed the regions an access needs [`MAX_ATTEMPTS`] times in a row.
+    #[error("guest memory kept changing under an access ({0} attempts)")]
+    Contended(usize),
 }
 
-impl From<ViewFailure> for GuardedMemoryError {
-    fn from(failure: ViewFailure) -> Self {
-        match failure {
-            ViewFailure::Timeout => GuardedMemoryError::Timeout,
-            ViewFailure::Saturated => GuardedMemoryError::Saturated,
-        }
-    }
+/// Runs of one access [`GuardedMemory::retry`] allows. Each rerun starts holding every
+/// region the runs before it missed, so it takes an access touching this many regions,
+/// each changed by a writer just as the access reached it, to use them up.
+pub const MAX_ATTEMPTS: usize = 64;
+
+/// What stopped an access from locking a region it reached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Trouble {
+    /// The fast path failed while other regions were held: wait for the writer of the
+    /// region at this address with nothing held, then run the access again.
+    Missed(GuestAddress),
+    /// Nothing can help now.
+    Failed(GuardedMemoryError),
 }
 
-/// A view of all guest memory, usable as vm-memory guest memory. Not `Send`: the lock
-/// is released by the thread that took it.
+/// Guest memory whose regions are read-locked the first time an access reaches them,
+/// and stay locked until [`GuardedMemory::release`] or drop. Not `Send`: locks are
+/// released by the thread that took them.
 pub struct GuardedMemory<'t> {
-    regions: Arc<Snapshot>,
-    _lock: ViewLock<'t>,
+    table: &'t RegionTable,
+    /// The regions locked so far. Only pushed to through `&self`; guards are dropped
+    /// only through `&mut self`, so a region lent out stays locked while it is borrowed.
+    held: RefCell<Vec<RegionGuard<'t>>>,
+    trouble: Cell<Option<Trouble>>,
+    deadline: Deadline,
 }
 
 impl std::fmt::Debug for GuardedMemory<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let held: Vec<_> = self.held.borrow().iter().map(RegionGuard::id).collect();
         f.debug_struct("GuardedMemory")
-            .field("regions", &self.regions.regions())
+            .field("held", &held)
+            .field("trouble", &self.trouble.get())
             .finish()
     }
 }
 
 impl<'t> GuardedMemory<'t> {
-    /// Takes a view of every region of the table. Must not be called while the thread
-    /// holds a region guard or the table lock (debug builds panic, naming the locks).
+    /// Guarded memory of `table` holding no region yet. Waits for writers (with nothing
+    /// held) end at `deadline`.
+    pub fn new(table: &'t RegionTable, deadline: Deadline) -> GuardedMemory<'t> {
+        GuardedMemory {
+            table,
+            held: RefCell::new(Vec::new()),
+            trouble: Cell::new(None),
+            deadline,
+        }
+    }
+
+    /// Guarded memory holding every region of the table now (for loaders and tools that
+    /// need the whole memory map; devices lock lazily with [`GuardedMemory::new`]). Must
+    /// not be called while the thread holds a region guard (debug builds panic, naming
+    /// the locks).
     pub fn lock_all(
         table: &'t RegionTable,
         deadline: Deadline,
     ) -> Result<GuardedMemory<'t>, GuardedMemoryError> {
-        let (lock, regions) = table.lock_view(deadline)?;
-        Ok(GuardedMemory {
-            regions,
-            _lock: lock,
-        })
+        let mut mem = GuardedMemory::new(table, deadline);
+        mem.retry(|mem| mem.iter().count())?;
+        Ok(mem)
+    }
+
+    /// Runs `access` over this memory until it completes without a fast-path miss: after
+    /// a miss, every lock is dropped, the writer waited for with the two-tier lookup (its
+    /// region is then held) and `access` run again, at most [`MAX_ATTEMPTS`] times.
+    /// Locks taken by the last run stay held. `access` must be safe to run again: a run
+    /// that missed may have done part of its work (see [`GuardedMemory::missed`]).
+    pub fn retry<R>(
+        &mut self,
+        mut access: impl FnMut(&Self) -> R,
+    ) -> Result<R, GuardedMemoryError> {
+        // Every address a run missed: each wait locks all of them at once, so a run never
+        // misses the same region twice and the runs end within the regions it touches.
+        let mut missed = Vec::new();
+        for _ in 0..MAX_ATTEMPTS {
+            let result = access(self);
+            match self.trouble.take() {
+                None => return Ok(result),
+                Some(Trouble::Failed(e)) => return Err(e),
+                Some(Trouble::Missed(addr)) => {
+                    drop(result);
+                    missed.push(addr);
+                    self.release();
+                    self.wait_for(&missed)?;
+                }
+            }
+        }
+        Err(GuardedMemoryError::Contended(MAX_ATTEMPTS))
+    }
+
+    /// Whether an access since the last [`GuardedMemory::retry`] run failed to lock a
+    /// region it reached: its result is not to be used, and the run will be repeated
+    /// (an access that changes guest-visible state checks this before it commits).
+    pub fn missed(&self) -> bool {
+        self.trouble.get().is_some()
+    }
+
+    /// Drops every lock held.
+    pub fn release(&mut self) {
+        self.held.get_mut().clear();
+        self.trouble.set(None);
+    }
+
+    /// How many regions are held now.
+    pub fn held(&self) -> usize {
+        self.held.borrow().len()
+    }
+
+    /// Waits for the writers of the regions at `addrs` with the two-tier lookup (nothing
+    /// is held) and keeps those regions locked. An address no longer mapped is no error:
+    /// the next run of the access sees that for itself.
+    fn wait_for(&mut self, addrs: &[GuestAddress]) -> Result<(), GuardedMemoryError> {
+        match self.table.lock_regions(addrs, self.deadline) {
+            Ok(guards) => {
+                *self.held.get_mut() = guards;
+                Ok(())
+            }
+            Err(LookupError::Saturated { .. }) => Err(GuardedMemoryError::Saturated),
+            Err(_) => Err(GuardedMemoryError::Timeout),
+        }
+    }
+
+    /// The held region covering `addr`, locking it first if no held region does.
+    fn hold(&self, addr: GuestAddress) -> Option<&GuardedRegion> {
+        if let Some(region) = self.held_at(addr) {
+            return Some(region);
+        }
+        if self.trouble.get().is_some() {
+            return None; // this run is void: do not lock more
+        }
+        let nothing_held = self.held.borrow().is_empty();
+        let locked = if nothing_held {
+            // Nothing held: waiting for a writer cannot close a cycle.
+            self.table.lock_region(addr, self.deadline)
+        } else {
+            self.table.lock_fast(addr)
+        };
+        match locked {
+            Ok(guard) => {
+                let region = std::ptr::from_ref(guard.region());
+                self.held.borrow_mut().push(guard);
+                // SAFETY: the guard just pushed keeps the region locked, and so allocated,
+                // until `held` is cleared, which takes `&mut self`: not while `&self`,
+                // and so the reference returned, is borrowed.
+                Some(GuardedRegion::lend(unsafe { &*region }))
+            }
+            Err(LookupError::NotMapped { .. }) => None,
+            Err(LookupError::WriteLocked { .. } | LookupError::Removed { .. }) => {
+                self.trouble.set(Some(Trouble::Missed(addr)));
+                None
+            }
+            Err(LookupError::Saturated { .. }) => {
+                self.fail(GuardedMemoryError::Saturated);
+                None
+            }
+            Err(LookupError::Timeout { .. }) => {
+                self.fail(GuardedMemoryError::Timeout);
+                None
+            }
+        }
+    }
+
+    fn fail(&self, e: GuardedMemoryError) {
+        self.trouble.set(Some(Trouble::Failed(e)));
+    }
+
+    fn held_at(&self, addr: GuestAddress) -> Option<&GuardedRegion> {
+        let held = self.held.borrow();
+        let region = held
+            .iter()
+            .map(RegionGuard::region)
+            .find(|r| r.contains(addr))
+            .map(std::ptr::from_ref)?;
+        // SAFETY: as in `hold`: the guard stays in `held` while `&self` is borrowed.
+        Some(GuardedRegion::lend(unsafe { &*region }))
     }
 }
 
 impl GuestMemoryBackend for GuardedMemory<'_> {
     type R = GuardedRegion;
 
-    #[inline]
+    /// The regions [`GuestMemoryBackend::iter`] yields.
     fn num_regions(&self) -> usize {
-        self.regions.regions().len()
+        self.iter().count()
     }
 
     #[inline]
     fn find_region(&self, addr: GuestAddress) -> Option<&GuardedRegion> {
-        self.regions
-            .find(addr)
-            .filter(|region| region.contains(addr))
-            .map(|region| GuardedRegion::lend(region))
+        self.hold(addr)
     }
 
-    #[inline]
+    /// Every region of the table, each locked (or a miss recorded, for
+    /// [`GuardedMemory::retry`]): the whole memory map, for loaders that ask for it.
     fn iter(&self) -> impl Iterator<Item = &GuardedRegion> {
-        self.regions
-            .regions()
-            .iter()
-            .map(|region| GuardedRegion::lend(region))
+        let regions: Vec<&GuardedRegion> = self
+            .table
+            .published_starts()
+            .into_iter()
+            .filter_map(|start| self.hold(start))
+            .collect();
+        regions.into_iter()
     }
 }
 
-/// A region as a [`GuardedMemory`] lends it to rust-vmm code: its memory up to its
-/// current size, which cannot shrink while the view lives.
+/// A region as [`GuardedMemory`] lends it to rust-vmm code: its memory up to its current
+/// size, which cannot shrink while it is lent.
 #[repr(transparent)]
 pub struct GuardedRegion(Region);
 
 impl GuardedRegion {
-    /// Only views lend regions, for as long as they are borrowed.
+    /// Only guarded memory lends regions, for as long as they are borrowed.
     #[inline]
     fn lend(region: &Region) -> &GuardedRegion {
         // SAFETY: `GuardedRegion` is a `repr(transparent)` wrapper of `Region`, so the

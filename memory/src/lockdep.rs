@@ -21,8 +21,6 @@ pub enum HeldLock {
     TableWrite,
     /// A region read lock (a `RegionGuard`), by region id.
     RegionRead(u64),
-    /// The read lock of a whole-memory view (a `GuardedMemory`).
-    MemoryView,
 }
 
 impl fmt::Display for HeldLock {
@@ -31,7 +29,6 @@ impl fmt::Display for HeldLock {
             HeldLock::TableRead => write!(f, "table lock (read)"),
             HeldLock::TableWrite => write!(f, "table lock (write)"),
             HeldLock::RegionRead(id) => write!(f, "region {id} read lock"),
-            HeldLock::MemoryView => write!(f, "guest memory view"),
         }
     }
 }
@@ -108,7 +105,7 @@ pub(crate) fn acquire_table(lock: HeldLock) {
     with_held(|held| {
         if let Some(region) = held
             .iter()
-            .find(|l| matches!(l, HeldLock::RegionRead(_) | HeldLock::MemoryView))
+            .find(|l| matches!(l, HeldLock::RegionRead(_)))
             .cloned()
         {
             let names = describe(held);
@@ -124,14 +121,6 @@ pub(crate) fn acquire_table(lock: HeldLock) {
 pub(crate) fn acquire_region(id: u64) {
     if ENABLED {
         with_held(|held| held.push(HeldLock::RegionRead(id)));
-    }
-}
-
-/// Records that the thread took the read lock of a whole-memory view.
-#[inline(always)]
-pub(crate) fn acquire_view() {
-    if ENABLED {
-        with_held(|held| held.push(HeldLock::MemoryView));
     }
 }
 

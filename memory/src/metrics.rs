@@ -93,7 +93,6 @@ impl TableStats {
                 &waits,
             ),
             regions,
-            views: 0,
             retired_regions: 0,
             writers_draining: 0,
         }
@@ -162,10 +161,8 @@ pub struct TableMetrics {
     pub writer_waits: WaitStats,
     /// Every published region.
     pub regions: Vec<RegionMetrics>,
-    /// Views of guest memory held now ([`crate::GuardedMemory`], taken by devices).
-    pub views: u64,
     /// Removed regions whose (already discarded) host mapping is kept because a
-    /// thread's cached lookup view still references them. Each is unmapped by the
+    /// thread's cached snapshot still references them. Each is unmapped by the
     /// first writer after those threads' next lookups.
     pub retired_regions: u64,
     /// Writers waiting for readers to release a region they change or remove, now:

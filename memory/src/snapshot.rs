@@ -1,11 +1,11 @@
-//! The lookup view readers use without locks: an immutable, sorted list of regions,
+//! The snapshot readers look regions up in without locks: an immutable, sorted list of regions,
 //! published by writers and read through a per-thread cache.
 //!
 //! Loading an `ArcSwap` costs about as much as the rest of a fast-path lookup, so each
 //! thread keeps the snapshot it last used with the publication generation it belongs
 //! to, and reloads only when the generation moved: a hit costs one shared load. A
 //! cached snapshot may be a moment old, like any lock-free read; the region lock
-//! protocol (removed and write marks, range re-check) makes a stale view fail the fast
+//! protocol (removed and write marks, range re-check) makes a stale snapshot fail the fast
 //! path, never return a wrong region. Holding a cached snapshot keeps removed regions'
 //! bookkeeping (not their memory, which removal frees) alive until the thread's next
 //! lookup.

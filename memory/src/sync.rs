@@ -1,7 +1,7 @@
 //! Synchronisation primitives the region table is built from.
 //!
 //! Normal builds use `std` atomics, `parking_lot` for the table lock (it has timed
-//! acquisition) and `arc-swap` for the lock-free published view. Under `--cfg loom`
+//! acquisition) and `arc-swap` for the lock-free published snapshot. Under `--cfg loom`
 //! the same names resolve to loom's models so the protocol code itself, not a copy
 //! of it, is checked exhaustively. The loom stand-in for `ArcSwap` is a mutex held
 //! only for a pointer copy: it models the publication order, which is what the
@@ -22,7 +22,7 @@ pub(crate) use loom::sync::Arc;
 /// A point in time after which a wait gives up; `None` waits for ever.
 pub type Deadline = Option<Instant>;
 
-/// Lock-free publication of an immutable value (the region table's lookup view).
+/// Lock-free publication of an immutable value (the region table's snapshot of regions).
 pub(crate) struct Published<T> {
     #[cfg(not(loom))]
     inner: arc_swap::ArcSwap<T>,

@@ -10,7 +10,6 @@
 //! that changes one region waits only for that region's readers.
 
 use std::collections::BTreeMap;
-use std::marker::PhantomData;
 use std::time::{Duration, Instant};
 
 use vm_memory::GuestAddress;
@@ -153,17 +152,17 @@ impl Default for TableConfig {
     }
 }
 
-/// What the table lock protects: the writers' view.
+/// What the table lock protects: the writers' copy of the regions.
 struct Inner {
     regions: BTreeMap<u64, Arc<Region>>,
     /// Reserved areas by start (see [`RegionTable::reserve_area`]).
     areas: BTreeMap<u64, std::sync::Arc<Area>>,
     free_slots: Vec<u32>,
     next_slot: u32,
-    /// Removed regions that threads' cached lookup views may still reference. The
+    /// Removed regions that threads' cached snapshots may still reference. The
     /// table keeps a reference to each until it is the last one, so the region's
     /// memory is unmapped and its file closed by a writer (see `WriteSession`'s drop),
-    /// never inside a lookup that drops an old view.
+    /// never inside a lookup that drops an old snapshot.
     retired: Vec<Arc<Region>>,
 }
 
@@ -234,10 +233,6 @@ pub struct RegionTable {
     /// Writer sequence: a region is write-locked while its mark equals this. Bumped
     /// when a writer finishes, which releases every region it marked.
     seq: AtomicU64,
-    /// The read lock of whole-memory views ([`crate::GuardedMemory`]), with the same
-    /// protocol as a region's: writers that take memory away (shrink, remove) mark it
-    /// and wait for its readers; growth and insertion leave views alone.
-    views: RegionLock,
     /// Its address is the key writers park on (see `wake_key`).
     wake_spot: u8,
     next_id: std::sync::atomic::AtomicU64,
@@ -245,7 +240,7 @@ pub struct RegionTable {
     lazy: Option<std::sync::Arc<dyn LazyPages>>,
     config: TableConfig,
     stats: TableStats,
-    /// How many removed regions the table keeps for cached views (`Inner::retired`).
+    /// How many removed regions the table keeps for cached snapshots (`Inner::retired`).
     retired: AtomicU64,
     /// Writers waiting for readers now (0 or 1: writers are serialised).
     draining: AtomicU64,
@@ -285,30 +280,6 @@ impl Drop for RegionTable {
     }
 }
 
-/// Why a view of guest memory was not taken.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum ViewFailure {
-    /// The deadline passed while waiting for a writer.
-    Timeout,
-    /// This thread's shard of the view lock already counts the maximum of readers.
-    Saturated,
-}
-
-/// A held read lock of whole-memory views (see `RegionTable::lock_view`). Released on
-/// drop, by the thread that took it.
-pub(crate) struct ViewLock<'t> {
-    word: &'t AtomicU64,
-    key: usize,
-    _not_send: PhantomData<*const ()>,
-}
-
-impl Drop for ViewLock<'_> {
-    fn drop(&mut self) {
-        release(self.word, self.key);
-        lockdep::release(&HeldLock::MemoryView);
-    }
-}
-
 /// A writer's hold on the table: the table lock for write. Dropping it publishes:
 /// the sequence is bumped, so every region this writer marked is readable again.
 struct WriteSession<'t> {
@@ -319,7 +290,7 @@ struct WriteSession<'t> {
 
 impl Drop for WriteSession<'_> {
     fn drop(&mut self) {
-        // A count of one is the table's own: no view references the region any more,
+        // A count of one is the table's own: no cached snapshot references the region any more,
         // and nothing can reach it to take a new reference.
         self.inner.retired.retain(|r| Arc::strong_count(r) > 1);
         self.table
@@ -362,10 +333,7 @@ impl WriteSession<'_> {
         started: Instant,
         deadline: Deadline,
     ) -> Result<(), TableError> {
-        let views = &self.table.views;
         region.lock.mark_write_locked(self.seq);
-        // Views cover every region, this one too.
-        views.mark_write_locked(self.seq);
         let drain_started = Instant::now();
         // A timeout too large to represent means no deadline of the table's own.
         let own = drain_started.checked_add(self.table.config.drain_timeout);
@@ -375,8 +343,7 @@ impl WriteSession<'_> {
         };
         let key = self.table.wake_key();
         self.table.draining.fetch_add(1, Ordering::Relaxed);
-        let drained =
-            region.lock.wait_for_readers(key, deadline) && views.wait_for_readers(key, deadline);
+        let drained = region.lock.wait_for_readers(key, deadline);
         self.table.draining.fetch_sub(1, Ordering::Relaxed);
         self.table.stats.record_writer_wait(started.elapsed());
         if drained {
@@ -384,7 +351,7 @@ impl WriteSession<'_> {
         } else {
             Err(TableError::DrainTimeout {
                 region: region.id(),
-                readers: region.readers() + views.readers(),
+                readers: region.readers(),
                 waited: drain_started.elapsed(),
             })
         }
@@ -409,7 +376,6 @@ impl RegionTable {
                 retired: Vec::new(),
             }),
             seq: AtomicU64::new(1),
-            views: RegionLock::new(config.reader_limit),
             wake_spot: 0,
             next_id: std::sync::atomic::AtomicU64::new(1),
             slots,
@@ -529,6 +495,37 @@ impl RegionTable {
         .unwrap_or(Err(LookupError::Timeout { addr: addr.0 }))
     }
 
+    /// The two-tier lookup of several addresses at once (for [`crate::GuardedMemory`]
+    /// after a fast-path miss): under one hold of the table lock for read, when no writer
+    /// holds any region, every region covering one of `addrs` is read-locked, in the
+    /// order given. Addresses no region covers are skipped. Same rules as
+    /// [`RegionTable::lock_region`].
+    pub(crate) fn lock_regions(
+        &self,
+        addrs: &[GuestAddress],
+        deadline: Deadline,
+    ) -> Result<Vec<RegionGuard<'_>>, LookupError> {
+        lockdep::assert_may_wait("two-tier lookup");
+        let shard = RegionLock::current_shard();
+        self.stats.count(shard, Lookup::SlowPath);
+        let first = addrs.first().map_or(0, |a| a.0);
+        self.under_table_read_lock(deadline, |inner| {
+            let mut guards: Vec<RegionGuard<'_>> = Vec::with_capacity(addrs.len());
+            for &addr in addrs {
+                if guards.iter().any(|g| g.region().contains(addr)) {
+                    continue;
+                }
+                match inner.find(addr).map(|r| self.read_lock(r, addr, shard)) {
+                    Some(Ok(guard)) => guards.push(guard),
+                    Some(Err(e @ LookupError::Saturated { .. })) => return Err(e),
+                    Some(Err(_)) | None => {}
+                }
+            }
+            Ok(guards)
+        })
+        .unwrap_or(Err(LookupError::Timeout { addr: first }))
+    }
+
     /// Runs `f` under the table lock taken for read, released before returning (the
     /// slow path of the two-tier lookups); `None` if `deadline` passed first.
     fn under_table_read_lock<R>(
@@ -540,63 +537,6 @@ impl RegionTable {
         let result = self.lock.read_until(deadline).map(|inner| f(&inner));
         lockdep::release(&HeldLock::TableRead);
         result
-    }
-
-    /// Read-locks guest memory as a whole for a view ([`crate::GuardedMemory`]) and
-    /// returns the regions the view covers. The fast path first (one shard increment,
-    /// never blocks); if a writer is taking memory away, the two-tier way: the table
-    /// lock for read only to wait it out, the view lock taken under it, the table lock
-    /// released. Under the table read lock no writer is active, so writers cannot make
-    /// this fail or retry, however many run back to back.
-    ///
-    /// The regions are read after the lock is taken: a writer that took memory away
-    /// before has published its snapshot by then, and one that comes after waits for
-    /// the view. Same rules as [`RegionTable::lock_region`] for the slow path.
-    pub(crate) fn lock_view(
-        &self,
-        deadline: Deadline,
-    ) -> Result<(ViewLock<'_>, Arc<Snapshot>), ViewFailure> {
-        // Checked before the fast path too: a view taken while holding one is a
-        // deadlock whenever a writer happens to be waiting, not only when the fast
-        // path fails.
-        lockdep::assert_may_wait("memory view");
-        let shard = RegionLock::current_shard();
-        let fast = self.views.try_read(&self.seq, shard, self.wake_key());
-        match fast {
-            Ok(()) => self.stats.count(shard, Lookup::FastHit),
-            Err(ReadLockFailure::Saturated) => return Err(ViewFailure::Saturated),
-            Err(ReadLockFailure::WriteLocked | ReadLockFailure::Removed) => {
-                self.stats.count(shard, Lookup::FastMiss);
-                self.lock_view_slow(shard, deadline)?;
-            }
-        }
-        lockdep::acquire_view();
-        let view = ViewLock {
-            word: self.views.shard_word(shard),
-            key: self.wake_key(),
-            _not_send: PhantomData,
-        };
-        Ok((view, self.published.current()))
-    }
-
-    /// The two-tier half of `lock_view`: takes the view lock under the table read lock.
-    #[cold]
-    fn lock_view_slow(&self, shard: usize, deadline: Deadline) -> Result<(), ViewFailure> {
-        self.stats.count(shard, Lookup::SlowPath);
-        let locked = self
-            .under_table_read_lock(deadline, |_| {
-                self.views.try_read(&self.seq, shard, self.wake_key())
-            })
-            .ok_or(ViewFailure::Timeout)?;
-        debug_assert!(
-            matches!(locked, Ok(()) | Err(ReadLockFailure::Saturated)),
-            "no writer holds the view lock under the table read lock: {locked:?}"
-        );
-        match locked {
-            Ok(()) => Ok(()),
-            Err(ReadLockFailure::Saturated) => Err(ViewFailure::Saturated),
-            Err(_) => Err(ViewFailure::Timeout),
-        }
     }
 
     fn write_session(&self, deadline: Deadline) -> Result<WriteSession<'_>, TableError> {
@@ -864,7 +804,7 @@ impl RegionTable {
             // The slot number is free once KVM has let go of it, whatever happens next.
             session.inner.free_slots.push(region.slot());
         }
-        // Whatever happens next, the region is gone for good; threads' cached views
+        // Whatever happens next, the region is gone for good; threads' cached snapshots
         // may still reference it, so the table keeps it until they let go.
         session.inner.retired.push(region.clone());
         // 4. No more lazy population.
@@ -885,6 +825,16 @@ impl RegionTable {
             .find(addr)
             .filter(|r| r.contains(addr))
             .map(|r| r.id())
+    }
+
+    /// Where the published regions start, in order.
+    pub(crate) fn published_starts(&self) -> Vec<GuestAddress> {
+        self.published
+            .current()
+            .regions()
+            .iter()
+            .map(|r| r.start())
+            .collect()
     }
 
     /// The published regions as `(id, start, size)`, sorted by start: the guest's
@@ -915,7 +865,6 @@ impl RegionTable {
             })
             .collect();
         TableMetrics {
-            views: self.views.readers(),
             retired_regions: self.retired.load(Ordering::Relaxed),
             writers_draining: self.draining.load(Ordering::Relaxed),
             ..self.stats.snapshot(regions)

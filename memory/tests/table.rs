@@ -2,7 +2,6 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -11,7 +10,7 @@ use memory::{
     Backing, CopyError, GuardedMemory, LookupError, RegionSpec, RegionTable, TableConfig,
     TableError,
 };
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryRegion};
 
 const MIB: u64 = 1 << 20;
 
@@ -324,8 +323,8 @@ fn host_mapped(addr: u64) -> bool {
         })
 }
 
-/// A thread's cached lookup view may hold the last reference to a removed region
-/// besides the table's. When the thread's next lookup drops that view, the region is
+/// A thread's cached snapshot may hold the last reference to a removed region
+/// besides the table's. When the thread's next lookup drops that snapshot, the region is
 /// not unmapped there (a lookup never makes a blocking system call); the table keeps
 /// it, and the next writer unmaps it.
 #[test]
@@ -353,11 +352,11 @@ fn removed_regions_are_unmapped_by_writers_not_by_lookups() {
     let table = &table;
     std::thread::scope(|s| {
         s.spawn(move || {
-            // Caches a view holding both regions.
+            // Caches a snapshot holding both regions.
             drop(table.lock_fast(GuestAddress(0)).unwrap());
             cached_tx.send(()).unwrap();
             remove_rx.recv_timeout(Duration::from_secs(10)).unwrap();
-            // A new view: the old one, the other reference to `removed`, goes.
+            // A new snapshot: the old one, the other reference to `removed`, goes.
             drop(table.lock_fast(GuestAddress(MIB)).unwrap());
             reloaded_tx.send(()).unwrap();
             // Keeps the thread (and its cache) alive until the checks are done.
@@ -563,33 +562,30 @@ fn writer_while_holding_a_guard_panics() {
 
 #[test]
 #[cfg(debug_assertions)]
-#[should_panic(
-    expected = "lock order violation: two-tier lookup called while holding [guest memory view]"
-)]
-fn lookup_that_may_wait_while_holding_a_view_panics() {
+#[should_panic(expected = "lock order violation: two-tier lookup called while holding [region")]
+fn lookup_that_may_wait_while_holding_guarded_memory_panics() {
     let (table, _) = table_with_a_region();
-    let _view = GuardedMemory::lock_all(&table, None).unwrap();
+    let _all = GuardedMemory::lock_all(&table, None).unwrap();
     let _ = table.lock_region(GuestAddress(0), None);
 }
 
-/// A view taken while holding one waits for writers that wait for the held one: the
-/// checker catches it even when no writer is active (the view's fast path succeeds).
+/// Guarded memory that holds nothing waits for writers on its first access, which
+/// waits for writers that wait for a region the thread holds elsewhere: the checker
+/// catches it even when no writer is active (the fast path would succeed).
 #[test]
 #[cfg(debug_assertions)]
-#[should_panic(
-    expected = "lock order violation: memory view called while holding [guest memory view]"
-)]
-fn view_while_holding_a_view_panics() {
+#[should_panic(expected = "lock order violation: two-tier lookup called while holding [region")]
+fn guarded_memory_while_holding_guarded_memory_panics() {
     let (table, _) = table_with_a_region();
-    let _view = GuardedMemory::lock_all(&table, None).unwrap();
-    let _ = GuardedMemory::lock_all(&table, None);
+    let _all = GuardedMemory::lock_all(&table, None).unwrap();
+    let _ = GuardedMemory::new(&table, None).read_obj::<u8>(GuestAddress(0));
 }
 
-/// The same for a view taken while holding a region guard.
+/// The same for guarded memory used while holding a region guard.
 #[test]
 #[cfg(debug_assertions)]
-#[should_panic(expected = "lock order violation: memory view called while holding [region")]
-fn view_while_holding_a_guard_panics() {
+#[should_panic(expected = "lock order violation: two-tier lookup called while holding [region")]
+fn guarded_memory_while_holding_a_guard_panics() {
     let (table, _) = table_with_a_region();
     let _held = table.lock_fast(GuestAddress(0)).unwrap();
     let _ = GuardedMemory::lock_all(&table, None);
@@ -610,195 +606,6 @@ fn held_locks_are_recorded_per_thread() {
     }
     drop(g);
     assert!(memory::lockdep::held_by_current_thread().is_empty());
-}
-
-#[test]
-fn guarded_memory_works_with_vm_memory_bytes() {
-    let (table, _) = table_with_a_region();
-    table
-        .insert(RegionSpec::anonymous(GuestAddress(MIB), MIB), None)
-        .unwrap();
-    table
-        .insert(RegionSpec::anonymous(GuestAddress(8 * MIB), MIB), None)
-        .unwrap();
-    {
-        let mem = GuardedMemory::lock_all(&table, None).unwrap();
-        assert_eq!(mem.num_regions(), 3);
-        // vm-memory's Bytes over guarded memory, across a region boundary.
-        mem.write_obj(0x1122_3344_5566_7788u64, GuestAddress(MIB - 4))
-            .unwrap();
-        assert_eq!(
-            mem.read_obj::<u64>(GuestAddress(MIB - 4)).unwrap(),
-            0x1122_3344_5566_7788
-        );
-        assert!(mem.read_obj::<u64>(GuestAddress(2 * MIB)).is_err());
-        // One lock for the whole view, none per region.
-        let metrics = table.metrics();
-        assert_eq!(metrics.views, 1);
-        assert!(metrics.regions.iter().all(|r| r.readers == 0));
-        assert_eq!(mem.iter().next().unwrap().start_addr(), GuestAddress(0));
-    }
-    assert_eq!(table.metrics().views, 0);
-    let mut buf = [0u8; 8];
-    table.read(GuestAddress(MIB - 4), &mut buf, None).unwrap();
-    assert_eq!(u64::from_le_bytes(buf), 0x1122_3344_5566_7788);
-}
-
-/// Writers that take memory away wait for views; those that add memory do not, and a
-/// view sees growth but not regions inserted after it.
-#[test]
-fn views_hold_off_shrink_and_removal_only() {
-    let table = table_with(
-        Arc::default(),
-        TableConfig {
-            drain_timeout: Duration::from_millis(100),
-            ..TableConfig::default()
-        },
-    );
-    let a = table.insert(grow_spec(0, MIB, 2 * MIB), None).unwrap();
-    let b = table
-        .insert(RegionSpec::anonymous(GuestAddress(4 * MIB), MIB), None)
-        .unwrap();
-    // Writers run on another thread: one waiting for a view its own thread holds would
-    // wait for itself (debug builds panic on that).
-    let on_writer = |op: &(dyn Fn() -> Result<(), TableError> + Sync)| {
-        std::thread::scope(|s| s.spawn(op).join().unwrap())
-    };
-    let mem = GuardedMemory::lock_all(&table, None).unwrap();
-    mem.write_obj(0xabu8, GuestAddress(MIB - 1)).unwrap();
-    assert!(matches!(
-        on_writer(&|| table.shrink(a, MIB / 2, None)),
-        Err(TableError::DrainTimeout { readers: 1, .. })
-    ));
-    assert!(matches!(
-        on_writer(&|| table.remove(b, None)),
-        Err(TableError::DrainTimeout { readers: 1, .. })
-    ));
-    // Nothing changed; the view still reads and writes all of it.
-    assert_eq!(mem.read_obj::<u8>(GuestAddress(MIB - 1)).unwrap(), 0xab);
-    mem.write_obj(1u8, GuestAddress(5 * MIB - 1)).unwrap();
-    on_writer(&|| table.grow(a, 2 * MIB, None)).unwrap();
-    mem.write_obj(2u8, GuestAddress(2 * MIB - 1)).unwrap();
-    on_writer(&|| {
-        table
-            .insert(RegionSpec::anonymous(GuestAddress(8 * MIB), MIB), None)
-            .map(drop)
-    })
-    .unwrap();
-    assert_eq!(mem.num_regions(), 2);
-    assert!(mem.read_obj::<u8>(GuestAddress(8 * MIB)).is_err());
-    drop(mem);
-    table.remove(b, None).unwrap();
-    table.shrink(a, MIB, None).unwrap();
-    let mem = GuardedMemory::lock_all(&table, None).unwrap();
-    assert_eq!(mem.num_regions(), 2);
-    assert!(mem.read_obj::<u8>(GuestAddress(MIB)).is_err());
-    assert!(mem.read_obj::<u8>(GuestAddress(4 * MIB)).is_err());
-    assert_eq!(mem.read_obj::<u8>(GuestAddress(MIB - 1)).unwrap(), 0xab);
-}
-
-#[test]
-fn guarded_memory_waits_out_a_writer_then_takes_every_region() {
-    let table = RegionTable::default();
-    let changing = table.insert(grow_spec(0, 2 * MIB, 2 * MIB), None).unwrap();
-    table
-        .insert(RegionSpec::anonymous(GuestAddress(4 * MIB), MIB), None)
-        .unwrap();
-    let reader = table.lock_region(GuestAddress(0), None).unwrap();
-    std::thread::scope(|s| {
-        // A writer shrinking the first region marks it, then waits for `reader`.
-        let writer = s.spawn(|| table.shrink(changing, MIB, None));
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !matches!(
-            table.lock_fast(GuestAddress(0)),
-            Err(LookupError::WriteLocked { .. })
-        ) {
-            assert!(Instant::now() < deadline, "writer never marked the region");
-            std::thread::yield_now();
-        }
-        let slow_before = table.metrics().slow_path_lookups;
-        let table = &table;
-        let view = s.spawn(move || {
-            let mem = GuardedMemory::lock_all(table, Some(deadline)).unwrap();
-            let sizes: Vec<_> = mem.iter().map(|r| (r.start_addr().0, r.len())).collect();
-            sizes
-        });
-        // The view waits for the writer (in the table lock), holding nothing.
-        while table.metrics().slow_path_lookups == slow_before {
-            assert!(
-                Instant::now() < deadline,
-                "the view never took the slow path"
-            );
-            std::thread::yield_now();
-        }
-        assert_eq!(table.metrics().views, 0, "the waiting view holds nothing");
-        drop(reader);
-        writer.join().unwrap().unwrap();
-        assert_eq!(view.join().unwrap(), vec![(0, MIB), (4 * MIB, MIB)]);
-    });
-}
-
-/// Hotplug runs writer operations back to back (hundreds of 2 MiB blocks per resize),
-/// and more than one writer can queue for the table: a device taking guarded memory
-/// meanwhile must get it, however often a writer holds a region it needs, and never be
-/// turned away for "too many retries" (which would leave the device needing a reset).
-#[test]
-fn guarded_memory_is_taken_while_writers_queue_back_to_back() {
-    let table = RegionTable::default();
-    let regions: Vec<_> = (0..3u64)
-        .map(|i| {
-            table
-                .insert(grow_spec(i * 8 * MIB, 2 * MIB, 4 * MIB), None)
-                .unwrap()
-        })
-        .collect();
-    let stop = AtomicBool::new(false);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let (taken, writes) = std::thread::scope(|s| {
-        // Two writers, so one is always queued behind whatever holds the table lock;
-        // each resizes a region that every view includes, with no pause in between.
-        let writers: Vec<_> = regions[..2]
-            .iter()
-            .map(|&id| {
-                let (table, stop) = (&table, &stop);
-                s.spawn(move || {
-                    let mut writes = 0u64;
-                    // The deadline also ends the writers if the reader fails.
-                    while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-                        table.grow(id, 4 * MIB, Some(deadline)).unwrap();
-                        table.shrink(id, 2 * MIB, Some(deadline)).unwrap();
-                        writes += 2;
-                    }
-                    writes
-                })
-            })
-            .collect();
-        let mut taken = 0u64;
-        let mut failure = None;
-        let started = Instant::now();
-        while started.elapsed() < Duration::from_secs(3) || taken < 1000 {
-            match GuardedMemory::lock_all(&table, Some(deadline)) {
-                Ok(mem) if mem.num_regions() == 3 => {}
-                Ok(mem) => {
-                    failure = Some(format!("a view of {} regions, not 3", mem.num_regions()));
-                    break;
-                }
-                Err(e) => {
-                    failure = Some(e.to_string());
-                    break;
-                }
-            }
-            taken += 1;
-        }
-        stop.store(true, Ordering::Relaxed);
-        if let Some(e) = failure {
-            panic!("guarded memory refused after {taken} views: {e}");
-        }
-        let writes: u64 = writers.into_iter().map(|w| w.join().unwrap()).sum();
-        (taken, writes)
-    });
-    println!("{taken} views, {writes} writer operations");
-    assert!(writes > 0, "taken {taken}, writes {writes}");
 }
 
 #[test]
@@ -964,7 +771,7 @@ fn lookups_work_while_a_thread_exits() {
         fn drop(&mut self) {
             let table = &self.0;
             let mut back = vec![0u8; 4];
-            // The fast path alone: a stale view would not have the region.
+            // The fast path alone: a stale snapshot would not have the region.
             let outcome = table
                 .lock_fast(GuestAddress(2 * MIB + 8))
                 .map(drop)

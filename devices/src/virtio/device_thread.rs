@@ -279,14 +279,17 @@ impl<H: QueueHandler> Worker<H> {
         if self.stopping(&active) {
             return; // reset before the thread got to it
         }
-        let invalid = match GuardedMemory::lock_all(&active.memory, memory_deadline()) {
-            Ok(mem) => active
-                .queues
-                .iter()
-                .position(|q| q.ready() && !q.is_valid(&mem))
-                .map(QueueError::Invalid),
-            Err(e) => Some(QueueError::Memory(e)),
-        };
+        let invalid = GuardedMemory::new(&active.memory, memory_deadline())
+            .retry(|mem| {
+                active
+                    .queues
+                    .iter()
+                    .position(|q| q.ready() && !q.is_valid(mem))
+            })
+            .map_or_else(
+                |e| Some(QueueError::Memory(e)),
+                |i| i.map(QueueError::Invalid),
+            );
         if let Some(e) = invalid {
             active.fail(&e, Stopping::new(&self.mailbox.stops, epoch));
             return;

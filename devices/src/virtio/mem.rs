@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use memory::{Backing, GuardedMemory, LazySource, RegionId, RegionSpec, RegionTable};
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 
 use super::device_thread::{DeviceThread, ThreadContext};
@@ -453,17 +453,12 @@ fn parse(
 
 impl QueueHandler for MemHandler {
     /// Unused: [`MemHandler::process`] serves each request in three steps.
-    fn serve(
-        &mut self,
-        _: usize,
-        _: DescriptorChain<&GuardedMemory<'_>>,
-        _: &GuardedMemory<'_>,
-    ) -> u32 {
+    fn serve(&mut self, _: usize, _: DescriptorChain<&GuardedMemory<'_>>) -> u32 {
         0
     }
 
-    /// Serves up to [`MEM_BUDGET`] requests, each read under a view of guest memory,
-    /// carried out with none held, and answered under a view again.
+    /// Serves up to [`MEM_BUDGET`] requests, each read holding the guest memory it
+    /// touches, carried out with nothing held, and answered holding memory again.
     fn process(
         &mut self,
         _index: usize,
@@ -472,36 +467,46 @@ impl QueueHandler for MemHandler {
         stopping: Stopping<'_>,
     ) -> Result<Served, QueueError> {
         let mut served = 0;
+        let mut mem = GuardedMemory::new(memory, memory_deadline());
         while served < MEM_BUDGET && !stopping.requested() {
-            let (head, parsed) = {
-                let mem = GuardedMemory::lock_all(memory, memory_deadline())?;
+            let next_avail = queue.next_avail();
+            let request = mem.retry(|mem| {
+                queue.set_next_avail(next_avail);
                 let available = queue
-                    .avail_idx(&mem, Ordering::Acquire)?
+                    .avail_idx(mem, Ordering::Acquire)?
                     .0
-                    .wrapping_sub(queue.next_avail());
+                    .wrapping_sub(next_avail);
                 if available == 0 {
-                    break;
+                    return Ok(None);
                 }
-                let Some(chain) = queue.iter(&mem)?.next() else {
+                let Some(chain) = queue.pop_descriptor_chain(mem) else {
                     return Err(QueueError::Unreadable {
                         announced: usize::from(available),
                         read: 0,
                     });
                 };
                 let head = chain.head_index();
-                (head, parse(chain, &mem))
+                Ok(Some((head, parse(chain, mem))))
+            })??;
+            let Some((head, parsed)) = request else {
+                break;
             };
-            // No read locks held: plugging and unplugging are writer operations.
+            // Nothing held: plugging and unplugging are writer operations.
+            mem.release();
             let answer = parsed.map(|(request, at)| (self.control.handle_request(&request), at));
             if stopping.requested() {
                 break; // reset meanwhile: the driver has forgotten the request
             }
-            let mem = GuardedMemory::lock_all(memory, memory_deadline())?;
-            let len = match answer {
-                Some((resp, at)) if mem.write_slice(&resp, at).is_ok() => RESPONSE_LEN as u32,
-                _ => 0,
-            };
-            queue.add_used(&mem, head, len)?;
+            let next_used = queue.next_used();
+            mem.retry(|mem| {
+                queue.set_next_used(next_used);
+                let len = match answer {
+                    Some((resp, at)) if mem.write_slice(&resp, at).is_ok() => RESPONSE_LEN as u32,
+                    _ => 0,
+                };
+                queue.add_used(mem, head, len)
+            })??;
+            mem.release();
             served += 1;
         }
         Ok(Served {

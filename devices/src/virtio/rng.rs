@@ -57,13 +57,9 @@ fn fill_random(buf: &mut [u8]) -> std::io::Result<()> {
 }
 
 impl QueueHandler for RngHandler {
-    fn serve(
-        &mut self,
-        _index: usize,
-        chain: DescriptorChain<&GuardedMemory<'_>>,
-        mem: &GuardedMemory<'_>,
-    ) -> u32 {
-        let mut writer = match chain.writer(mem) {
+    fn serve(&mut self, _index: usize, chain: DescriptorChain<&GuardedMemory<'_>>) -> u32 {
+        let mem = chain.memory();
+        let mut writer = match chain.clone().writer(mem) {
             Ok(writer) => writer,
             Err(e) => {
                 log::debug!("virtio-rng: unusable buffers: {e}");

@@ -1,6 +1,6 @@
 //! Serving a queue: a device's [`QueueHandler`] and the default way of going through the
-//! available requests (in rounds, each under a fresh view of guest memory, within a
-//! budget, stopping between two requests when the device thread is asked to). The thread
+//! available requests (in rounds, each request holding only the guest memory it
+//! touches, within a budget, stopping between two requests when the device thread is asked to). The thread
 //! itself is [`super::device_thread`].
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use memory::{GuardedMemory, RegionTable};
 use virtio_bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT;
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 
 /// Longest a device waits for a writer (memory hotplug) before it gives the batch up.
@@ -42,8 +42,8 @@ pub fn memory_deadline() -> memory::Deadline {
     Some(Instant::now() + MEMORY_DEADLINE)
 }
 
-/// Requests a device serves under one read lock of guest memory before it lets writers
-/// (memory hotplug) in: a driver that keeps its queue full cannot hold them off.
+/// Requests a device serves before it looks at its other events (a reset, another queue):
+/// a driver that keeps its queue full cannot hold them off.
 const BUDGET: usize = 256;
 
 /// Whether the device thread has been asked to stop serving the setup it is serving (a
@@ -92,27 +92,22 @@ pub struct Served {
 
 /// A device's request processing.
 pub trait QueueHandler: Send + 'static {
-    /// Serves one request of queue `index`; returns the bytes it wrote to guest memory
-    /// (the used length).
-    fn serve(
-        &mut self,
-        index: usize,
-        chain: DescriptorChain<&GuardedMemory<'_>>,
-        mem: &GuardedMemory<'_>,
-    ) -> u32;
+    /// Serves one request of queue `index` (its memory is `chain.memory()`); returns
+    /// the bytes it wrote to guest memory (the used length).
+    fn serve(&mut self, index: usize, chain: DescriptorChain<&GuardedMemory<'_>>) -> u32;
 
     /// Serves the available requests of queue `index`. By default in rounds: each round
-    /// reads how many requests are available, then takes a view of guest memory and
-    /// serves exactly those under it, with the driver's notifications suppressed
-    /// meanwhile and the ring checked again before they are re-enabled (requests added
-    /// while the device worked are served without a notification); at most [`BUDGET`]
-    /// requests in all, and none once `stopping` is set (checked before each request).
-    /// A device whose requests change guest memory itself (a writer) must not hold a
-    /// view meanwhile.
+    /// reads how many requests are available and serves exactly those, with the
+    /// driver's notifications suppressed meanwhile and the ring checked again before
+    /// they are re-enabled (requests added while the device worked are served without a
+    /// notification); at most [`BUDGET`] requests in all, and none once `stopping` is
+    /// set (checked before each request).
     ///
-    /// The view is taken after the available index is read: memory the driver had
-    /// plugged before it made a request available is in the view that serves it. (A
-    /// view taken first would not show memory plugged between it and the request.)
+    /// Each request holds the regions its rings and buffers touch, from the first access
+    /// to each until the request is used (see [`GuardedMemory`]), and nothing between
+    /// requests: a writer of any other region never waits for it. A request that finds
+    /// a region held by a writer while it holds others is served again from the start
+    /// once the writer is done (the driver sees only the last run).
     ///
     /// Fewer readable ring entries than the available index announces is a queue error:
     /// serving on would find the same requests available, and unreadable, forever.
@@ -126,10 +121,10 @@ pub trait QueueHandler: Send + 'static {
     where
         Self: Sized,
     {
+        let mut mem = GuardedMemory::new(memory, memory_deadline());
         let mut served = 0;
         let mut rounds = 0;
-        let mut mem = GuardedMemory::lock_all(memory, memory_deadline())?;
-        queue.disable_notification(&mem)?;
+        mem.retry(|mem| queue.disable_notification(mem))??;
         let more = loop {
             // Rounds that found nothing cost no budget: bound them too, so a driver
             // moving its index in step with the device cannot keep it here.
@@ -137,31 +132,28 @@ pub trait QueueHandler: Send + 'static {
             if rounds > MAX_ROUNDS || stopping.requested() {
                 break true;
             }
-            let available = queue
-                .avail_idx(&mem, Ordering::Acquire)?
+            mem.release();
+            let available = mem
+                .retry(|mem| queue.avail_idx(mem, Ordering::Acquire))??
                 .0
                 .wrapping_sub(queue.next_avail());
             if available > 0 {
-                // One view at a time: taking one may wait for a writer, who may be
-                // waiting for the view this thread holds.
-                drop(mem);
-                mem = GuardedMemory::lock_all(memory, memory_deadline())?;
                 let budget = usize::from(available).min(BUDGET - served);
-                served += serve_available(self, index, queue, &mem, budget, stopping)?;
+                served += serve_available(self, index, queue, &mut mem, budget, stopping)?;
                 if served == BUDGET || stopping.requested() {
                     // Notifications stay off: the worker comes back by itself (or stops).
                     break true;
                 }
             }
-            if !queue.enable_notification(&mem)? {
+            mem.release();
+            if !mem.retry(|mem| queue.enable_notification(mem))?? {
                 break false;
             }
-            queue.disable_notification(&mem)?;
+            mem.retry(|mem| queue.disable_notification(mem))??;
         };
-        Ok(Served {
-            notify: served > 0 && needs_interrupt(queue, &mem)?,
-            more,
-        })
+        mem.release();
+        let notify = served > 0 && mem.retry(|mem| needs_interrupt(queue, mem))??;
+        Ok(Served { notify, more })
     }
 }
 
@@ -179,40 +171,65 @@ fn needs_interrupt(queue: &mut Queue, mem: &GuardedMemory<'_>) -> Result<bool, Q
     Ok(flags & VRING_AVAIL_F_NO_INTERRUPT as u16 == 0)
 }
 
-/// Serves `budget` available requests of `queue` (fewer once `stopping` is set); returns
-/// how many it served. All `budget` must be readable: the caller read that many from the
-/// available index.
+/// How one run of a request ended.
+enum Run {
+    Used,
+    /// A region could not be locked: `GuardedMemory::retry` runs it again.
+    Void,
+    /// A device reset came during the request: the driver has forgotten it, and its
+    /// rings may already be set up anew at the same place.
+    Stopped,
+    /// The available ring announced a request whose entry cannot be read.
+    Unreadable,
+}
+
+/// Serves `budget` available requests of `queue` (fewer once `stopping` is set), each
+/// holding only the regions it touches; returns how many it served. All `budget` must
+/// be readable: the caller read that many from the available index.
 fn serve_available<H: QueueHandler>(
     handler: &mut H,
     index: usize,
     queue: &mut Queue,
-    mem: &GuardedMemory<'_>,
+    mem: &mut GuardedMemory<'_>,
     budget: usize,
     stopping: Stopping<'_>,
 ) -> Result<usize, QueueError> {
-    let chains: Vec<_> = queue.iter(mem)?.take(budget).collect();
-    if chains.len() < budget {
-        return Err(QueueError::Unreadable {
-            announced: budget,
-            read: chains.len(),
-        });
-    }
-    let mut served = 0;
-    for chain in chains {
+    for served in 0..budget {
         if stopping.requested() {
-            break;
+            return Ok(served);
         }
-        let head = chain.head_index();
-        let len = handler.serve(index, chain, mem);
-        // A device reset during the request: the driver has forgotten it, and its rings
-        // may already be set up anew at the same place.
-        if stopping.requested() {
-            break;
+        mem.release();
+        let (next_avail, next_used) = (queue.next_avail(), queue.next_used());
+        let run = mem.retry(|mem| {
+            // A run that missed a region is undone in the queue and done again.
+            queue.set_next_avail(next_avail);
+            queue.set_next_used(next_used);
+            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                return Ok(Run::Unreadable);
+            };
+            let head = chain.head_index();
+            let len = handler.serve(index, chain);
+            if mem.missed() {
+                return Ok(Run::Void);
+            }
+            if stopping.requested() {
+                return Ok(Run::Stopped);
+            }
+            queue.add_used(mem, head, len).map(|()| Run::Used)
+        })??;
+        match run {
+            Run::Used | Run::Void => {}
+            Run::Stopped => return Ok(served),
+            Run::Unreadable => {
+                return Err(QueueError::Unreadable {
+                    announced: budget,
+                    read: served,
+                })
+            }
         }
-        queue.add_used(mem, head, len)?;
-        served += 1;
     }
-    Ok(served)
+    mem.release();
+    Ok(budget)
 }
 
 #[cfg(test)]
@@ -231,12 +248,7 @@ pub(crate) mod tests {
     pub(crate) struct Counter(pub(crate) usize);
 
     impl QueueHandler for Counter {
-        fn serve(
-            &mut self,
-            _index: usize,
-            _chain: DescriptorChain<&GuardedMemory<'_>>,
-            _mem: &GuardedMemory<'_>,
-        ) -> u32 {
+        fn serve(&mut self, _index: usize, _chain: DescriptorChain<&GuardedMemory<'_>>) -> u32 {
             self.0 += 1;
             0
         }

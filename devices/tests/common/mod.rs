@@ -4,10 +4,14 @@
 // Each test binary uses part of this.
 #![allow(dead_code)]
 
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use devices::virtio::{Interrupt, MmioTransport, VirtioDevice};
-use memory::{RegionSpec, RegionTable, TableConfig};
+use memory::{GuardedMemory, RegionSpec, RegionTable, TableConfig};
+use virtio_queue::desc::{split::Descriptor, RawDescriptor};
+use virtio_queue::mock::MockSplitQueue;
 use vm_device::bus::MmioAddress;
 use vm_device::MutDeviceMmio;
 use vm_memory::GuestAddress;
@@ -116,4 +120,84 @@ impl Rig {
     pub fn needs_reset(&mut self) -> bool {
         self.read(0x70) & NEEDS_RESET != 0
     }
+}
+
+/// How long a test waits for the device.
+pub const DEADLINE: Duration = Duration::from_secs(10);
+
+pub const STATUS_ACK_DRIVER: u32 = 1 | 2;
+pub const FEATURES_OK: u32 = 8;
+pub const DRIVER_OK: u32 = 4;
+
+impl Rig {
+    /// Negotiates every offered feature and sets up queue 0 at the mock's rings, of `size`.
+    pub fn set_up(&mut self, mock: &MockSplitQueue<'_, GuardedMemory<'_>>, size: u32) {
+        let rings = [mock.desc_table_addr(), mock.avail_addr(), mock.used_addr()];
+        self.set_up_at(rings, size);
+    }
+
+    /// Negotiates every offered feature and sets up queue 0 with its descriptor table,
+    /// available and used rings at `rings`, of `size`.
+    pub fn set_up_at(&mut self, rings: [GuestAddress; 3], size: u32) {
+        self.write(0x70, 0);
+        self.write(0x70, STATUS_ACK_DRIVER);
+        for sel in 0..2 {
+            self.write(0x14, sel);
+            let features = self.read(0x10);
+            self.write(0x24, sel);
+            self.write(0x20, features);
+        }
+        self.write(0x70, STATUS_ACK_DRIVER | FEATURES_OK);
+        assert_ne!(self.read(0x70) & FEATURES_OK, 0);
+        self.write(0x30, 0);
+        self.write(0x38, size);
+        for (low, addr) in [0x80, 0x90, 0xa0].into_iter().zip(rings) {
+            self.write(low, addr.0 as u32);
+            self.write(low + 4, (addr.0 >> 32) as u32);
+        }
+        self.write(0x44, 1);
+        self.write(0x70, STATUS_ACK_DRIVER | FEATURES_OK | DRIVER_OK);
+    }
+
+    /// Notifies queue 0 and waits until the used index reaches `expected`.
+    pub fn kick_and_wait(&mut self, mock: &MockSplitQueue<'_, GuardedMemory<'_>>, expected: u16) {
+        self.write(0x50, 0);
+        self.wait_used(expected, || mock.used().idx().load());
+    }
+
+    /// Waits, woken by the device's interrupts, until `used_idx()` reaches `expected`.
+    pub fn wait_used(&self, expected: u16, used_idx: impl Fn() -> u16) {
+        let deadline = Instant::now() + DEADLINE;
+        while used_idx() < expected {
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(
+                !left.is_zero(),
+                "the device did not complete within {DEADLINE:?}"
+            );
+            self.wait_irq(left.min(Duration::from_millis(100)));
+            let _ = self.irq.read();
+        }
+    }
+
+    /// Waits up to `timeout` for the interrupt; whether it was raised.
+    pub fn wait_irq(&self, timeout: Duration) -> bool {
+        let mut fd = libc::pollfd {
+            fd: self.irq.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, for the length given.
+        unsafe { libc::poll(&mut fd, 1, timeout.as_millis() as i32) == 1 }
+    }
+}
+
+pub fn desc(addr: u64, len: u32, flags: u32, next: u16) -> RawDescriptor {
+    RawDescriptor::from(Descriptor::new(addr, len, flags as u16, next))
+}
+
+pub fn header(kind: u32, sector: u64) -> [u8; 16] {
+    let mut h = [0u8; 16];
+    h[..4].copy_from_slice(&kind.to_le_bytes());
+    h[8..].copy_from_slice(&sector.to_le_bytes());
+    h
 }

@@ -110,7 +110,6 @@ fn info(context: &ApiContext) -> Value {
             "fast_path_hits": m.fast_path_hits,
             "fast_path_misses": m.fast_path_misses,
             "slow_path_lookups": m.slow_path_lookups,
-            "views": m.views,
             "retired_regions": m.retired_regions,
             "writers_draining": m.writers_draining,
             "writer_waits": {

@@ -258,17 +258,12 @@ impl WriteVolatile for DiskCursor<'_> {
 }
 
 impl QueueHandler for BlockHandler {
-    fn serve(
-        &mut self,
-        _index: usize,
-        chain: DescriptorChain<&GuardedMemory<'_>>,
-        mem: &GuardedMemory<'_>,
-    ) -> u32 {
+    fn serve(&mut self, _index: usize, chain: DescriptorChain<&GuardedMemory<'_>>) -> u32 {
         // The chain's descriptors, in a buffer kept from request to request.
         let mut descs = std::mem::take(&mut self.descriptors);
         descs.clear();
-        descs.extend(chain);
-        let used = self.serve_chain(&descs, mem);
+        descs.extend(chain.clone());
+        let used = self.serve_chain(&descs, chain.memory());
         self.descriptors = descs;
         used
     }
