@@ -95,6 +95,7 @@ impl TableStats {
             regions,
             retired_regions: 0,
             writers_draining: 0,
+            slow_path_readers: 0,
         }
     }
 }
@@ -155,7 +156,9 @@ pub struct TableMetrics {
     pub fast_path_hits: u64,
     /// Fast-path attempts that failed (no region, writer active, removed, saturated).
     pub fast_path_misses: u64,
-    /// Lookups that took the table lock (two-tier slow path).
+    /// Lookups served by the two-tier slow path: the fast path failed, the table lock
+    /// was taken for read to wait out a writer, and a region was found and locked (a
+    /// lookup of an address with no region is not counted here).
     pub slow_path_lookups: u64,
     /// Writer waits.
     pub writer_waits: WaitStats,
@@ -168,4 +171,7 @@ pub struct TableMetrics {
     /// Writers waiting for readers to release a region they change or remove, now:
     /// with a region's `readers`, shows who waits for whom.
     pub writers_draining: u64,
+    /// Readers in the two-tier slow path now (waiting for a writer to end, or taking a
+    /// region lock under the table lock): with `writers_draining`, shows who waits.
+    pub slow_path_readers: u64,
 }

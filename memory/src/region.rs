@@ -151,6 +151,9 @@ pub struct Region {
     /// Guest-visible size. Changed only by a writer holding the region write-locked
     /// with its readers drained, and read by readers after they took the read lock.
     size: AtomicU64,
+    /// Times the region lost memory (shrinks): a reader holding it sees it stable, so
+    /// equal counts under two guards mean no memory was taken between them.
+    shrinks: AtomicU64,
     mapping: GuestRegionMmap,
     backing: Backing,
     slot: u32,
@@ -288,6 +291,7 @@ impl Region {
             start,
             capacity,
             size: AtomicU64::new(size),
+            shrinks: AtomicU64::new(0),
             mapping,
             backing: spec.backing.clone(),
             slot,
@@ -333,6 +337,18 @@ impl Region {
 
     pub(crate) fn set_size(&self, size: u64) {
         self.size.store(size, Ordering::SeqCst);
+    }
+
+    /// Times the region lost memory to a shrink. Stable while a guard holds the region
+    /// (a shrink waits for its readers): equal counts seen under two guards of the same
+    /// region mean it kept all its memory between them.
+    pub fn shrinks(&self) -> u64 {
+        self.shrinks.load(Ordering::SeqCst)
+    }
+
+    /// Counts a shrink (by the writer holding the region, readers drained).
+    pub(crate) fn count_shrink(&self) {
+        self.shrinks.fetch_add(1, Ordering::SeqCst);
     }
 
     /// Size the region may grow to.

@@ -244,6 +244,8 @@ pub struct RegionTable {
     retired: AtomicU64,
     /// Writers waiting for readers now (0 or 1: writers are serialised).
     draining: AtomicU64,
+    /// Readers in the slow path now, waiting for the table lock or holding it for read.
+    slow_path_readers: AtomicU64,
 }
 
 impl std::fmt::Debug for RegionTable {
@@ -384,6 +386,7 @@ impl RegionTable {
             stats: TableStats::default(),
             retired: AtomicU64::new(0),
             draining: AtomicU64::new(0),
+            slow_path_readers: AtomicU64::new(0),
         }
     }
 
@@ -472,16 +475,21 @@ impl RegionTable {
             Ok(guard) => return Ok(guard),
             // A full shard does not clear by waiting for writers: report it.
             Err(e @ LookupError::Saturated { .. }) => return Err(e),
+            // Not mapped now may be a removal in progress that a drain timeout undoes:
+            // only the writer's end tells. Waiting for it is the slow path too.
             Err(_) => {}
         }
         let shard = RegionLock::current_shard();
-        self.stats.count(shard, Lookup::SlowPath);
 
         // Slow path: the table lock for read, only to wait out the writer.
         self.under_table_read_lock(deadline, |inner| match inner.find(addr) {
             None => Err(LookupError::NotMapped { addr: addr.0 }),
             Some(region) => {
                 let locked = self.read_lock(region, addr, shard);
+                if locked.is_ok() {
+                    // Counted as a slow-path lookup only when it finds a region.
+                    self.stats.count(shard, Lookup::SlowPath);
+                }
                 debug_assert!(
                     !matches!(
                         locked,
@@ -507,7 +515,6 @@ impl RegionTable {
     ) -> Result<Vec<RegionGuard<'_>>, LookupError> {
         lockdep::assert_may_wait("two-tier lookup");
         let shard = RegionLock::current_shard();
-        self.stats.count(shard, Lookup::SlowPath);
         let first = addrs.first().map_or(0, |a| a.0);
         self.under_table_read_lock(deadline, |inner| {
             let mut guards: Vec<RegionGuard<'_>> = Vec::with_capacity(addrs.len());
@@ -520,6 +527,9 @@ impl RegionTable {
                     Some(Err(e @ LookupError::Saturated { .. })) => return Err(e),
                     Some(Err(_)) | None => {}
                 }
+            }
+            if !guards.is_empty() {
+                self.stats.count(shard, Lookup::SlowPath);
             }
             Ok(guards)
         })
@@ -534,7 +544,9 @@ impl RegionTable {
         f: impl FnOnce(&Inner) -> R,
     ) -> Option<R> {
         lockdep::acquire_table(HeldLock::TableRead);
+        self.slow_path_readers.fetch_add(1, Ordering::Relaxed);
         let result = self.lock.read_until(deadline).map(|inner| f(&inner));
+        self.slow_path_readers.fetch_sub(1, Ordering::Relaxed);
         lockdep::release(&HeldLock::TableRead);
         result
     }
@@ -764,6 +776,7 @@ impl RegionTable {
         Self::check_resize(&region, new_size, false)?;
         let old = region.size();
         session.exclude_readers(&region, started, deadline)?;
+        region.count_shrink();
         // In an area, the guest loses the tail when it is discarded below.
         if region.owns_slot() {
             self.slots.map(&Self::slot_mapping(&region, new_size))?;
@@ -867,6 +880,7 @@ impl RegionTable {
         TableMetrics {
             retired_regions: self.retired.load(Ordering::Relaxed),
             writers_draining: self.draining.load(Ordering::Relaxed),
+            slow_path_readers: self.slow_path_readers.load(Ordering::Relaxed),
             ..self.stats.snapshot(regions)
         }
     }

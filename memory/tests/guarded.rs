@@ -139,7 +139,6 @@ fn guarded_memory_waits_out_a_writer_then_takes_every_region() {
             assert!(Instant::now() < deadline, "writer never marked the region");
             std::thread::yield_now();
         }
-        let slow_before = table.metrics().slow_path_lookups;
         let table = &table;
         let reader_all = s.spawn(move || {
             let mem = GuardedMemory::lock_all(table, Some(deadline)).unwrap();
@@ -147,7 +146,7 @@ fn guarded_memory_waits_out_a_writer_then_takes_every_region() {
             sizes
         });
         // The new reader waits for the writer (in the table lock), holding nothing.
-        while table.metrics().slow_path_lookups == slow_before {
+        while table.metrics().slow_path_readers == 0 {
             assert!(
                 Instant::now() < deadline,
                 "the reader never took the slow path"
@@ -271,7 +270,7 @@ fn a_miss_while_holding_drops_everything_waits_and_runs_again() {
             (written.is_ok(), mem.held())
         });
         // The first run missed and now waits in the slow path, holding nothing.
-        while runs.load(Ordering::SeqCst) == 0 || table.metrics().slow_path_lookups == 0 {
+        while runs.load(Ordering::SeqCst) == 0 || table.metrics().slow_path_readers == 0 {
             assert!(Instant::now() < deadline, "the access never waited");
             std::thread::yield_now();
         }

@@ -110,6 +110,7 @@ fn info(context: &ApiContext) -> Value {
             "fast_path_hits": m.fast_path_hits,
             "fast_path_misses": m.fast_path_misses,
             "slow_path_lookups": m.slow_path_lookups,
+            "slow_path_readers": m.slow_path_readers,
             "retired_regions": m.retired_regions,
             "writers_draining": m.writers_draining,
             "writer_waits": {
