@@ -251,14 +251,25 @@ impl GuestMemoryBackend for GuardedMemory<'_> {
     }
 
     /// Every region of the table, each locked (or a miss recorded, for
-    /// [`GuardedMemory::retry`]): the whole memory map, for loaders that ask for it.
+    /// [`GuardedMemory::retry`]), and every region already held (one a writer is
+    /// removing stays usable while it is held): the whole memory map, for loaders that
+    /// ask for it. In address order.
     fn iter(&self) -> impl Iterator<Item = &GuardedRegion> {
-        let regions: Vec<&GuardedRegion> = self
-            .table
-            .published_starts()
-            .into_iter()
-            .filter_map(|start| self.hold(start))
+        for start in self.table.published_starts() {
+            self.hold(start);
+        }
+        let mut regions: Vec<&GuardedRegion> = self
+            .held
+            .borrow()
+            .iter()
+            .map(|guard| {
+                let region = std::ptr::from_ref(guard.region());
+                // SAFETY: as in `hold`: the guard stays in `held` while `&self` is
+                // borrowed, keeping its region locked and allocated.
+                GuardedRegion::lend(unsafe { &*region })
+            })
             .collect();
+        regions.sort_by_key(|region| region.start_addr());
         regions.into_iter()
     }
 }

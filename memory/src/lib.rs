@@ -49,6 +49,9 @@ pub use region::{
     Backing, LazySource, Region, RegionError, RegionGuard, RegionId, RegionSpec, PAGE_SIZE,
 };
 pub use slots::{MemorySlots, NoSlots, SlotError, SlotMapping};
+/// loom models only: make every deadline of the execution pass (see `src/sync.rs`).
+#[cfg(loom)]
+pub use sync::parking::pass_deadlines;
 pub use sync::Deadline;
 pub use table::{LookupError, RegionTable, TableConfig, TableError};
 #[cfg(not(loom))]

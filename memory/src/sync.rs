@@ -182,22 +182,29 @@ pub(crate) mod parking {
 
 /// Loom model of the parking lot: one mutex and condition variable standing in for
 /// the bucket lock and queue (loom models never free regions, so keys are not needed).
+/// Time does not pass under loom: a wait with a deadline ends early only once a model
+/// thread calls [`pass_deadlines`] (at whatever point loom schedules it).
 #[cfg(loom)]
 pub(crate) mod parking {
     use super::Deadline;
+    use loom::sync::atomic::{AtomicBool, Ordering};
     use loom::sync::{Condvar, Mutex};
 
     loom::lazy_static! {
         static ref LOT: (Mutex<()>, Condvar) = (Mutex::new(()), Condvar::new());
+        static ref DEADLINES_PASSED: AtomicBool = AtomicBool::new(false);
     }
 
     pub(crate) fn park_while(
         _key: usize,
-        _deadline: Deadline,
+        deadline: Deadline,
         still_wait: impl Fn() -> bool,
     ) -> bool {
         let mut guard = LOT.0.lock().unwrap();
         while still_wait() {
+            if deadline.is_some() && DEADLINES_PASSED.load(Ordering::SeqCst) {
+                return false;
+            }
             guard = LOT.1.wait(guard).unwrap();
         }
         true
@@ -206,6 +213,13 @@ pub(crate) mod parking {
     pub(crate) fn unpark_all(_key: usize) {
         drop(LOT.0.lock().unwrap());
         LOT.1.notify_all();
+    }
+
+    /// Every deadline of this model execution has passed from now on: waits for
+    /// readers that have one give up (the table's drain timeout).
+    pub fn pass_deadlines() {
+        DEADLINES_PASSED.store(true, Ordering::SeqCst);
+        unpark_all(0);
     }
 }
 

@@ -1,6 +1,10 @@
-//! loom models of the region-table protocol, exhaustive for 2–3 threads.
+//! loom models of the region-table protocol, 2–4 threads each. Most are exhaustive
+//! (every interleaving); the three that are not say so and give their preemption bound
+//! (every interleaving with at most that many preemptions): unbounded they take many
+//! minutes to hours.
 //!
-//! Run with `RUSTFLAGS="--cfg loom" cargo test -p memory --test loom --release`.
+//! Run with `RUSTFLAGS="--cfg loom" cargo test -p memory --test loom --release`
+//! (`LOOM_MAX_PREEMPTIONS` overrides every model's bound, exhaustive ones included).
 //! Under `--cfg loom` the table's atomics, table lock, publication and parking are
 //! loom's models (see `src/sync.rs`), so these check the table's own code.
 
@@ -11,19 +15,22 @@ use loom::sync::Arc;
 use loom::thread;
 use memory::{
     Backing, FaultRegistry, LazyError, LazyPages, LazyRange, LazySource, LookupError, RegionSpec,
-    RegionTable, TableConfig,
+    RegionTable, TableConfig, TableError,
 };
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 
 const PAGE: u64 = 4096;
-/// Preemption bound used unless LOOM_MAX_PREEMPTIONS is set.
-const DEFAULT_PREEMPTIONS: usize = 4;
 
+/// A table whose writers wait for readers without a deadline of their own: a model
+/// gives one (and makes it pass, see `memory::pass_deadlines`) where it wants a timeout.
 fn table() -> RegionTable {
     RegionTable::new(
         std::sync::Arc::new(memory::NoSlots),
         None,
-        TableConfig::default(),
+        TableConfig {
+            drain_timeout: std::time::Duration::MAX,
+            ..TableConfig::default()
+        },
     )
 }
 
@@ -41,15 +48,23 @@ fn insert(t: &RegionTable, size: u64, capacity: u64, backing: Backing) -> memory
     .unwrap()
 }
 
+/// Checks `f` in every interleaving.
+fn model(f: impl Fn() + Sync + Send + 'static) {
+    check(None, f)
+}
+
+/// Checks `f` in every interleaving with at most `preemptions` preemptions.
+fn model_bounded(preemptions: usize, f: impl Fn() + Sync + Send + 'static) {
+    check(Some(preemptions), f)
+}
+
 /// Runs `f` under loom. The table's operations (mmap, error formatting) need more
 /// stack than loom's default, so every model thread gets a large one.
-fn model(f: impl Fn() + Sync + Send + 'static) {
+fn check(preemptions: Option<usize>, f: impl Fn() + Sync + Send + 'static) {
     let f = std::sync::Arc::new(f);
     let mut builder = loom::model::Builder::new();
-    // Every interleaving with up to this many preemptions (loom's bounded exhaustive
-    // search); LOOM_MAX_PREEMPTIONS overrides it.
     if std::env::var_os("LOOM_MAX_PREEMPTIONS").is_none() {
-        builder.preemption_bound = Some(DEFAULT_PREEMPTIONS);
+        builder.preemption_bound = preemptions;
     }
     builder.check(move || {
         let f = f.clone();
@@ -115,10 +130,11 @@ fn two_tier_vs_writer() {
     });
 }
 
-/// A guarded view (what devices take) vs a writer: whether its fast attempt meets the
-/// writer or not, taking the view succeeds, with the region in a consistent state.
+/// Guarded memory holding every region (what the kernel loader takes) vs a writer:
+/// whether its fast attempt meets the writer or not, it gets the region, in a
+/// consistent state.
 #[test]
-fn guarded_view_vs_writer() {
+fn guarded_memory_vs_writer() {
     model(|| {
         let t = Arc::new(table());
         let id = insert(&t, PAGE, 2 * PAGE, Backing::Anonymous);
@@ -126,7 +142,7 @@ fn guarded_view_vs_writer() {
             let t = t.clone();
             spawn(move || {
                 let mem = memory::GuardedMemory::lock_all(&t, None).unwrap();
-                let region = mem.iter().next().expect("the region is in the view");
+                let region = mem.iter().next().expect("the region is held");
                 let len = region.len();
                 assert!(len == PAGE || len == 2 * PAGE, "{len}");
                 mem.write_obj(1u8, GuestAddress(len - 1)).unwrap();
@@ -139,10 +155,11 @@ fn guarded_view_vs_writer() {
     });
 }
 
-/// Removal vs a view: the view either holds the region intact (its write lands before
-/// the removal completes, which waited for it) or does not contain the region at all.
+/// Removal vs guarded memory holding every region: it either holds the region intact
+/// (its write lands before the removal completes, which waited for it) or does not
+/// have the region at all.
 #[test]
-fn removal_vs_view() {
+fn removal_vs_guarded_memory() {
     model(|| {
         let t = Arc::new(table());
         let id = insert(&t, PAGE, PAGE, Backing::Anonymous);
@@ -209,10 +226,11 @@ fn removal_vs_reader() {
 }
 
 /// Two readers on one region and a writer: the writer waits for both, and the
-/// readers' shards and the writer's wake-up flag never lose a release.
+/// readers' shards and the writer's wake-up flag never lose a release. Bounded: 5
+/// preemptions (about 40 s; unbounded it runs for hours).
 #[test]
 fn two_readers_and_a_writer() {
-    model(|| {
+    model_bounded(5, || {
         let t = Arc::new(table());
         let id = insert(&t, 2 * PAGE, 2 * PAGE, Backing::Anonymous);
         let shrunk = Arc::new(AtomicBool::new(false));
@@ -315,10 +333,11 @@ fn fault_handler_vs_writer() {
 /// when it reaches the second; if it waited there (instead of failing the fast path,
 /// dropping what it holds and waiting with nothing held), the shrink queued behind the
 /// removal would wait for it while it waits for the table lock: loom reports the
-/// deadlock. Either both bytes are written or the second region was gone.
+/// deadlock. Either both bytes are written or the second region was gone. Bounded: 6
+/// preemptions (about 5 s; the deadlock needs 3; unbounded it runs for hours).
 #[test]
 fn device_request_vs_writer() {
-    model(|| {
+    model_bounded(6, || {
         let t = Arc::new(table());
         let first = t
             .insert(
@@ -346,6 +365,48 @@ fn device_request_vs_writer() {
         t.remove(second, None).unwrap();
         t.shrink(first, PAGE, None).unwrap();
         let _wrote_both = reader.join().unwrap();
+        assert!(t.metrics().regions.iter().all(|r| r.readers == 0));
+    });
+}
+
+/// A removal whose drain times out (a reader holds the region when the deadline
+/// passes) puts the region back as it was: published, readable, not marked removed;
+/// one that drains removes it for good. The reader, which may wait for the writer in
+/// the two-tier lookup, ends either way. Bounded: 6 preemptions (about 10 s; four
+/// threads, unbounded it runs for many minutes).
+#[test]
+fn removal_that_times_out_restores_the_region() {
+    model_bounded(6, || {
+        let t = Arc::new(table());
+        let id = insert(&t, PAGE, PAGE, Backing::Anonymous);
+        let reader = {
+            let t = t.clone();
+            spawn(move || match t.lock_region(GuestAddress(8), None) {
+                Ok(guard) => guard.write_obj(0xaau8, MemoryRegionAddress(8)).unwrap(),
+                Err(LookupError::NotMapped { addr: 8 }) => {}
+                Err(e) => panic!("unexpected {e:?}"),
+            })
+        };
+        let clock = spawn(memory::pass_deadlines);
+        let far = std::time::Instant::now() + std::time::Duration::from_secs(3600);
+        match t.remove(id, Some(far)) {
+            Ok(()) => assert!(matches!(
+                t.lock_fast(GuestAddress(8)),
+                Err(LookupError::NotMapped { .. })
+            )),
+            Err(TableError::DrainTimeout { .. }) => {
+                reader.join().unwrap();
+                let guard = t.lock_fast(GuestAddress(8)).expect("restored");
+                assert_eq!(guard.id(), id);
+                assert_eq!(t.layout().len(), 1);
+                drop(guard);
+                clock.join().unwrap();
+                return;
+            }
+            Err(e) => panic!("unexpected {e:?}"),
+        }
+        reader.join().unwrap();
+        clock.join().unwrap();
         assert!(t.metrics().regions.iter().all(|r| r.readers == 0));
     });
 }
