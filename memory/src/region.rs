@@ -517,8 +517,8 @@ impl Drop for RegionGuard<'_> {
         let id = self.region().id.0;
         // SAFETY: the shard word lives in the region, which our lock keeps allocated
         // until the decrement inside `release`; that decrement is the last access, and
-        // no other reference into the region is live across it.
-        release_lock(unsafe { self.word.as_ref() }, self.key);
+        // no reference into the region (only this raw pointer) is live across it.
+        unsafe { release_lock(self.word.as_ptr(), self.key) };
         lockdep::release(&lockdep::HeldLock::RegionRead(id));
     }
 }

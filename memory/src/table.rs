@@ -297,14 +297,18 @@ pub(crate) enum ViewFailure {
 /// A held read lock of whole-memory views (see `RegionTable::lock_view`). Released on
 /// drop, by the thread that took it.
 pub(crate) struct ViewLock<'t> {
-    word: &'t AtomicU64,
+    /// The counting shard word, inside the table's view lock.
+    word: *const AtomicU64,
     key: usize,
-    _not_send: PhantomData<*const ()>,
+    /// Borrows the table; `*const ()` keeps the lock on its thread.
+    _marker: PhantomData<(&'t RegionTable, *const ())>,
 }
 
 impl Drop for ViewLock<'_> {
     fn drop(&mut self) {
-        release(self.word, self.key);
+        // SAFETY: the word lives in the table, which the lock borrows, and this lock
+        // is counted in it.
+        unsafe { release(self.word, self.key) };
         lockdep::release(&HeldLock::MemoryView);
     }
 }
@@ -469,7 +473,9 @@ impl RegionTable {
                 },
             })?;
         if !region.contains(addr) {
-            release(region.lock.shard_word(shard), self.wake_key());
+            // SAFETY: we hold the read lock counted in this word, and the caller's
+            // snapshot or table map keeps the region allocated beyond the call.
+            unsafe { release(region.lock.shard_word(shard), self.wake_key()) };
             return Err(LookupError::NotMapped { addr: addr.0 });
         }
         // SAFETY: we hold a read lock counted in `shard`. The region stays allocated
@@ -574,7 +580,7 @@ impl RegionTable {
         let view = ViewLock {
             word: self.views.shard_word(shard),
             key: self.wake_key(),
-            _not_send: PhantomData,
+            _marker: PhantomData,
         };
         Ok((view, self.published.current()))
     }
