@@ -157,6 +157,9 @@ pub struct Region {
     pub(crate) lock: RegionLock,
     /// The area whose mapping and slot the region uses, if any.
     area: Option<Arc<Area>>,
+    /// Offset past which a lazy file source no longer applies: the smallest size the
+    /// region was ever shrunk to. Memory unplugged and plugged again reads as zeros.
+    file_end: AtomicU64,
 }
 
 impl std::fmt::Debug for Region {
@@ -293,6 +296,7 @@ impl Region {
             slot,
             lock: RegionLock::new(reader_limit),
             area,
+            file_end: AtomicU64::new(capacity),
         };
         // A region in an area leaves its part of the area's memory inaccessible: the
         // table opens it once lazy population is set up (`RegionTable::insert`).
@@ -333,6 +337,17 @@ impl Region {
 
     pub(crate) fn set_size(&self, size: u64) {
         self.size.store(size, Ordering::SeqCst);
+    }
+
+    /// Offset past which a lazy file source no longer applies (see `file_end`).
+    pub(crate) fn file_end(&self) -> u64 {
+        self.file_end.load(Ordering::SeqCst)
+    }
+
+    /// Records that memory from `offset` on was unplugged: it is never again filled
+    /// from the file.
+    pub(crate) fn end_file_at(&self, offset: u64) {
+        self.file_end.fetch_min(offset, Ordering::SeqCst);
     }
 
     /// Size the region may grow to.
@@ -396,12 +411,17 @@ impl Region {
     /// order: an access between the two (a vCPU through an area's memory slot, which
     /// still covers the range) would otherwise populate freed memory again, and the
     /// next region opened there would see it.
+    ///
+    /// Every step is tried even if an earlier one failed, so the pages go whatever
+    /// happens (memory plugged here again must read as zeros); the first error is
+    /// returned.
     pub(crate) fn discard(&self, offset: u64, len: u64) -> Result<(), RegionError> {
         if len == 0 {
             return Ok(());
         }
-        self.protect(offset, len, libc::PROT_NONE)?;
+        let protected = self.protect(offset, len, libc::PROT_NONE);
         let (addr, host_len) = self.host_range(offset, len);
+        let mut punched = Ok(());
         if let Some(file_offset) = self.mapping.file_offset() {
             let file_start = file_offset.start() + offset;
             // SAFETY: fallocate on a file descriptor this region owns; punching a hole
@@ -415,7 +435,7 @@ impl Region {
                 )
             };
             if rc != 0 {
-                return Err(host_err("fallocate"));
+                punched = Err(host_err("fallocate"));
             }
         }
         // SAFETY: the range lies inside this region's own mapping, no reader holds it
@@ -423,7 +443,7 @@ impl Region {
         if unsafe { libc::madvise(addr, host_len, libc::MADV_DONTNEED) } != 0 {
             return Err(host_err("madvise"));
         }
-        Ok(())
+        protected.and(punched)
     }
 
     /// Makes `[offset, offset + len)` accessible again (a region grows into it).
