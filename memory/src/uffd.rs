@@ -30,7 +30,7 @@ pub struct FaultStats {
     pub file_fills: u64,
     /// Faults another thread had already resolved (the page was present).
     pub already_present: u64,
-    /// Faults on addresses no longer registered (woken by unregistration).
+    /// Faults on addresses no longer registered (woken, to retry into what is there now).
     pub unregistered: u64,
     /// Faults that could not be resolved.
     pub errors: u64,
@@ -509,6 +509,87 @@ mod tests {
         }
     }
 
+    /// Anonymous memory of `pages` pages, the first one present (written), never unmapped:
+    /// the handler may still fill it.
+    fn memory(pages: u64) -> u64 {
+        // SAFETY: a fresh anonymous mapping nothing else refers to.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                (pages * PAGE_SIZE) as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(addr, libc::MAP_FAILED);
+        // SAFETY: the first byte of our own fresh mapping.
+        unsafe { addr.cast::<u8>().write_volatile(1) };
+        addr as u64
+    }
+
+    /// Resolves a fault at `addr` in a range the registry knows, registered with the
+    /// kernel or not, from `source`; the counters after it.
+    fn resolve_in(
+        handler: &FaultHandler,
+        addr: u64,
+        kernel: bool,
+        source: LazySource,
+    ) -> FaultStats {
+        let range = LazyRange {
+            host_start: addr,
+            len: 4 * PAGE_SIZE,
+            source,
+            source_offset: 0,
+        };
+        if kernel {
+            handler.register(range).unwrap();
+        } else {
+            handler.shared.registry.add(range);
+        }
+        handler
+            .shared
+            .resolve(addr, &mut vec![0; FILL_WINDOW as usize]);
+        handler.stats()
+    }
+
+    #[test]
+    fn fills_meeting_a_present_or_unregistered_page_are_counted_as_such() {
+        let unreadable = || {
+            let file = std::fs::File::options()
+                .write(true)
+                .open("/dev/null")
+                .unwrap();
+            LazySource::File {
+                file: Arc::new(file),
+                offset: 0,
+            }
+        };
+        let cases = [
+            // A present page: the copy and the poison find it there.
+            (true, LazySource::Zero, 1, 0, 0),
+            (true, unreadable(), 0, 0, 1),
+            // Known to the registry, not to the kernel: nothing to fill.
+            (false, LazySource::Zero, 0, 1, 0),
+            (false, unreadable(), 0, 0, 1),
+        ];
+        for (kernel, source, present, unregistered, source_errors) in cases {
+            let Some(handler) = handler() else {
+                return;
+            };
+            let stats = resolve_in(&handler, memory(4), kernel, source.clone());
+            let expected = FaultStats {
+                faults: 1,
+                already_present: present,
+                unregistered,
+                source_errors,
+                ..FaultStats::default()
+            };
+            assert_eq!(stats, expected, "{source:?}, registered: {kernel}");
+        }
+    }
+
     fn block(backing: Backing) -> RegionSpec {
         RegionSpec {
             start: GuestAddress(1 << 32),
@@ -578,10 +659,19 @@ mod tests {
             }
             writer_tx.send(writer).unwrap();
         }));
-        // The fault the handler would serve, resolved here so the hook runs on this
-        // thread between lookup and copy.
-        let mut buf = vec![0u8; FILL_WINDOW as usize];
-        handler.shared.resolve(host, &mut buf);
+        // The fault the handler would serve, resolved here so the hook runs between
+        // lookup and copy. A fill stuck for good ends the process: the drops of the
+        // table and the handler would hang too.
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let shared = handler.shared.clone();
+        std::thread::spawn(move || {
+            shared.resolve(host, &mut vec![0u8; FILL_WINDOW as usize]);
+            let _ = done_tx.send(());
+        });
+        if done_rx.recv_timeout(DEADLINE).is_err() {
+            eprintln!("the fill did not end within {DEADLINE:?}");
+            std::process::exit(101);
+        }
         handler.shared.after_lookup.lock().unwrap().take();
         writer_rx.recv().unwrap().join().unwrap();
 

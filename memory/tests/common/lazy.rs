@@ -11,8 +11,10 @@ use vm_memory::GuestAddress;
 /// Longest a touch of lazy memory may take.
 pub const FAULT_DEADLINE: Duration = Duration::from_secs(10);
 
-/// Runs `f` on a helper thread and returns its result; fails the test if it takes
-/// longer than [`FAULT_DEADLINE`] (the thread is left behind, stuck).
+/// Runs `f` on a helper thread and returns its result. If it takes longer than
+/// [`FAULT_DEADLINE`], the test process ends with a failure: a stuck handler would
+/// also hang the test's own drops (of its table, of the handler), so unwinding is
+/// not enough.
 pub fn within<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
     let (tx, rx) = std::sync::mpsc::channel();
     let thread = std::thread::Builder::new()
@@ -30,9 +32,12 @@ pub fn within<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'sta
             Err(panic) => std::panic::resume_unwind(panic),
             Ok(()) => unreachable!("the helper sends before it ends"),
         },
-        Err(RecvTimeoutError::Timeout) => panic!(
-            "{what}: no result within {FAULT_DEADLINE:?} (does the fault handler serve faults?)"
-        ),
+        Err(RecvTimeoutError::Timeout) => {
+            eprintln!(
+                "{what}: no result within {FAULT_DEADLINE:?} (does the fault handler serve faults?)"
+            );
+            std::process::exit(101)
+        }
     }
 }
 
