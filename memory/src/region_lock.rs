@@ -178,3 +178,31 @@ pub(crate) unsafe fn release(word: *const AtomicU64, key: usize) {
         parking::unpark_all(key);
     }
 }
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    /// Readers of one region on different threads mostly count in different shards,
+    /// so they do not all write one cache line (guarantee 1).
+    #[test]
+    fn threads_spread_over_shards() {
+        let shards: std::collections::BTreeSet<usize> = (0..2 * SHARDS)
+            .map(|_| {
+                std::thread::spawn(RegionLock::current_shard)
+                    .join()
+                    .unwrap()
+            })
+            .collect();
+        assert!(shards.len() >= SHARDS / 2, "{shards:?}");
+    }
+
+    #[test]
+    fn each_shard_has_a_word_of_its_own() {
+        let lock = RegionLock::new(1);
+        let words: std::collections::BTreeSet<*const AtomicU64> = (0..SHARDS)
+            .map(|s| lock.shard_word(s) as *const _)
+            .collect();
+        assert_eq!(words.len(), SHARDS);
+    }
+}

@@ -548,9 +548,18 @@ mod tests {
         } else {
             handler.shared.registry.add(range);
         }
-        handler
-            .shared
-            .resolve(addr, &mut vec![0; FILL_WINDOW as usize]);
+        // On a helper thread: a fill stuck for good ends the process, since the
+        // handler's drop would hang too.
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let shared = handler.shared.clone();
+        std::thread::spawn(move || {
+            shared.resolve(addr, &mut vec![0; FILL_WINDOW as usize]);
+            let _ = done_tx.send(());
+        });
+        if done_rx.recv_timeout(DEADLINE).is_err() {
+            eprintln!("the fill did not end within {DEADLINE:?}");
+            std::process::exit(101);
+        }
         handler.stats()
     }
 
