@@ -97,12 +97,25 @@ pub(crate) fn assert_may_wait(what: &str) {
 }
 
 /// Records that the thread is about to take the table lock; panics if it holds a
-/// region lock (the order is table lock, then region lock).
+/// region lock (the order is table lock, then region lock) or the table lock itself
+/// (a writer's callback calling into the table would wait for itself).
 pub(crate) fn acquire_table(lock: HeldLock) {
     if !ENABLED {
         return;
     }
     with_held(|held| {
+        if let Some(table) = held
+            .iter()
+            .find(|l| matches!(l, HeldLock::TableRead | HeldLock::TableWrite))
+            .cloned()
+        {
+            let names = describe(held);
+            held.clear();
+            panic!(
+                "lock order violation: {lock} taken while holding {table}, a self-deadlock \
+                 (held: [{names}])"
+            );
+        }
         if let Some(region) = held
             .iter()
             .find(|l| matches!(l, HeldLock::RegionRead(_)))

@@ -160,6 +160,9 @@ pub struct Region {
     pub(crate) lock: RegionLock,
     /// The area whose mapping and slot the region uses, if any.
     area: Option<Arc<Area>>,
+    /// Offset past which a lazy file source no longer applies: the smallest size the
+    /// region was ever shrunk to. Memory unplugged and plugged again reads as zeros.
+    file_end: AtomicU64,
 }
 
 impl std::fmt::Debug for Region {
@@ -297,6 +300,7 @@ impl Region {
             slot,
             lock: RegionLock::new(reader_limit),
             area,
+            file_end: AtomicU64::new(capacity),
         };
         // A region in an area leaves its part of the area's memory inaccessible: the
         // table opens it once lazy population is set up (`RegionTable::insert`).
@@ -349,6 +353,17 @@ impl Region {
     /// Counts a shrink (by the writer holding the region, readers drained).
     pub(crate) fn count_shrink(&self) {
         self.shrinks.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Offset past which a lazy file source no longer applies (see `file_end`).
+    pub(crate) fn file_end(&self) -> u64 {
+        self.file_end.load(Ordering::SeqCst)
+    }
+
+    /// Records that memory from `offset` on was unplugged: it is never again filled
+    /// from the file.
+    pub(crate) fn end_file_at(&self, offset: u64) {
+        self.file_end.fetch_min(offset, Ordering::SeqCst);
     }
 
     /// Size the region may grow to.
@@ -412,12 +427,17 @@ impl Region {
     /// order: an access between the two (a vCPU through an area's memory slot, which
     /// still covers the range) would otherwise populate freed memory again, and the
     /// next region opened there would see it.
+    ///
+    /// Every step is tried even if an earlier one failed, so the pages go whatever
+    /// happens (memory plugged here again must read as zeros); the first error is
+    /// returned.
     pub(crate) fn discard(&self, offset: u64, len: u64) -> Result<(), RegionError> {
         if len == 0 {
             return Ok(());
         }
-        self.protect(offset, len, libc::PROT_NONE)?;
+        let protected = self.protect(offset, len, libc::PROT_NONE);
         let (addr, host_len) = self.host_range(offset, len);
+        let mut punched = Ok(());
         if let Some(file_offset) = self.mapping.file_offset() {
             let file_start = file_offset.start() + offset;
             // SAFETY: fallocate on a file descriptor this region owns; punching a hole
@@ -431,7 +451,7 @@ impl Region {
                 )
             };
             if rc != 0 {
-                return Err(host_err("fallocate"));
+                punched = Err(host_err("fallocate"));
             }
         }
         // SAFETY: the range lies inside this region's own mapping, no reader holds it
@@ -439,7 +459,7 @@ impl Region {
         if unsafe { libc::madvise(addr, host_len, libc::MADV_DONTNEED) } != 0 {
             return Err(host_err("madvise"));
         }
-        Ok(())
+        protected.and(punched)
     }
 
     /// Makes `[offset, offset + len)` accessible again (a region grows into it).
@@ -533,8 +553,8 @@ impl Drop for RegionGuard<'_> {
         let id = self.region().id.0;
         // SAFETY: the shard word lives in the region, which our lock keeps allocated
         // until the decrement inside `release`; that decrement is the last access, and
-        // no other reference into the region is live across it.
-        release_lock(unsafe { self.word.as_ref() }, self.key);
+        // no reference into the region (only this raw pointer) is live across it.
+        unsafe { release_lock(self.word.as_ptr(), self.key) };
         lockdep::release(&lockdep::HeldLock::RegionRead(id));
     }
 }

@@ -156,18 +156,53 @@ impl RegionLock {
 #[cold]
 #[inline(never)]
 fn back_out(word: &AtomicU64, key: usize, why: ReadLockFailure) -> ReadLockFailure {
-    release(word, key);
+    // SAFETY: `word` is a live reference (the caller's lookup keeps the region).
+    unsafe { release(word, key) };
     why
 }
 
 /// Releases a read lock counted in `word` (a region's shard word) and wakes a writer
 /// parked on the table's `key` if the word says one waits. The decrement is the only
-/// access to the region: it may be freed as soon as the count is seen at zero, so the
-/// caller must hold no other reference into it across this call.
+/// access to the region: it may be freed as soon as the count is seen at zero, so
+/// `word` is a raw pointer (a reference would have to stay valid for the whole call)
+/// and the caller must hold no other reference into the region across this call.
+///
+/// # Safety
+/// `word` points to a live shard word on which the caller holds a read lock.
 #[inline(always)]
-pub(crate) fn release(word: &AtomicU64, key: usize) {
-    let before = word.fetch_sub(1, Ordering::SeqCst);
+pub(crate) unsafe fn release(word: *const AtomicU64, key: usize) {
+    // SAFETY: the caller's read lock keeps the word allocated until this decrement,
+    // and the reference made for it lives only as long as the decrement.
+    let before = unsafe { (*word).fetch_sub(1, Ordering::SeqCst) };
     if before & WRITER_WAITS != 0 {
         parking::unpark_all(key);
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    /// Readers of one region on different threads mostly count in different shards,
+    /// so they do not all write one cache line (guarantee 1).
+    #[test]
+    fn threads_spread_over_shards() {
+        let shards: std::collections::BTreeSet<usize> = (0..2 * SHARDS)
+            .map(|_| {
+                std::thread::spawn(RegionLock::current_shard)
+                    .join()
+                    .unwrap()
+            })
+            .collect();
+        assert!(shards.len() >= SHARDS / 2, "{shards:?}");
+    }
+
+    #[test]
+    fn each_shard_has_a_word_of_its_own() {
+        let lock = RegionLock::new(1);
+        let words: std::collections::BTreeSet<*const AtomicU64> = (0..SHARDS)
+            .map(|s| lock.shard_word(s) as *const _)
+            .collect();
+        assert_eq!(words.len(), SHARDS);
     }
 }

@@ -26,6 +26,17 @@ pub enum SlotError {
         /// The hypervisor's error.
         source: std::io::Error,
     },
+    /// A resize deleted the slot, then neither the new nor the old form could be
+    /// created again: the guest lost the slot's memory.
+    #[error("memory slot {slot} is lost: resizing it failed ({resize}), and so did restoring it ({restore})")]
+    Lost {
+        /// Slot number.
+        slot: u32,
+        /// Why the new form was refused.
+        resize: std::io::Error,
+        /// Why the old form was refused.
+        restore: std::io::Error,
+    },
 }
 
 /// Applies memory slot changes for the region table.

@@ -438,7 +438,9 @@ impl RegionTable {
                 },
             })?;
         if !region.contains(addr) {
-            release(region.lock.shard_word(shard), self.wake_key());
+            // SAFETY: we hold the read lock counted in this word, and the caller's
+            // snapshot or table map keeps the region allocated beyond the call.
+            unsafe { release(region.lock.shard_word(shard), self.wake_key()) };
             return Err(LookupError::NotMapped { addr: addr.0 });
         }
         // SAFETY: we hold a read lock counted in `shard`. The region stays allocated
@@ -565,22 +567,43 @@ impl RegionTable {
         })
     }
 
+    /// Registers `[offset, offset + len)` of `region` for lazy population: from its
+    /// source, except past the region's `file_end`, which was unplugged once and
+    /// so reads as zeros.
     fn register_lazy(&self, region: &Region, offset: u64, len: u64) -> Result<(), TableError> {
         let Backing::Lazy(source) = region.backing() else {
             return Ok(());
         };
         let lazy = self.lazy.as_ref().ok_or(LazyError::NoHandler)?;
-        let (host, len) = region.host_span(offset, len);
-        let source_offset = match source {
-            LazySource::Zero => 0,
-            LazySource::File { offset: base, .. } => base + offset,
+        let end = offset + len;
+        let split = match source {
+            LazySource::Zero => end,
+            LazySource::File { .. } => region.file_end().clamp(offset, end),
         };
-        lazy.register(LazyRange {
-            host_start: host as u64,
-            len: len as u64,
-            source: source.clone(),
-            source_offset,
-        })?;
+        let range = |from: u64, to: u64, source: &LazySource| {
+            let (host, len) = region.host_span(from, to - from);
+            let source_offset = match source {
+                LazySource::Zero => 0,
+                LazySource::File { offset: base, .. } => base + from,
+            };
+            LazyRange {
+                host_start: host as u64,
+                len: len as u64,
+                source: source.clone(),
+                source_offset,
+            }
+        };
+        if split > offset {
+            lazy.register(range(offset, split, source))?;
+        }
+        if split < end {
+            if let Err(e) = lazy.register(range(split, end, &LazySource::Zero)) {
+                if split > offset {
+                    let _ = self.unregister_lazy(region, offset, split - offset);
+                }
+                return Err(e.into());
+            }
+        }
         Ok(())
     }
 
@@ -776,15 +799,18 @@ impl RegionTable {
         Self::check_resize(&region, new_size, false)?;
         let old = region.size();
         session.exclude_readers(&region, started, deadline)?;
-        region.count_shrink();
         // In an area, the guest loses the tail when it is discarded below.
         if region.owns_slot() {
             self.slots.map(&Self::slot_mapping(&region, new_size))?;
         }
+        region.count_shrink();
         region.set_size(new_size);
-        self.unregister_lazy(&region, new_size, old - new_size)?;
+        region.end_file_at(new_size);
+        // The tail is discarded even if unregistering failed: grown again, it must
+        // read as zeros.
+        let unregistered = self.unregister_lazy(&region, new_size, old - new_size);
         region.discard(new_size, old - new_size)?;
-        Ok(())
+        unregistered
     }
 
     /// Removes a region, in the safe order: unpublish it from lookups, wait for its
@@ -821,9 +847,11 @@ impl RegionTable {
         // may still reference it, so the table keeps it until they let go.
         session.inner.retired.push(region.clone());
         // 4. No more lazy population.
-        self.unregister_lazy(&region, 0, size)?;
-        // 5. Free the host memory.
+        let unregistered = self.unregister_lazy(&region, 0, size);
+        // 5. Free the host memory, even if step 4 failed: a region inserted here later
+        //    (inside an area) reuses these pages and must find them empty.
         region.discard(0, size)?;
+        unregistered?;
         // Readers may still bump the count for an instant: a fast path that loaded an
         // older snapshot counts itself, sees the removal mark and backs off without
         // touching the memory.

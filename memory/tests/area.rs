@@ -5,6 +5,7 @@ mod common;
 
 use std::sync::Arc;
 
+use common::lazy::{read, write, FailingUnregister};
 use common::slots::RecordingSlots;
 use memory::{
     Backing, FaultHandler, LazyPages, LazySource, LookupError, RegionError, RegionSpec,
@@ -191,11 +192,11 @@ fn lazy_regions_in_an_area_fill_on_first_touch() {
             return;
         }
     };
-    let table = RegionTable::new(
+    let table = Arc::new(RegionTable::new(
         Arc::new(memory::NoSlots),
         Some(handler.clone() as Arc<dyn LazyPages>),
         TableConfig::default(),
-    );
+    ));
     table
         .reserve_area(GuestAddress(AREA), AREA_SIZE, None)
         .unwrap();
@@ -203,12 +204,9 @@ fn lazy_regions_in_an_area_fill_on_first_touch() {
         .insert(block(2, Backing::Lazy(LazySource::Zero)), None)
         .unwrap();
     let at = GuestAddress(AREA + 16 * MIB + 5 * MIB);
-    let mut word = [0xffu8; 4];
-    table.read(at, &mut word, None).unwrap();
-    assert_eq!(word, [0; 4]);
-    table.write(at, b"lazy", None).unwrap();
-    table.read(at, &mut word, None).unwrap();
-    assert_eq!(&word, b"lazy");
+    assert_eq!(read(&table, at, 4), [0; 4]);
+    write(&table, at, b"lazy");
+    assert_eq!(read(&table, at, 4), b"lazy");
     assert!(handler.stats().faults >= 1);
     table.remove(id, None).unwrap();
     assert_eq!(handler.registered_ranges(), 0);
@@ -216,7 +214,38 @@ fn lazy_regions_in_an_area_fill_on_first_touch() {
     table
         .insert(block(2, Backing::Lazy(LazySource::Zero)), None)
         .unwrap();
-    table.read(at, &mut word, None).unwrap();
-    assert_eq!(word, [0; 4]);
+    assert_eq!(read(&table, at, 4), [0; 4]);
     assert_eq!(handler.stats().errors, 0);
+}
+
+#[test]
+fn a_block_removed_with_a_failed_unregistration_leaves_no_bytes_behind() {
+    let handler = match FaultHandler::start() {
+        Ok(handler) => handler,
+        Err(e) => {
+            eprintln!("SKIPPED: no userfaultfd here: {e}");
+            assert!(
+                std::env::var_os("KITE_NO_SKIPS").is_none(),
+                "CI must have userfaultfd"
+            );
+            return;
+        }
+    };
+    let table = Arc::new(RegionTable::new(
+        Arc::new(memory::NoSlots),
+        Some(Arc::new(FailingUnregister(handler))),
+        TableConfig::default(),
+    ));
+    table
+        .reserve_area(GuestAddress(AREA), AREA_SIZE, None)
+        .unwrap();
+    let id = table
+        .insert(block(2, Backing::Lazy(LazySource::Zero)), None)
+        .unwrap();
+    let at = GuestAddress(AREA + 16 * MIB + 5 * MIB);
+    write(&table, at, b"old!");
+    assert!(matches!(table.remove(id, None), Err(TableError::Lazy(_))));
+    // The same pages of the area, plugged in again: empty.
+    table.insert(block(2, Backing::Anonymous), None).unwrap();
+    assert_eq!(read(&table, at, 4), [0; 4]);
 }

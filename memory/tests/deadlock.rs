@@ -15,9 +15,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::lazy::FAULT_DEADLINE;
 use common::{wait_for, Watchdog};
 use memory::{
-    Backing, FaultHandler, LazyPages, LazySource, LookupError, RegionSpec, RegionTable, TableConfig,
+    Backing, FaultHandler, LazyPages, LazySource, LookupError, MemorySlots, RegionSpec,
+    RegionTable, SlotError, SlotMapping, TableConfig,
 };
 use parking_lot::RwLock;
 use vm_memory::{Bytes, GuestAddress, MemoryRegionAddress};
@@ -242,6 +244,12 @@ fn region_table_survives_the_same_scenario() {
             writer_p.finish();
         })
     };
+    // A reader stuck in a fault nobody serves fails the test instead of hanging it.
+    wait_for(
+        "the reader and the writer to end",
+        2 * STALL + FAULT_DEADLINE,
+        || reader.is_finished() && writer.is_finished(),
+    );
     reader.join().unwrap();
     writer.join().unwrap();
     if let Some(report) = watchdog.finish() {
@@ -256,4 +264,56 @@ fn region_table_survives_the_same_scenario() {
             ..
         })
     ));
+}
+
+/// Slots whose `map` calls a writer of the same table, as a careless hypervisor
+/// binding might: a writer waiting for itself.
+struct ReentrantSlots(std::sync::OnceLock<std::sync::Weak<RegionTable>>);
+
+impl MemorySlots for ReentrantSlots {
+    fn map(&self, m: &SlotMapping) -> Result<(), SlotError> {
+        if let Some(table) = self.0.get().and_then(std::sync::Weak::upgrade) {
+            let next = RegionSpec::anonymous(GuestAddress(m.guest_addr + m.size), PAGE as u64);
+            let _ = table.insert(next, None);
+        }
+        Ok(())
+    }
+    fn unmap(&self, _: &SlotMapping) -> Result<(), SlotError> {
+        Ok(())
+    }
+}
+
+#[test]
+fn a_writer_called_from_a_writer_panics_naming_the_table_lock() {
+    if !memory::lockdep::ENABLED {
+        return;
+    }
+    let slots = Arc::new(ReentrantSlots(std::sync::OnceLock::new()));
+    let table = Arc::new(RegionTable::new(
+        slots.clone(),
+        None,
+        TableConfig::default(),
+    ));
+    slots.0.set(Arc::downgrade(&table)).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let insert = std::panic::AssertUnwindSafe(|| {
+            table.insert(RegionSpec::anonymous(GuestAddress(0), PAGE as u64), None)
+        });
+        let message = std::panic::catch_unwind(insert).err().map(|panic| {
+            panic
+                .downcast_ref::<String>()
+                .cloned()
+                .unwrap_or_else(|| "a panic without a message".into())
+        });
+        let _ = tx.send(message);
+    });
+    let message = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the nested writer hangs instead of panicking")
+        .expect("the nested writer goes on instead of panicking");
+    assert!(
+        message.contains("table lock (write) taken while holding table lock (write)"),
+        "{message}"
+    );
 }

@@ -8,6 +8,7 @@
 
 #![allow(dead_code)]
 
+pub mod lazy;
 pub mod slots;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

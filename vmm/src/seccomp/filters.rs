@@ -38,6 +38,8 @@ pub const UFFDIO_WAKE: u64 = ioctl_expr(_IOC_READ, UFFDIO, 0x02, 16) as u64;
 pub const UFFDIO_COPY: u64 = ioctl_expr(_IOC_READ | _IOC_WRITE, UFFDIO, 0x03, 40) as u64;
 /// `UFFDIO_ZEROPAGE` (`struct uffdio_zeropage`).
 pub const UFFDIO_ZEROPAGE: u64 = ioctl_expr(_IOC_READ | _IOC_WRITE, UFFDIO, 0x04, 32) as u64;
+/// `UFFDIO_POISON` (`struct uffdio_poison`): a page whose source cannot be read.
+pub const UFFDIO_POISON: u64 = ioctl_expr(_IOC_READ | _IOC_WRITE, UFFDIO, 0x08, 32) as u64;
 /// `TCSETS`: the terminal put back as it was, on the way out.
 pub const TCSETS: u64 = 0x5402;
 
@@ -194,7 +196,10 @@ pub fn rules(kind: ThreadKind) -> Rules {
                     libc::SYS_pread64,
                 ],
             );
-            add_ioctls(&mut rules, &[UFFDIO_COPY, UFFDIO_ZEROPAGE, UFFDIO_WAKE]);
+            add_ioctls(
+                &mut rules,
+                &[UFFDIO_COPY, UFFDIO_ZEROPAGE, UFFDIO_WAKE, UFFDIO_POISON],
+            );
         }
         ThreadKind::Api => {
             // Each client is served non-blocking, with a deadline.
@@ -253,5 +258,6 @@ mod tests {
         assert_eq!(UFFDIO_WAKE, 0x8010_aa02);
         assert_eq!(UFFDIO_COPY, 0xc028_aa03);
         assert_eq!(UFFDIO_ZEROPAGE, 0xc020_aa04);
+        assert_eq!(UFFDIO_POISON, 0xc020_aa08);
     }
 }

@@ -137,6 +137,17 @@ pub struct KvmSlots {
 
 impl KvmSlots {
     fn set(&self, slot: u32, guest_addr: u64, size: u64, host_addr: u64) -> Result<(), SlotError> {
+        self.set_raw(slot, guest_addr, size, host_addr)
+            .map_err(|source| SlotError::Update { slot, source })
+    }
+
+    fn set_raw(
+        &self,
+        slot: u32,
+        guest_addr: u64,
+        size: u64,
+        host_addr: u64,
+    ) -> Result<(), std::io::Error> {
         let region = kvm_userspace_memory_region {
             slot,
             flags: 0,
@@ -147,31 +158,55 @@ impl KvmSlots {
         // SAFETY: the region table calls `map` with a mapping of a live region, whose host
         // range stays mapped until the table has called `unmap` for it (it unmaps slots
         // before it discards or unmaps memory), and size 0 deletes the slot.
-        unsafe { self.vm.set_user_memory_region(region) }.map_err(|e| SlotError::Update {
-            slot,
-            source: std::io::Error::from_raw_os_error(e.errno()),
-        })
+        unsafe { self.vm.set_user_memory_region(region) }
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
     }
 }
 
 impl MemorySlots for KvmSlots {
     fn map(&self, mapping: &SlotMapping) -> Result<(), SlotError> {
         let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(old) = live.get(&mapping.slot) {
-            if old == mapping {
+        let old = live.get(&mapping.slot).copied();
+        if let Some(old) = old {
+            if old == *mapping {
                 return Ok(());
             }
             self.set(old.slot, old.guest_addr, 0, old.host_addr)?;
             live.remove(&mapping.slot);
         }
-        self.set(
+        let created = self.set_raw(
             mapping.slot,
             mapping.guest_addr,
             mapping.size,
             mapping.host_addr,
-        )?;
-        live.insert(mapping.slot, *mapping);
-        Ok(())
+        );
+        match (created, old) {
+            (Ok(()), _) => {
+                live.insert(mapping.slot, *mapping);
+                Ok(())
+            }
+            (Err(source), None) => Err(SlotError::Update {
+                slot: mapping.slot,
+                source,
+            }),
+            // The table keeps the old form after a failed resize: so must KVM.
+            (Err(resize), Some(old)) => {
+                match self.set_raw(old.slot, old.guest_addr, old.size, old.host_addr) {
+                    Ok(()) => {
+                        live.insert(old.slot, old);
+                        Err(SlotError::Update {
+                            slot: mapping.slot,
+                            source: resize,
+                        })
+                    }
+                    Err(restore) => Err(SlotError::Lost {
+                        slot: old.slot,
+                        resize,
+                        restore,
+                    }),
+                }
+            }
+        }
     }
 
     fn unmap(&self, mapping: &SlotMapping) -> Result<(), SlotError> {
@@ -180,5 +215,96 @@ impl MemorySlots for KvmSlots {
             self.set(mapping.slot, mapping.guest_addr, 0, mapping.host_addr)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PAGE: u64 = 4096;
+
+    /// Anonymous memory for slots, unmapped on drop.
+    struct Memory(*mut libc::c_void, usize);
+
+    impl Memory {
+        fn new(len: usize) -> Memory {
+            // SAFETY: a fresh anonymous mapping; nothing else refers to it.
+            let addr = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                )
+            };
+            assert_ne!(addr, libc::MAP_FAILED);
+            Memory(addr, len)
+        }
+    }
+
+    impl Drop for Memory {
+        fn drop(&mut self) {
+            // SAFETY: our own mapping, no longer used (its VM is dropped first).
+            unsafe { libc::munmap(self.0, self.1) };
+        }
+    }
+
+    fn vm() -> Option<Vm> {
+        match Vm::new() {
+            Ok(vm) => Some(vm),
+            Err(e) => {
+                eprintln!("SKIPPED: no KVM here: {e}");
+                assert!(
+                    std::env::var_os("KITE_NO_SKIPS").is_none(),
+                    "CI must have KVM: {e}"
+                );
+                None
+            }
+        }
+    }
+
+    #[test]
+    fn a_failed_resize_keeps_the_old_slot() {
+        let memory = Memory::new(4 * PAGE as usize);
+        let Some(vm) = vm() else {
+            return;
+        };
+        let slots = vm.memory_slots();
+        let old = SlotMapping {
+            slot: 0,
+            guest_addr: 0,
+            size: 2 * PAGE,
+            host_addr: memory.0 as u64,
+        };
+        slots.map(&old).unwrap();
+        // KVM refuses a host address that is not page aligned.
+        let bad = SlotMapping {
+            size: 4 * PAGE,
+            host_addr: old.host_addr + 1,
+            ..old
+        };
+        assert!(matches!(
+            slots.map(&bad),
+            Err(SlotError::Update { slot: 0, .. })
+        ));
+        assert_eq!(slots.live.lock().unwrap().get(&0), Some(&old));
+        // KVM still has the old slot: another one over its guest range is refused.
+        let other = SlotMapping { slot: 1, ..old };
+        assert!(
+            slots.map(&other).is_err(),
+            "slot 0 was lost: another slot could take its guest range"
+        );
+        // And the table's idea of it matches KVM's: a real resize still works.
+        slots
+            .map(&SlotMapping {
+                size: 4 * PAGE,
+                ..old
+            })
+            .unwrap();
+        drop(slots);
+        drop(vm);
     }
 }
