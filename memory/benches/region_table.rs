@@ -1,24 +1,60 @@
 //! Region-table benchmarks, each with its baselines in the same run, and ratios.
 //!
+//! Criterion groups:
+//! - `lookup`: find and pin the region of an address: Kite's fast path vs
+//!   `GuestMemoryAtomic::memory()` + `find_region` vs the RwLock map's lookup.
+//! - `read_scaling`: lookup + 64-byte read on 1 and 2 threads (each pinned to a CPU), in
+//!   two cases: both threads reading the same region (`same`, the case per-region locks
+//!   are about) and thread t reading the regions of parity t (`disjoint`); for Kite,
+//!   `GuestMemoryAtomic`, the RwLock map, and a control (a copy from a thread-local
+//!   buffer, no lookup or lock) showing how far the machine scales at all.
+//! - `copy_64k`: a 64 KiB guest read and write: Kite's copy, vm-memory's
+//!   `Bytes::read_slice`/`write_slice` through `GuestMemoryAtomic`'s memory, and a
+//!   plain memcpy between the same kind of buffers.
+//! - `two_tier_churn`: a lookup while a writer resizes region 0 (to half and back)
+//!   without pause: Kite's two-tier lookup (writer: `shrink`/`grow`),
+//!   `GuestMemoryAtomic` load + `find_region` (writer: `lock()` + `replace` of the map,
+//!   as vm-memory hotplug does) and the RwLock map (writer: the write lock). Every
+//!   writer does the same host-mapping work.
+//! - `guarded_request`: what a device request pays: one 8-byte `read_obj` in one region
+//!   through guarded memory kept from request to request (`release` + `retry`, as a
+//!   device's worker does), with 8 regions and with 8 + 512 hotplugged 2 MiB regions, vs
+//!   `GuestMemoryAtomic::memory()` + the same read over the same regions.
+//!
+//! Then, outside criterion: each design's writer resize latency (p50, p99) while two
+//! readers copy flat out; the summary of ratios of criterion's estimates; and the key
+//! ratios again, measured as paired ratios (alternating rounds, median), after a line
+//! showing how much of region 0 huge pages back, for the table and for the baselines.
+//!
 //! Baselines: vm-memory's `GuestMemoryAtomic<GuestMemoryMmap>` (an `ArcSwap` of a
 //! region collection) and a `parking_lot::RwLock` over a sorted map of regions (one
-//! global lock, the design the table replaces).
+//! global lock, the design the table replaces). Both use the same memory as the table:
+//! the regions of a second region table ([`HostMemory`]), which maps them as the table
+//! maps its own (private anonymous, `MAP_NORESERVE`, `MADV_HUGEPAGE`, `MADV_DONTDUMP`)
+//! and pre-touches them, with vm-memory regions built over that memory. Baselines that
+//! resize memory resize only their own provider's, never the table's.
 //!
-//! Run: `cargo bench -p memory --bench region_table`. Criterion prints each
-//! measurement; the summary at the end prints the ratios the design targets.
+//! Run: `cargo bench -p memory --bench region_table` (a short run: add
+//! `-- --warm-up-time 0.3 --measurement-time 1` and `KITE_BENCH_WRITER_SECS=1`, the
+//! writer-latency duration, 5 s by default). Criterion writes its estimates to
+//! `CRITERION_HOME`, else `$CARGO_TARGET_DIR/criterion`, else `<target>/criterion` of
+//! the bench executable, and the summary reads them from there (see [`criterion_home`]).
 
+use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::hint::black_box;
+use std::marker::PhantomData;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Barrier;
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Barrier, OnceLock};
+use std::time::{Duration, Instant, SystemTime};
 
 use criterion::{criterion_group, Criterion};
-use memory::{RegionId, RegionSpec, RegionTable};
+use memory::{GuardedMemory, RegionId, RegionSpec, RegionTable};
 use parking_lot::RwLock;
 use vm_memory::{
-    GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
-    GuestMemoryRegion,
+    Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
+    GuestMemoryRegion, GuestRegionMmap, MemoryRegionAddress, MmapRegion,
 };
 
 const MIB: u64 = 1 << 20;
@@ -26,9 +62,23 @@ const REGIONS: u64 = 8;
 /// Each region is 16 MiB, regions 32 MiB apart (room to grow).
 const REGION_SIZE: u64 = 16 * MIB;
 const REGION_STRIDE: u64 = 32 * MIB;
+/// Hotplugged blocks, each a region (1 GiB of 2 MiB blocks), after the regions.
+const HOTPLUG_BLOCKS: u64 = 512;
+const BLOCK_SIZE: u64 = 2 * MIB;
+/// The mapping flags of the table's anonymous regions (`ANONYMOUS_MAPPING` in
+/// memory/src/region.rs, private to the crate).
+const ANONYMOUS_MAPPING: i32 = libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_PRIVATE;
+const READ_WRITE: i32 = libc::PROT_READ | libc::PROT_WRITE;
+
+type AtomicMemory = GuestMemoryAtomic<GuestMemoryMmap>;
 
 fn region_start(i: u64) -> GuestAddress {
     GuestAddress(i * REGION_STRIDE)
+}
+
+/// Address number `i` of a walk over every region, a page apart.
+fn addr_of(i: u64) -> GuestAddress {
+    GuestAddress(region_start(i % REGIONS).0 + (i * 4096 + 64) % REGION_SIZE)
 }
 
 fn kite_table() -> (RegionTable, Vec<RegionId>) {
@@ -57,34 +107,84 @@ fn kite_table() -> (RegionTable, Vec<RegionId>) {
     (table, ids)
 }
 
-fn atomic_memory() -> GuestMemoryAtomic<GuestMemoryMmap> {
-    let ranges: Vec<_> = (0..REGIONS)
-        .map(|i| (region_start(i), REGION_SIZE as usize))
-        .collect();
-    GuestMemoryAtomic::new(GuestMemoryMmap::from_ranges(&ranges).unwrap())
+/// Hotplugs 512 blocks of 2 MiB, each a region, after the regions. No benchmark
+/// accesses them (nor touches them first): they only make the memory map larger.
+fn hotplug(table: &RegionTable) {
+    let base = REGIONS * REGION_STRIDE;
+    for i in 0..HOTPLUG_BLOCKS {
+        let start = GuestAddress(base + i * BLOCK_SIZE);
+        table
+            .insert(RegionSpec::anonymous(start, BLOCK_SIZE), None)
+            .unwrap();
+    }
+}
+
+/// A region table's resize of region `id`: shrink below the current size, grow above.
+fn kite_resize(table: &RegionTable, id: RegionId, to: u64) {
+    if to < REGION_SIZE {
+        table.shrink(id, to, None).unwrap();
+    } else {
+        table.grow(id, to, None).unwrap();
+    }
+}
+
+/// vm-memory region of `size` bytes at guest `start`, over host memory at `host`.
+///
+/// # Safety
+/// `[host, host + size)` lies inside a live mapping of a [`HostMemory`], made with
+/// [`ANONYMOUS_MAPPING`], that outlives the region returned.
+unsafe fn raw_region(host: *mut u8, start: GuestAddress, size: u64) -> GuestRegionMmap {
+    // SAFETY: the caller promises the range lies in a live mapping that outlives the
+    // region; prot and flags are the ones the mapping was made with.
+    let mmap = unsafe { MmapRegion::build_raw(host, size as usize, READ_WRITE, ANONYMOUS_MAPPING) };
+    GuestRegionMmap::new(mmap.unwrap(), start).unwrap()
+}
+
+/// The baselines' guest memory, mapped exactly as the table maps its regions: the
+/// regions of a second table built by [`kite_table`] (same flags, same huge-page and
+/// dump advice, pre-touched), used only as a provider of host memory. Nothing removes
+/// or shrinks its regions through this table, so their mappings live as long as it.
+struct HostMemory(RegionTable);
+
+impl HostMemory {
+    fn new() -> HostMemory {
+        HostMemory(kite_table().0)
+    }
+
+    /// Host address of the region starting at `start`.
+    fn host(&self, start: GuestAddress) -> *mut u8 {
+        self.0.lock_fast(start).unwrap().region().host_addr() as *mut u8
+    }
+
+    /// The provider's regions as one vm-memory map, each over its region's memory.
+    /// The map must not outlive `self`.
+    fn guest_memory(&self) -> GuestMemoryMmap {
+        let regions = self.0.layout().into_iter().map(|(_, start, size)| {
+            // SAFETY: the provider's region at `start` maps at least `size` bytes and
+            // stays mapped while `self` lives, which outlives the map (callers keep it
+            // in a `Baselines`, which drops its provider last).
+            unsafe { raw_region(self.host(start), start, size) }
+        });
+        GuestMemoryMmap::from_regions(regions.collect()).unwrap()
+    }
 }
 
 /// The global-lock baseline: region start -> (host pointer, size) under one RwLock.
 struct LockedMap {
     map: RwLock<BTreeMap<u64, (usize, u64)>>,
-    _memory: GuestMemoryMmap,
 }
 
 impl LockedMap {
-    fn new() -> LockedMap {
-        let memory = GuestMemoryMmap::from_ranges(
-            &(0..REGIONS)
-                .map(|i| (region_start(i), (2 * REGION_SIZE) as usize))
-                .collect::<Vec<_>>(),
-        )
-        .unwrap();
-        let map = memory
-            .iter()
-            .map(|r| (r.start_addr().0, (r.as_ptr() as usize, REGION_SIZE)))
+    /// Over the provider's memory, which must outlive it.
+    fn new(host: &HostMemory) -> LockedMap {
+        let map = host
+            .0
+            .layout()
+            .into_iter()
+            .map(|(_, start, size)| (start.0, (host.host(start) as usize, size)))
             .collect();
         LockedMap {
             map: RwLock::new(map),
-            _memory: memory,
         }
     }
 
@@ -95,17 +195,99 @@ impl LockedMap {
         let off = addr - start;
         (off < *size).then(|| f(host + off as usize, size - off))
     }
+
+    /// Copies guest memory at `addr` into `buf` under the read lock.
+    fn read(&self, addr: u64, buf: &mut [u8]) {
+        let copied = self.with(addr, |host, left| {
+            assert!(buf.len() as u64 <= left);
+            // SAFETY: `buf.len()` bytes from `host` lie inside the live part of a region
+            // mapping, which no writer changes while the read lock is held.
+            unsafe { std::ptr::copy_nonoverlapping(host as *const u8, buf.as_mut_ptr(), buf.len()) }
+        });
+        copied.unwrap();
+    }
+
+    /// Resizes region 0 under the write lock, with the host-mapping work the table does.
+    fn resize(&self, to: u64) {
+        let mut map = self.map.write();
+        let entry = map.get_mut(&0).unwrap();
+        resize_host(entry.0, to, entry.1);
+        entry.1 = to;
+    }
 }
 
-fn addr_of(i: u64) -> GuestAddress {
-    GuestAddress(region_start(i % REGIONS).0 + (i * 4096 + 64) % REGION_SIZE)
+/// Both baselines, over memory of their own (never the table's).
+struct Baselines {
+    atomic: AtomicMemory,
+    locked: LockedMap,
+    /// Declared last, so dropped after every vm-memory region built over it.
+    host: HostMemory,
+}
+
+impl Baselines {
+    fn new() -> Baselines {
+        let host = HostMemory::new();
+        Baselines {
+            atomic: GuestMemoryAtomic::new(host.guest_memory()),
+            locked: LockedMap::new(&host),
+            host,
+        }
+    }
+
+    /// Hotplugs the same blocks as [`hotplug`] into the baselines' memory, and gives
+    /// `GuestMemoryAtomic` the larger map.
+    fn hotplug(&self) {
+        hotplug(&self.host.0);
+        let update = self.atomic.lock().unwrap();
+        update.replace(self.host.guest_memory());
+    }
+
+    /// Resizes region 0 of `GuestMemoryAtomic`'s map as vm-memory hotplug does: under
+    /// the update mutex, a new map with the region replaced, then `replace`. The host
+    /// work is the table's: the tail is opened before the larger region is published,
+    /// and discarded after the smaller one is (readers of an older map are not waited
+    /// for: this design cannot; the benchmarks' readers stay below half of region 0).
+    fn atomic_resize(&self, to: u64) {
+        let start = region_start(0);
+        let update = self.atomic.lock().unwrap();
+        let old = self.atomic.memory();
+        let region = old.find_region(start).unwrap();
+        let (host, from) = (region.as_ptr(), region.len());
+        if to > from {
+            resize_host(host as usize, to, from);
+        }
+        let (rest, _) = old.remove_region(start, from).unwrap();
+        // SAFETY: the same memory as the region replaced, of the provider's region 0,
+        // whose capacity (twice REGION_SIZE) covers `to`; the map lives in `self.atomic`,
+        // dropped before the provider.
+        let resized = unsafe { raw_region(host, start, to) };
+        update.replace(rest.insert_region(Arc::new(resized)).unwrap());
+        if to < from {
+            resize_host(host as usize, to, from);
+        }
+    }
+}
+
+/// What the table does to a region's host mapping on a resize, for the baselines:
+/// protect and discard the tail on shrink, re-open it on grow.
+fn resize_host(host: usize, to: u64, from: u64) {
+    let ptr = |off: u64| (host + off as usize) as *mut libc::c_void;
+    // SAFETY: the ranges lie inside a baseline provider's region mapping (of twice
+    // REGION_SIZE), which no reader accesses beyond the current size.
+    unsafe {
+        if to < from {
+            libc::mprotect(ptr(to), (from - to) as usize, libc::PROT_NONE);
+            libc::madvise(ptr(to), (from - to) as usize, libc::MADV_DONTNEED);
+        } else {
+            libc::mprotect(ptr(from), (to - from) as usize, READ_WRITE);
+        }
+    }
 }
 
 /// Guarantee 1: fast path on a hit vs the baselines' lookup.
 fn lookup(c: &mut Criterion) {
     let (table, _) = kite_table();
-    let atomic = atomic_memory();
-    let locked = LockedMap::new();
+    let base = Baselines::new();
     let mut g = c.benchmark_group("lookup");
     let mut i = 0u64;
     g.bench_function("kite_fast_path", |b| {
@@ -118,18 +300,15 @@ fn lookup(c: &mut Criterion) {
     g.bench_function("guest_memory_atomic", |b| {
         b.iter(|| {
             i = i.wrapping_add(1);
-            let mem = atomic.memory();
+            let mem = base.atomic.memory();
             black_box(mem.find_region(black_box(addr_of(i))).unwrap().len());
         })
     });
     g.bench_function("rwlock_map", |b| {
         b.iter(|| {
             i = i.wrapping_add(1);
-            black_box(
-                locked
-                    .with(black_box(addr_of(i)).0, |_, left| left)
-                    .unwrap(),
-            );
+            let left = base.locked.with(black_box(addr_of(i)).0, |_, left| left);
+            black_box(left.unwrap());
         })
     });
     g.finish();
@@ -177,140 +356,234 @@ fn run_threads(threads: usize, iters: u64, op: &(dyn Fn(usize, u64) + Sync)) -> 
     })
 }
 
+/// Which regions the threads of a scaling run read.
+#[derive(Clone, Copy)]
+enum Sharing {
+    /// Both threads read region 0 (a page apart per op, the same walk).
+    Same,
+    /// Thread `t` reads the regions of parity `t`.
+    Disjoint,
+}
+
+impl Sharing {
+    fn addr(self, thread: usize, i: u64) -> GuestAddress {
+        match self {
+            Sharing::Same => GuestAddress(region_start(0).0 + (i * 4096 + 64) % REGION_SIZE),
+            Sharing::Disjoint => addr_of(i * 2 + thread as u64),
+        }
+    }
+}
+
+/// Who reads in a scaling run.
+#[derive(Clone, Copy, PartialEq)]
+enum Design {
+    Kite,
+    Atomic,
+    RwLockMap,
+    /// A copy from a thread-local buffer: no lookup, no lock.
+    Control,
+}
+
+/// The scaling cases (the control reads no guest memory: one case).
+const SCALING: [(Design, Sharing); 7] = [
+    (Design::Kite, Sharing::Same),
+    (Design::Kite, Sharing::Disjoint),
+    (Design::Atomic, Sharing::Same),
+    (Design::Atomic, Sharing::Disjoint),
+    (Design::RwLockMap, Sharing::Same),
+    (Design::RwLockMap, Sharing::Disjoint),
+    (Design::Control, Sharing::Disjoint),
+];
+
+/// A scaling case's benchmark name, summary label and target.
+fn scaling_case(design: Design, sharing: Sharing) -> (String, String, &'static str) {
+    let (name, label, target) = match design {
+        Design::Kite => ("kite", "kite", ">= 1.9"),
+        Design::Atomic => ("guest_memory_atomic", "GuestMemoryAtomic", "-"),
+        Design::RwLockMap => ("rwlock_map", "RwLock map", "-"),
+        Design::Control => {
+            let label = "control: no lookup, no lock";
+            return ("control".into(), label.into(), "machine ceiling");
+        }
+    };
+    let (case, regions) = match sharing {
+        Sharing::Same => ("same", "same region"),
+        Sharing::Disjoint => ("disjoint", "disjoint regions"),
+    };
+    (
+        format!("{name}/{case}"),
+        format!("{label}, {regions}"),
+        target,
+    )
+}
+
+/// One scaling op of `design`: look address `sharing.addr(thread, i)` up, read 64 bytes
+/// there, unlock.
+fn read_op<'a>(
+    design: Design,
+    sharing: Sharing,
+    table: &'a RegionTable,
+    base: &'a Baselines,
+) -> Box<dyn Fn(usize, u64) + Sync + 'a> {
+    match design {
+        Design::Kite => Box::new(move |t, i| {
+            let addr = sharing.addr(t, i);
+            let guard = table.lock_fast(addr).unwrap();
+            let mut buf = [0u8; 64];
+            let off = MemoryRegionAddress(RegionTable::offset_in(&guard, addr));
+            guard.read_slice(&mut buf, off).unwrap();
+            black_box(buf);
+        }),
+        Design::Atomic => Box::new(move |t, i| {
+            let addr = sharing.addr(t, i);
+            let mem = base.atomic.memory();
+            let region = mem.find_region(addr).unwrap();
+            let mut buf = [0u8; 64];
+            let off = MemoryRegionAddress(addr.0 - region.start_addr().0);
+            region.read_slice(&mut buf, off).unwrap();
+            black_box(buf);
+        }),
+        Design::RwLockMap => Box::new(move |t, i| {
+            let mut buf = [0u8; 64];
+            base.locked.read(sharing.addr(t, i).0, &mut buf);
+            black_box(buf);
+        }),
+        Design::Control => Box::new(|_, i| {
+            thread_local!(static OWN: [u8; 4096 + 64] = const { [1; 4096 + 64] });
+            let mut buf = [0u8; 64];
+            OWN.with(|own| buf.copy_from_slice(&black_box(own)[4096..]));
+            black_box((buf, i));
+        }),
+    }
+}
+
 /// Read scaling: lock, read 64 bytes, unlock, on 1 and 2 threads.
 fn read_scaling(c: &mut Criterion) {
     let (table, _) = kite_table();
-    let locked = LockedMap::new();
+    let base = Baselines::new();
     let mut g = c.benchmark_group("read_scaling");
-    for threads in [1usize, 2] {
-        g.bench_function(format!("kite/{threads}"), |b| {
-            b.iter_custom(|iters| {
-                run_threads(threads, iters, &|t, i| {
-                    let guard = table.lock_fast(addr_of(i * 2 + t as u64)).unwrap();
-                    let mut buf = [0u8; 64];
-                    let off = vm_memory::MemoryRegionAddress(4096);
-                    vm_memory::Bytes::read_slice(&guard, &mut buf, off).unwrap();
-                    black_box(buf);
-                })
-            })
-        });
-        // Control: the same 64-byte copy from the thread's own buffer, no lookup or
-        // lock, showing how far this machine scales at all.
-        g.bench_function(format!("control/{threads}"), |b| {
-            b.iter_custom(|iters| {
-                run_threads(threads, iters, &|_, i| {
-                    thread_local!(static OWN: [u8; 4096 + 64] = const { [1; 4096 + 64] });
-                    let mut buf = [0u8; 64];
-                    OWN.with(|own| buf.copy_from_slice(&black_box(own)[4096..]));
-                    black_box((buf, i));
-                })
-            })
-        });
-        g.bench_function(format!("rwlock_map/{threads}"), |b| {
-            b.iter_custom(|iters| {
-                run_threads(threads, iters, &|t, i| {
-                    locked
-                        .with(addr_of(i * 2 + t as u64).0, |host, _| {
-                            let mut buf = [0u8; 64];
-                            // SAFETY: `host` points at least 64 bytes into a live mapping.
-                            unsafe {
-                                std::ptr::copy_nonoverlapping(
-                                    host as *const u8,
-                                    buf.as_mut_ptr(),
-                                    64,
-                                )
-                            };
-                            black_box(buf);
-                        })
-                        .unwrap();
-                })
-            })
-        });
+    for (design, sharing) in SCALING {
+        let (name, _, _) = scaling_case(design, sharing);
+        let op = read_op(design, sharing, &table, &base);
+        for threads in [1usize, 2] {
+            g.bench_function(format!("{name}/{threads}"), |b| {
+                b.iter_custom(|iters| run_threads(threads, iters, &*op))
+            });
+        }
     }
     g.finish();
 }
 
 /// Bytes each copy benchmark moves.
 const COPY_LEN: usize = 64 << 10;
+/// Where in guest memory the copies go: 1 MiB into region 0.
+const COPY_ADDR: GuestAddress = GuestAddress(MIB);
 
-/// The memcpy baseline's buffers: 64 KiB at 1 MiB into a plain page-aligned mapping
-/// (standing in for guest memory) and a host buffer at page offset 2048. Placed like
-/// this the two never 4K-alias (aliasing slows a copy many times over and would
-/// distort the comparison); the guest copies use the same host buffer.
-struct CopyBuffers {
-    plain: GuestMemoryMmap,
+/// The copy benchmarks' buffers: the baselines' guest memory at [`COPY_ADDR`] (for
+/// memcpy, the same host memory `GuestMemoryAtomic` copies to) and a host buffer at page
+/// offset 2048. Placed like this the two never 4K-alias (aliasing slows a copy many
+/// times over and would distort the comparison); the guest copies use the same host
+/// buffer.
+struct CopyBuffers<'a> {
+    guest: *mut u8,
     host: Vec<u8>,
     host_offset: usize,
+    _memory: PhantomData<&'a Baselines>,
 }
 
-impl CopyBuffers {
-    fn new() -> CopyBuffers {
+impl<'a> CopyBuffers<'a> {
+    fn new(base: &'a Baselines) -> CopyBuffers<'a> {
         let host = vec![7u8; COPY_LEN + 4096];
         let host_offset = (2048 + 4096 - host.as_ptr() as usize % 4096) % 4096;
-        let mut buffers = CopyBuffers {
-            plain: GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 2 * MIB as usize)]).unwrap(),
+        let region0 = base.host.host(region_start(0));
+        CopyBuffers {
+            guest: region0.wrapping_add(COPY_ADDR.0 as usize),
             host,
             host_offset,
-        };
-        buffers.split().0.fill(3);
-        buffers
+            _memory: PhantomData,
+        }
     }
 
-    /// (the plain mapping's 64 KiB, the host buffer's 64 KiB)
-    fn split(&mut self) -> (&mut [u8], &mut [u8]) {
-        let base = self.plain.find_region(GuestAddress(0)).unwrap().as_ptr();
-        // SAFETY: `plain` maps 2 MiB, so [1 MiB, 1 MiB + 64 KiB) lies inside; the slice
-        // borrows `self` mutably, so nothing else uses the mapping while it lives.
-        let plain = unsafe { std::slice::from_raw_parts_mut(base.add(MIB as usize), COPY_LEN) };
-        let host_offset = self.host_offset;
-        (plain, &mut self.host[host_offset..host_offset + COPY_LEN])
+    /// The host buffer's 64 KiB.
+    fn host(&mut self) -> &mut [u8] {
+        &mut self.host[self.host_offset..self.host_offset + COPY_LEN]
+    }
+
+    /// memcpy of the guest's 64 KiB into the host buffer.
+    fn memcpy_read(&mut self) {
+        let (guest, host) = (self.guest, self.host().as_mut_ptr());
+        // SAFETY: `guest` is 64 KiB inside region 0 of the baselines' memory, mapped and
+        // readable while the borrowed `Baselines` lives; `host` is the host buffer's 64
+        // KiB, borrowed mutably; the two do not overlap.
+        unsafe { std::ptr::copy_nonoverlapping(guest, host, COPY_LEN) };
+    }
+
+    /// memcpy of the host buffer's 64 KiB into the guest.
+    fn memcpy_write(&mut self) {
+        let (guest, host) = (self.guest, self.host().as_ptr());
+        // SAFETY: as in `memcpy_read`; the region is writable, and no reference to its
+        // memory is live (vm-memory copies through raw pointers too).
+        unsafe { std::ptr::copy_nonoverlapping(host, guest, COPY_LEN) };
     }
 }
 
-/// 64 KiB guest copy (two-tier lookup + copy) vs plain memcpy between the same kind
-/// of buffers (page-aligned mapping and host buffer).
+/// 64 KiB guest copy: Kite (two-tier lookup + copy), `GuestMemoryAtomic`, and plain
+/// memcpy between the same kind of buffers.
 fn copy_64k(c: &mut Criterion) {
     let (table, _) = kite_table();
-    let mut buffers = CopyBuffers::new();
-    let (plain_mem, host) = buffers.split();
+    let base = Baselines::new();
+    let mut bufs = CopyBuffers::new(&base);
     let mut g = c.benchmark_group("copy_64k");
     g.throughput(criterion::Throughput::Bytes(COPY_LEN as u64));
     g.bench_function("kite_read", |b| {
+        b.iter(|| table.read(black_box(COPY_ADDR), bufs.host(), None).unwrap())
+    });
+    g.bench_function("guest_memory_atomic_read", |b| {
         b.iter(|| {
-            table
-                .read(black_box(GuestAddress(MIB)), host, None)
-                .unwrap()
+            let mem = base.atomic.memory();
+            mem.read_slice(bufs.host(), black_box(COPY_ADDR)).unwrap()
         })
     });
-    g.bench_function("memcpy_read", |b| {
-        b.iter(|| host.copy_from_slice(black_box(&*plain_mem)))
-    });
+    g.bench_function("memcpy_read", |b| b.iter(|| bufs.memcpy_read()));
     g.bench_function("kite_write", |b| {
         b.iter(|| {
             table
-                .write(black_box(GuestAddress(MIB)), host, None)
+                .write(black_box(COPY_ADDR), bufs.host(), None)
                 .unwrap()
         })
     });
-    g.bench_function("memcpy_write", |b| {
-        b.iter(|| plain_mem.copy_from_slice(black_box(&*host)))
+    g.bench_function("guest_memory_atomic_write", |b| {
+        b.iter(|| {
+            let mem = base.atomic.memory();
+            mem.write_slice(bufs.host(), black_box(COPY_ADDR)).unwrap()
+        })
     });
+    g.bench_function("memcpy_write", |b| b.iter(|| bufs.memcpy_write()));
     g.finish();
 }
 
-/// Two-tier lookup while a writer resizes the same region without pause.
-fn two_tier_churn(c: &mut Criterion) {
-    let (table, ids) = kite_table();
-    let locked = LockedMap::new();
+/// Runs `bench` while another thread resizes region 0 to half and back with `resize`,
+/// without pause.
+fn with_churn(resize: &(dyn Fn(u64) + Sync), bench: impl FnOnce()) {
     let stop = AtomicBool::new(false);
-    let mut g = c.benchmark_group("two_tier_churn");
     std::thread::scope(|s| {
         s.spawn(|| {
             while !stop.load(Ordering::Relaxed) {
-                table.shrink(ids[0], REGION_SIZE / 2, None).unwrap();
-                table.grow(ids[0], REGION_SIZE, None).unwrap();
+                resize(REGION_SIZE / 2);
+                resize(REGION_SIZE);
             }
         });
+        bench();
+        stop.store(true, Ordering::Relaxed);
+    });
+}
+
+/// Lookups while a writer resizes the same region without pause.
+fn two_tier_churn(c: &mut Criterion) {
+    let (table, ids) = kite_table();
+    let base = Baselines::new();
+    let mut g = c.benchmark_group("two_tier_churn");
+    with_churn(&|to| kite_resize(&table, ids[0], to), || {
         g.bench_function("kite_two_tier", |b| {
             b.iter(|| {
                 let guard = table
@@ -319,49 +592,65 @@ fn two_tier_churn(c: &mut Criterion) {
                 black_box(guard.len());
             })
         });
-        stop.store(true, Ordering::Relaxed);
     });
-    stop.store(false, Ordering::Relaxed);
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            while !stop.load(Ordering::Relaxed) {
-                let mut map = locked.map.write();
-                let entry = map.get_mut(&0).unwrap();
-                resize_host(entry.0, REGION_SIZE / 2, REGION_SIZE);
-                entry.1 = REGION_SIZE / 2;
-                drop(map);
-                let mut map = locked.map.write();
-                let entry = map.get_mut(&0).unwrap();
-                resize_host(entry.0, REGION_SIZE, REGION_SIZE / 2);
-                entry.1 = REGION_SIZE;
-            }
+    with_churn(&|to| base.atomic_resize(to), || {
+        g.bench_function("guest_memory_atomic", |b| {
+            b.iter(|| {
+                let mem = base.atomic.memory();
+                black_box(
+                    mem.find_region(black_box(GuestAddress(4096)))
+                        .unwrap()
+                        .len(),
+                );
+            })
         });
+    });
+    with_churn(&|to| base.locked.resize(to), || {
         g.bench_function("rwlock_map", |b| {
-            b.iter(|| black_box(locked.with(black_box(4096), |_, left| left).unwrap()))
+            b.iter(|| black_box(base.locked.with(black_box(4096), |_, left| left).unwrap()))
         });
-        stop.store(true, Ordering::Relaxed);
     });
     g.finish();
 }
 
-/// What a global-lock VMM does to the host mapping on a resize (the same work the
-/// table does): discard and protect the tail on shrink, re-open it on grow.
-fn resize_host(host: usize, to: u64, from: u64) {
-    let ptr = |off: u64| (host + off as usize) as *mut libc::c_void;
-    // SAFETY: the ranges lie inside the baseline's own mapping, which no reader
-    // accesses beyond the current size.
-    unsafe {
-        if to < from {
-            libc::madvise(ptr(to), (from - to) as usize, libc::MADV_DONTNEED);
-            libc::mprotect(ptr(to), (from - to) as usize, libc::PROT_NONE);
-        } else {
-            libc::mprotect(
-                ptr(from),
-                (to - from) as usize,
-                libc::PROT_READ | libc::PROT_WRITE,
-            );
+/// A device request's memory access: guarded memory holding nothing, one 8-byte read
+/// (which locks the region it reaches), and the drop that releases it.
+/// One request through guarded memory kept from request to request, as a device's
+/// worker keeps it: release what the last request held, then read.
+fn guarded_request(mem: &mut GuardedMemory<'_>, addr: GuestAddress) -> u64 {
+    mem.release();
+    mem.retry(|mem| mem.read_obj::<u64>(addr)).unwrap().unwrap()
+}
+
+/// What a device request pays for guest memory, with 8 and with 8 + 512 regions, vs
+/// vm-memory's `GuestMemoryAtomic::memory()` + the same read. The reads walk the first
+/// 8 regions in both cases, so only the size of the memory map changes.
+fn guarded_request_group(c: &mut Criterion) {
+    let (table, _) = kite_table();
+    let base = Baselines::new();
+    let mut g = c.benchmark_group("guarded_request");
+    let mut i = 0u64;
+    for regions in [REGIONS, REGIONS + HOTPLUG_BLOCKS] {
+        if regions > REGIONS {
+            hotplug(&table);
+            base.hotplug();
         }
+        g.bench_function(format!("kite_{regions}_regions"), |b| {
+            let mut mem = GuardedMemory::new(&table, None);
+            b.iter(|| {
+                i = i.wrapping_add(1);
+                black_box(guarded_request(&mut mem, black_box(addr_of(i))))
+            })
+        });
+        g.bench_function(format!("guest_memory_atomic_{regions}_regions"), |b| {
+            b.iter(|| {
+                i = i.wrapping_add(1);
+                let mem = base.atomic.memory();
+                black_box(mem.read_obj::<u64>(black_box(addr_of(i))).unwrap())
+            })
+        });
     }
+    g.finish();
 }
 
 struct Latency {
@@ -380,44 +669,13 @@ fn percentiles(mut samples: Vec<Duration>) -> Latency {
     }
 }
 
-/// Kite's writer: resize one region back and forth for `duration` while 2 threads
-/// copy 4 KiB from random regions flat out. Returns every resize's latency.
-fn kite_writer_samples(table: &RegionTable, id: RegionId, duration: Duration) -> Vec<Duration> {
-    let stop = AtomicBool::new(false);
-    std::thread::scope(|s| {
-        for t in 0..2u64 {
-            let stop = &stop;
-            s.spawn(move || {
-                let mut buf = vec![0u8; 4096];
-                let mut i = t;
-                while !stop.load(Ordering::Relaxed) {
-                    i = i.wrapping_add(7);
-                    // Region 0 shrinks to half: stay below that.
-                    let addr =
-                        GuestAddress(region_start(i % REGIONS).0 + (i * 4096) % (REGION_SIZE / 2));
-                    table.read(addr, &mut buf, None).unwrap();
-                    black_box(&buf);
-                }
-            });
-        }
-        let mut samples = Vec::new();
-        let end = Instant::now() + duration;
-        while Instant::now() < end {
-            let t0 = Instant::now();
-            table.shrink(id, REGION_SIZE / 2, None).unwrap();
-            samples.push(t0.elapsed());
-            let t0 = Instant::now();
-            table.grow(id, REGION_SIZE, None).unwrap();
-            samples.push(t0.elapsed());
-        }
-        stop.store(true, Ordering::Relaxed);
-        samples
-    })
-}
+/// A reader's copy of guest memory at an address into a buffer.
+type ReadFn<'a> = &'a (dyn Fn(GuestAddress, &mut [u8]) + Sync);
 
-/// The same with the global-lock baseline: the writer takes the write lock and does
-/// the same host-mapping work.
-fn rwlock_writer_samples(locked: &LockedMap, duration: Duration) -> Vec<Duration> {
+/// A writer's latencies: `resize` region 0 to half and back for `duration` while 2
+/// threads `read` 4 KiB from random regions flat out (below half of every region, so
+/// region 0's shrink never takes what they read). Returns every resize's latency.
+fn writer_samples(duration: Duration, read: ReadFn, resize: &dyn Fn(u64)) -> Vec<Duration> {
     let stop = AtomicBool::new(false);
     std::thread::scope(|s| {
         for t in 0..2u64 {
@@ -427,19 +685,8 @@ fn rwlock_writer_samples(locked: &LockedMap, duration: Duration) -> Vec<Duration
                 let mut i = t;
                 while !stop.load(Ordering::Relaxed) {
                     i = i.wrapping_add(7);
-                    let addr = region_start(i % REGIONS).0 + (i * 4096) % (REGION_SIZE / 2);
-                    locked
-                        .with(addr, |host, _| {
-                            // SAFETY: 4 KiB inside the live part of the mapping.
-                            unsafe {
-                                std::ptr::copy_nonoverlapping(
-                                    host as *const u8,
-                                    buf.as_mut_ptr(),
-                                    4096,
-                                )
-                            };
-                        })
-                        .unwrap();
+                    let offset = (i * 4096) % (REGION_SIZE / 2);
+                    read(GuestAddress(region_start(i % REGIONS).0 + offset), &mut buf);
                     black_box(&buf);
                 }
             });
@@ -448,17 +695,8 @@ fn rwlock_writer_samples(locked: &LockedMap, duration: Duration) -> Vec<Duration
         let end = Instant::now() + duration;
         while Instant::now() < end {
             for to in [REGION_SIZE / 2, REGION_SIZE] {
-                let from = if to == REGION_SIZE {
-                    REGION_SIZE / 2
-                } else {
-                    REGION_SIZE
-                };
                 let t0 = Instant::now();
-                let mut map = locked.map.write();
-                let entry = map.get_mut(&0).unwrap();
-                resize_host(entry.0, to, from);
-                entry.1 = to;
-                drop(map);
+                resize(to);
                 samples.push(t0.elapsed());
             }
         }
@@ -467,24 +705,32 @@ fn rwlock_writer_samples(locked: &LockedMap, duration: Duration) -> Vec<Duration
     })
 }
 
-/// Writer latency percentiles, Kite and the baseline measured in alternating
-/// quarter-second rounds so the machine's drifts hit both alike.
-fn writer_latency(duration: Duration) -> (Latency, Latency) {
+/// Writer latency percentiles of Kite, the RwLock map and `GuestMemoryAtomic`, in that
+/// order, measured in quarter-second rounds whose order rotates, so the machine's
+/// drifts hit all alike.
+fn writer_latency(duration: Duration) -> [Latency; 3] {
     let (table, ids) = kite_table();
-    let locked = LockedMap::new();
+    let base = Baselines::new();
     let round = Duration::from_millis(250);
-    let rounds = (duration.as_millis() / round.as_millis()).max(1);
-    let (mut kite, mut baseline) = (Vec::new(), Vec::new());
+    let rounds = (duration.as_millis() / round.as_millis()).max(1) as usize;
+    let kite_read = |addr, buf: &mut [u8]| table.read(addr, buf, None).unwrap();
+    let locked_read = |addr: GuestAddress, buf: &mut [u8]| base.locked.read(addr.0, buf);
+    let atomic_read =
+        |addr: GuestAddress, buf: &mut [u8]| base.atomic.memory().read_slice(buf, addr).unwrap();
+    let designs: [(ReadFn, &dyn Fn(u64)); 3] = [
+        (&kite_read, &|to| kite_resize(&table, ids[0], to)),
+        (&locked_read, &|to| base.locked.resize(to)),
+        (&atomic_read, &|to| base.atomic_resize(to)),
+    ];
+    let mut samples: [Vec<Duration>; 3] = Default::default();
     for r in 0..rounds {
-        if r % 2 == 0 {
-            kite.extend(kite_writer_samples(&table, ids[0], round));
-            baseline.extend(rwlock_writer_samples(&locked, round));
-        } else {
-            baseline.extend(rwlock_writer_samples(&locked, round));
-            kite.extend(kite_writer_samples(&table, ids[0], round));
+        for k in 0..3 {
+            let d = (r + k) % 3;
+            let (read, resize) = designs[d];
+            samples[d].extend(writer_samples(round, read, resize));
         }
     }
-    (percentiles(kite), percentiles(baseline))
+    samples.map(percentiles)
 }
 
 /// Median over `rounds` of `a() / b()`, where each returns the time of one batch and
@@ -514,14 +760,43 @@ fn timed(iters: u64, mut f: impl FnMut(u64)) -> f64 {
     start.elapsed().as_secs_f64()
 }
 
+/// Transparent huge pages backing the mapping (VMA) that contains `addr`, in KiB, from
+/// /proc/self/smaps.
+fn huge_page_kib(addr: usize) -> Option<u64> {
+    let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
+    let mut inside = false;
+    for line in smaps.lines() {
+        let first = line.split(' ').next().unwrap_or("");
+        if let Some((lo, hi)) = first.split_once('-') {
+            if let (Ok(lo), Ok(hi)) = (usize::from_str_radix(lo, 16), usize::from_str_radix(hi, 16))
+            {
+                inside = (lo..hi).contains(&addr);
+                continue;
+            }
+        }
+        if let Some(kib) = line.strip_prefix("AnonHugePages:").filter(|_| inside) {
+            return kib.trim().trim_end_matches("kB").trim().parse().ok();
+        }
+    }
+    None
+}
+
 /// The targets again, measured as paired ratios (see `paired`).
 fn paired_ratios() {
     const ROUNDS: usize = 31;
     let (table, _) = kite_table();
-    let atomic = atomic_memory();
+    let base = Baselines::new();
+    println!("\nregion table: paired ratios (median of {ROUNDS} alternating rounds)");
+    let kite_region0 = table
+        .lock_fast(region_start(0))
+        .unwrap()
+        .region()
+        .host_addr();
+    let kib = |addr| huge_page_kib(addr).map_or("n/a".to_string(), |k| format!("{k} KiB"));
     println!(
-        "
-region table: paired ratios (median of {ROUNDS} alternating rounds)"
+        "  huge pages backing region 0's 16 MiB: kite {}, baselines {}",
+        kib(kite_region0 as usize),
+        kib(base.host.host(region_start(0)) as usize)
     );
     let lookup = paired(
         ROUNDS,
@@ -532,13 +807,8 @@ region table: paired ratios (median of {ROUNDS} alternating rounds)"
         },
         || {
             timed(200_000, |i| {
-                black_box(
-                    atomic
-                        .memory()
-                        .find_region(black_box(addr_of(i)))
-                        .unwrap()
-                        .len(),
-                );
+                let mem = base.atomic.memory();
+                black_box(mem.find_region(black_box(addr_of(i))).unwrap().len());
             })
         },
     );
@@ -548,132 +818,98 @@ region table: paired ratios (median of {ROUNDS} alternating rounds)"
         "<= 1.0",
     );
 
-    let read64 = |t: usize, i: u64| {
-        let guard = table.lock_fast(addr_of(i * 2 + t as u64)).unwrap();
-        let mut buf = [0u8; 64];
-        vm_memory::Bytes::read_slice(&guard, &mut buf, vm_memory::MemoryRegionAddress(4096))
-            .unwrap();
-        black_box(buf);
-    };
     // Each batch runs long enough (tens of ms) that thread start-up skew is noise.
-    let scaling = |iters: u64, op: &(dyn Fn(usize, u64) + Sync)| {
-        2.0 * paired(
-            ROUNDS,
-            || run_threads(1, iters, op).as_secs_f64(),
-            || run_threads(2, iters, op).as_secs_f64(),
-        )
-    };
-    ratio(
-        "read throughput 2 threads / 1 thread (kite)",
-        Some(scaling(1_000_000, &read64)),
-        ">= 1.9",
-    );
-    let control = |_: usize, i: u64| {
-        thread_local!(static OWN: [u8; 4096 + 64] = const { [1; 4096 + 64] });
-        let mut buf = [0u8; 64];
-        OWN.with(|own| buf.copy_from_slice(&black_box(own)[4096..]));
-        black_box((buf, i));
-    };
-    ratio(
-        "read throughput 2 threads / 1 thread (control: no lookup, no lock)",
-        Some(scaling(20_000_000, &control)),
-        "machine ceiling",
-    );
-
-    let mut buffers = CopyBuffers::new();
-    let (plain_mem, host) = buffers.split();
-    let (plain_mem, host) = (
-        std::cell::RefCell::new(plain_mem),
-        std::cell::RefCell::new(host),
-    );
-    let read = paired(
-        ROUNDS,
-        || {
-            timed(2_000, |_| {
-                table
-                    .read(GuestAddress(MIB), &mut host.borrow_mut(), None)
-                    .unwrap()
-            })
-        },
-        || {
-            timed(2_000, |_| {
-                host.borrow_mut().copy_from_slice(&plain_mem.borrow())
-            })
-        },
-    );
-    ratio(
-        "64 KiB guest read bandwidth / memcpy",
-        Some(1.0 / read),
-        ">= 0.9",
-    );
-    let write = paired(
-        ROUNDS,
-        || {
-            timed(2_000, |_| {
-                table
-                    .write(GuestAddress(MIB), &host.borrow(), None)
-                    .unwrap()
-            })
-        },
-        || {
-            timed(2_000, |_| {
-                plain_mem.borrow_mut().copy_from_slice(&host.borrow())
-            })
-        },
-    );
-    ratio(
-        "64 KiB guest write bandwidth / memcpy",
-        Some(1.0 / write),
-        ">= 0.9",
-    );
-}
-
-/// Hotplugged blocks, each a region (1 GiB of 2 MiB blocks).
-const HOTPLUG_BLOCKS: u64 = 512;
-
-/// What a device takes per batch of requests: a view of all guest memory, with 8 and
-/// with 8 + 512 regions (1 GiB hotplugged), vs vm-memory's `GuestMemoryAtomic::memory()`.
-fn memory_view(c: &mut Criterion) {
-    let (table, _) = kite_table();
-    let atomic = atomic_memory();
-    let mut g = c.benchmark_group("memory_view");
-    g.bench_function("kite_8_regions", |b| {
-        b.iter(|| black_box(memory::GuardedMemory::lock_all(&table, None).unwrap()))
-    });
-    let hotplug_base = REGIONS * REGION_STRIDE;
-    for i in 0..HOTPLUG_BLOCKS {
-        table
-            .insert(
-                RegionSpec::anonymous(GuestAddress(hotplug_base + i * 2 * MIB), 2 * MIB),
-                None,
-            )
-            .unwrap();
+    for (design, sharing) in SCALING {
+        let (_, label, target) = scaling_case(design, sharing);
+        let op = read_op(design, sharing, &table, &base);
+        let iters = if design == Design::Control {
+            20_000_000
+        } else {
+            1_000_000
+        };
+        let scaling = 2.0
+            * paired(
+                ROUNDS,
+                || run_threads(1, iters, &*op).as_secs_f64(),
+                || run_threads(2, iters, &*op).as_secs_f64(),
+            );
+        ratio(
+            &format!("read throughput 2 threads / 1 thread ({label})"),
+            Some(scaling),
+            target,
+        );
     }
-    g.bench_function("kite_520_regions", |b| {
-        b.iter(|| black_box(memory::GuardedMemory::lock_all(&table, None).unwrap()))
-    });
-    g.bench_function("guest_memory_atomic", |b| {
-        b.iter(|| black_box(atomic.memory()))
-    });
-    g.finish();
+
+    let bufs = RefCell::new(CopyBuffers::new(&base));
+    // Kite's copy, GuestMemoryAtomic's and memcpy, each of the host buffer's 64 KiB.
+    let host = || std::cell::RefMut::map(bufs.borrow_mut(), |b| b.host());
+    let kite_read = || table.read(COPY_ADDR, &mut host(), None).unwrap();
+    let atomic_read = || base.atomic.memory().read_slice(&mut host(), COPY_ADDR);
+    let memcpy_read = || bufs.borrow_mut().memcpy_read();
+    let kite_write = || table.write(COPY_ADDR, &host(), None).unwrap();
+    let atomic_write = || base.atomic.memory().write_slice(&host(), COPY_ADDR);
+    let memcpy_write = || bufs.borrow_mut().memcpy_write();
+    let batch = |f: &dyn Fn()| timed(2_000, |_| f());
+    type CopyFn<'a> = &'a dyn Fn();
+    let ops: [(&str, CopyFn, CopyFn, CopyFn); 2] = [
+        ("read", &kite_read, &|| atomic_read().unwrap(), &memcpy_read),
+        (
+            "write",
+            &kite_write,
+            &|| atomic_write().unwrap(),
+            &memcpy_write,
+        ),
+    ];
+    for (op, kite, atomic, memcpy) in ops {
+        // Bandwidth ratios: the inverse of the time ratios.
+        let time = paired(ROUNDS, || batch(kite), || batch(memcpy));
+        ratio(
+            &format!("64 KiB guest {op} bandwidth / memcpy"),
+            Some(1.0 / time),
+            ">= 0.9",
+        );
+        let time = paired(ROUNDS, || batch(kite), || batch(atomic));
+        let what = format!("64 KiB guest {op} bandwidth / GuestMemoryAtomic");
+        ratio(&what, Some(1.0 / time), "-");
+    }
 }
 
-criterion_group!(
-    benches,
-    lookup,
-    read_scaling,
-    copy_64k,
-    two_tier_churn,
-    memory_view
-);
+/// Where criterion writes its estimates and [`time_ns`] reads them: `CRITERION_HOME` if
+/// set; else `$CARGO_TARGET_DIR/criterion` if that is absolute (cargo runs benches in
+/// the package directory, so a relative one cannot be resolved here); else
+/// `<target>/criterion` for this executable at `<target>/<profile>/deps/<bench>`.
+fn criterion_home() -> &'static Path {
+    static HOME: OnceLock<PathBuf> = OnceLock::new();
+    HOME.get_or_init(|| {
+        if let Some(home) = std::env::var_os("CRITERION_HOME") {
+            return home.into();
+        }
+        let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from);
+        if let Some(target) = target.filter(|t| t.is_absolute()) {
+            return target.join("criterion");
+        }
+        let exe = std::env::current_exe().ok();
+        let target = exe.as_deref().and_then(|e| e.parent()?.parent()?.parent());
+        target.map_or_else(|| "target/criterion".into(), |t| t.join("criterion"))
+    })
+}
+
+fn criterion_config() -> Criterion {
+    Criterion::default().output_directory(criterion_home())
+}
+
+criterion_group! {
+    name = benches;
+    config = criterion_config();
+    targets = lookup, read_scaling, copy_64k, two_tier_churn, guarded_request_group
+}
 
 /// Time per iteration of a criterion benchmark, from its saved estimates
 /// (criterion stores `group/name/1` as `group/name_1`).
 fn time_ns(group: &str, bench: &str) -> Option<f64> {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../target/criterion")
+    let path = criterion_home()
         .join(group)
-        .join(bench)
+        .join(bench.replace('/', "_"))
         .join("new/estimates.json");
     // Only estimates this run wrote: a filtered run leaves older files behind.
     let written = std::fs::metadata(&path).ok()?.modified().ok()?;
@@ -691,30 +927,21 @@ fn time_ns(group: &str, bench: &str) -> Option<f64> {
 
 fn ratio(what: &str, value: Option<f64>, target: &str) {
     match value {
-        Some(v) => println!("  {what:<58} {v:>7.3}   (target {target})"),
-        None => println!("  {what:<58}     n/a   (not measured in this run)"),
+        Some(v) => println!("  {what:<76} {v:>7.3}   (target {target})"),
+        None => println!("  {what:<76}     n/a   (not measured in this run)"),
     }
 }
 
-static RUN_STARTED: std::sync::OnceLock<std::time::SystemTime> = std::sync::OnceLock::new();
+static RUN_STARTED: OnceLock<SystemTime> = OnceLock::new();
 
-fn main() {
-    RUN_STARTED.get_or_init(std::time::SystemTime::now);
-    benches();
-    Criterion::default().configure_from_args().final_summary();
-
-    // criterion's --list / --test modes run nothing worth summarising.
-    if std::env::args().any(|a| a == "--list" || a == "--test") {
-        return;
-    }
-    let secs = std::env::var("KITE_BENCH_WRITER_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(5);
-    let (kite, baseline) = writer_latency(Duration::from_secs(secs));
-    let m = |g: &str, b: &str| time_ns(g, b);
+/// The ratios of criterion's estimates from this run.
+fn summary() {
+    let m = time_ns;
     let div = |a: Option<f64>, b: Option<f64>| Some(a? / b?);
-    println!("\nregion table: ratios of criterion's estimates (same run)");
+    println!(
+        "\nregion table: ratios of criterion's estimates (same run, {})",
+        criterion_home().display()
+    );
     ratio(
         "fast path / GuestMemoryAtomic load+find (time)",
         div(
@@ -724,76 +951,103 @@ fn main() {
         "<= 1.0",
     );
     ratio(
-        "memory view, 8 regions / GuestMemoryAtomic::memory (time)",
-        div(
-            m("memory_view", "kite_8_regions"),
-            m("memory_view", "guest_memory_atomic"),
-        ),
-        "-",
-    );
-    ratio(
-        "memory view, 520 regions / 8 regions (time)",
-        div(
-            m("memory_view", "kite_520_regions"),
-            m("memory_view", "kite_8_regions"),
-        ),
-        "-",
-    );
-    ratio(
         "fast path / RwLock map lookup (time)",
         div(m("lookup", "kite_fast_path"), m("lookup", "rwlock_map")),
         "-",
     );
+    let request =
+        |design: &str, regions: u64| m("guarded_request", &format!("{design}_{regions}_regions"));
+    let all = REGIONS + HOTPLUG_BLOCKS;
+    ratio(
+        &format!("guarded request, {all} regions / {REGIONS} regions (time)"),
+        div(request("kite", all), request("kite", REGIONS)),
+        "about 1: must not grow with regions",
+    );
+    for regions in [REGIONS, all] {
+        ratio(
+            &format!("guarded request / GuestMemoryAtomic request, {regions} regions (time)"),
+            div(
+                request("kite", regions),
+                request("guest_memory_atomic", regions),
+            ),
+            "-",
+        );
+    }
     // Per-op wall time t1 on 1 thread and t2 on 2 threads: throughput ratio 2*t1/t2.
     let scaling = |name: &str| {
-        let (t1, t2) = (
-            m("read_scaling", &format!("{name}_1"))?,
-            m("read_scaling", &format!("{name}_2"))?,
-        );
-        Some(2.0 * t1 / t2)
+        let t1 = m("read_scaling", &format!("{name}/1"))?;
+        Some(2.0 * t1 / m("read_scaling", &format!("{name}/2"))?)
     };
-    ratio(
-        "read throughput 2 threads / 1 thread (kite)",
-        scaling("kite"),
-        ">= 1.9",
-    );
-    ratio(
-        "read throughput 2 threads / 1 thread (RwLock map)",
-        scaling("rwlock_map"),
-        "-",
-    );
-    ratio(
-        "read throughput 2 threads / 1 thread (control: no lookup, no lock)",
-        scaling("control"),
-        "machine ceiling",
-    );
-    ratio(
-        "64 KiB guest read bandwidth / memcpy",
-        div(m("copy_64k", "memcpy_read"), m("copy_64k", "kite_read")),
-        ">= 0.9",
-    );
-    ratio(
-        "64 KiB guest write bandwidth / memcpy",
-        div(m("copy_64k", "memcpy_write"), m("copy_64k", "kite_write")),
-        ">= 0.9",
-    );
+    for (design, sharing) in SCALING {
+        let (name, label, target) = scaling_case(design, sharing);
+        ratio(
+            &format!("read throughput 2 threads / 1 thread ({label})"),
+            scaling(&name),
+            target,
+        );
+    }
+    for op in ["read", "write"] {
+        let kite = m("copy_64k", &format!("kite_{op}"));
+        ratio(
+            &format!("64 KiB guest {op} bandwidth / memcpy"),
+            div(m("copy_64k", &format!("memcpy_{op}")), kite),
+            ">= 0.9",
+        );
+        ratio(
+            &format!("64 KiB guest {op} bandwidth / GuestMemoryAtomic"),
+            div(m("copy_64k", &format!("guest_memory_atomic_{op}")), kite),
+            "-",
+        );
+    }
+    let churn = |name| m("two_tier_churn", name);
     ratio(
         "two-tier lookup under writer churn / RwLock lookup (time)",
-        div(
-            m("two_tier_churn", "kite_two_tier"),
-            m("two_tier_churn", "rwlock_map"),
-        ),
+        div(churn("kite_two_tier"), churn("rwlock_map")),
         "-",
     );
-    println!(
-        "  writer resize latency, 2 readers flat out ({secs} s): kite p50 {:?} p99 {:?} ({} ops); \
-         RwLock p50 {:?} p99 {:?} ({} ops)",
-        kite.p50, kite.p99, kite.ops, baseline.p50, baseline.p99, baseline.ops
+    ratio(
+        "two-tier lookup under writer churn / GuestMemoryAtomic load+find (time)",
+        div(churn("kite_two_tier"), churn("guest_memory_atomic")),
+        "-",
     );
+}
+
+fn main() {
+    RUN_STARTED.get_or_init(SystemTime::now);
+    benches();
+    criterion_config().configure_from_args().final_summary();
+
+    // criterion's --list / --test modes run nothing worth summarising.
+    if std::env::args().any(|a| a == "--list" || a == "--test") {
+        return;
+    }
+    let secs = std::env::var("KITE_BENCH_WRITER_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(5);
+    let [kite, locked, atomic] = writer_latency(Duration::from_secs(secs));
+    summary();
+    println!("  writer resize latency, 2 readers copying flat out ({secs} s):");
+    for (name, l) in [
+        ("kite", &kite),
+        ("RwLock map", &locked),
+        ("GuestMemoryAtomic", &atomic),
+    ] {
+        println!(
+            "    {name:<18} p50 {:>10?}  p99 {:>10?}  ({} ops)",
+            l.p50, l.p99, l.ops
+        );
+    }
+    let p99 = |l: &Latency| l.p99.as_secs_f64();
     ratio(
         "writer p99 / RwLock writer p99",
-        Some(kite.p99.as_secs_f64() / baseline.p99.as_secs_f64()),
+        Some(p99(&kite) / p99(&locked)),
         "<= 0.5, and p99 <= 1 ms",
+    );
+    ratio(
+        "writer p99 / GuestMemoryAtomic writer p99 (which never waits for readers)",
+        Some(p99(&kite) / p99(&atomic)),
+        "-",
     );
     paired_ratios();
 }
