@@ -5,8 +5,10 @@
 //! never waits for a writer (guarantee 7), so a reader stuck in a fault inside a
 //! region that a writer is draining is always released.
 
+use std::collections::BTreeMap;
+
 use crate::region::LazySource;
-use crate::sync::Published;
+use crate::sync::Mutex;
 
 /// A host address range populated on first touch.
 #[derive(Clone, Debug)]
@@ -64,60 +66,76 @@ pub trait LazyPages: Send + Sync {
     fn unregister(&self, host_start: u64, len: u64) -> Result<(), LazyError>;
 }
 
-/// The published list of lazy ranges. Writers replace it; the fault handler reads it
-/// without locks.
+/// The registered lazy ranges, by host start. Its lock is held only for one map
+/// operation (O(log n) in the number of ranges, so the fault handler's lookup costs
+/// the same with thousands of hotplugged blocks as with one) and never while waiting
+/// for anything else: the fault handler never waits on the table lock or a region
+/// lock through it.
 pub struct FaultRegistry {
-    ranges: Published<Vec<LazyRange>>,
+    ranges: Mutex<BTreeMap<u64, LazyRange>>,
 }
 
 impl Default for FaultRegistry {
     fn default() -> Self {
         FaultRegistry {
-            ranges: Published::new(Vec::new()),
+            ranges: Mutex::new(BTreeMap::new()),
         }
     }
 }
 
 impl FaultRegistry {
+    fn ranges(&self) -> impl std::ops::DerefMut<Target = BTreeMap<u64, LazyRange>> + '_ {
+        self.ranges.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Adds `range`, replacing whatever overlapped it (a stale entry must never serve a
     /// new mapping at the same address). Callers serialise changes (they are writers).
     pub fn add(&self, range: LazyRange) {
-        self.remove(range.host_start, range.len);
-        let mut ranges: Vec<LazyRange> = self.ranges.load().iter().cloned().collect();
-        ranges.push(range);
-        self.ranges.store(ranges);
+        let mut ranges = self.ranges();
+        Self::cut(&mut ranges, range.host_start, range.len);
+        ranges.insert(range.host_start, range);
     }
 
     /// Removes `[host_start, host_start + len)`, splitting ranges that overlap it.
     pub fn remove(&self, host_start: u64, len: u64) {
-        let end = host_start + len;
-        let mut out = Vec::new();
-        for r in self.ranges.load().iter() {
-            let r_end = r.host_start + r.len;
-            if r_end <= host_start || r.host_start >= end {
-                out.push(r.clone());
+        Self::cut(&mut self.ranges(), host_start, len);
+    }
+
+    fn cut(ranges: &mut BTreeMap<u64, LazyRange>, host_start: u64, len: u64) {
+        let end = host_start.saturating_add(len);
+        // Ranges do not overlap, so their ends are in the order of their starts: the
+        // ones reaching into the cut are the last few starting below its end.
+        let overlapping: Vec<u64> = ranges
+            .range(..end)
+            .rev()
+            .take_while(|(_, r)| r.host_start + r.len > host_start)
+            .map(|(&start, _)| start)
+            .collect();
+        for start in overlapping {
+            let Some(r) = ranges.remove(&start) else {
                 continue;
-            }
+            };
+            let r_end = r.host_start + r.len;
             if r.host_start < host_start {
-                out.push(LazyRange {
+                let head = LazyRange {
                     len: host_start - r.host_start,
                     ..r.clone()
-                });
+                };
+                ranges.insert(head.host_start, head);
             }
             if r_end > end {
-                out.push(LazyRange {
+                let tail = LazyRange {
                     host_start: end,
                     len: r_end - end,
-                    source: r.source.clone(),
                     source_offset: r.source_offset + (end - r.host_start),
-                });
+                    source: r.source,
+                };
+                ranges.insert(tail.host_start, tail);
             }
         }
-        self.ranges.store(out);
     }
 
     /// The range containing `host_addr`, and the source offset of that address.
-    /// Never blocks.
     pub fn lookup(&self, host_addr: u64) -> Option<(LazySource, u64)> {
         self.lookup_range(host_addr).map(|r| {
             (
@@ -127,15 +145,19 @@ impl FaultRegistry {
         })
     }
 
-    /// The whole range containing `host_addr`. Never blocks.
+    /// The whole range containing `host_addr`.
     pub fn lookup_range(&self, host_addr: u64) -> Option<LazyRange> {
-        let ranges = self.ranges.load();
-        ranges.iter().find(|r| r.contains(host_addr)).cloned()
+        self.ranges()
+            .range(..=host_addr)
+            .next_back()
+            .map(|(_, r)| r)
+            .filter(|r| r.contains(host_addr))
+            .cloned()
     }
 
     /// How many ranges are registered.
     pub fn len(&self) -> usize {
-        self.ranges.load().len()
+        self.ranges().len()
     }
 
     /// Whether no range is registered.

@@ -1,5 +1,5 @@
-//! The snapshot readers look regions up in without locks: an immutable, sorted list of regions,
-//! published by writers and read through a per-thread cache.
+//! The snapshot readers look regions up in without locks: an immutable, sorted list of
+//! regions, published by writers and read through a per-thread cache.
 //!
 //! Loading an `ArcSwap` costs about as much as the rest of a fast-path lookup, so each
 //! thread keeps the snapshot it last used with the publication generation it belongs
@@ -16,39 +16,111 @@ use crate::region::Region;
 use crate::region_lock::RegionLock;
 use crate::sync::{Arc, AtomicU64, Ordering, Published};
 
-/// Up to this many regions, lookups scan the starts instead of bisecting them.
+/// Up to this many entries, lookups scan the starts instead of bisecting them.
 const LINEAR_SEARCH_MAX: usize = 16;
 
-/// Regions sorted by start, with the starts in a flat array so the search does not
-/// chase a pointer per comparison.
+/// Regions per chunk at most: a writer copies one chunk and the list of chunks, so its
+/// cost grows with neither the number of regions (hotplug makes thousands) nor the
+/// chunk count much.
+const CHUNK: usize = 64;
+
+/// Regions sorted by start, in chunks shared between snapshots: a writer's change
+/// copies the one chunk it touches. Starts are kept in flat arrays, so the search does
+/// not chase a pointer per comparison.
+#[derive(Clone)]
 pub(crate) struct Snapshot {
+    /// The first start of each chunk (chunks are never empty).
+    firsts: Vec<u64>,
+    chunks: Vec<Arc<Chunk>>,
+}
+
+#[derive(Clone)]
+struct Chunk {
     starts: Vec<u64>,
     regions: Vec<Arc<Region>>,
 }
 
+/// Index of the last of `starts` (sorted) at or below `addr`.
+#[inline(always)]
+fn last_at_or_below(starts: &[u64], addr: u64) -> Option<usize> {
+    // Few entries (the usual case): a branch-free count beats a binary search.
+    let idx = if starts.len() <= LINEAR_SEARCH_MAX {
+        starts.iter().map(|&s| usize::from(s <= addr)).sum()
+    } else {
+        starts.partition_point(|&s| s <= addr)
+    };
+    idx.checked_sub(1)
+}
+
 impl Snapshot {
-    pub(crate) fn new(regions: Vec<Arc<Region>>) -> Snapshot {
-        debug_assert!(regions.windows(2).all(|w| w[0].start() < w[1].start()));
+    pub(crate) fn empty() -> Snapshot {
         Snapshot {
-            starts: regions.iter().map(|r| r.start().0).collect(),
-            regions,
+            firsts: Vec::new(),
+            chunks: Vec::new(),
         }
     }
 
     /// The region starting at or below `addr` (it may not contain `addr`).
     #[inline(always)]
     pub(crate) fn find(&self, addr: GuestAddress) -> Option<&Arc<Region>> {
-        // Few regions (the usual case): a branch-free count beats a binary search.
-        let idx = if self.starts.len() <= LINEAR_SEARCH_MAX {
-            self.starts.iter().map(|&s| usize::from(s <= addr.0)).sum()
-        } else {
-            self.starts.partition_point(|&s| s <= addr.0)
-        };
-        idx.checked_sub(1).map(|i| &self.regions[i])
+        let chunk = &self.chunks[last_at_or_below(&self.firsts, addr.0)?];
+        let i = last_at_or_below(&chunk.starts, addr.0)?;
+        Some(&chunk.regions[i])
     }
 
-    pub(crate) fn regions(&self) -> &[Arc<Region>] {
-        &self.regions
+    /// Every region, by start.
+    pub(crate) fn regions(&self) -> impl Iterator<Item = &Arc<Region>> {
+        self.chunks.iter().flat_map(|chunk| chunk.regions.iter())
+    }
+
+    /// Adds `region` (no region of the snapshot starts where it does).
+    pub(crate) fn insert(&mut self, region: Arc<Region>) {
+        let start = region.start().0;
+        if self.chunks.is_empty() {
+            self.firsts.push(start);
+            self.chunks.push(Arc::new(Chunk {
+                starts: vec![start],
+                regions: vec![region],
+            }));
+            return;
+        }
+        // The chunk whose range holds `start`; the first one if it starts before all.
+        let c = last_at_or_below(&self.firsts, start).unwrap_or(0);
+        let mut chunk = Chunk::clone(&self.chunks[c]);
+        let at = chunk.starts.partition_point(|&s| s < start);
+        debug_assert!(chunk.starts.get(at) != Some(&start), "{start:#x} is taken");
+        chunk.starts.insert(at, start);
+        chunk.regions.insert(at, region);
+        if chunk.starts.len() > CHUNK {
+            let tail = Chunk {
+                starts: chunk.starts.split_off(CHUNK / 2),
+                regions: chunk.regions.split_off(CHUNK / 2),
+            };
+            self.firsts.insert(c + 1, tail.starts[0]);
+            self.chunks.insert(c + 1, Arc::new(tail));
+        }
+        self.firsts[c] = chunk.starts[0];
+        self.chunks[c] = Arc::new(chunk);
+    }
+
+    /// Removes the region starting at `start`, if there is one.
+    pub(crate) fn remove(&mut self, start: u64) {
+        let Some(c) = last_at_or_below(&self.firsts, start) else {
+            return;
+        };
+        let Some(at) = self.chunks[c].starts.iter().position(|&s| s == start) else {
+            return;
+        };
+        if self.chunks[c].starts.len() == 1 {
+            self.firsts.remove(c);
+            self.chunks.remove(c);
+            return;
+        }
+        let mut chunk = Chunk::clone(&self.chunks[c]);
+        chunk.starts.remove(at);
+        chunk.regions.remove(at);
+        self.firsts[c] = chunk.starts[0];
+        self.chunks[c] = Arc::new(chunk);
     }
 }
 

@@ -12,12 +12,12 @@ use std::time::Instant;
 #[cfg(not(loom))]
 pub(crate) use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 #[cfg(not(loom))]
-pub(crate) use std::sync::Arc;
+pub(crate) use std::sync::{Arc, Mutex};
 
 #[cfg(loom)]
 pub(crate) use loom::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 #[cfg(loom)]
-pub(crate) use loom::sync::Arc;
+pub(crate) use loom::sync::{Arc, Mutex};
 
 /// A point in time after which a wait gives up; `None` waits for ever.
 pub type Deadline = Option<Instant>;
@@ -38,13 +38,6 @@ impl<T> Published<T> {
             #[cfg(loom)]
             inner: loom::sync::Mutex::new(Arc::new(value)),
         }
-    }
-
-    /// A cheap, wait-free read of the current value.
-    #[cfg(not(loom))]
-    #[inline]
-    pub(crate) fn load(&self) -> arc_swap::Guard<Arc<T>> {
-        self.inner.load()
     }
 
     /// A read of the current value.

@@ -655,6 +655,51 @@ fn lookups_find_the_right_region_among_many() {
     }
 }
 
+/// Hundreds of regions (the snapshot keeps them in chunks of 64, split as they fill):
+/// inserted out of order, some removed and inserted again, every address still finds
+/// its own region, and a removed one none.
+#[test]
+fn lookups_stay_right_as_regions_come_and_go_by_the_hundred() {
+    const COUNT: u64 = 300;
+    let table = RegionTable::default();
+    let start = |i: u64| GuestAddress(i * 2 * 4096);
+    let insert = |i: u64| {
+        table
+            .insert(RegionSpec::anonymous(start(i), 4096), None)
+            .unwrap()
+    };
+    // A fixed permutation of 0..COUNT (7 is prime to 300).
+    let mut ids: Vec<_> = (0..COUNT).map(|_| None).collect();
+    for k in 0..COUNT {
+        let i = k * 7 % COUNT;
+        ids[i as usize] = Some(insert(i));
+    }
+    let check = |ids: &[Option<memory::RegionId>]| {
+        for (i, id) in ids.iter().enumerate() {
+            let at = start(i as u64);
+            match id {
+                Some(id) => assert_eq!(table.lock_fast(at).unwrap().id(), *id, "{at:?}"),
+                None => assert!(matches!(
+                    table.lock_fast(at),
+                    Err(LookupError::NotMapped { .. })
+                )),
+            }
+            // Between regions: none.
+            assert!(table.lock_fast(GuestAddress(at.0 + 4096)).is_err());
+        }
+        assert_eq!(table.layout().len(), ids.iter().flatten().count());
+    };
+    check(&ids);
+    for i in (0..COUNT).step_by(3) {
+        table.remove(ids[i as usize].take().unwrap(), None).unwrap();
+    }
+    check(&ids);
+    for i in (0..COUNT).step_by(6) {
+        ids[i as usize] = Some(insert(i));
+    }
+    check(&ids);
+}
+
 /// The value of line `field` (e.g. `THPeligible:`) of the mapping holding `host_addr` in
 /// this process's smaps (the kernel may have merged it with a neighbour).
 fn smaps_field(host_addr: u64, field: &str) -> Option<String> {
