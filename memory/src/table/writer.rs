@@ -1,180 +1,44 @@
-//! The region table: the set of guest memory regions, with a lock-free lookup for
-//! readers and a table lock that serialises writers.
-//!
-//! Readers find a region and read-lock it with [`RegionTable::lock_fast`] (never
-//! blocks, may fail) or [`RegionTable::lock_region`] (the two-tier lookup: the fast
-//! path, else the table lock taken for read only to wait for the writer, look the
-//! address up, read-lock the region, and drop the table lock again).
-//!
-//! Writers insert, grow, shrink and remove regions under the table lock. A writer
-//! that changes one region waits only for that region's readers.
+//! Writers: insert, grow, shrink and remove regions (and reserve areas) under the table
+//! lock, in the order the design gives, waiting only for the readers of the region they
+//! change.
 
 use std::collections::{BTreeMap, HashMap};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use vm_memory::GuestAddress;
 
+use super::{RegionTable, TableError};
 use crate::area::{Area, AreaId};
-use crate::lazy::{LazyError, LazyPages, LazyRange};
+use crate::lazy::{LazyError, LazyRange};
 use crate::lockdep::{self, HeldLock};
-use crate::metrics::{Lookup, RegionMetrics, TableMetrics, TableStats};
-use crate::region::{
-    region_offset, Backing, LazySource, Region, RegionError, RegionGuard, RegionId, RegionSpec,
-    PAGE_SIZE,
-};
-use crate::region_lock::{release, ReadLockFailure, RegionLock};
-use crate::slots::{MemorySlots, NoSlots, SlotError, SlotMapping};
-use crate::snapshot::{Snapshot, SnapshotCell};
-use crate::sync::{Arc, AtomicU64, Deadline, Ordering, TableRwLock, TableWriteGuard};
-
-/// Why a lookup did not return a guard.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum LookupError {
-    /// No region covers the address.
-    #[error("guest address {addr:#x} is not mapped")]
-    NotMapped {
-        /// The address looked up.
-        addr: u64,
-    },
-    /// A writer holds the region (fast path only: the two-tier lookup waits instead).
-    #[error("{region} is being changed by a writer")]
-    WriteLocked {
-        /// The region.
-        region: RegionId,
-    },
-    /// The region was removed (fast path only: the two-tier lookup reports `NotMapped`).
-    #[error("{region} was removed")]
-    Removed {
-        /// The region.
-        region: RegionId,
-    },
-    /// The region already has the maximum number of readers in this thread's shard.
-    #[error("{region} has too many readers")]
-    Saturated {
-        /// The region.
-        region: RegionId,
-    },
-    /// The deadline passed while waiting for a writer.
-    #[error("timed out waiting for a writer while looking up {addr:#x}")]
-    Timeout {
-        /// The address looked up.
-        addr: u64,
-    },
-}
-
-/// Why a writer operation failed. The table is unchanged after every error except
-/// a failure to stop lazy population or free memory of a region already gone from
-/// the guest (`Lazy`, `Region` from `shrink` or `remove`), which is reported as is.
-#[derive(Debug, thiserror::Error)]
-pub enum TableError {
-    /// The requested range overlaps an existing region's reserved range.
-    #[error("range {start:#x}+{len:#x} overlaps {other}")]
-    Overlap {
-        /// Requested start.
-        start: u64,
-        /// Requested reserved length (capacity).
-        len: u64,
-        /// The region in the way.
-        other: RegionId,
-    },
-    /// The requested range is partly inside a reserved area (or overlaps one, for a new
-    /// area).
-    #[error("range {start:#x}+{len:#x} straddles {area}")]
-    StraddlesArea {
-        /// Requested start.
-        start: u64,
-        /// Requested length.
-        len: u64,
-        /// The area in the way.
-        area: AreaId,
-    },
-    /// No region has this id.
-    #[error("{0} does not exist")]
-    NoSuchRegion(RegionId),
-    /// A grow or shrink asked for an impossible size.
-    #[error("{region}: cannot resize from {from:#x} to {to:#x} (capacity {capacity:#x}, page-aligned sizes only)")]
-    BadResize {
-        /// The region.
-        region: RegionId,
-        /// Current size.
-        from: u64,
-        /// Requested size.
-        to: u64,
-        /// Capacity.
-        capacity: u64,
-    },
-    /// Readers did not release the region before the deadline; the operation was undone.
-    #[error("{region}: {readers} reader(s) still hold it after {waited:?}")]
-    DrainTimeout {
-        /// The region.
-        region: RegionId,
-        /// Readers still holding it.
-        readers: u64,
-        /// How long the writer waited.
-        waited: Duration,
-    },
-    /// The table lock could not be taken before the deadline.
-    #[error("timed out waiting for the table lock")]
-    LockTimeout,
-    /// All memory slot numbers are in use.
-    #[error("no free memory slot (limit {0})")]
-    NoSlot(u32),
-    /// Creating or changing the region's host mapping failed.
-    #[error(transparent)]
-    Region(#[from] RegionError),
-    /// The hypervisor refused a slot change.
-    #[error(transparent)]
-    Slot(#[from] SlotError),
-    /// Lazy page registration failed.
-    #[error(transparent)]
-    Lazy(#[from] LazyError),
-}
-
-/// Tuning of a region table.
-#[derive(Clone, Debug)]
-pub struct TableConfig {
-    /// Readers one thread shard of one region may count before lookups fail with
-    /// `Saturated`.
-    pub reader_limit: u64,
-    /// Longest a writer waits for one region's readers before it gives up and undoes.
-    pub drain_timeout: Duration,
-    /// Slot numbers the table may hand out (KVM reports its limit).
-    pub max_slots: u32,
-}
-
-impl Default for TableConfig {
-    fn default() -> Self {
-        TableConfig {
-            reader_limit: 1 << 20,
-            drain_timeout: Duration::from_secs(10),
-            max_slots: 32_764,
-        }
-    }
-}
+use crate::region::{Backing, LazySource, Region, RegionError, RegionId, RegionSpec, PAGE_SIZE};
+use crate::slots::SlotMapping;
+use crate::snapshot::Snapshot;
+use crate::sync::{Arc, Deadline, Ordering, TableWriteGuard};
 
 /// What the table lock protects: the writers' copy of the regions. Every operation a
 /// writer does here costs O(log n) or less in the number of regions (hotplug makes
 /// thousands), so plugging block after block costs the same for the last as the first.
-struct Inner {
-    regions: BTreeMap<u64, Arc<Region>>,
+pub(super) struct Inner {
+    pub(super) regions: BTreeMap<u64, Arc<Region>>,
     /// Where each region starts, by id.
-    starts: HashMap<RegionId, u64>,
+    pub(super) starts: HashMap<RegionId, u64>,
     /// What readers look up, kept in step with `regions` and published by copying
     /// only the chunk a change touched (see `Snapshot`).
-    snapshot: Snapshot,
+    pub(super) snapshot: Snapshot,
     /// Reserved areas by start (see [`RegionTable::reserve_area`]).
-    areas: BTreeMap<u64, std::sync::Arc<Area>>,
-    free_slots: Vec<u32>,
-    next_slot: u32,
+    pub(super) areas: BTreeMap<u64, std::sync::Arc<Area>>,
+    pub(super) free_slots: Vec<u32>,
+    pub(super) next_slot: u32,
     /// Removed regions that threads' cached snapshots may still reference. The
     /// table keeps a reference to each until it is the last one, so the region's
     /// memory is unmapped and its file closed by a writer (see `WriteSession`'s drop),
     /// never inside a lookup that drops an old snapshot.
-    retired: Vec<Arc<Region>>,
+    pub(super) retired: Vec<Arc<Region>>,
 }
 
 impl Inner {
-    fn find(&self, addr: GuestAddress) -> Option<&Arc<Region>> {
+    pub(super) fn find(&self, addr: GuestAddress) -> Option<&Arc<Region>> {
         self.regions
             .range(..=addr.0)
             .next_back()
@@ -258,65 +122,6 @@ impl Inner {
     }
 }
 
-/// The set of guest memory regions. See the module documentation.
-pub struct RegionTable {
-    published: SnapshotCell,
-    lock: TableRwLock<Inner>,
-    /// Writer sequence: a region is write-locked while its mark equals this. Bumped
-    /// when a writer finishes, which releases every region it marked.
-    seq: AtomicU64,
-    /// Its address is the key writers park on (see `wake_key`).
-    wake_spot: u8,
-    next_id: std::sync::atomic::AtomicU64,
-    slots: std::sync::Arc<dyn MemorySlots>,
-    lazy: Option<std::sync::Arc<dyn LazyPages>>,
-    config: TableConfig,
-    stats: TableStats,
-    /// How many removed regions the table keeps for cached snapshots (`Inner::retired`).
-    retired: AtomicU64,
-    /// Writers waiting for readers now (0 or 1: writers are serialised).
-    draining: AtomicU64,
-    /// Readers in the slow path now, waiting for the table lock or holding it for read.
-    slow_path_readers: AtomicU64,
-}
-
-impl std::fmt::Debug for RegionTable {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RegionTable")
-            .field(
-                "regions",
-                &self.published.current().regions().collect::<Vec<_>>(),
-            )
-            .finish()
-    }
-}
-
-impl Default for RegionTable {
-    fn default() -> Self {
-        RegionTable::new(std::sync::Arc::new(NoSlots), None, TableConfig::default())
-    }
-}
-
-impl Drop for RegionTable {
-    /// No guard outlives the table (guards borrow it), but per-thread snapshot caches
-    /// may keep its regions' mappings alive for a while: stop lazy population and free
-    /// their memory now, so nothing stale stays registered with the fault handler and
-    /// no memory lingers. KVM slots are the owner's to tear down with its VM.
-    fn drop(&mut self) {
-        let inner = self.lock.write_until(None).expect("no deadline");
-        for region in inner.regions.values() {
-            let size = region.size();
-            region.lock.mark_removed();
-            if let Err(e) = self.unregister_lazy(region, 0, size) {
-                log::error!("dropping {}: {e}", region.id());
-            }
-            if let Err(e) = region.discard(0, size) {
-                log::error!("dropping {}: {e}", region.id());
-            }
-        }
-    }
-}
-
 /// A writer's hold on the table: the table lock for write. Dropping it publishes:
 /// the sequence is bumped, so every region this writer marked is readable again.
 struct WriteSession<'t> {
@@ -396,200 +201,6 @@ impl WriteSession<'_> {
 }
 
 impl RegionTable {
-    /// A table whose slot changes go to `slots` and whose lazy regions are filled by
-    /// `lazy` (a [`crate::FaultHandler`] normally).
-    pub fn new(
-        slots: std::sync::Arc<dyn MemorySlots>,
-        lazy: Option<std::sync::Arc<dyn LazyPages>>,
-        config: TableConfig,
-    ) -> Self {
-        RegionTable {
-            published: SnapshotCell::new(Snapshot::empty()),
-            lock: TableRwLock::new(Inner {
-                regions: BTreeMap::new(),
-                starts: HashMap::new(),
-                snapshot: Snapshot::empty(),
-                areas: BTreeMap::new(),
-                free_slots: Vec::new(),
-                next_slot: 0,
-                retired: Vec::new(),
-            }),
-            seq: AtomicU64::new(1),
-            wake_spot: 0,
-            next_id: std::sync::atomic::AtomicU64::new(1),
-            slots,
-            lazy,
-            config,
-            stats: TableStats::default(),
-            retired: AtomicU64::new(0),
-            draining: AtomicU64::new(0),
-            slow_path_readers: AtomicU64::new(0),
-        }
-    }
-
-    /// Fast path (`lock_vma_under_rcu`): looks `addr` up without locks and tries to
-    /// read-lock its region. Never blocks; fails while a writer holds the region.
-    #[inline]
-    pub fn lock_fast(&self, addr: GuestAddress) -> Result<RegionGuard<'_>, LookupError> {
-        // Inlined into `with`, which calls it from one place: the hit path is one
-        // straight line in the caller, with no call or returned-by-memory result.
-        self.published.with(
-            #[inline(always)]
-            |snapshot, shard| {
-                let result = match snapshot.find(addr) {
-                    Some(region) => self.read_lock(region, addr, shard),
-                    None => Err(LookupError::NotMapped { addr: addr.0 }),
-                };
-                let what = if result.is_ok() {
-                    Lookup::FastHit
-                } else {
-                    Lookup::FastMiss
-                };
-                self.stats.count(shard, what);
-                result
-            },
-        )
-    }
-
-    /// Read-locks `region` and checks that it still covers `addr` (its size may have
-    /// changed between lookup and lock).
-    #[inline(always)]
-    fn read_lock<'t>(
-        &'t self,
-        region: &Region,
-        addr: GuestAddress,
-        shard: usize,
-    ) -> Result<RegionGuard<'t>, LookupError> {
-        region
-            .lock
-            .try_read(&self.seq, shard, self.wake_key())
-            .map_err(|failure| match failure {
-                ReadLockFailure::WriteLocked => LookupError::WriteLocked {
-                    region: region.id(),
-                },
-                ReadLockFailure::Removed => LookupError::Removed {
-                    region: region.id(),
-                },
-                ReadLockFailure::Saturated => LookupError::Saturated {
-                    region: region.id(),
-                },
-            })?;
-        if !region.contains(addr) {
-            // SAFETY: we hold the read lock counted in this word, and the caller's
-            // snapshot or table map keeps the region allocated beyond the call.
-            unsafe { release(region.lock.shard_word(shard), self.wake_key()) };
-            return Err(LookupError::NotMapped { addr: addr.0 });
-        }
-        // SAFETY: we hold a read lock counted in `shard`. The region stays allocated
-        // while it is held: until this call returns, the snapshot or the table map the
-        // caller found it in holds it; after that, only `remove` can let it go, and
-        // `remove` keeps its own strong reference from before it unpublishes the region
-        // until after it has drained the region's readers, which waits for this lock.
-        Ok(unsafe { RegionGuard::new(region, shard, self.wake_key()) })
-    }
-
-    /// The key writers park on while a region's readers drain: an address the table
-    /// owns, so a releasing reader never needs an address inside the region.
-    #[inline(always)]
-    fn wake_key(&self) -> usize {
-        &self.wake_spot as *const u8 as usize
-    }
-
-    /// Two-tier lookup (`vma_start_read_unlocked`): the fast path, and if it fails,
-    /// the table lock taken for read only temporarily — to wait for the writer, look
-    /// the address up again, check the result and read-lock the region — then
-    /// released explicitly before returning. The caller never holds the table lock
-    /// while it uses the guard.
-    ///
-    /// Must not be called while the thread holds a region guard or the table lock:
-    /// a writer draining that region would wait for us while we wait for it. Debug
-    /// builds panic on that, naming the locks.
-    pub fn lock_region(
-        &self,
-        addr: GuestAddress,
-        deadline: Deadline,
-    ) -> Result<RegionGuard<'_>, LookupError> {
-        lockdep::assert_may_wait("two-tier lookup");
-        match self.lock_fast(addr) {
-            Ok(guard) => return Ok(guard),
-            // A full shard does not clear by waiting for writers: report it.
-            Err(e @ LookupError::Saturated { .. }) => return Err(e),
-            // Not mapped now may be a removal in progress that a drain timeout undoes:
-            // only the writer's end tells. Waiting for it is the slow path too.
-            Err(_) => {}
-        }
-        let shard = RegionLock::current_shard();
-
-        // Slow path: the table lock for read, only to wait out the writer.
-        self.under_table_read_lock(deadline, |inner| match inner.find(addr) {
-            None => Err(LookupError::NotMapped { addr: addr.0 }),
-            Some(region) => {
-                let locked = self.read_lock(region, addr, shard);
-                if locked.is_ok() {
-                    // Counted as a slow-path lookup only when it finds a region.
-                    self.stats.count(shard, Lookup::SlowPath);
-                }
-                debug_assert!(
-                    !matches!(
-                        locked,
-                        Err(LookupError::WriteLocked { .. } | LookupError::Removed { .. })
-                    ),
-                    "a region found under the table read lock cannot be write-locked or removed: {locked:?}"
-                );
-                locked
-            }
-        })
-        .unwrap_or(Err(LookupError::Timeout { addr: addr.0 }))
-    }
-
-    /// The two-tier lookup of several addresses at once (for [`crate::GuardedMemory`]
-    /// after a fast-path miss): under one hold of the table lock for read, when no writer
-    /// holds any region, every region covering one of `addrs` is read-locked, in the
-    /// order given. Addresses no region covers are skipped. Same rules as
-    /// [`RegionTable::lock_region`].
-    pub(crate) fn lock_regions(
-        &self,
-        addrs: &[GuestAddress],
-        deadline: Deadline,
-    ) -> Result<Vec<RegionGuard<'_>>, LookupError> {
-        lockdep::assert_may_wait("two-tier lookup");
-        let shard = RegionLock::current_shard();
-        let first = addrs.first().map_or(0, |a| a.0);
-        self.under_table_read_lock(deadline, |inner| {
-            let mut guards: Vec<RegionGuard<'_>> = Vec::with_capacity(addrs.len());
-            for &addr in addrs {
-                if guards.iter().any(|g| g.region().contains(addr)) {
-                    continue;
-                }
-                match inner.find(addr).map(|r| self.read_lock(r, addr, shard)) {
-                    Some(Ok(guard)) => guards.push(guard),
-                    Some(Err(e @ LookupError::Saturated { .. })) => return Err(e),
-                    Some(Err(_)) | None => {}
-                }
-            }
-            if !guards.is_empty() {
-                self.stats.count(shard, Lookup::SlowPath);
-            }
-            Ok(guards)
-        })
-        .unwrap_or(Err(LookupError::Timeout { addr: first }))
-    }
-
-    /// Runs `f` under the table lock taken for read, released before returning (the
-    /// slow path of the two-tier lookups); `None` if `deadline` passed first.
-    fn under_table_read_lock<R>(
-        &self,
-        deadline: Deadline,
-        f: impl FnOnce(&Inner) -> R,
-    ) -> Option<R> {
-        lockdep::acquire_table(HeldLock::TableRead);
-        self.slow_path_readers.fetch_add(1, Ordering::Relaxed);
-        let result = self.lock.read_until(deadline).map(|inner| f(&inner));
-        self.slow_path_readers.fetch_sub(1, Ordering::Relaxed);
-        lockdep::release(&HeldLock::TableRead);
-        result
-    }
-
     fn write_session(&self, deadline: Deadline) -> Result<WriteSession<'_>, TableError> {
         lockdep::acquire_table(HeldLock::TableWrite);
         let Some(inner) = self.lock.write_until(deadline) else {
@@ -644,7 +255,12 @@ impl RegionTable {
         Ok(())
     }
 
-    fn unregister_lazy(&self, region: &Region, offset: u64, len: u64) -> Result<(), TableError> {
+    pub(super) fn unregister_lazy(
+        &self,
+        region: &Region,
+        offset: u64,
+        len: u64,
+    ) -> Result<(), TableError> {
         if let (Backing::Lazy(_), Some(lazy)) = (region.backing(), &self.lazy) {
             let (host, len) = region.host_span(offset, len);
             lazy.unregister(host as u64, len as u64)?;
@@ -894,61 +510,5 @@ impl RegionTable {
         // touching the memory.
         debug_assert!(region.lock.is_removed());
         Ok(())
-    }
-
-    /// The region covering `addr`, without locking it (for reports and tests).
-    pub fn region_at(&self, addr: GuestAddress) -> Option<RegionId> {
-        self.published
-            .current()
-            .find(addr)
-            .filter(|r| r.contains(addr))
-            .map(|r| r.id())
-    }
-
-    /// Where the published regions start, in order.
-    pub(crate) fn published_starts(&self) -> Vec<GuestAddress> {
-        self.published
-            .current()
-            .regions()
-            .map(|r| r.start())
-            .collect()
-    }
-
-    /// The published regions as `(id, start, size)`, sorted by start: the guest's
-    /// memory map (for an e820 table, say).
-    pub fn layout(&self) -> Vec<(RegionId, GuestAddress, u64)> {
-        self.published
-            .current()
-            .regions()
-            .map(|r| (r.id(), r.start(), r.size()))
-            .collect()
-    }
-
-    /// Counters and per-region reader counts.
-    pub fn metrics(&self) -> TableMetrics {
-        let regions = self
-            .published
-            .current()
-            .regions()
-            .map(|r| RegionMetrics {
-                id: r.id(),
-                start: r.start().0,
-                size: r.size(),
-                capacity: r.capacity(),
-                slot: r.slot(),
-                readers: r.readers(),
-            })
-            .collect();
-        TableMetrics {
-            retired_regions: self.retired.load(Ordering::Relaxed),
-            writers_draining: self.draining.load(Ordering::Relaxed),
-            slow_path_readers: self.slow_path_readers.load(Ordering::Relaxed),
-            ..self.stats.snapshot(regions)
-        }
-    }
-
-    /// Offset of `addr` within the guard's region.
-    pub fn offset_in(guard: &RegionGuard<'_>, addr: GuestAddress) -> u64 {
-        region_offset(guard.region().start(), addr)
     }
 }

@@ -1,0 +1,25 @@
+//! Tuning of a region table.
+
+use std::time::Duration;
+
+/// Tuning of a region table.
+#[derive(Clone, Debug)]
+pub struct TableConfig {
+    /// Readers one thread shard of one region may count before lookups fail with
+    /// `Saturated`.
+    pub reader_limit: u64,
+    /// Longest a writer waits for one region's readers before it gives up and undoes.
+    pub drain_timeout: Duration,
+    /// Slot numbers the table may hand out (KVM reports its limit).
+    pub max_slots: u32,
+}
+
+impl Default for TableConfig {
+    fn default() -> Self {
+        TableConfig {
+            reader_limit: 1 << 20,
+            drain_timeout: Duration::from_secs(10),
+            max_slots: 32_764,
+        }
+    }
+}
