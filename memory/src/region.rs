@@ -177,7 +177,8 @@ impl std::fmt::Debug for Region {
     }
 }
 
-/// Flags of private anonymous guest memory, reserved rather than committed.
+/// Flags of private anonymous guest memory, reserved rather than committed. (Under Miri,
+/// vm-memory allocates instead of mapping, whatever the flags.)
 pub(crate) const ANONYMOUS_MAPPING: i32 =
     libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_PRIVATE;
 
@@ -211,6 +212,10 @@ pub(crate) fn check_geometry(
 /// fewer TLB misses for both the guest and the VMM's own copies. Only advice: a host
 /// without THP keeps 4 KiB pages.
 pub(crate) fn advise_huge_pages(addr: *mut u8, len: usize, owner: &dyn std::fmt::Display) {
+    // Miri has no madvise (it aborts); advice changes nothing Miri could check.
+    if cfg!(miri) {
+        return;
+    }
     // SAFETY: MADV_HUGEPAGE changes how the kernel backs a mapping, never its contents,
     // so no memory Rust relies on can change through it.
     if unsafe { libc::madvise(addr.cast(), len, libc::MADV_HUGEPAGE) } != 0 {
@@ -224,6 +229,10 @@ pub(crate) fn advise_huge_pages(addr: *mut u8, len: usize, owner: &dyn std::fmt:
 /// Keeps guest memory out of core dumps: it is the guest's data (keys, customer data),
 /// not the VMM's, and can be gigabytes.
 pub(crate) fn advise_no_dump(addr: *mut u8, len: usize, owner: &dyn std::fmt::Display) {
+    // Miri has no madvise (it aborts); advice changes nothing Miri could check.
+    if cfg!(miri) {
+        return;
+    }
     // SAFETY: MADV_DONTDUMP only changes what a core dump holds, never the contents.
     if unsafe { libc::madvise(addr.cast(), len, libc::MADV_DONTDUMP) } != 0 {
         log::warn!(
@@ -410,8 +419,11 @@ impl Region {
     }
 
     /// Changes the protection of `[offset, offset + len)` of the mapping.
+    ///
+    /// Under Miri, which has no mprotect, nothing changes: the Miri tests never touch
+    /// memory past a region's size.
     pub(crate) fn protect(&self, offset: u64, len: u64, prot: i32) -> Result<(), RegionError> {
-        if len == 0 {
+        if len == 0 || cfg!(miri) {
             return Ok(());
         }
         let (addr, len) = self.host_range(offset, len);
@@ -456,9 +468,19 @@ impl Region {
         }
         // SAFETY: the range lies inside this region's own mapping, no reader holds it
         // (the caller drained them), and dropping its pages is what removal means.
+        #[cfg(not(miri))]
         if unsafe { libc::madvise(addr, host_len, libc::MADV_DONTNEED) } != 0 {
             return Err(host_err("madvise"));
         }
+        // Miri has no madvise: zero the range instead, which is what MADV_DONTNEED does
+        // to private anonymous memory (the only backing Miri can create).
+        // SAFETY: the range lies inside this region's own mapping (`host_range`), which
+        // is writable under Miri (`protect` changes nothing there), and no reader holds
+        // it (the caller drained them), so no reference into it is live.
+        #[cfg(miri)]
+        unsafe {
+            std::ptr::write_bytes(addr.cast::<u8>(), 0, host_len)
+        };
         protected.and(punched)
     }
 
