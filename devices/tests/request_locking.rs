@@ -244,12 +244,12 @@ fn a_request_that_meets_a_writer_is_served_again_once_it_is_done() {
     .unwrap();
 
     // Another reader holds the data block, and a writer shrinking it waits for that one.
-    let other = table.lock_fast(GuestAddress(TARGET)).unwrap();
+    let other = table.try_lock_region(GuestAddress(TARGET)).unwrap();
     std::thread::scope(|s| {
         let writer = s.spawn(|| table.shrink(target, MIB / 2, None));
         wait_until("the writer marks the block", || {
             matches!(
-                table.lock_fast(GuestAddress(TARGET)),
+                table.try_lock_region(GuestAddress(TARGET)),
                 Err(memory::LookupError::WriteLocked { .. })
             )
         });

@@ -153,7 +153,7 @@ impl HostMemory {
 
     /// Host address of the region starting at `start`.
     fn host(&self, start: GuestAddress) -> *mut u8 {
-        self.0.lock_fast(start).unwrap().region().host_addr() as *mut u8
+        self.0.try_lock_region(start).unwrap().region().host_addr() as *mut u8
     }
 
     /// The provider's regions as one vm-memory map, each over its region's memory.
@@ -293,7 +293,7 @@ fn lookup(c: &mut Criterion) {
     g.bench_function("kite_fast_path", |b| {
         b.iter(|| {
             i = i.wrapping_add(1);
-            let guard = table.lock_fast(black_box(addr_of(i))).unwrap();
+            let guard = table.try_lock_region(black_box(addr_of(i))).unwrap();
             black_box(guard.len());
         })
     });
@@ -428,7 +428,7 @@ fn read_op<'a>(
     match design {
         Design::Kite => Box::new(move |t, i| {
             let addr = sharing.addr(t, i);
-            let guard = table.lock_fast(addr).unwrap();
+            let guard = table.try_lock_region(addr).unwrap();
             let mut buf = [0u8; 64];
             let off = MemoryRegionAddress(RegionTable::offset_in(&guard, addr));
             guard.read_slice(&mut buf, off).unwrap();
@@ -788,7 +788,7 @@ fn paired_ratios() {
     let base = Baselines::new();
     println!("\nregion table: paired ratios (median of {ROUNDS} alternating rounds)");
     let kite_region0 = table
-        .lock_fast(region_start(0))
+        .try_lock_region(region_start(0))
         .unwrap()
         .region()
         .host_addr();
@@ -802,7 +802,7 @@ fn paired_ratios() {
         ROUNDS,
         || {
             timed(200_000, |i| {
-                black_box(table.lock_fast(black_box(addr_of(i))).unwrap().len());
+                black_box(table.try_lock_region(black_box(addr_of(i))).unwrap().len());
             })
         },
         || {

@@ -194,7 +194,7 @@ impl<'t> GuardedMemory<'t> {
             // Nothing held: waiting for a writer cannot close a cycle.
             self.table.lock_region(addr, self.deadline)
         } else {
-            self.table.lock_fast(addr)
+            self.table.try_lock_region(addr)
         };
         match locked {
             Ok(guard) => {

@@ -4,7 +4,7 @@
 //! with per-VMA locks:
 //!
 //! - readers (vCPU and device threads) find a region and read-lock it, with a fast
-//!   path that never blocks ([`RegionTable::lock_fast`]) and a two-tier lookup that
+//!   path that never blocks ([`RegionTable::try_lock_region`]) and a two-tier lookup that
 //!   takes the table lock for read only to wait out a writer ([`RegionTable::lock_region`]);
 //! - a [`RegionGuard`] holds the read lock while memory is copied; copies may fault on
 //!   lazily populated memory, which a [`FaultHandler`] fills without taking any lock

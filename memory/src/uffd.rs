@@ -641,7 +641,7 @@ mod tests {
         };
         let old = table.insert(block(Backing::Lazy(source)), None).unwrap();
         let host = table
-            .lock_fast(GuestAddress(1 << 32))
+            .try_lock_region(GuestAddress(1 << 32))
             .unwrap()
             .region()
             .host_addr();

@@ -219,7 +219,7 @@ fn region_table_survives_the_same_scenario() {
                 table.metrics().writers_draining == 1
             });
             assert!(matches!(
-                table.lock_fast(GuestAddress(0)),
+                table.try_lock_region(GuestAddress(0)),
                 Err(LookupError::Removed { .. } | LookupError::NotMapped { .. })
             ));
             // The copy faults while the guard is held; the handler fills the page

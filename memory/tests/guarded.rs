@@ -133,7 +133,7 @@ fn guarded_memory_waits_out_a_writer_then_takes_every_region() {
         let writer = s.spawn(|| table.shrink(changing, MIB, None));
         let deadline = Instant::now() + Duration::from_secs(10);
         while !matches!(
-            table.lock_fast(GuestAddress(0)),
+            table.try_lock_region(GuestAddress(0)),
             Err(LookupError::WriteLocked { .. })
         ) {
             assert!(Instant::now() < deadline, "writer never marked the region");
@@ -249,7 +249,7 @@ fn a_miss_while_holding_drops_everything_waits_and_runs_again() {
     std::thread::scope(|s| {
         let writer = s.spawn(|| table.shrink(changing, MIB, Some(deadline)));
         while !matches!(
-            table.lock_fast(GuestAddress(MIB)),
+            table.try_lock_region(GuestAddress(MIB)),
             Err(LookupError::WriteLocked { .. })
         ) {
             assert!(

@@ -320,7 +320,7 @@ fn a_backing_file_that_cannot_be_read_fails_the_fault() {
         )
         .unwrap();
     let host = table
-        .lock_fast(GuestAddress(0))
+        .try_lock_region(GuestAddress(0))
         .unwrap()
         .region()
         .host_addr();

@@ -87,7 +87,7 @@ fn fast_path_vs_writer() {
         let shrunk = Arc::new(AtomicBool::new(false));
         let reader = {
             let (t, shrunk) = (t.clone(), shrunk.clone());
-            spawn(move || match t.lock_fast(GuestAddress(PAGE)) {
+            spawn(move || match t.try_lock_region(GuestAddress(PAGE)) {
                 Ok(guard) => {
                     // The writer cannot have shrunk while we hold the region.
                     assert!(!shrunk.load(Ordering::SeqCst));
@@ -102,7 +102,7 @@ fn fast_path_vs_writer() {
         t.shrink(id, PAGE, None).unwrap();
         shrunk.store(true, Ordering::SeqCst);
         reader.join().unwrap();
-        assert!(t.lock_fast(GuestAddress(PAGE)).is_err());
+        assert!(t.try_lock_region(GuestAddress(PAGE)).is_err());
         assert_eq!(t.metrics().regions[0].readers, 0);
     });
 }
@@ -238,7 +238,7 @@ fn two_readers_and_a_writer() {
             .map(|_| {
                 let (t, shrunk) = (t.clone(), shrunk.clone());
                 spawn(move || {
-                    if let Ok(g) = t.lock_fast(GuestAddress(0)) {
+                    if let Ok(g) = t.try_lock_region(GuestAddress(0)) {
                         if g.len() == 2 * PAGE {
                             // Holding the old size: the shrink must wait for us.
                             assert!(!shrunk.load(Ordering::SeqCst));
@@ -391,12 +391,12 @@ fn removal_that_times_out_restores_the_region() {
         let far = std::time::Instant::now() + std::time::Duration::from_secs(3600);
         match t.remove(id, Some(far)) {
             Ok(()) => assert!(matches!(
-                t.lock_fast(GuestAddress(8)),
+                t.try_lock_region(GuestAddress(8)),
                 Err(LookupError::NotMapped { .. })
             )),
             Err(TableError::DrainTimeout { .. }) => {
                 reader.join().unwrap();
-                let guard = t.lock_fast(GuestAddress(8)).expect("restored");
+                let guard = t.try_lock_region(GuestAddress(8)).expect("restored");
                 assert_eq!(guard.id(), id);
                 assert_eq!(t.layout().len(), 1);
                 drop(guard);

@@ -39,7 +39,7 @@ fn wait_until(what: &str, done: impl Fn() -> bool) {
 fn wait_until_write_locked(table: &RegionTable, addr: u64) {
     wait_until("a writer holds the region", || {
         matches!(
-            table.lock_fast(GuestAddress(addr)),
+            table.try_lock_region(GuestAddress(addr)),
             Err(LookupError::WriteLocked { .. })
         )
     });
@@ -87,20 +87,20 @@ fn copy_through(guard: &RegionGuard<'_>, offset: u64, len: usize, seed: u8) {
 #[test]
 fn fast_path_locks_and_guards_release() {
     let (table, a, b) = table_a_b(TableConfig::default());
-    let guard = table.lock_fast(GuestAddress(PAGE)).unwrap();
+    let guard = table.try_lock_region(GuestAddress(PAGE)).unwrap();
     assert_eq!((guard.id(), guard.len()), (a, 4 * PAGE));
-    let second = table.lock_fast(GuestAddress(3 * PAGE)).unwrap();
+    let second = table.try_lock_region(GuestAddress(3 * PAGE)).unwrap();
     assert_eq!(readers(&table, a), 2);
     copy_through(&second, 3 * PAGE - 8, 16, 1);
     drop(second);
     assert_eq!(readers(&table, a), 1);
     drop(guard);
     assert_eq!(readers(&table, a), 0);
-    let guard = table.lock_fast(GuestAddress(5 * PAGE)).unwrap();
+    let guard = table.try_lock_region(GuestAddress(5 * PAGE)).unwrap();
     assert_eq!((guard.id(), guard.len()), (b, 2 * PAGE));
     drop(guard);
     assert_eq!(
-        table.lock_fast(GuestAddress(6 * PAGE)).unwrap_err(),
+        table.try_lock_region(GuestAddress(6 * PAGE)).unwrap_err(),
         LookupError::NotMapped { addr: 6 * PAGE }
     );
     assert_eq!(table.metrics().fast_path_hits, 3);
@@ -110,9 +110,9 @@ fn fast_path_locks_and_guards_release() {
         reader_limit: 1,
         ..TableConfig::default()
     });
-    let guard = table.lock_fast(GuestAddress(0)).unwrap();
+    let guard = table.try_lock_region(GuestAddress(0)).unwrap();
     assert_eq!(
-        table.lock_fast(GuestAddress(0)).unwrap_err(),
+        table.try_lock_region(GuestAddress(0)).unwrap_err(),
         LookupError::Saturated { region: a }
     );
     assert_eq!(readers(&table, a), 1);
@@ -196,7 +196,7 @@ fn writers_wait_for_a_reader_copying_through_its_guard() {
             let guard = table.lock_region(GuestAddress(PAGE), deadline()).unwrap();
             held_tx.send(()).unwrap();
             wait_until("the region is unpublished", || {
-                table.lock_fast(GuestAddress(PAGE)).is_err()
+                table.try_lock_region(GuestAddress(PAGE)).is_err()
             });
             copy_through(&guard, PAGE - 128, 256, 5);
             drop(guard);
@@ -239,7 +239,7 @@ fn snapshot_cache_reloads_and_removed_regions_are_freed_after_it_lets_go() {
     thread::scope(|s| {
         let table = &table;
         let reader = s.spawn(move || {
-            let lock = |addr| table.lock_fast(GuestAddress(addr)).map(|g| g.id());
+            let lock = |addr| table.try_lock_region(GuestAddress(addr)).map(|g| g.id());
             for _ in 0..3 {
                 lock(PAGE).unwrap();
                 assert_eq!(lock(5 * PAGE).unwrap(), b);

@@ -209,7 +209,7 @@ fn grow_makes_new_memory_usable_without_draining_readers() {
     let id = table.insert(grow_spec(0, MIB, 4 * MIB), None).unwrap();
     assert!(table.write(GuestAddress(MIB), &[1], None).is_err());
     // A reader holding the region does not block growth.
-    let guard = table.lock_fast(GuestAddress(0)).unwrap();
+    let guard = table.try_lock_region(GuestAddress(0)).unwrap();
     std::thread::scope(|s| s.spawn(|| table.grow(id, 2 * MIB, None)).join().unwrap()).unwrap();
     assert_eq!(guard.len(), MIB, "a guard keeps the size it was taken with");
     drop(guard);
@@ -337,7 +337,7 @@ fn removed_regions_are_unmapped_by_writers_not_by_lookups() {
     let host = std::thread::scope(|s| {
         s.spawn(|| {
             table
-                .lock_fast(GuestAddress(0))
+                .try_lock_region(GuestAddress(0))
                 .unwrap()
                 .region()
                 .host_addr()
@@ -353,11 +353,11 @@ fn removed_regions_are_unmapped_by_writers_not_by_lookups() {
     std::thread::scope(|s| {
         s.spawn(move || {
             // Caches a snapshot holding both regions.
-            drop(table.lock_fast(GuestAddress(0)).unwrap());
+            drop(table.try_lock_region(GuestAddress(0)).unwrap());
             cached_tx.send(()).unwrap();
             remove_rx.recv_timeout(Duration::from_secs(10)).unwrap();
             // A new snapshot: the old one, the other reference to `removed`, goes.
-            drop(table.lock_fast(GuestAddress(MIB)).unwrap());
+            drop(table.try_lock_region(GuestAddress(MIB)).unwrap());
             reloaded_tx.send(()).unwrap();
             // Keeps the thread (and its cache) alive until the checks are done.
             let _ = exit_rx.recv_timeout(Duration::from_secs(10));
@@ -445,7 +445,7 @@ fn fast_path_fails_while_writer_holds_region_and_two_tier_waits() {
         // Wait until the writer has marked the region (a fast-path lookup fails).
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            match table.lock_fast(GuestAddress(0)) {
+            match table.try_lock_region(GuestAddress(0)) {
                 Err(LookupError::WriteLocked { region }) => {
                     assert_eq!(region, id);
                     break;
@@ -491,7 +491,7 @@ fn two_tier_lookup_times_out_behind_a_stuck_writer() {
     std::thread::scope(|s| {
         let writer = s.spawn(|| table.remove(id, None));
         let deadline = Instant::now() + Duration::from_secs(10);
-        while table.lock_fast(GuestAddress(0)).is_ok() {
+        while table.try_lock_region(GuestAddress(0)).is_ok() {
             assert!(Instant::now() < deadline);
             std::thread::yield_now();
         }
@@ -529,10 +529,10 @@ fn reader_saturation_is_a_typed_error() {
         .insert(RegionSpec::anonymous(GuestAddress(0), MIB), None)
         .unwrap();
     let guards: Vec<_> = (0..3)
-        .map(|_| table.lock_fast(GuestAddress(0)).unwrap())
+        .map(|_| table.try_lock_region(GuestAddress(0)).unwrap())
         .collect();
     assert!(matches!(
-        table.lock_fast(GuestAddress(0)),
+        table.try_lock_region(GuestAddress(0)),
         Err(LookupError::Saturated { .. })
     ));
     drop(guards);
@@ -547,7 +547,7 @@ fn two_tier_lookup_while_holding_a_guard_panics() {
     table
         .insert(RegionSpec::anonymous(GuestAddress(MIB), MIB), None)
         .unwrap();
-    let _held = table.lock_fast(GuestAddress(0)).unwrap();
+    let _held = table.try_lock_region(GuestAddress(0)).unwrap();
     let _ = table.lock_region(GuestAddress(MIB), None);
 }
 
@@ -556,7 +556,7 @@ fn two_tier_lookup_while_holding_a_guard_panics() {
 #[should_panic(expected = "lock order violation: table lock (write) taken while holding region")]
 fn writer_while_holding_a_guard_panics() {
     let (table, id) = table_with_a_region();
-    let _held = table.lock_fast(GuestAddress(0)).unwrap();
+    let _held = table.try_lock_region(GuestAddress(0)).unwrap();
     let _ = table.remove(id, None);
 }
 
@@ -587,14 +587,14 @@ fn guarded_memory_while_holding_guarded_memory_panics() {
 #[should_panic(expected = "lock order violation: two-tier lookup called while holding [region")]
 fn guarded_memory_while_holding_a_guard_panics() {
     let (table, _) = table_with_a_region();
-    let _held = table.lock_fast(GuestAddress(0)).unwrap();
+    let _held = table.try_lock_region(GuestAddress(0)).unwrap();
     let _ = GuardedMemory::lock_all(&table, None);
 }
 
 #[test]
 fn held_locks_are_recorded_per_thread() {
     let (table, id) = table_with_a_region();
-    let g = table.lock_fast(GuestAddress(0)).unwrap();
+    let g = table.try_lock_region(GuestAddress(0)).unwrap();
     if memory::lockdep::ENABLED {
         assert_eq!(
             memory::lockdep::held_by_current_thread(),
@@ -612,7 +612,7 @@ fn held_locks_are_recorded_per_thread() {
 fn metrics_count_paths_and_readers() {
     let (table, _) = table_with_a_region();
     for _ in 0..10 {
-        drop(table.lock_fast(GuestAddress(0)).unwrap());
+        drop(table.try_lock_region(GuestAddress(0)).unwrap());
     }
     // No region there: not mapped, and no slow-path hit.
     assert!(matches!(
@@ -643,12 +643,12 @@ fn lookups_find_the_right_region_among_many() {
         for (i, id) in ids.iter().enumerate() {
             let start = i as u64 * 2 * MIB;
             for addr in [start, start + MIB - 1] {
-                assert_eq!(table.lock_fast(GuestAddress(addr)).unwrap().id(), *id);
+                assert_eq!(table.try_lock_region(GuestAddress(addr)).unwrap().id(), *id);
                 assert_eq!(table.region_at(GuestAddress(addr)), Some(*id));
             }
             // The hole after each region.
             assert!(matches!(
-                table.lock_fast(GuestAddress(start + MIB)),
+                table.try_lock_region(GuestAddress(start + MIB)),
                 Err(LookupError::NotMapped { .. })
             ));
         }
@@ -678,14 +678,14 @@ fn lookups_stay_right_as_regions_come_and_go_by_the_hundred() {
         for (i, id) in ids.iter().enumerate() {
             let at = start(i as u64);
             match id {
-                Some(id) => assert_eq!(table.lock_fast(at).unwrap().id(), *id, "{at:?}"),
+                Some(id) => assert_eq!(table.try_lock_region(at).unwrap().id(), *id, "{at:?}"),
                 None => assert!(matches!(
-                    table.lock_fast(at),
+                    table.try_lock_region(at),
                     Err(LookupError::NotMapped { .. })
                 )),
             }
             // Between regions: none.
-            assert!(table.lock_fast(GuestAddress(at.0 + 4096)).is_err());
+            assert!(table.try_lock_region(GuestAddress(at.0 + 4096)).is_err());
         }
         assert_eq!(table.layout().len(), ids.iter().flatten().count());
     };
@@ -822,7 +822,7 @@ fn lookups_work_while_a_thread_exits() {
             let mut back = vec![0u8; 4];
             // The fast path alone: a stale snapshot would not have the region.
             let outcome = table
-                .lock_fast(GuestAddress(2 * MIB + 8))
+                .try_lock_region(GuestAddress(2 * MIB + 8))
                 .map(drop)
                 .map_err(|e| e.to_string())
                 .and_then(|()| {
@@ -852,7 +852,7 @@ fn lookups_work_while_a_thread_exits() {
         // still runs at exit, with the cache.
         ON_EXIT.with(|slot| *slot.borrow_mut() = Some(CopyOnExit(thread_table.clone(), done_tx)));
         // Fill the lookup cache with a snapshot that has no region at 2 MiB.
-        drop(thread_table.lock_fast(GuestAddress(0)).unwrap());
+        drop(thread_table.try_lock_region(GuestAddress(0)).unwrap());
         cached_tx.send(()).unwrap();
         go_rx.recv().unwrap();
     });

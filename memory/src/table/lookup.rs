@@ -16,7 +16,7 @@ impl RegionTable {
     /// Fast path (`lock_vma_under_rcu`): looks `addr` up without locks and tries to
     /// read-lock its region. Never blocks; fails while a writer holds the region.
     #[inline]
-    pub fn lock_fast(&self, addr: GuestAddress) -> Result<RegionGuard<'_>, LookupError> {
+    pub fn try_lock_region(&self, addr: GuestAddress) -> Result<RegionGuard<'_>, LookupError> {
         // Inlined into `with`, which calls it from one place: the hit path is one
         // straight line in the caller, with no call or returned-by-memory result.
         self.published.with(
@@ -96,7 +96,7 @@ impl RegionTable {
         deadline: Deadline,
     ) -> Result<RegionGuard<'_>, LookupError> {
         lockdep::assert_may_wait("two-tier lookup");
-        match self.lock_fast(addr) {
+        match self.try_lock_region(addr) {
             Ok(guard) => return Ok(guard),
             // A full shard does not clear by waiting for writers: report it.
             Err(e @ LookupError::Saturated { .. }) => return Err(e),

@@ -1,7 +1,7 @@
 //! The region table: the set of guest memory regions, with a lock-free lookup for
 //! readers and a table lock that serialises writers.
 //!
-//! Readers find a region and read-lock it with [`RegionTable::lock_fast`] (never
+//! Readers find a region and read-lock it with [`RegionTable::try_lock_region`] (never
 //! blocks, may fail) or [`RegionTable::lock_region`] (the two-tier lookup: the fast
 //! path, else the table lock taken for read only to wait for the writer, look the
 //! address up, read-lock the region, and drop the table lock again).
