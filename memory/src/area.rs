@@ -13,8 +13,8 @@
 use vm_memory::mmap::{MmapRegion, MmapRegionBuilder};
 use vm_memory::GuestAddress;
 
-use crate::region::{
-    advise_huge_pages, advise_no_dump, check_geometry, RegionError, ANONYMOUS_MAPPING,
+use crate::mapping::{
+    advise_huge_pages, advise_no_dump, check_geometry, MappingError, ANONYMOUS_MAPPING,
 };
 
 /// A stable, never reused area identifier.
@@ -54,13 +54,13 @@ impl Area {
         start: GuestAddress,
         size: u64,
         slot: u32,
-    ) -> Result<Area, RegionError> {
+    ) -> Result<Area, MappingError> {
         let len = check_geometry(start, size, size)?;
         let mapping = MmapRegionBuilder::new(len)
             .with_mmap_prot(libc::PROT_NONE)
             .with_mmap_flags(ANONYMOUS_MAPPING)
             .build()
-            .map_err(RegionError::Mmap)?;
+            .map_err(MappingError::Mmap)?;
         advise_no_dump(mapping.as_ptr(), len, &id);
         advise_huge_pages(mapping.as_ptr(), len, &id);
         Ok(Area {

@@ -30,6 +30,7 @@ pub mod copy;
 pub mod guarded;
 pub mod lazy;
 pub mod lockdep;
+mod mapping;
 pub mod metrics;
 pub mod region;
 mod region_lock;
@@ -44,6 +45,7 @@ pub use area::AreaId;
 pub use copy::CopyError;
 pub use guarded::{GuardedMemory, GuardedMemoryError, GuardedRegion};
 pub use lazy::{FaultRegistry, LazyError, LazyPages, LazyRange};
+pub use mapping::MappingError;
 pub use metrics::{RegionMetrics, TableMetrics, WaitStats};
 pub use region::{
     Backing, LazySource, Region, RegionError, RegionGuard, RegionId, RegionSpec, PAGE_SIZE,

@@ -17,61 +17,35 @@ use vm_memory::{
 
 use crate::area::{Area, AreaId};
 use crate::lockdep;
+pub use crate::mapping::PAGE_SIZE;
+use crate::mapping::{
+    self, advise_huge_pages, advise_no_dump, check_geometry, host_err, MappingError,
+    ANONYMOUS_MAPPING,
+};
 use crate::region_lock::{release as release_lock, RegionLock};
 use crate::sync::{AtomicU64, Ordering};
-
-/// Host page size every region offset and length is a multiple of.
-pub const PAGE_SIZE: u64 = 4096;
 
 /// Errors from creating or changing a region's host mapping.
 #[derive(Debug, thiserror::Error)]
 pub enum RegionError {
-    /// Region sizes and addresses must be multiples of the 4 KiB page size.
-    #[error("region address {start:#x} size {size:#x} capacity {capacity:#x} is not page aligned")]
-    Unaligned {
-        /// Guest-physical start.
-        start: u64,
-        /// Requested size.
-        size: u64,
-        /// Requested capacity.
-        capacity: u64,
-    },
-    /// The size must be non-zero and at most the capacity, and the range must fit the address space.
-    #[error("invalid region geometry: start {start:#x} size {size:#x} capacity {capacity:#x}")]
-    BadGeometry {
-        /// Guest-physical start.
-        start: u64,
-        /// Requested size.
-        size: u64,
-        /// Requested capacity.
-        capacity: u64,
-    },
-    /// Creating the memfd backing failed.
+    /// The host mapping could not be made or changed.
+    #[error(transparent)]
+    Mapping(#[from] MappingError),
+    /// The memfd backing could not be created.
     #[error("cannot create memfd backing: {0}")]
     Memfd(std::io::Error),
-    /// Mapping the region's host memory failed.
-    #[error("cannot map region memory: {0}")]
-    Mmap(vm_memory::mmap::MmapRegionError),
-    /// Regions inside an area use the area's anonymous memory.
+    /// Memfd memory is a mapping of its own; an area's memory is anonymous.
     #[error("a memfd-backed region cannot be placed inside {0}")]
     MemfdInArea(AreaId),
     /// A region inside an area must lie inside it whole.
     #[error("region at {start:#x} of capacity {capacity:#x} does not fit inside {area}")]
     OutsideArea {
-        /// Guest-physical start.
+        /// Requested start.
         start: u64,
         /// Requested capacity.
         capacity: u64,
         /// The area.
         area: AreaId,
-    },
-    /// A host memory-management call (madvise, mprotect, fallocate) failed.
-    #[error("{call} on region memory failed: {source}")]
-    Host {
-        /// The call that failed.
-        call: &'static str,
-        /// Why.
-        source: std::io::Error,
     },
 }
 
@@ -143,6 +117,25 @@ impl std::fmt::Display for RegionId {
     }
 }
 
+/// Where a region's host memory is.
+enum Memory {
+    /// A mapping of its own.
+    Own(GuestRegionMmap),
+    /// Its place in an area's mapping, which the region keeps mapped by holding the area;
+    /// the area's memory slot shows it to the guest.
+    InArea {
+        area: Arc<Area>,
+        /// The region's first byte in the area's mapping.
+        host: *mut u8,
+    },
+}
+
+// SAFETY: `host` points into the area's mapping, which `area` keeps alive; the memory is
+// shared guest memory, used through the region lock protocol from any thread.
+unsafe impl Send for Memory {}
+// SAFETY: as for `Send`: the pointer is only read, and the memory is accessed volatilely.
+unsafe impl Sync for Memory {}
+
 /// A guest-physical range with its host mapping, KVM slot and lock.
 pub struct Region {
     id: RegionId,
@@ -154,12 +147,10 @@ pub struct Region {
     /// Times the region lost memory (shrinks): a reader holding it sees it stable, so
     /// equal counts under two guards mean no memory was taken between them.
     shrinks: AtomicU64,
-    mapping: GuestRegionMmap,
+    memory: Memory,
     backing: Backing,
     slot: u32,
     pub(crate) lock: RegionLock,
-    /// The area whose mapping and slot the region uses, if any.
-    area: Option<Arc<Area>>,
     /// Offset past which a lazy file source no longer applies: the smallest size the
     /// region was ever shrunk to. Memory unplugged and plugged again reads as zeros.
     file_end: AtomicU64,
@@ -173,79 +164,8 @@ impl std::fmt::Debug for Region {
             .field("size", &self.size())
             .field("capacity", &self.capacity)
             .field("slot", &self.slot)
+            .field("area", &self.area_id())
             .finish()
-    }
-}
-
-/// Flags of private anonymous guest memory, reserved rather than committed. (Under Miri,
-/// vm-memory allocates instead of mapping, whatever the flags.)
-pub(crate) const ANONYMOUS_MAPPING: i32 =
-    libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_PRIVATE;
-
-/// Checks the geometry of a range of guest memory (`size` of it usable now, `capacity`
-/// reserved); returns the host length to map.
-pub(crate) fn check_geometry(
-    start: GuestAddress,
-    size: u64,
-    capacity: u64,
-) -> Result<usize, RegionError> {
-    if start.0 % PAGE_SIZE != 0 || size % PAGE_SIZE != 0 || capacity % PAGE_SIZE != 0 {
-        return Err(RegionError::Unaligned {
-            start: start.0,
-            size,
-            capacity,
-        });
-    }
-    let bad = RegionError::BadGeometry {
-        start: start.0,
-        size,
-        capacity,
-    };
-    if size == 0 || size > capacity || start.0.checked_add(capacity).is_none() {
-        return Err(bad);
-    }
-    usize::try_from(capacity).map_err(|_| bad)
-}
-
-/// Asks the host to back `[addr, addr + len)`, a mapping of `owner`'s, with transparent
-/// huge pages where it can: fewer page faults when the guest first touches memory, and
-/// fewer TLB misses for both the guest and the VMM's own copies. Only advice: a host
-/// without THP keeps 4 KiB pages.
-pub(crate) fn advise_huge_pages(addr: *mut u8, len: usize, owner: &dyn std::fmt::Display) {
-    // Miri has no madvise (it aborts); advice changes nothing Miri could check.
-    if cfg!(miri) {
-        return;
-    }
-    // SAFETY: MADV_HUGEPAGE changes how the kernel backs a mapping, never its contents,
-    // so no memory Rust relies on can change through it.
-    if unsafe { libc::madvise(addr.cast(), len, libc::MADV_HUGEPAGE) } != 0 {
-        log::debug!(
-            "{owner}: no transparent huge pages: {}",
-            std::io::Error::last_os_error()
-        );
-    }
-}
-
-/// Keeps guest memory out of core dumps: it is the guest's data (keys, customer data),
-/// not the VMM's, and can be gigabytes.
-pub(crate) fn advise_no_dump(addr: *mut u8, len: usize, owner: &dyn std::fmt::Display) {
-    // Miri has no madvise (it aborts); advice changes nothing Miri could check.
-    if cfg!(miri) {
-        return;
-    }
-    // SAFETY: MADV_DONTDUMP only changes what a core dump holds, never the contents.
-    if unsafe { libc::madvise(addr.cast(), len, libc::MADV_DONTDUMP) } != 0 {
-        log::warn!(
-            "{owner}: guest memory may appear in core dumps: {}",
-            std::io::Error::last_os_error()
-        );
-    }
-}
-
-fn host_err(call: &'static str) -> RegionError {
-    RegionError::Host {
-        call,
-        source: std::io::Error::last_os_error(),
     }
 }
 
@@ -266,9 +186,7 @@ impl Region {
             ..
         } = *spec;
         let len = check_geometry(start, size, capacity)?;
-        let prot = libc::PROT_READ | libc::PROT_WRITE;
-        let builder = MmapRegionBuilder::new(len).with_mmap_prot(prot);
-        let builder = match (&spec.backing, &area) {
+        let memory = match (&spec.backing, area) {
             (Backing::Memfd, Some(area)) => return Err(RegionError::MemfdInArea(area.id())),
             (_, Some(area)) if !area.holds(start.0, capacity) => {
                 return Err(RegionError::OutsideArea {
@@ -277,43 +195,46 @@ impl Region {
                     area: area.id(),
                 })
             }
-            // SAFETY: `[start, start + capacity)` lies inside the area (checked above), so
-            // the pointer and length are inside the area's mapping, which lives as long as
-            // the region: the region keeps the area.
-            (_, Some(area)) => unsafe { builder.with_raw_mmap_pointer(area.host_at(start)) }
-                .with_mmap_flags(ANONYMOUS_MAPPING),
-            (Backing::Anonymous | Backing::Lazy(_), None) => {
-                builder.with_mmap_flags(ANONYMOUS_MAPPING)
-            }
-            (Backing::Memfd, None) => {
-                let file = create_memfd(capacity)?;
-                builder
-                    .with_file_offset(FileOffset::new(file, 0))
-                    .with_mmap_flags(libc::MAP_SHARED | libc::MAP_NORESERVE)
+            (_, Some(area)) => Memory::InArea {
+                host: area.host_at(start),
+                area,
+            },
+            (backing, None) => {
+                let builder =
+                    MmapRegionBuilder::new(len).with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE);
+                let builder = match backing {
+                    Backing::Memfd => builder
+                        .with_file_offset(FileOffset::new(create_memfd(capacity)?, 0))
+                        .with_mmap_flags(libc::MAP_SHARED | libc::MAP_NORESERVE),
+                    Backing::Anonymous | Backing::Lazy(_) => {
+                        builder.with_mmap_flags(ANONYMOUS_MAPPING)
+                    }
+                };
+                let mmap = builder.build().map_err(MappingError::Mmap)?;
+                let mapping =
+                    GuestRegionMmap::new(mmap, start).ok_or(MappingError::BadGeometry {
+                        start: start.0,
+                        size,
+                        capacity,
+                    })?;
+                Memory::Own(mapping)
             }
         };
-        let mmap = builder.build().map_err(RegionError::Mmap)?;
-        let mapping = GuestRegionMmap::new(mmap, start).ok_or(RegionError::BadGeometry {
-            start: start.0,
-            size,
-            capacity,
-        })?;
         let region = Region {
             id,
             start,
             capacity,
             size: AtomicU64::new(size),
             shrinks: AtomicU64::new(0),
-            mapping,
+            memory,
             backing: spec.backing.clone(),
             slot,
             lock: RegionLock::new(reader_limit),
-            area,
             file_end: AtomicU64::new(capacity),
         };
         // A region in an area leaves its part of the area's memory inaccessible: the
         // table opens it once lazy population is set up (`RegionTable::insert`).
-        if region.area.is_none() {
+        if region.owns_slot() {
             let (addr, len) = region.host_range(0, capacity);
             advise_no_dump(addr.cast(), len, &id);
             if matches!(region.backing, Backing::Anonymous) {
@@ -327,7 +248,7 @@ impl Region {
 
     /// Whether the region has a memory slot of its own (else it uses its area's).
     pub fn owns_slot(&self) -> bool {
-        self.area.is_none()
+        matches!(self.memory, Memory::Own(_))
     }
 
     /// The region's id.
@@ -387,7 +308,31 @@ impl Region {
 
     /// Host virtual address of the region's first byte.
     pub fn host_addr(&self) -> u64 {
-        self.mapping.as_ptr() as u64
+        self.host_ptr() as u64
+    }
+
+    /// The region's first byte in host memory.
+    fn host_ptr(&self) -> *mut u8 {
+        match &self.memory {
+            Memory::Own(mapping) => mapping.as_ptr(),
+            Memory::InArea { host, .. } => *host,
+        }
+    }
+
+    /// The area whose memory and slot the region uses, if any.
+    fn area_id(&self) -> Option<AreaId> {
+        match &self.memory {
+            Memory::Own(_) => None,
+            Memory::InArea { area, .. } => Some(area.id()),
+        }
+    }
+
+    /// The memfd the region's memory is a mapping of, if any.
+    fn file_offset(&self) -> Option<&FileOffset> {
+        match &self.memory {
+            Memory::Own(mapping) => mapping.file_offset(),
+            Memory::InArea { .. } => None,
+        }
     }
 
     /// The backing kind.
@@ -413,25 +358,18 @@ impl Region {
         // `wrapping_add` keeps this a plain address computation; the range was checked
         // against the mapping's length above.
         (
-            self.mapping.as_ptr().wrapping_add(offset as usize).cast(),
+            self.host_ptr().wrapping_add(offset as usize).cast(),
             len as usize,
         )
     }
 
-    /// Changes the protection of `[offset, offset + len)` of the mapping.
-    ///
-    /// Under Miri, which has no mprotect, nothing changes: the Miri tests never touch
-    /// memory past a region's size.
+    /// Changes the protection of `[offset, offset + len)` of the region's memory.
     pub(crate) fn protect(&self, offset: u64, len: u64, prot: i32) -> Result<(), RegionError> {
-        if len == 0 || cfg!(miri) {
-            return Ok(());
-        }
         let (addr, len) = self.host_range(offset, len);
-        // SAFETY: the range lies inside this region's own mapping (checked by
-        // `host_range`); changing its protection affects no Rust-owned memory.
-        if unsafe { libc::mprotect(addr, len, prot) } != 0 {
-            return Err(host_err("mprotect"));
-        }
+        // SAFETY: the range lies inside this region's memory (`host_range`); callers make
+        // it inaccessible only once its readers are drained, so no reference into it is
+        // live then.
+        unsafe { mapping::protect(addr.cast(), len, prot) }?;
         Ok(())
     }
 
@@ -450,7 +388,7 @@ impl Region {
         let protected = self.protect(offset, len, libc::PROT_NONE);
         let (addr, host_len) = self.host_range(offset, len);
         let mut punched = Ok(());
-        if let Some(file_offset) = self.mapping.file_offset() {
+        if let Some(file_offset) = self.file_offset() {
             let file_start = file_offset.start() + offset;
             // SAFETY: fallocate on a file descriptor this region owns; punching a hole
             // changes file contents only, no memory of this process is touched directly.
@@ -463,25 +401,15 @@ impl Region {
                 )
             };
             if rc != 0 {
-                punched = Err(host_err("fallocate"));
+                punched = Err(host_err("fallocate").into());
             }
         }
-        // SAFETY: the range lies inside this region's own mapping, no reader holds it
-        // (the caller drained them), and dropping its pages is what removal means.
-        #[cfg(not(miri))]
-        if unsafe { libc::madvise(addr, host_len, libc::MADV_DONTNEED) } != 0 {
-            return Err(host_err("madvise"));
-        }
-        // Miri has no madvise: zero the range instead, which is what MADV_DONTNEED does
-        // to private anonymous memory (the only backing Miri can create).
-        // SAFETY: the range lies inside this region's own mapping (`host_range`), which
-        // is writable under Miri (`protect` changes nothing there), and no reader holds
-        // it (the caller drained them), so no reference into it is live.
-        #[cfg(miri)]
-        unsafe {
-            std::ptr::write_bytes(addr.cast::<u8>(), 0, host_len)
-        };
-        protected.and(punched)
+        // SAFETY: the range lies inside this region's memory (`host_range`), and no
+        // reader holds it (the caller drained them).
+        let dropped = unsafe { mapping::drop_pages(addr.cast(), host_len) };
+        protected
+            .and(punched)
+            .and(dropped.map_err(RegionError::from))
     }
 
     /// Makes `[offset, offset + len)` accessible again (a region grows into it).
@@ -640,7 +568,8 @@ impl Region {
         if addr.0 >= size {
             return Err(guest_memory::Error::InvalidBackendAddress);
         }
-        self.mapping.get_host_address(addr)
+        // `size` is at most the capacity, all of which is mapped.
+        Ok(self.host_ptr().wrapping_add(addr.0 as usize))
     }
 
     #[inline]
@@ -657,12 +586,22 @@ impl Region {
         if end > size {
             return Err(guest_memory::Error::InvalidBackendAddress);
         }
-        self.mapping.get_slice(offset, count)
+        match &self.memory {
+            Memory::Own(mapping) => mapping.get_slice(offset, count),
+            Memory::InArea { host, .. } => {
+                let at = host.wrapping_add(offset.0 as usize);
+                // SAFETY: `[offset, offset + count)` lies within the region's size
+                // (checked above), so inside its place in the area's mapping, which the
+                // region keeps alive; the slice borrows the region, and callers hold its
+                // read lock, so the memory stays mapped and accessible while it lives.
+                Ok(unsafe { VolatileSlice::new(at, count) })
+            }
+        }
     }
 
     #[inline]
     pub(crate) fn mapping_file_offset(&self) -> Option<&FileOffset> {
-        self.mapping.file_offset()
+        self.file_offset()
     }
 }
 

@@ -167,7 +167,9 @@ fn areas_reject_straddling_regions_overlaps_and_memfd() {
     ));
     assert!(matches!(
         table.reserve_area(GuestAddress(AREA << 1), 4095, None),
-        Err(TableError::Region(RegionError::Unaligned { .. }))
+        Err(TableError::Region(RegionError::Mapping(
+            memory::MappingError::Unaligned { .. }
+        )))
     ));
     assert!(matches!(
         table.insert(block(0, Backing::Memfd), None),

@@ -65,22 +65,30 @@ fn insert_rejects_overlap_misalignment_and_bad_geometry() {
     }
     assert!(matches!(
         table.insert(RegionSpec::anonymous(GuestAddress(8 * MIB + 1), MIB), None),
-        Err(TableError::Region(memory::RegionError::Unaligned { .. }))
+        Err(TableError::Region(memory::RegionError::Mapping(
+            memory::MappingError::Unaligned { .. }
+        )))
     ));
     assert!(matches!(
         table.insert(RegionSpec::anonymous(GuestAddress(8 * MIB), 0), None),
-        Err(TableError::Region(memory::RegionError::BadGeometry { .. }))
+        Err(TableError::Region(memory::RegionError::Mapping(
+            memory::MappingError::BadGeometry { .. }
+        )))
     ));
     assert!(matches!(
         table.insert(grow_spec(8 * MIB, 2 * MIB, MIB), None),
-        Err(TableError::Region(memory::RegionError::BadGeometry { .. }))
+        Err(TableError::Region(memory::RegionError::Mapping(
+            memory::MappingError::BadGeometry { .. }
+        )))
     ));
     assert!(matches!(
         table.insert(
             RegionSpec::anonymous(GuestAddress(u64::MAX - 0xfff), 0x2000),
             None
         ),
-        Err(TableError::Region(memory::RegionError::BadGeometry { .. }))
+        Err(TableError::Region(memory::RegionError::Mapping(
+            memory::MappingError::BadGeometry { .. }
+        )))
     ));
     // A lazy region without a fault handler.
     let lazy = RegionSpec {

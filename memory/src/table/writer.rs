@@ -11,6 +11,7 @@ use super::{RegionTable, TableError};
 use crate::area::{Area, AreaId};
 use crate::lazy::{LazyError, LazyRange};
 use crate::lockdep::{self, HeldLock};
+use crate::mapping::MappingError;
 use crate::region::{Backing, LazySource, Region, RegionError, RegionId, RegionSpec, PAGE_SIZE};
 use crate::slots::SlotMapping;
 use crate::snapshot::Snapshot;
@@ -306,7 +307,7 @@ impl RegionTable {
             Ok(area) => area,
             Err(e) => {
                 inner.free_slots.push(slot);
-                return Err(e.into());
+                return Err(RegionError::from(e).into());
             }
         };
         let mapping = SlotMapping {
@@ -330,11 +331,11 @@ impl RegionTable {
         let mut session = self.write_session(deadline)?;
         let start = spec.start.0;
         if start.checked_add(spec.capacity).is_none() {
-            return Err(RegionError::BadGeometry {
+            return Err(RegionError::from(MappingError::BadGeometry {
                 start,
                 size: spec.size,
                 capacity: spec.capacity,
-            }
+            })
             .into());
         }
         session.inner.check_free(start, spec.capacity)?;
