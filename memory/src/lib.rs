@@ -27,6 +27,7 @@
 
 mod area;
 pub mod copy;
+mod fault_protocol;
 pub mod guarded;
 pub mod lazy;
 pub mod lockdep;
@@ -43,6 +44,11 @@ pub mod uffd;
 
 pub use area::AreaId;
 pub use copy::CopyError;
+pub use fault_protocol::FaultStats;
+/// loom models only: the fault handler's protocol over a kernel of the model's own
+/// (see `src/fault_protocol.rs`); normal builds keep it private to the crate.
+#[cfg(loom)]
+pub use fault_protocol::{FaultKernel, Faults, FillError, KernelError};
 pub use guarded::{GuardedMemory, GuardedMemoryError, GuardedRegion};
 pub use lazy::{FaultRegistry, LazyError, LazyPages, LazyRange};
 pub use mapping::MappingError;
@@ -57,4 +63,4 @@ pub use sync::parking::pass_deadlines;
 pub use sync::Deadline;
 pub use table::{LookupError, RegionTable, TableConfig, TableError};
 #[cfg(not(loom))]
-pub use uffd::{FaultHandler, FaultStats, ThreadHooks};
+pub use uffd::{FaultHandler, ThreadHooks};

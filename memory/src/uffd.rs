@@ -9,78 +9,30 @@
 
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use userfaultfd::{Event, Uffd, UffdBuilder};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::lazy::{FaultRegistry, LazyError, LazyPages, LazyRange};
+use crate::fault_protocol::{FaultKernel, Faults, FillError, KernelError};
+pub use crate::fault_protocol::{FaultStats, FILL_WINDOW};
+use crate::lazy::{LazyError, LazyPages, LazyRange};
 use crate::region::{LazySource, PAGE_SIZE};
 
-/// Fault handler counters.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct FaultStats {
-    /// Page faults received.
-    pub faults: u64,
-    /// Fills with zeroes (each of up to [`FILL_WINDOW`] bytes around the fault).
-    pub zero_fills: u64,
-    /// Fills from a file (each of up to [`FILL_WINDOW`] bytes around the fault).
-    pub file_fills: u64,
-    /// Faults another thread had already resolved (the page was present).
-    pub already_present: u64,
-    /// Faults on addresses no longer registered (woken, to retry into what is there now).
-    pub unregistered: u64,
-    /// Faults that could not be resolved.
-    pub errors: u64,
-    /// Pages whose source could not be read: poisoned instead of filled, and reported.
-    pub source_errors: u64,
-    /// Registry changes that waited for the handler to finish a fill.
-    pub writer_waits: u64,
-}
-
-#[derive(Default)]
-struct Counters {
-    faults: AtomicU64,
-    zero_fills: AtomicU64,
-    file_fills: AtomicU64,
-    already_present: AtomicU64,
-    unregistered: AtomicU64,
-    errors: AtomicU64,
-    source_errors: AtomicU64,
-    writer_waits: AtomicU64,
-}
-
-/// Why a fill failed.
-#[derive(Debug)]
-enum FillError {
-    /// The source could not be read (at this source offset).
-    Source(u64, std::io::Error),
-    /// The copy into place failed.
-    Copy(userfaultfd::Error),
+/// The real kernel under the fault protocol: the userfaultfd, and the VMM's `died` hook.
+struct UffdKernel {
+    uffd: Uffd,
+    /// The VMM's `died` hook, until it has been told once.
+    died: Mutex<Option<DiedHook>>,
 }
 
 struct Shared {
-    uffd: Uffd,
-    registry: FaultRegistry,
-    /// Serialises registry changes with their userfaultfd registration, and with each
-    /// fill: the handler holds it from lookup to copy (never waiting for anything but
-    /// a change's own bounded critical section), so a range unregistered and another
-    /// registered at the same address meanwhile never gets the old range's bytes.
-    changes: Mutex<()>,
-    counters: Counters,
+    /// The protocol (registry, change lock, counters) over the userfaultfd.
+    faults: Faults<UffdKernel>,
     stop: EventFd,
-    /// The VMM's `died` hook, until it has been told once.
-    died: Mutex<Option<DiedHook>>,
-    /// Test hook: runs between a fill's lookup and its copy.
-    #[cfg(test)]
-    after_lookup: Mutex<Option<LookupHook>>,
 }
-
-/// A test hook run between a fill's lookup and its copy.
-#[cfg(test)]
-type LookupHook = Box<dyn FnMut(&Shared) + Send>;
 
 /// The hook told why a thread cannot go on.
 type DiedHook = Box<dyn FnOnce(String) + Send>;
@@ -112,15 +64,6 @@ pub struct FaultHandler {
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
-fn uffd_err(op: &'static str, addr: u64, len: u64, e: impl std::fmt::Display) -> LazyError {
-    LazyError::Userfaultfd {
-        op,
-        addr,
-        len,
-        reason: e.to_string(),
-    }
-}
-
 impl FaultHandler {
     /// Opens a userfaultfd (kernel-mode faults included, so KVM's accesses from
     /// `KVM_RUN` are served too; that needs root or `CAP_SYS_PTRACE`) and starts the
@@ -149,14 +92,11 @@ impl FaultHandler {
         let stop = EventFd::new(libc::EFD_NONBLOCK)
             .map_err(|e| LazyError::Start(format!("eventfd: {e}")))?;
         let shared = Arc::new(Shared {
-            uffd,
-            registry: FaultRegistry::default(),
-            changes: Mutex::new(()),
-            counters: Counters::default(),
+            faults: Faults::new(UffdKernel {
+                uffd,
+                died: Mutex::new(Some(hooks.died)),
+            }),
             stop,
-            died: Mutex::new(Some(hooks.died)),
-            #[cfg(test)]
-            after_lookup: Mutex::new(None),
         });
         let worker = shared.clone();
         let confine = hooks.confine;
@@ -165,7 +105,8 @@ impl FaultHandler {
             .spawn(move || {
                 let result = confine().and_then(|()| worker.serve());
                 if let Err(why) = result {
-                    worker.report(format!("the userfaultfd fault handler stopped: {why}"));
+                    let why = format!("the userfaultfd fault handler stopped: {why}");
+                    worker.faults.kernel().report(why);
                 }
             })
             .map_err(|e| LazyError::Start(format!("spawn: {e}")))?;
@@ -177,23 +118,12 @@ impl FaultHandler {
 
     /// Counters so far.
     pub fn stats(&self) -> FaultStats {
-        let c = &self.shared.counters;
-        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        FaultStats {
-            faults: get(&c.faults),
-            zero_fills: get(&c.zero_fills),
-            file_fills: get(&c.file_fills),
-            already_present: get(&c.already_present),
-            unregistered: get(&c.unregistered),
-            errors: get(&c.errors),
-            source_errors: get(&c.source_errors),
-            writer_waits: get(&c.writer_waits),
-        }
+        self.shared.faults.stats()
     }
 
     /// Ranges registered now.
     pub fn registered_ranges(&self) -> usize {
-        self.shared.registry.len()
+        self.shared.faults.registry().len()
     }
 }
 
@@ -208,58 +138,41 @@ impl Drop for FaultHandler {
 
 impl LazyPages for FaultHandler {
     fn register(&self, range: LazyRange) -> Result<(), LazyError> {
-        let _serial = self.shared.lock_changes();
-        let (start, len) = (range.host_start, range.len);
-        // Publish first: a fault can arrive as soon as the kernel has the range.
-        self.shared.registry.add(range);
-        if let Err(e) = self
-            .shared
-            .uffd
-            .register(start as *mut libc::c_void, len as usize)
-        {
-            self.shared.registry.remove(start, len);
-            return Err(uffd_err("register", start, len, e));
-        }
-        Ok(())
+        self.shared.faults.register(range)
     }
 
     fn unregister(&self, host_start: u64, len: u64) -> Result<(), LazyError> {
-        let _serial = self.shared.lock_changes();
-        // Unregister with the kernel first (it wakes any thread still waiting there),
-        // then forget the range: a fault never finds its range missing. Forget it even
-        // if the kernel refused, so a later mapping at this address is never filled
-        // from this range's source.
-        let result = self
-            .shared
-            .uffd
-            .unregister(host_start as *mut libc::c_void, len as usize)
-            .map_err(|e| uffd_err("unregister", host_start, len, e));
-        self.shared.registry.remove(host_start, len);
-        result
+        self.shared.faults.unregister(host_start, len)
     }
 }
 
-/// Whether a userfaultfd ioctl error says the page is already there.
-fn is_errno(e: &userfaultfd::Error, errno: nix::errno::Errno) -> bool {
-    matches!(e, userfaultfd::Error::CopyFailed(n) | userfaultfd::Error::ZeropageFailed(n) if *n == errno)
+/// What a userfaultfd ioctl error says, for the protocol.
+fn kernel_error(e: userfaultfd::Error) -> KernelError {
+    use nix::errno::Errno;
+    match e {
+        userfaultfd::Error::CopyFailed(n) | userfaultfd::Error::ZeropageFailed(n)
+            if n == Errno::EEXIST =>
+        {
+            KernelError::Exists
+        }
+        userfaultfd::Error::CopyFailed(n) | userfaultfd::Error::ZeropageFailed(n)
+            if n == Errno::ENOENT =>
+        {
+            KernelError::NotRegistered
+        }
+        e => KernelError::Other(e.to_string()),
+    }
 }
-
-/// Bytes filled per fault: the window around the faulting page, aligned to this size
-/// from the start of its registered range (not to host addresses, which depend on where
-/// the mapping landed) and clipped to the range. A guest touching memory in order then
-/// faults once per window instead of once per page (each fault is a round trip through
-/// this thread). The pages are copied in, not mapped to the zero page, so a following
-/// write needs no second fault.
-pub const FILL_WINDOW: u64 = 64 << 10;
 
 impl Shared {
     /// Serves faults until stopped (`Ok`) or unable to go on.
     fn serve(&self) -> Result<(), String> {
+        let uffd = &self.faults.kernel().uffd;
         let mut page = vec![0u8; FILL_WINDOW as usize];
         loop {
             let mut fds = [
                 libc::pollfd {
-                    fd: self.uffd.as_raw_fd(),
+                    fd: uffd.as_raw_fd(),
                     events: libc::POLLIN,
                     revents: 0,
                 },
@@ -282,122 +195,59 @@ impl Shared {
                 return Ok(());
             }
             loop {
-                match self.uffd.read_event() {
-                    Ok(Some(Event::Pagefault { addr, .. })) => self.resolve(addr as u64, &mut page),
+                match uffd.read_event() {
+                    Ok(Some(Event::Pagefault { addr, .. })) => {
+                        self.faults.resolve(addr as u64, &mut page)
+                    }
                     Ok(Some(_)) => {}
                     Ok(None) => break,
                     Err(e) => {
                         log::error!("fault handler: reading event failed: {e}");
-                        self.counters.errors.fetch_add(1, Ordering::Relaxed);
+                        self.faults.counters.errors.fetch_add(1, Ordering::Relaxed);
                         break;
                     }
                 }
             }
         }
     }
+}
 
-    fn resolve(&self, addr: u64, buf: &mut [u8]) {
-        let c = &self.counters;
-        c.faults.fetch_add(1, Ordering::Relaxed);
-        let page_addr = addr & !(PAGE_SIZE - 1);
-        let dst = page_addr as *mut libc::c_void;
-        // Held from lookup to copy (see `Shared::changes`).
-        let _serial = self.changes.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(range) = self.registry.lookup_range(page_addr) else {
-            // Unregistered since the fault was queued. Wake the thread anyway: if the
-            // kernel refused the unregistration, nothing else ever will; it retries
-            // into whatever the address is now.
-            c.unregistered.fetch_add(1, Ordering::Relaxed);
-            let _ = self.uffd.wake(dst, PAGE_SIZE as usize);
-            return;
-        };
-        #[cfg(test)]
-        if let Some(hook) = self
-            .after_lookup
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_mut()
-        {
-            hook(self);
-        }
-        let window_start = range.host_start + ((page_addr - range.host_start) & !(FILL_WINDOW - 1));
-        let window_end = (window_start + FILL_WINDOW).min(range.host_start + range.len);
-        // The window first. If it fails in any way, the faulting page alone: part of the
-        // window may be present already, or no longer registered (a concurrent shrink
-        // unregisters a tail, and wakes only the threads waiting there), and the faulting
-        // thread must be woken by a fill of its own page or by its own unregistration.
-        let mut result = self.fill(&range, window_start, window_end - window_start, buf);
-        if window_end - window_start > PAGE_SIZE && result.is_err() {
-            result = self.fill(&range, page_addr, PAGE_SIZE, buf);
-        }
-        match result {
-            Ok(counter) => {
-                counter.fetch_add(1, Ordering::Relaxed);
-            }
-            Err(FillError::Copy(e)) if is_errno(&e, nix::errno::Errno::EEXIST) => {
-                c.already_present.fetch_add(1, Ordering::Relaxed);
-                let _ = self.uffd.wake(dst, PAGE_SIZE as usize);
-            }
-            Err(FillError::Copy(e)) if is_errno(&e, nix::errno::Errno::ENOENT) => {
-                c.unregistered.fetch_add(1, Ordering::Relaxed);
-            }
-            Err(FillError::Copy(e)) => {
-                log::error!("fault handler: cannot fill page {page_addr:#x}: {e}");
-                c.errors.fetch_add(1, Ordering::Relaxed);
-                // Wake the thread so it retries the access instead of hanging silently.
-                let _ = self.uffd.wake(dst, PAGE_SIZE as usize);
-            }
-            Err(FillError::Source(offset, e)) => {
-                // Never fill a page with bytes that are not its content: the VM is told
-                // first (the poison may end the process through a vCPU's SIGBUS), then
-                // the faulting access fails.
-                c.source_errors.fetch_add(1, Ordering::Relaxed);
-                self.report(format!(
-                    "lazy guest memory at host address {page_addr:#x} cannot be filled: \
-                     reading its backing file at offset {offset:#x} failed: {e}"
-                ));
-                if let Err(e) = self.poison(page_addr) {
-                    if e != nix::errno::Errno::EEXIST && e != nix::errno::Errno::ENOENT {
-                        log::error!("fault handler: cannot poison page {page_addr:#x}: {e}");
-                        c.errors.fetch_add(1, Ordering::Relaxed);
-                    }
-                    let _ = self.uffd.wake(dst, PAGE_SIZE as usize);
-                }
-            }
-        }
+impl FaultKernel for UffdKernel {
+    fn register(&self, start: u64, len: u64) -> Result<(), KernelError> {
+        self.uffd
+            .register(start as *mut libc::c_void, len as usize)
+            .map(|_| ())
+            .map_err(kernel_error)
     }
 
-    /// Copies `len` bytes of `range`'s source at host address `start` into place (and
-    /// wakes the threads waiting there); the counter of the kind of fill.
-    fn fill(
+    fn unregister(&self, start: u64, len: u64) -> Result<(), KernelError> {
+        self.uffd
+            .unregister(start as *mut libc::c_void, len as usize)
+            .map_err(kernel_error)
+    }
+
+    fn copy(
         &self,
         range: &LazyRange,
         start: u64,
         len: u64,
         buf: &mut [u8],
-    ) -> Result<&AtomicU64, FillError> {
+    ) -> Result<(), FillError> {
         let buf = &mut buf[..len as usize];
-        let counter = match &range.source {
-            LazySource::Zero => {
-                buf.fill(0);
-                &self.counters.zero_fills
-            }
-            LazySource::File { file, .. } => {
-                let offset = range.source_offset + (start - range.host_start);
-                buf.fill(0);
-                let mut filled = 0;
-                while filled < buf.len() {
-                    let at = offset + filled as u64;
-                    match file.read_at(&mut buf[filled..], at) {
-                        Ok(0) => break, // past the end of the file: zeroes
-                        Ok(n) => filled += n,
-                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                        Err(e) => return Err(FillError::Source(at, e)),
-                    }
+        buf.fill(0);
+        if let LazySource::File { file, .. } = &range.source {
+            let offset = range.source_offset + (start - range.host_start);
+            let mut filled = 0;
+            while filled < buf.len() {
+                let at = offset + filled as u64;
+                match file.read_at(&mut buf[filled..], at) {
+                    Ok(0) => break, // past the end of the file: zeroes
+                    Ok(n) => filled += n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(FillError::Source(at, e)),
                 }
-                &self.counters.file_fills
             }
-        };
+        }
         // SAFETY: `buf` is a live buffer of `len` bytes; `[start, start + len)` lies in a
         // range registered with this userfaultfd (the kernel checks it too).
         unsafe {
@@ -408,15 +258,19 @@ impl Shared {
                 true,
             )
         }
-        .map(|_| counter)
-        .map_err(FillError::Copy)
+        .map(|_| ())
+        .map_err(|e| FillError::Copy(kernel_error(e)))
     }
 
-    /// Marks the page at `page_addr` poisoned and wakes the threads waiting there: an
-    /// access fails (`EFAULT` in the kernel, `SIGBUS` in user space) instead of
-    /// seeing bytes that are not the page's. `UFFDIO_POISON` (Linux 6.6) is not in the
-    /// userfaultfd crate, so the ioctl is issued here.
-    fn poison(&self, page_addr: u64) -> Result<(), nix::errno::Errno> {
+    fn wake(&self, page_addr: u64) {
+        let _ = self
+            .uffd
+            .wake(page_addr as *mut libc::c_void, PAGE_SIZE as usize);
+    }
+
+    /// `UFFDIO_POISON` (Linux 6.6) is not in the userfaultfd crate, so the ioctl is
+    /// issued here.
+    fn poison(&self, page_addr: u64) -> Result<(), KernelError> {
         let mut arg = UffdioPoison {
             start: page_addr,
             len: PAGE_SIZE,
@@ -428,30 +282,20 @@ impl Shared {
         // of a range registered with this userfaultfd, never memory Rust owns.
         let rc = unsafe { libc::ioctl(self.uffd.as_raw_fd(), UFFDIO_POISON, &mut arg) };
         if rc == 0 {
-            Ok(())
-        } else {
-            Err(nix::errno::Errno::last())
+            return Ok(());
+        }
+        match nix::errno::Errno::last() {
+            nix::errno::Errno::EEXIST => Err(KernelError::Exists),
+            nix::errno::Errno::ENOENT => Err(KernelError::NotRegistered),
+            e => Err(KernelError::Other(e.to_string())),
         }
     }
 
-    /// Tells the VMM, once, that lazy memory can no longer be filled as it must.
     fn report(&self, why: String) {
         let died = self.died.lock().unwrap_or_else(|e| e.into_inner()).take();
         match died {
             Some(died) => died(why),
             None => log::error!("{why}"),
-        }
-    }
-
-    /// Takes the change lock for a registry change, counting a wait for a fill.
-    fn lock_changes(&self) -> MutexGuard<'_, ()> {
-        match self.changes.try_lock() {
-            Ok(guard) => guard,
-            Err(TryLockError::Poisoned(e)) => e.into_inner(),
-            Err(TryLockError::WouldBlock) => {
-                self.counters.writer_waits.fetch_add(1, Ordering::Relaxed);
-                self.changes.lock().unwrap_or_else(|e| e.into_inner())
-            }
         }
     }
 }
@@ -484,15 +328,14 @@ mod tests {
     const DEADLINE: Duration = Duration::from_secs(10);
 
     #[test]
-    fn is_errno_matches_only_its_errno() {
+    fn kernel_errors_say_present_or_unregistered_by_errno() {
         use nix::errno::Errno;
-        let exists = userfaultfd::Error::CopyFailed(Errno::EEXIST);
-        assert!(is_errno(&exists, Errno::EEXIST));
-        assert!(!is_errno(&exists, Errno::ENOENT));
-        assert!(is_errno(
-            &userfaultfd::Error::ZeropageFailed(Errno::ENOENT),
-            Errno::ENOENT
-        ));
+        let exists = kernel_error(userfaultfd::Error::CopyFailed(Errno::EEXIST));
+        assert!(matches!(exists, KernelError::Exists));
+        let missing = kernel_error(userfaultfd::Error::ZeropageFailed(Errno::ENOENT));
+        assert!(matches!(missing, KernelError::NotRegistered));
+        let other = kernel_error(userfaultfd::Error::CopyFailed(Errno::EINVAL));
+        assert!(matches!(other, KernelError::Other(_)));
     }
 
     fn handler() -> Option<Arc<FaultHandler>> {
@@ -546,14 +389,16 @@ mod tests {
         if kernel {
             handler.register(range).unwrap();
         } else {
-            handler.shared.registry.add(range);
+            handler.shared.faults.registry().add(range);
         }
         // On a helper thread: a fill stuck for good ends the process, since the
         // handler's drop would hang too.
         let (done_tx, done_rx) = std::sync::mpsc::channel();
         let shared = handler.shared.clone();
         std::thread::spawn(move || {
-            shared.resolve(addr, &mut vec![0; FILL_WINDOW as usize]);
+            shared
+                .faults
+                .resolve(addr, &mut vec![0; FILL_WINDOW as usize]);
             let _ = done_tx.send(());
         });
         if done_rx.recv_timeout(DEADLINE).is_err() {
@@ -648,7 +493,7 @@ mod tests {
 
         let (writer_tx, writer_rx) = std::sync::mpsc::channel();
         let writer_table = table.clone();
-        *handler.shared.after_lookup.lock().unwrap() = Some(Box::new(move |shared| {
+        *handler.shared.faults.after_lookup.lock().unwrap() = Some(Box::new(move |faults| {
             let table = writer_table.clone();
             let writer = std::thread::spawn(move || {
                 table.remove(old, None).unwrap();
@@ -658,8 +503,7 @@ mod tests {
             });
             // Until the writer is done, or waits for this fill.
             let deadline = Instant::now() + DEADLINE;
-            while !writer.is_finished() && shared.counters.writer_waits.load(Ordering::SeqCst) == 0
-            {
+            while !writer.is_finished() && faults.stats().writer_waits == 0 {
                 assert!(
                     Instant::now() < deadline,
                     "the writer neither ends nor waits"
@@ -674,14 +518,16 @@ mod tests {
         let (done_tx, done_rx) = std::sync::mpsc::channel();
         let shared = handler.shared.clone();
         std::thread::spawn(move || {
-            shared.resolve(host, &mut vec![0u8; FILL_WINDOW as usize]);
+            shared
+                .faults
+                .resolve(host, &mut vec![0u8; FILL_WINDOW as usize]);
             let _ = done_tx.send(());
         });
         if done_rx.recv_timeout(DEADLINE).is_err() {
             eprintln!("the fill did not end within {DEADLINE:?}");
             std::process::exit(101);
         }
-        handler.shared.after_lookup.lock().unwrap().take();
+        handler.shared.faults.after_lookup.lock().unwrap().take();
         writer_rx.recv().unwrap().join().unwrap();
 
         let reader_table = table.clone();

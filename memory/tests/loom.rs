@@ -1,5 +1,6 @@
-//! loom models of the region-table protocol, 2–4 threads each. Most are exhaustive
-//! (every interleaving); the three that are not say so and give their preemption bound
+//! loom models of the region-table protocol, 2–4 threads each, and of the fault
+//! handler's protocol (`memory::Faults`, over a model of userfaultfd). Most are exhaustive
+//! (every interleaving); the four that are not say so and give their preemption bound
 //! (every interleaving with at most that many preemptions): unbounded they take many
 //! minutes to hours.
 //!
@@ -10,12 +11,14 @@
 
 #![cfg(loom)]
 
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
 use loom::sync::atomic::{AtomicBool, Ordering};
 use loom::sync::Arc;
 use loom::thread;
 use memory::{
-    Backing, FaultRegistry, LazyError, LazyPages, LazyRange, LazySource, LookupError, RegionSpec,
-    RegionTable, TableConfig, TableError,
+    Backing, FaultKernel, Faults, FillError, KernelError, LazyRange, LazySource, LookupError,
+    RegionSpec, RegionTable, TableConfig, TableError,
 };
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 
@@ -258,73 +261,287 @@ fn two_readers_and_a_writer() {
     });
 }
 
-/// A stand-in fault handler: a lazily populated page is "filled" by the handler
-/// thread, which finds the range through the registry's lookup (no table lock).
-struct ModelFaults {
-    registry: FaultRegistry,
-}
-
-impl LazyPages for ModelFaults {
-    fn register(&self, range: LazyRange) -> Result<(), LazyError> {
-        self.registry.add(range);
-        Ok(())
-    }
-    fn unregister(&self, host_start: u64, len: u64) -> Result<(), LazyError> {
-        self.registry.remove(host_start, len);
-        Ok(())
+/// The source of the model's lazy ranges: zeroes, or a file whose page `n` holds the
+/// byte `n` (a range with `source_offset` `0xaa * PAGE` fills with `0xaa`). The file
+/// itself is never read: the model kernel computes the bytes.
+fn file_source() -> LazySource {
+    LazySource::File {
+        file: std::sync::Arc::new(std::fs::File::open("/dev/null").unwrap()),
+        offset: 0,
     }
 }
 
-/// Fault handler vs writer: a reader holds a guard and "faults" (waits for the handler
-/// to fill its page); a writer removes the region and waits for the reader; the
-/// handler resolves the fault through the registry without any table lock. Every
-/// interleaving ends: no lock cycle.
+/// A one-page lazy range at `host_start` whose bytes are all `byte`.
+fn lazy_page(host_start: u64, byte: u8) -> LazyRange {
+    LazyRange {
+        host_start,
+        len: PAGE,
+        source: file_source(),
+        source_offset: u64::from(byte) * PAGE,
+    }
+}
+
+/// What a model kernel knows.
+#[derive(Default)]
+struct KernelState {
+    /// Pages registered for missing-page faults.
+    registered: BTreeSet<u64>,
+    /// Present pages and the byte they hold.
+    present: BTreeMap<u64, u8>,
+    /// Wake-ups so far, by page: a waiting thread returns once its page's count moves.
+    wakes: BTreeMap<u64, u64>,
+    /// Fault events queued for the handler: a page, or `None` for "no fault is coming".
+    events: VecDeque<Option<u64>>,
+}
+
+/// A model of userfaultfd, built of loom primitives: a thread faulting on a missing
+/// page of a registered range queues an event and sleeps until the page is copied in
+/// or a wake-up for it (`UFFDIO_WAKE`, or the range's unregistration) comes; a copy
+/// fails with `ENOENT` where nothing is registered and with `EEXIST` where a page is
+/// present. With `refuse_unregister` every unregistration fails and wakes nobody.
+struct ModelKernel {
+    state: loom::sync::Mutex<KernelState>,
+    changed: loom::sync::Condvar,
+    refuse_unregister: bool,
+}
+
+impl ModelKernel {
+    fn new(refuse_unregister: bool) -> Self {
+        ModelKernel {
+            state: loom::sync::Mutex::new(KernelState::default()),
+            changed: loom::sync::Condvar::new(),
+            refuse_unregister,
+        }
+    }
+
+    fn pages(start: u64, len: u64) -> impl Iterator<Item = u64> {
+        (start..start + len).step_by(PAGE as usize)
+    }
+
+    /// An access to the page at `page`: its byte, or `None` if it is not there after
+    /// the fault (not registered: what a plain mapping there would show; or woken
+    /// without a fill: the access would be retried). Queues a `None` event when it did
+    /// not fault, so the handler never waits for a fault that is not coming.
+    fn access(&self, page: u64) -> Option<u8> {
+        let mut s = self.state.lock().unwrap();
+        if let Some(&byte) = s.present.get(&page) {
+            s.events.push_back(None);
+            self.changed.notify_all();
+            return Some(byte);
+        }
+        if !s.registered.contains(&page) {
+            s.events.push_back(None);
+            self.changed.notify_all();
+            return None;
+        }
+        let woken = s.wakes.get(&page).copied().unwrap_or(0);
+        s.events.push_back(Some(page));
+        self.changed.notify_all();
+        while !s.present.contains_key(&page) && s.wakes.get(&page).copied().unwrap_or(0) == woken {
+            s = self.changed.wait(s).unwrap();
+        }
+        s.present.get(&page).copied()
+    }
+
+    /// Tells the handler no fault is coming from this thread.
+    fn no_fault(&self) {
+        self.state.lock().unwrap().events.push_back(None);
+        self.changed.notify_all();
+    }
+
+    /// The handler's read of the next fault event.
+    fn next_event(&self) -> Option<u64> {
+        let mut s = self.state.lock().unwrap();
+        loop {
+            if let Some(event) = s.events.pop_front() {
+                return event;
+            }
+            s = self.changed.wait(s).unwrap();
+        }
+    }
+
+    /// `MADV_DONTNEED` of a page: its content is gone.
+    fn discard(&self, page: u64) {
+        self.state.lock().unwrap().present.remove(&page);
+    }
+
+    /// The byte the page holds, if present.
+    fn content(&self, page: u64) -> Option<u8> {
+        self.state.lock().unwrap().present.get(&page).copied()
+    }
+
+    fn wake_pages(&self, s: &mut KernelState, start: u64, len: u64) {
+        for page in Self::pages(start, len) {
+            *s.wakes.entry(page).or_default() += 1;
+        }
+        self.changed.notify_all();
+    }
+}
+
+impl FaultKernel for ModelKernel {
+    fn register(&self, start: u64, len: u64) -> Result<(), KernelError> {
+        let mut s = self.state.lock().unwrap();
+        s.registered.extend(Self::pages(start, len));
+        Ok(())
+    }
+
+    fn unregister(&self, start: u64, len: u64) -> Result<(), KernelError> {
+        if self.refuse_unregister {
+            return Err(KernelError::Other("refused by the model".into()));
+        }
+        let mut s = self.state.lock().unwrap();
+        for page in Self::pages(start, len) {
+            s.registered.remove(&page);
+        }
+        self.wake_pages(&mut s, start, len);
+        Ok(())
+    }
+
+    fn copy(
+        &self,
+        range: &LazyRange,
+        start: u64,
+        len: u64,
+        _buf: &mut [u8],
+    ) -> Result<(), FillError> {
+        let mut s = self.state.lock().unwrap();
+        for page in Self::pages(start, len) {
+            if !s.registered.contains(&page) {
+                return Err(FillError::Copy(KernelError::NotRegistered));
+            }
+            if s.present.contains_key(&page) {
+                return Err(FillError::Copy(KernelError::Exists));
+            }
+        }
+        for page in Self::pages(start, len) {
+            let byte = match range.source {
+                LazySource::Zero => 0,
+                LazySource::File { .. } => {
+                    ((range.source_offset + (page - range.host_start)) / PAGE) as u8
+                }
+            };
+            s.present.insert(page, byte);
+        }
+        self.wake_pages(&mut s, start, len);
+        Ok(())
+    }
+
+    fn wake(&self, page_addr: u64) {
+        let mut s = self.state.lock().unwrap();
+        self.wake_pages(&mut s, page_addr, PAGE);
+    }
+
+    fn poison(&self, page_addr: u64) -> Result<(), KernelError> {
+        panic!("the models' sources never fail to read (page {page_addr:#x})");
+    }
+
+    fn report(&self, why: String) {
+        panic!("{why}");
+    }
+}
+
+/// The handler thread of a model: serves one fault event (if one comes).
+fn handle_one(faults: &Faults<ModelKernel>) {
+    if let Some(page) = faults.kernel().next_event() {
+        faults.resolve(page, &mut []);
+    }
+}
+
+/// Where the models' lazy page lives (the model kernel needs no memory there).
+const HOST: u64 = 0x7f00_0000_0000;
+
+/// Stale fill (guarantee 13): a writer unregisters range A (bytes `0xaa`), discards its
+/// page and registers range B at the same address (bytes `0xbb`) while the handler
+/// resolves a fault there. The page never holds A's bytes once B is registered: the
+/// handler holds the change lock from its lookup to its copy, so it copies A's bytes
+/// only before A's unregistration (and the discard drops them) or looks B up. Fails
+/// (the page ends with `0xaa`) if `resolve` releases the lock between lookup and copy.
+#[test]
+fn fault_handler_never_fills_a_stale_range() {
+    model(|| {
+        let faults = Arc::new(Faults::new(ModelKernel::new(false)));
+        faults.register(lazy_page(HOST, 0xaa)).unwrap();
+        let handler = {
+            let faults = faults.clone();
+            spawn(move || faults.resolve(HOST, &mut []))
+        };
+        faults.unregister(HOST, PAGE).unwrap();
+        faults.kernel().discard(HOST);
+        faults.register(lazy_page(HOST, 0xbb)).unwrap();
+        handler.join().unwrap();
+        let content = faults.kernel().content(HOST);
+        assert!(matches!(content, None | Some(0xbb)), "{content:x?}");
+    });
+}
+
+/// Wake on a miss: a thread faults on a page of range A; the writer unregisters A, but
+/// the kernel refuses (and wakes nobody) while the range is forgotten all the same; the
+/// handler resolves the fault. The faulting thread is always woken (by the fill, if the
+/// handler came first, else by the handler's wake-up on a miss). Fails (loom reports a
+/// deadlock) without the wake-up on a miss. The same with an unregistration the kernel
+/// accepts (it wakes the page's waiters itself; the handler's copy meets `ENOENT`).
+#[test]
+fn fault_handler_wakes_a_fault_it_misses() {
+    for refuse in [true, false] {
+        model(move || {
+            let faults = Arc::new(Faults::new(ModelKernel::new(refuse)));
+            faults.register(lazy_page(HOST, 0xaa)).unwrap();
+            let faulter = {
+                let faults = faults.clone();
+                spawn(move || faults.kernel().access(HOST))
+            };
+            let handler = {
+                let faults = faults.clone();
+                spawn(move || handle_one(&faults))
+            };
+            assert_eq!(faults.unregister(HOST, PAGE).is_err(), refuse);
+            assert!(faults.registry().is_empty());
+            let byte = faulter.join().unwrap();
+            assert!(matches!(byte, None | Some(0xaa)), "{byte:x?}");
+            handler.join().unwrap();
+        });
+    }
+}
+
+/// Fault handler vs writer, with the table's own code: a reader holds a guard on a
+/// lazy region and faults on it (waits in the model kernel until the handler fills
+/// its page); a writer removes the region, waiting for that reader; the handler
+/// resolves the fault through `Faults` (registry and change lock), which the writer
+/// takes only after the drain, to unregister. Every interleaving ends (no lock cycle),
+/// and the reader sees the page's zeroes. A handler that waited on the table lock
+/// (say, a lookup through the table) closes the cycle: loom reports the deadlock.
+/// Bounded: 6 preemptions (about 17 s; unbounded it takes about 2 minutes).
 #[test]
 fn fault_handler_vs_writer() {
-    model(|| {
-        let faults = std::sync::Arc::new(ModelFaults {
-            registry: FaultRegistry::default(),
-        });
+    model_bounded(6, || {
+        let faults = std::sync::Arc::new(Faults::new(ModelKernel::new(false)));
         let t = Arc::new(RegionTable::new(
             std::sync::Arc::new(memory::NoSlots),
             Some(faults.clone()),
             TableConfig::default(),
         ));
         let id = insert(&t, PAGE, PAGE, Backing::Lazy(LazySource::Zero));
-        // The reader reports a fault (a host address, or 0 for none) to the handler,
-        // and waits for the handler to say the page is filled.
-        let (fault_tx, fault_rx) = loom::sync::mpsc::channel::<u64>();
-        let (filled_tx, filled_rx) = loom::sync::mpsc::channel::<()>();
-
         let reader = {
-            let t = t.clone();
+            let (t, faults) = (t.clone(), faults.clone());
             spawn(move || match t.lock_region(GuestAddress(0), None) {
                 Ok(guard) => {
                     // The copy faults while the guard is held.
-                    fault_tx.send(guard.region().host_addr()).unwrap();
-                    filled_rx.recv().unwrap();
+                    let byte = faults.kernel().access(guard.region().host_addr());
+                    assert_eq!(byte, Some(0));
                     drop(guard);
                 }
-                Err(LookupError::NotMapped { .. }) => fault_tx.send(0).unwrap(),
+                Err(LookupError::NotMapped { .. }) => faults.kernel().no_fault(),
                 Err(e) => panic!("unexpected {e:?}"),
             })
         };
         let handler = {
             let faults = faults.clone();
-            spawn(move || {
-                let addr = fault_rx.recv().unwrap();
-                if addr != 0 {
-                    // The handler's lookup: lock-free, never waits for the writer.
-                    let (source, _) = faults.registry.lookup(addr).expect("range registered");
-                    assert!(matches!(source, LazySource::Zero));
-                    filled_tx.send(()).unwrap();
-                }
-            })
+            spawn(move || handle_one(&faults))
         };
         t.remove(id, None).unwrap();
         reader.join().unwrap();
         handler.join().unwrap();
-        assert!(faults.registry.is_empty());
+        assert!(faults.registry().is_empty());
     });
 }
 
