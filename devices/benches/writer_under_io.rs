@@ -19,9 +19,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use devices::virtio::block::BlockHandler;
-use devices::virtio::device_thread::{DeviceThread, ThreadContext};
 use devices::virtio::worker::QueueHandler;
-use devices::virtio::{ActivateError, Activation, VirtioDevice, VIRTIO_ID_BLOCK};
+use devices::virtio::VIRTIO_ID_BLOCK;
 use memory::{GuardedMemory, RegionId, RegionSpec, RegionTable, TableConfig, WaitStats};
 use virtio_bindings::bindings::virtio_blk::VIRTIO_BLK_T_IN;
 use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
@@ -30,7 +29,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 #[path = "../tests/common/mod.rs"]
 mod common;
-use common::{desc, header};
+use common::{desc, header, ThreadDevice};
 
 const MIB: u64 = 1 << 20;
 const BLOCK: u64 = 2 * MIB;
@@ -85,31 +84,6 @@ impl QueueHandler for SlowDisk {
         }
         std::thread::sleep(self.delay);
         self.disk.serve(index, chain.clone())
-    }
-}
-
-struct Device {
-    thread: DeviceThread,
-}
-
-impl VirtioDevice for Device {
-    fn device_type(&self) -> u32 {
-        VIRTIO_ID_BLOCK
-    }
-    fn queue_max_sizes(&self) -> &[u16] {
-        &[QUEUE]
-    }
-    fn features(&self) -> u64 {
-        devices::virtio::VIRTIO_F_VERSION_1
-    }
-    fn read_config(&self, _: u64, data: &mut [u8]) {
-        data.fill(0);
-    }
-    fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
-        self.thread.activate(activation)
-    }
-    fn reset(&mut self) {
-        self.thread.stop();
     }
 }
 
@@ -191,14 +165,8 @@ fn run(mode: Mode, cycles: u64, delay: Duration, disk: &File) -> (Vec<u64>, Wait
         delay,
         hold_all: mode == Mode::AllRegions,
     };
-    let thread = DeviceThread::spawn(
-        "bench-blk",
-        VIRTIO_ID_BLOCK,
-        handler,
-        &ThreadContext::default(),
-    )
-    .unwrap();
-    let mut rig = common::rig_on(Arc::clone(&table), Box::new(Device { thread }));
+    let device = ThreadDevice::new("bench-blk", VIRTIO_ID_BLOCK, QUEUE, handler);
+    let mut rig = common::rig_on(Arc::clone(&table), Box::new(device));
     let stop = AtomicBool::new(false);
     // The writer starts once requests complete (always, without a device).
     let flowing = AtomicBool::new(mode == Mode::Idle);

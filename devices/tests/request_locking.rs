@@ -8,9 +8,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use devices::virtio::block::{Block, BlockHandler};
-use devices::virtio::device_thread::{DeviceThread, ThreadContext};
+use devices::virtio::device_thread::ThreadContext;
 use devices::virtio::worker::QueueHandler;
-use devices::virtio::{ActivateError, Activation, VirtioDevice, VIRTIO_ID_BLOCK};
+use devices::virtio::VIRTIO_ID_BLOCK;
 use memory::{GuardedMemory, RegionSpec, RegionTable, TableConfig};
 use virtio_bindings::bindings::virtio_blk::{VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN};
 use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
@@ -19,7 +19,7 @@ use virtio_queue::DescriptorChain;
 use vm_memory::{Bytes, GuestAddress};
 
 mod common;
-use common::{desc, header, DEADLINE};
+use common::{desc, header, ThreadDevice, DEADLINE};
 
 const MIB: u64 = 1 << 20;
 /// Rings, request headers and status bytes.
@@ -33,10 +33,6 @@ const LEN: u32 = 4096;
 /// A virtio-blk device whose reads take as long as the test wants (a slow disk): each
 /// request reaches its data buffer, as a read does, tells the test, waits to be let
 /// go, reads the disk, and reports what landed in guest memory.
-struct SlowDisk {
-    thread: DeviceThread,
-}
-
 struct SlowDiskHandler {
     disk: BlockHandler,
     started: Sender<()>,
@@ -58,27 +54,6 @@ impl QueueHandler for SlowDiskHandler {
         let _ = mem.read_slice(&mut landed, data.addr());
         let _ = self.landed.send(landed);
         used
-    }
-}
-
-impl VirtioDevice for SlowDisk {
-    fn device_type(&self) -> u32 {
-        VIRTIO_ID_BLOCK
-    }
-    fn queue_max_sizes(&self) -> &[u16] {
-        &[16]
-    }
-    fn features(&self) -> u64 {
-        devices::virtio::VIRTIO_F_VERSION_1
-    }
-    fn read_config(&self, _: u64, data: &mut [u8]) {
-        data.fill(0);
-    }
-    fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
-        self.thread.activate(activation)
-    }
-    fn reset(&mut self) {
-        self.thread.stop();
     }
 }
 
@@ -125,14 +100,8 @@ fn a_slow_read_into_one_block_delays_only_a_writer_of_that_block() {
         release: release_rx,
         landed: landed_tx,
     };
-    let thread = DeviceThread::spawn(
-        "slow-disk",
-        VIRTIO_ID_BLOCK,
-        handler,
-        &ThreadContext::default(),
-    )
-    .unwrap();
-    let mut r = common::rig_on(Arc::clone(&table), Box::new(SlowDisk { thread }));
+    let device = ThreadDevice::new("slow-disk", VIRTIO_ID_BLOCK, 16, handler);
+    let mut r = common::rig_on(Arc::clone(&table), Box::new(device));
 
     // The driver (this thread) touches only the first block.
     let mem = GuardedMemory::new(&table, None);

@@ -10,11 +10,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use devices::virtio::block::Block;
-use devices::virtio::device_thread::{DeviceThread, ThreadContext};
+use devices::virtio::device_thread::ThreadContext;
 use devices::virtio::mem::{Mem, MemBacking, MemControl};
 use devices::virtio::rng::Rng;
 use devices::virtio::worker::QueueHandler;
-use devices::virtio::{ActivateError, Activation, VirtioDevice};
 use memory::{GuardedMemory, RegionSpec};
 use virtio_bindings::bindings::virtio_blk::{
     VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_FLUSH,
@@ -27,7 +26,9 @@ use virtio_queue::DescriptorChain;
 use vm_memory::{Bytes, GuestAddress};
 
 mod common;
-use common::{desc, header, DEADLINE, DRIVER_OK, FEATURES_OK, NEEDS_RESET, STATUS_ACK_DRIVER};
+use common::{
+    desc, header, ThreadDevice, DEADLINE, DRIVER_OK, FEATURES_OK, NEEDS_RESET, STATUS_ACK_DRIVER,
+};
 
 const MIB: u64 = 1 << 20;
 const MEMORY: u64 = 16 * MIB;
@@ -510,10 +511,6 @@ fn with_event_idx_the_device_interrupts_when_used_event_is_passed() {
 
 /// A device whose requests take as long as the test wants (a slow disk): each tells the
 /// test it started, then waits to be let go.
-struct Slow {
-    thread: DeviceThread,
-}
-
 struct SlowHandler {
     started: Sender<()>,
     release: Receiver<()>,
@@ -533,32 +530,11 @@ impl QueueHandler for SlowHandler {
     }
 }
 
-impl VirtioDevice for Slow {
-    fn device_type(&self) -> u32 {
-        4
-    }
-    fn queue_max_sizes(&self) -> &[u16] {
-        &[16]
-    }
-    fn features(&self) -> u64 {
-        devices::virtio::VIRTIO_F_VERSION_1
-    }
-    fn read_config(&self, _: u64, data: &mut [u8]) {
-        data.fill(0);
-    }
-    fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
-        self.thread.activate(activation)
-    }
-    fn reset(&mut self) {
-        self.thread.stop();
-    }
-}
-
 /// A [`Slow`] device, with the test's ends of its requests: `started` tells a request
 /// began, `release` lets it finish; `serving` counts requests in progress; `overlapped`
 /// says two ever were.
 struct SlowRig {
-    device: Slow,
+    device: ThreadDevice,
     started: Receiver<()>,
     release: Sender<()>,
     serving: Arc<AtomicUsize>,
@@ -576,9 +552,7 @@ fn slow_device() -> SlowRig {
         serving: Arc::clone(&serving),
         overlapped: Arc::clone(&overlapped),
     };
-    let device = Slow {
-        thread: DeviceThread::spawn("slow", 4, handler, &ThreadContext::default()).unwrap(),
-    };
+    let device = ThreadDevice::new("slow", 4, 16, handler);
     SlowRig {
         device,
         started,

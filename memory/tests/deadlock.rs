@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::host::Mapping;
 use common::lazy::FAULT_DEADLINE;
 use common::{wait_for, Watchdog};
 use memory::{
@@ -42,44 +43,6 @@ fn uffd_available() -> bool {
             );
             false
         }
-    }
-}
-
-/// A private anonymous mapping of `len` bytes.
-struct Mapping {
-    addr: *mut u8,
-    len: usize,
-}
-// SAFETY: the mapping is plain memory shared deliberately between the test's threads.
-unsafe impl Send for Mapping {}
-// SAFETY: as above.
-unsafe impl Sync for Mapping {}
-
-impl Mapping {
-    fn new(len: usize) -> Mapping {
-        // SAFETY: a fresh anonymous mapping; the result is checked.
-        let addr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        assert_ne!(addr, libc::MAP_FAILED);
-        Mapping {
-            addr: addr.cast(),
-            len,
-        }
-    }
-}
-
-impl Drop for Mapping {
-    fn drop(&mut self) {
-        // SAFETY: unmapping the mapping this value owns.
-        unsafe { libc::munmap(self.addr.cast(), self.len) };
     }
 }
 

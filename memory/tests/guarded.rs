@@ -6,35 +6,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 mod common;
-use common::slots::RecordingSlots;
-use memory::{
-    Backing, GuardedMemory, LookupError, RegionSpec, RegionTable, TableConfig, TableError,
-};
+use common::tables::{grow_spec, table_with, table_with_a_region, MIB};
+use memory::{GuardedMemory, LookupError, RegionSpec, RegionTable, TableConfig, TableError};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
-
-const MIB: u64 = 1 << 20;
-
-fn table_with(slots: Arc<RecordingSlots>, config: TableConfig) -> RegionTable {
-    RegionTable::new(slots, None, config)
-}
-
-/// A table with one 1 MiB anonymous region at guest address 0.
-fn table_with_a_region() -> (RegionTable, memory::RegionId) {
-    let table = RegionTable::default();
-    let id = table
-        .insert(RegionSpec::anonymous(GuestAddress(0), MIB), None)
-        .unwrap();
-    (table, id)
-}
-
-fn grow_spec(start: u64, size: u64, capacity: u64) -> RegionSpec {
-    RegionSpec {
-        start: GuestAddress(start),
-        size,
-        capacity,
-        backing: Backing::Anonymous,
-    }
-}
 
 #[test]
 fn guarded_memory_works_with_vm_memory_bytes() {

@@ -7,6 +7,7 @@ use std::sync::mpsc::RecvTimeoutError;
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::host::{scratch_file, Mapping};
 use common::lazy::{kernel_read, read, within, write, FailingUnregister, FAULT_DEADLINE};
 use memory::{
     Backing, FaultHandler, LazyPages, LazyRange, LazySource, RegionSpec, RegionTable, TableConfig,
@@ -86,7 +87,7 @@ fn file_backed_region_reads_the_file_at_its_offset() {
     let Some((table, handler)) = lazy_table() else {
         return;
     };
-    let mut file = tempfile();
+    let mut file = scratch_file("lazy");
     let contents: Vec<u8> = (0..3 * 4096u32).map(|i| (i % 251) as u8).collect();
     file.write_all(&contents).unwrap();
     let file = Arc::new(file);
@@ -117,19 +118,6 @@ fn file_backed_region_reads_the_file_at_its_offset() {
         "one window: {:?}",
         handler.stats()
     );
-}
-
-fn tempfile() -> std::fs::File {
-    let path = std::env::temp_dir().join(format!("kite-lazy-{}", std::process::id()));
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&path)
-        .unwrap();
-    std::fs::remove_file(&path).unwrap();
-    file
 }
 
 #[test]
@@ -213,46 +201,6 @@ fn a_fault_handler_that_cannot_start_serving_reports_its_death() {
     drop(handler);
 }
 
-/// Anonymous host memory outside any table, unmapped on drop.
-struct Mapping {
-    addr: u64,
-    len: usize,
-}
-
-impl Mapping {
-    fn new(len: usize) -> Mapping {
-        // SAFETY: a fresh anonymous mapping that nothing else refers to.
-        let addr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        assert_ne!(addr, libc::MAP_FAILED);
-        Mapping {
-            addr: addr as u64,
-            len,
-        }
-    }
-
-    fn protect(&self, prot: i32) {
-        // SAFETY: our own mapping; no Rust reference points into it.
-        let rc = unsafe { libc::mprotect(self.addr as *mut libc::c_void, self.len, prot) };
-        assert_eq!(rc, 0);
-    }
-}
-
-impl Drop for Mapping {
-    fn drop(&mut self) {
-        // SAFETY: our own mapping, unused by now.
-        unsafe { libc::munmap(self.addr as *mut libc::c_void, self.len) };
-    }
-}
-
 #[test]
 fn a_fault_on_a_range_the_registry_forgot_is_woken() {
     let Some(handler) = start(ThreadHooks::default()) else {
@@ -261,7 +209,7 @@ fn a_fault_on_a_range_the_registry_forgot_is_woken() {
     let memory = Mapping::new(4 * PAGE_SIZE as usize);
     handler
         .register(LazyRange {
-            host_start: memory.addr,
+            host_start: memory.start(),
             len: 4 * PAGE_SIZE,
             source: LazySource::Zero,
             source_offset: 0,
@@ -270,9 +218,9 @@ fn a_fault_on_a_range_the_registry_forgot_is_woken() {
     // The kernel refuses an unaligned unregistration; the registry forgets the range
     // anyway (from its second byte on), so the kernel still sends faults there.
     assert!(handler
-        .unregister(memory.addr + 1, 4 * PAGE_SIZE - 1)
+        .unregister(memory.start() + 1, 4 * PAGE_SIZE - 1)
         .is_err());
-    let page = memory.addr + 2 * PAGE_SIZE;
+    let page = memory.start() + 2 * PAGE_SIZE;
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || tx.send(kernel_read(page, PAGE_SIZE as usize)));
     common::wait_for("the handler to miss the range", FAULT_DEADLINE, || {
@@ -301,7 +249,7 @@ fn a_backing_file_that_cannot_be_read_fails_the_fault() {
     };
     let table = table_with(handler.clone());
     // Opened write-only: every read fails with EBADF.
-    let mut file = tempfile();
+    let mut file = scratch_file("lazy");
     file.write_all(&[0x5a; 8192]).unwrap();
     let path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&file));
     let write_only = std::fs::OpenOptions::new().write(true).open(path).unwrap();
@@ -346,7 +294,7 @@ fn memory_shrunk_away_and_grown_back_reads_as_zeros() {
     let Some((table, _handler)) = lazy_table() else {
         return;
     };
-    let mut file = tempfile();
+    let mut file = scratch_file("lazy");
     file.write_all(&[0x5a; 4 * PAGE_SIZE as usize]).unwrap();
     let id = table
         .insert(
@@ -430,16 +378,16 @@ fn a_window_partly_present_still_fills_the_faulting_page() {
     // A page in the middle of the window is present before the range is registered:
     // a fill of the whole window stops there.
     // SAFETY: a byte of our own mapping, not registered yet.
-    unsafe { ((memory.addr + 5 * PAGE_SIZE) as *mut u8).write_volatile(1) };
+    unsafe { ((memory.start() + 5 * PAGE_SIZE) as *mut u8).write_volatile(1) };
     handler
         .register(LazyRange {
-            host_start: memory.addr,
+            host_start: memory.start(),
             len: memory.len as u64,
             source: LazySource::Zero,
             source_offset: 0,
         })
         .unwrap();
-    let page = memory.addr + 7 * PAGE_SIZE;
+    let page = memory.start() + 7 * PAGE_SIZE;
     let read = within("a read past the present page", move || {
         kernel_read(page, PAGE_SIZE as usize)
     });
@@ -448,5 +396,7 @@ fn a_window_partly_present_still_fills_the_faulting_page() {
     common::wait_for("the page-alone fill", FAULT_DEADLINE, || {
         handler.stats().zero_fills >= 1
     });
-    handler.unregister(memory.addr, memory.len as u64).unwrap();
+    handler
+        .unregister(memory.start(), memory.len as u64)
+        .unwrap();
 }

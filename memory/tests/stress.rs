@@ -414,15 +414,7 @@ fn readers_writers_and_fault_handler_under_watchdog() {
         )
         .unwrap();
     let file = {
-        let path = std::env::temp_dir().join(format!("kite-stress-{}", std::process::id()));
-        let mut f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .unwrap();
-        std::fs::remove_file(&path).unwrap();
+        let mut f = common::host::scratch_file("stress");
         let bytes: Vec<u8> = (0..SLOTS as u64 * SLOT_SPAN).map(file_byte).collect();
         std::io::Write::write_all(&mut f, &bytes).unwrap();
         Arc::new(f)

@@ -6,35 +6,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::slots::RecordingSlots;
+use common::tables::{grow_spec, table_with, table_with_a_region, MIB};
 use memory::{
     Backing, CopyError, GuardedMemory, LookupError, RegionSpec, RegionTable, TableConfig,
     TableError,
 };
 use vm_memory::{Bytes, GuestAddress, GuestMemoryRegion};
-
-const MIB: u64 = 1 << 20;
-
-fn table_with(slots: Arc<RecordingSlots>, config: TableConfig) -> RegionTable {
-    RegionTable::new(slots, None, config)
-}
-
-/// A table with one 1 MiB anonymous region at guest address 0.
-fn table_with_a_region() -> (RegionTable, memory::RegionId) {
-    let table = RegionTable::default();
-    let id = table
-        .insert(RegionSpec::anonymous(GuestAddress(0), MIB), None)
-        .unwrap();
-    (table, id)
-}
-
-fn grow_spec(start: u64, size: u64, capacity: u64) -> RegionSpec {
-    RegionSpec {
-        start: GuestAddress(start),
-        size,
-        capacity,
-        backing: Backing::Anonymous,
-    }
-}
 
 #[test]
 fn insert_publishes_region_and_maps_slot() {

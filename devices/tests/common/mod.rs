@@ -8,7 +8,9 @@ use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use devices::virtio::{Interrupt, MmioTransport, VirtioDevice};
+use devices::virtio::device_thread::{DeviceThread, ThreadContext};
+use devices::virtio::worker::QueueHandler;
+use devices::virtio::{ActivateError, Activation, Interrupt, MmioTransport, VirtioDevice};
 use memory::{GuardedMemory, RegionSpec, RegionTable, TableConfig};
 use virtio_queue::desc::{split::Descriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
@@ -200,4 +202,44 @@ pub fn header(kind: u32, sector: u64) -> [u8; 16] {
     h[..4].copy_from_slice(&kind.to_le_bytes());
     h[8..].copy_from_slice(&sector.to_le_bytes());
     h
+}
+
+/// A stand-in device: `handler` serves its one queue on a device thread, behind the
+/// real transport (a slow disk, a device that never finishes, ...).
+pub struct ThreadDevice {
+    thread: DeviceThread,
+    device_type: u32,
+    queue_sizes: [u16; 1],
+}
+
+impl ThreadDevice {
+    pub fn new<H: QueueHandler>(name: &str, device_type: u32, queue_size: u16, handler: H) -> Self {
+        ThreadDevice {
+            thread: DeviceThread::spawn(name, device_type, handler, &ThreadContext::default())
+                .unwrap(),
+            device_type,
+            queue_sizes: [queue_size],
+        }
+    }
+}
+
+impl VirtioDevice for ThreadDevice {
+    fn device_type(&self) -> u32 {
+        self.device_type
+    }
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_sizes
+    }
+    fn features(&self) -> u64 {
+        devices::virtio::VIRTIO_F_VERSION_1
+    }
+    fn read_config(&self, _: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+    fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
+        self.thread.activate(activation)
+    }
+    fn reset(&mut self) {
+        self.thread.stop();
+    }
 }

@@ -8,8 +8,10 @@
 
 #![allow(dead_code)]
 
+pub mod host;
 pub mod lazy;
 pub mod slots;
+pub mod tables;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
