@@ -57,6 +57,25 @@ impl QueueHandler for SlowDiskHandler {
     }
 }
 
+/// Makes available a read of the disk's first `LEN` bytes into the target block (its
+/// header and status byte in the rings' block); returns where the status goes.
+fn offer_read(mem: &GuardedMemory<'_>, mock: &MockSplitQueue<'_, GuardedMemory<'_>>) -> u64 {
+    let (hdr, status) = (RINGS + 0x8_0000, RINGS + 0x8_1000);
+    mem.write_slice(&header(VIRTIO_BLK_T_IN, 0), GuestAddress(hdr))
+        .unwrap();
+    mem.write_obj(0xffu8, GuestAddress(status)).unwrap();
+    mock.add_desc_chains(
+        &[
+            desc(hdr, 16, VRING_DESC_F_NEXT, 1),
+            desc(TARGET, LEN, VRING_DESC_F_NEXT | VRING_DESC_F_WRITE, 2),
+            desc(status, 1, VRING_DESC_F_WRITE, 0),
+        ],
+        0,
+    )
+    .unwrap();
+    status
+}
+
 /// Waits for `done` to hold, failing the test after [`DEADLINE`].
 fn wait_until(what: &str, done: impl Fn() -> bool) {
     let deadline = Instant::now() + DEADLINE;
@@ -107,19 +126,7 @@ fn a_slow_read_into_one_block_delays_only_a_writer_of_that_block() {
     let mem = GuardedMemory::new(&table, None);
     let mock = MockSplitQueue::new(&mem, 16);
     r.set_up(&mock, 16);
-    let (hdr, status) = (RINGS + 0x8_0000, RINGS + 0x8_1000);
-    mem.write_slice(&header(VIRTIO_BLK_T_IN, 0), GuestAddress(hdr))
-        .unwrap();
-    mem.write_obj(0xffu8, GuestAddress(status)).unwrap();
-    mock.add_desc_chains(
-        &[
-            desc(hdr, 16, VRING_DESC_F_NEXT, 1),
-            desc(TARGET, LEN, VRING_DESC_F_NEXT | VRING_DESC_F_WRITE, 2),
-            desc(status, 1, VRING_DESC_F_WRITE, 0),
-        ],
-        0,
-    )
-    .unwrap();
+    let status = offer_read(&mem, &mock);
     r.write(0x50, 0);
     started.recv_timeout(DEADLINE).expect("the request started");
     let readers = |start: u64| {
@@ -198,23 +205,12 @@ fn a_request_that_meets_a_writer_is_served_again_once_it_is_done() {
     let mem = GuardedMemory::new(&table, None);
     let mock = MockSplitQueue::new(&mem, 16);
     r.set_up(&mock, 16);
-    let (hdr, status) = (RINGS + 0x8_0000, RINGS + 0x8_1000);
-    mem.write_slice(&header(VIRTIO_BLK_T_IN, 0), GuestAddress(hdr))
-        .unwrap();
-    mem.write_obj(0xffu8, GuestAddress(status)).unwrap();
-    mock.add_desc_chains(
-        &[
-            desc(hdr, 16, VRING_DESC_F_NEXT, 1),
-            desc(TARGET, LEN, VRING_DESC_F_NEXT | VRING_DESC_F_WRITE, 2),
-            desc(status, 1, VRING_DESC_F_WRITE, 0),
-        ],
-        0,
-    )
-    .unwrap();
 
     // Another reader holds the data block, and a writer shrinking it waits for that one.
+    // The request is made only then, so the device meets the writer however soon it
+    // looks at the ring.
     let other = table.try_lock_region(GuestAddress(TARGET)).unwrap();
-    std::thread::scope(|s| {
+    let status = std::thread::scope(|s| {
         let writer = s.spawn(|| table.shrink(target, MIB / 2, None));
         wait_until("the writer marks the block", || {
             matches!(
@@ -222,6 +218,7 @@ fn a_request_that_meets_a_writer_is_served_again_once_it_is_done() {
                 Err(memory::LookupError::WriteLocked { .. })
             )
         });
+        let status = offer_read(&mem, &mock);
         r.write(0x50, 0);
         wait_until("the request waits for the writer", || {
             table.metrics().slow_path_readers == 1
@@ -229,6 +226,7 @@ fn a_request_that_meets_a_writer_is_served_again_once_it_is_done() {
         assert_eq!(mock.used().idx().load(), 0);
         drop(other);
         writer.join().unwrap().unwrap();
+        status
     });
     r.wait_used(1, || mock.used().idx().load());
     let mut data = vec![0u8; LEN as usize];
