@@ -288,12 +288,19 @@ impl<K: FaultKernel> Faults<K> {
                     "lazy guest memory at host address {page_addr:#x} cannot be filled: \
                      reading its backing file at offset {offset:#x} failed: {e}"
                 ));
-                if let Err(e) = self.kernel.poison(page_addr) {
-                    if !matches!(e, KernelError::Exists | KernelError::NotRegistered) {
+                match self.kernel.poison(page_addr) {
+                    Ok(()) => {}
+                    // Filled or gone meanwhile: the thread retries into what is there now.
+                    Err(KernelError::Exists | KernelError::NotRegistered) => {
+                        self.kernel.wake(page_addr)
+                    }
+                    // No poison (a kernel before 6.6): the thread stays blocked rather
+                    // than be woken into a fault that fails again and again; the VM
+                    // stops on the report above.
+                    Err(e) => {
                         log::error!("fault handler: cannot poison page {page_addr:#x}: {e}");
                         Counters::add(&c.errors);
                     }
-                    self.kernel.wake(page_addr);
                 }
             }
         }

@@ -83,6 +83,8 @@ pub struct GuardedMemory<'t> {
     /// only through `&mut self`, so a region lent out stays locked while it is borrowed.
     held: RefCell<Vec<RegionGuard<'t>>>,
     trouble: Cell<Option<Trouble>>,
+    /// Addresses the runs of the current `retry` missed (each is waited for once).
+    missed: RefCell<Vec<GuestAddress>>,
     deadline: Deadline,
 }
 
@@ -104,6 +106,7 @@ impl<'t> GuardedMemory<'t> {
             table,
             held: RefCell::new(Vec::new()),
             trouble: Cell::new(None),
+            missed: RefCell::new(Vec::new()),
             deadline,
         }
     }
@@ -132,16 +135,18 @@ impl<'t> GuardedMemory<'t> {
     ) -> Result<R, GuardedMemoryError> {
         // Every address a run missed: each wait locks all of them at once, so a run never
         // misses the same region twice and the runs end within the regions it touches.
-        let mut missed = Vec::new();
-        for _ in 0..MAX_ATTEMPTS {
+        self.missed.get_mut().clear();
+        for attempt in 1..=MAX_ATTEMPTS {
             let result = access(self);
             match self.trouble.take() {
                 None => return Ok(result),
                 Some(Trouble::Failed(e)) => return Err(e),
+                Some(Trouble::Missed(_)) if attempt == MAX_ATTEMPTS => break,
                 Some(Trouble::Missed(addr)) => {
                     drop(result);
-                    missed.push(addr);
+                    self.missed.get_mut().push(addr);
                     self.release();
+                    let missed = self.missed.get_mut().clone();
                     self.wait_for(&missed)?;
                 }
             }
@@ -154,6 +159,12 @@ impl<'t> GuardedMemory<'t> {
     /// (an access that changes guest-visible state checks this before it commits).
     pub fn missed(&self) -> bool {
         self.trouble.get().is_some()
+    }
+
+    /// Waits for writers until `deadline` from now on (a device gives each request its
+    /// own).
+    pub fn set_deadline(&mut self, deadline: Deadline) {
+        self.deadline = deadline;
     }
 
     /// Drops every lock held.
@@ -190,6 +201,7 @@ impl<'t> GuardedMemory<'t> {
             return None; // this run is void: do not lock more
         }
         let nothing_held = self.held.borrow().is_empty();
+        let publication = self.table.publication();
         let locked = if nothing_held {
             // Nothing held: waiting for a writer cannot close a cycle.
             self.table.lock_region(addr, self.deadline)
@@ -204,6 +216,18 @@ impl<'t> GuardedMemory<'t> {
                 // until `held` is cleared, which takes `&mut self`: not while `&self`,
                 // and so the reference returned, is borrowed.
                 Some(GuardedRegion::lend(unsafe { &*region }))
+            }
+            // With regions held only the fast path ran, and a removal in progress (which
+            // a drain timeout may undo) shows as not mapped until its writer ends: if a
+            // writer is active or published meanwhile, wait for it like a miss, once
+            // per address.
+            Err(LookupError::NotMapped { .. })
+                if !nothing_held
+                    && (self.table.writer_active() || self.table.publication() != publication)
+                    && !self.missed.borrow().contains(&addr) =>
+            {
+                self.trouble.set(Some(Trouble::Missed(addr)));
+                None
             }
             Err(LookupError::NotMapped { .. }) => None,
             Err(LookupError::WriteLocked { .. } | LookupError::Removed { .. }) => {

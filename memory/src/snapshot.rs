@@ -260,6 +260,11 @@ impl SnapshotCell {
     }
 
     /// The current snapshot, loaded directly (for reports and writers).
+    /// Which publication is current (see the field).
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
+    }
+
     pub(crate) fn current(&self) -> Arc<Snapshot> {
         self.published.load_full()
     }

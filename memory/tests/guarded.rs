@@ -236,9 +236,12 @@ fn a_miss_while_holding_drops_everything_waits_and_runs_again() {
             let mut mem = GuardedMemory::new(&table, Some(deadline));
             let written = mem
                 .retry(|mem| {
-                    runs.fetch_add(1, Ordering::SeqCst);
+                    let run = runs.fetch_add(1, Ordering::SeqCst);
                     // Across the boundary: the first region, then the one being changed.
-                    mem.write_slice(&[0x5a; 8], GuestAddress(MIB - 4))
+                    let written = mem.write_slice(&[0x5a; 8], GuestAddress(MIB - 4));
+                    // The first run is void, and says so; the second is not.
+                    assert_eq!(mem.missed(), run == 0);
+                    written
                 })
                 .unwrap();
             (written.is_ok(), mem.held())
@@ -257,4 +260,100 @@ fn a_miss_while_holding_drops_everything_waits_and_runs_again() {
     let mut buf = [0u8; 8];
     table.read(GuestAddress(MIB - 4), &mut buf, None).unwrap();
     assert_eq!(buf, [0x5a; 8]);
+}
+
+/// A removal that times out puts its region back; an access that holds another region
+/// and finds it unpublished meanwhile (its fast path says "not mapped") waits for the
+/// writer instead of failing, and then uses the region restored.
+#[test]
+fn an_access_waits_out_a_removal_that_is_undone() {
+    let table = RegionTable::default();
+    table
+        .insert(RegionSpec::anonymous(GuestAddress(0), MIB), None)
+        .unwrap();
+    let second = table
+        .insert(RegionSpec::anonymous(GuestAddress(MIB), MIB), None)
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (release_tx, release) = std::sync::mpsc::channel::<()>();
+    let (held_tx, held) = std::sync::mpsc::channel::<()>();
+    std::thread::scope(|s| {
+        // Another reader holds the second region, so the removal can only time out.
+        let table = &table;
+        let holder = s.spawn(move || {
+            let guard = table.lock_region(GuestAddress(MIB), None).unwrap();
+            held_tx.send(()).unwrap();
+            release.recv_timeout(Duration::from_secs(10)).unwrap();
+            drop(guard);
+        });
+        held.recv_timeout(Duration::from_secs(10)).unwrap();
+        let writer = s.spawn(move || {
+            let timeout = Some(Instant::now() + Duration::from_millis(300));
+            let removed = table.remove(second, timeout);
+            release_tx.send(()).unwrap();
+            removed
+        });
+        // Unpublished, being drained.
+        while table.region_at(GuestAddress(MIB)).is_some() {
+            assert!(Instant::now() < deadline, "the removal never started");
+            std::thread::yield_now();
+        }
+        let mut mem = GuardedMemory::new(table, Some(deadline));
+        let mut runs = 0;
+        let written = mem
+            .retry(|mem| {
+                runs += 1;
+                mem.write_slice(&[0x77; 8], GuestAddress(MIB - 4))
+            })
+            .unwrap();
+        assert!(written.is_ok(), "the access failed: {written:?}");
+        assert_eq!(runs, 2);
+        drop(mem);
+        assert!(matches!(
+            writer.join().unwrap(),
+            Err(TableError::DrainTimeout { .. })
+        ));
+        holder.join().unwrap();
+    });
+    let mut buf = [0u8; 8];
+    table.read(GuestAddress(MIB - 4), &mut buf, None).unwrap();
+    assert_eq!(buf, [0x77; 8]);
+}
+
+/// Waiting for a writer ends at the deadline given: the access's retry reports it.
+#[test]
+fn a_wait_for_a_writer_ends_at_the_deadline() {
+    let (table, id) = table_with_a_region();
+    let (release_tx, release) = std::sync::mpsc::channel::<()>();
+    let (held_tx, held) = std::sync::mpsc::channel::<()>();
+    std::thread::scope(|s| {
+        let table = &table;
+        let holder = s.spawn(move || {
+            let guard = table.lock_region(GuestAddress(0), None).unwrap();
+            held_tx.send(()).unwrap();
+            release.recv_timeout(Duration::from_secs(10)).unwrap();
+            drop(guard);
+        });
+        held.recv_timeout(Duration::from_secs(10)).unwrap();
+        // A writer holds the table lock, waiting for `holder`, until it is let go.
+        let writer = s.spawn(move || table.shrink(id, MIB / 2, None));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !matches!(
+            table.try_lock_region(GuestAddress(0)),
+            Err(LookupError::WriteLocked { .. })
+        ) {
+            assert!(
+                Instant::now() < deadline,
+                "the writer never marked the region"
+            );
+            std::thread::yield_now();
+        }
+        let mut mem = GuardedMemory::new(table, Some(Instant::now() + Duration::from_millis(50)));
+        let result = mem.retry(|mem| mem.read_obj::<u8>(GuestAddress(0)).is_ok());
+        assert_eq!(result, Err(memory::GuardedMemoryError::Timeout));
+        drop(mem);
+        release_tx.send(()).unwrap();
+        writer.join().unwrap().unwrap();
+        holder.join().unwrap();
+    });
 }

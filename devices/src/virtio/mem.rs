@@ -12,12 +12,12 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use memory::{Backing, GuardedMemory, LazySource, RegionId, RegionSpec, RegionTable};
+use memory::{Backing, GuardedMemory, LazySource, RegionId, RegionSpec, RegionTable, TableError};
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 
 use super::device_thread::{DeviceThread, ThreadContext};
-use super::worker::{memory_deadline, QueueError, QueueHandler, Served, Stopping};
+use super::worker::{memory_deadline, next_access, QueueError, QueueHandler, Served, Stopping};
 use super::{
     read_config_bytes, ActivateError, Activation, Interrupt, VirtioDevice, INT_CONFIG,
     VIRTIO_F_VERSION_1,
@@ -355,6 +355,16 @@ impl MemControl {
                 self.count_blocks(0, 1);
                 true
             }
+            // The block left the guest; only stopping lazy population or freeing its
+            // memory failed (the table says so): it is unplugged.
+            Err(e @ (TableError::Lazy(_) | TableError::Region(_))) => {
+                self.log.warn("unplug cleanup failed", || {
+                    format!("block {b} unplugged: {e}")
+                });
+                blocks[b] = None;
+                self.count_blocks(0, 1);
+                true
+            }
             Err(e) => {
                 self.log
                     .warn("unplug failed", || format!("cannot unplug block {b}: {e}"));
@@ -470,8 +480,12 @@ impl QueueHandler for MemHandler {
         let mut mem = GuardedMemory::new(memory, memory_deadline());
         while served < MEM_BUDGET && !stopping.requested() {
             let next_avail = queue.next_avail();
+            next_access(&mut mem);
             let request = mem.retry(|mem| {
                 queue.set_next_avail(next_avail);
+                if stopping.requested() {
+                    return Ok(None); // reset while waiting for a writer
+                }
                 let available = queue
                     .avail_idx(mem, Ordering::Acquire)?
                     .0
@@ -498,15 +512,25 @@ impl QueueHandler for MemHandler {
                 break; // reset meanwhile: the driver has forgotten the request
             }
             let next_used = queue.next_used();
-            mem.retry(|mem| {
+            next_access(&mut mem);
+            let used = mem.retry(|mem| {
                 queue.set_next_used(next_used);
+                if stopping.requested() {
+                    return Ok(false);
+                }
                 let len = match answer {
                     Some((resp, at)) if mem.write_slice(&resp, at).is_ok() => RESPONSE_LEN as u32,
                     _ => 0,
                 };
-                queue.add_used(mem, head, len)
+                if mem.missed() {
+                    return Ok(false); // void: run again, the ring untouched
+                }
+                queue.add_used(mem, head, len).map(|()| true)
             })??;
             mem.release();
+            if !used {
+                break;
+            }
             served += 1;
         }
         Ok(Served {

@@ -42,6 +42,13 @@ pub fn memory_deadline() -> memory::Deadline {
     Some(Instant::now() + MEMORY_DEADLINE)
 }
 
+/// Readies `mem` for the next access of a device: nothing held, and [`MEMORY_DEADLINE`]
+/// from now to wait for writers (each access gets its own, however long the batch).
+pub fn next_access(mem: &mut GuardedMemory<'_>) {
+    mem.release();
+    mem.set_deadline(memory_deadline());
+}
+
 /// Requests a device serves before it looks at its other events (a reset, another queue):
 /// a driver that keeps its queue full cannot hold them off.
 const BUDGET: usize = 256;
@@ -132,7 +139,7 @@ pub trait QueueHandler: Send + 'static {
             if rounds > MAX_ROUNDS || stopping.requested() {
                 break true;
             }
-            mem.release();
+            next_access(&mut mem);
             let available = mem
                 .retry(|mem| queue.avail_idx(mem, Ordering::Acquire))??
                 .0
@@ -145,13 +152,13 @@ pub trait QueueHandler: Send + 'static {
                     break true;
                 }
             }
-            mem.release();
+            next_access(&mut mem);
             if !mem.retry(|mem| queue.enable_notification(mem))?? {
                 break false;
             }
             mem.retry(|mem| queue.disable_notification(mem))??;
         };
-        mem.release();
+        next_access(&mut mem);
         let notify = served > 0 && mem.retry(|mem| needs_interrupt(queue, mem))??;
         Ok(Served { notify, more })
     }
@@ -198,12 +205,16 @@ fn serve_available<H: QueueHandler>(
         if stopping.requested() {
             return Ok(served);
         }
-        mem.release();
+        next_access(mem);
         let (next_avail, next_used) = (queue.next_avail(), queue.next_used());
         let run = mem.retry(|mem| {
-            // A run that missed a region is undone in the queue and done again.
+            // A run that missed a region is undone in the queue and done again, unless a
+            // device reset came while it waited for the writer.
             queue.set_next_avail(next_avail);
             queue.set_next_used(next_used);
+            if stopping.requested() {
+                return Ok(Run::Stopped);
+            }
             let Some(chain) = queue.pop_descriptor_chain(mem) else {
                 return Ok(Run::Unreadable);
             };

@@ -74,6 +74,17 @@ impl RegionTable {
         Ok(unsafe { RegionGuard::new(region, shard, self.wake_key()) })
     }
 
+    /// Which snapshot publication is current: a lookup that found no region under one
+    /// publication, with no writer active after it, found the final answer.
+    pub(crate) fn publication(&self) -> u64 {
+        self.published.generation()
+    }
+
+    /// Whether a writer holds the table lock now.
+    pub(crate) fn writer_active(&self) -> bool {
+        self.writing.load(Ordering::SeqCst) != 0
+    }
+
     /// The key writers park on while a region's readers drain: an address the table
     /// owns, so a releasing reader never needs an address inside the region.
     #[inline(always)]

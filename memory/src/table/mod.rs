@@ -47,6 +47,8 @@ pub struct RegionTable {
     retired: AtomicU64,
     /// Writers waiting for readers now (0 or 1: writers are serialised).
     draining: AtomicU64,
+    /// Writers holding the table lock now (0 or 1).
+    writing: AtomicU64,
     /// Readers in the slow path now, waiting for the table lock or holding it for read.
     slow_path_readers: AtomicU64,
 }
@@ -116,6 +118,7 @@ impl RegionTable {
             stats: TableStats::default(),
             retired: AtomicU64::new(0),
             draining: AtomicU64::new(0),
+            writing: AtomicU64::new(0),
             slow_path_readers: AtomicU64::new(0),
         }
     }

@@ -142,6 +142,7 @@ impl Drop for WriteSession<'_> {
         // Bump before the table lock is released (the field drops after this body),
         // like `mmap_write_unlock` ends every VMA write lock before `up_write`.
         self.table.seq.fetch_add(1, Ordering::SeqCst);
+        self.table.writing.fetch_sub(1, Ordering::SeqCst);
         lockdep::release(&HeldLock::TableWrite);
     }
 }
@@ -209,6 +210,7 @@ impl RegionTable {
             return Err(TableError::LockTimeout);
         };
         let seq = self.seq.load(Ordering::SeqCst);
+        self.writing.fetch_add(1, Ordering::SeqCst);
         Ok(WriteSession {
             table: self,
             inner,
