@@ -24,15 +24,28 @@ const LINEAR_SEARCH_MAX: usize = 16;
 /// chunk count much.
 const CHUNK: usize = 64;
 
-/// Regions sorted by start, in chunks shared between snapshots: a writer's change
-/// copies the one chunk it touches. Starts are kept in flat arrays, so the search does
-/// not chase a pointer per comparison.
+/// Regions sorted by start. The lookup searches flat arrays of starts and region
+/// pointers (one search, one pointer per hit, as with a single sorted list); the regions
+/// themselves are owned by chunks shared between snapshots. A writer's change copies the
+/// one chunk it touches, the chunk list, and the two flat arrays — plain memory copies,
+/// no reference count touched per region — so its cost hardly grows with the number of
+/// regions.
 #[derive(Clone)]
 pub(crate) struct Snapshot {
+    /// Every region's start, sorted.
+    starts: Vec<u64>,
+    /// Every region, in the order of `starts`; owned by `chunks`.
+    regions: Vec<*const Region>,
     /// The first start of each chunk (chunks are never empty).
     firsts: Vec<u64>,
     chunks: Vec<Arc<Chunk>>,
 }
+
+// SAFETY: the region pointers point into regions `chunks` owns (through `Arc`s), which
+// are `Send + Sync`; a snapshot only reads through them.
+unsafe impl Send for Snapshot {}
+// SAFETY: as for `Send`.
+unsafe impl Sync for Snapshot {}
 
 #[derive(Clone)]
 struct Chunk {
@@ -55,6 +68,8 @@ fn last_at_or_below(starts: &[u64], addr: u64) -> Option<usize> {
 impl Snapshot {
     pub(crate) fn empty() -> Snapshot {
         Snapshot {
+            starts: Vec::new(),
+            regions: Vec::new(),
             firsts: Vec::new(),
             chunks: Vec::new(),
         }
@@ -62,10 +77,11 @@ impl Snapshot {
 
     /// The region starting at or below `addr` (it may not contain `addr`).
     #[inline(always)]
-    pub(crate) fn find(&self, addr: GuestAddress) -> Option<&Arc<Region>> {
-        let chunk = &self.chunks[last_at_or_below(&self.firsts, addr.0)?];
-        let i = last_at_or_below(&chunk.starts, addr.0)?;
-        Some(&chunk.regions[i])
+    pub(crate) fn find(&self, addr: GuestAddress) -> Option<&Region> {
+        let i = last_at_or_below(&self.starts, addr.0)?;
+        // SAFETY: `regions[i]` points into a region one of `self.chunks` owns, alive as
+        // long as `self`, which the returned reference borrows.
+        Some(unsafe { &*self.regions[i] })
     }
 
     /// Every region, by start.
@@ -76,6 +92,9 @@ impl Snapshot {
     /// Adds `region` (no region of the snapshot starts where it does).
     pub(crate) fn insert(&mut self, region: Arc<Region>) {
         let start = region.start().0;
+        let at = self.starts.partition_point(|&s| s < start);
+        self.starts.insert(at, start);
+        self.regions.insert(at, Arc::as_ptr(&region));
         if self.chunks.is_empty() {
             self.firsts.push(start);
             self.chunks.push(Arc::new(Chunk {
@@ -111,6 +130,9 @@ impl Snapshot {
         let Some(at) = self.chunks[c].starts.iter().position(|&s| s == start) else {
             return;
         };
+        let flat = self.starts.partition_point(|&s| s < start);
+        self.starts.remove(flat);
+        self.regions.remove(flat);
         if self.chunks[c].starts.len() == 1 {
             self.firsts.remove(c);
             self.chunks.remove(c);
