@@ -201,7 +201,8 @@ impl<'t> GuardedMemory<'t> {
             return None; // this run is void: do not lock more
         }
         let nothing_held = self.held.borrow().is_empty();
-        let publication = self.table.publication();
+        // Read before the lookup, and only when it is the fast path alone (see below).
+        let publication = (!nothing_held).then(|| self.table.publication());
         let locked = if nothing_held {
             // Nothing held: waiting for a writer cannot close a cycle.
             self.table.lock_region(addr, self.deadline)
@@ -210,21 +211,18 @@ impl<'t> GuardedMemory<'t> {
         };
         match locked {
             Ok(guard) => {
-                let region = std::ptr::from_ref(guard.region());
+                let region = self.lend_held(&guard);
                 self.held.borrow_mut().push(guard);
-                // SAFETY: the guard just pushed keeps the region locked, and so allocated,
-                // until `held` is cleared, which takes `&mut self`: not while `&self`,
-                // and so the reference returned, is borrowed.
-                Some(GuardedRegion::lend(unsafe { &*region }))
+                Some(region)
             }
             // With regions held only the fast path ran, and a removal in progress (which
             // a drain timeout may undo) shows as not mapped until its writer ends: if a
             // writer is active or published meanwhile, wait for it like a miss, once
             // per address.
             Err(LookupError::NotMapped { .. })
-                if !nothing_held
-                    && (self.table.writer_active() || self.table.publication() != publication)
-                    && !self.missed.borrow().contains(&addr) =>
+                if publication.is_some_and(|before| {
+                    self.table.writer_active() || self.table.publication() != before
+                }) && !self.missed.borrow().contains(&addr) =>
             {
                 self.trouble.set(Some(Trouble::Missed(addr)));
                 None
@@ -251,13 +249,18 @@ impl<'t> GuardedMemory<'t> {
 
     fn held_at(&self, addr: GuestAddress) -> Option<&GuardedRegion> {
         let held = self.held.borrow();
-        let region = held
-            .iter()
-            .map(RegionGuard::region)
-            .find(|r| r.contains(addr))
-            .map(std::ptr::from_ref)?;
-        // SAFETY: as in `hold`: the guard stays in `held` while `&self` is borrowed.
-        Some(GuardedRegion::lend(unsafe { &*region }))
+        let guard = held.iter().find(|g| g.region().contains(addr))?;
+        Some(self.lend_held(guard))
+    }
+
+    /// Lends the region of `guard`, a guard in `held` (or about to be pushed there), for
+    /// as long as `self` is borrowed.
+    fn lend_held(&self, guard: &RegionGuard<'t>) -> &GuardedRegion {
+        let region = std::ptr::from_ref(guard.region());
+        // SAFETY: the guard stays in `held` (which only grows through `&self`) and keeps
+        // its region locked, and so allocated, until `held` is cleared, which takes
+        // `&mut self`: not while `&self`, and so the reference returned, is borrowed.
+        GuardedRegion::lend(unsafe { &*region })
     }
 }
 
@@ -286,12 +289,7 @@ impl GuestMemoryBackend for GuardedMemory<'_> {
             .held
             .borrow()
             .iter()
-            .map(|guard| {
-                let region = std::ptr::from_ref(guard.region());
-                // SAFETY: as in `hold`: the guard stays in `held` while `&self` is
-                // borrowed, keeping its region locked and allocated.
-                GuardedRegion::lend(unsafe { &*region })
-            })
+            .map(|guard| self.lend_held(guard))
             .collect();
         regions.sort_by_key(|region| region.start_addr());
         regions.into_iter()
