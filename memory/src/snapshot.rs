@@ -36,8 +36,7 @@ pub(crate) struct Snapshot {
     starts: Vec<u64>,
     /// Every region, in the order of `starts`; owned by `chunks`.
     regions: Vec<*const Region>,
-    /// The first start of each chunk (chunks are never empty).
-    firsts: Vec<u64>,
+    /// The same regions in order, in chunks of at most [`CHUNK`] (never empty).
     chunks: Vec<Arc<Chunk>>,
 }
 
@@ -47,11 +46,7 @@ unsafe impl Send for Snapshot {}
 // SAFETY: as for `Send`.
 unsafe impl Sync for Snapshot {}
 
-#[derive(Clone)]
-struct Chunk {
-    starts: Vec<u64>,
-    regions: Vec<Arc<Region>>,
-}
+type Chunk = Vec<Arc<Region>>;
 
 /// Index of the last of `starts` (sorted) at or below `addr`.
 #[inline(always)]
@@ -70,7 +65,6 @@ impl Snapshot {
         Snapshot {
             starts: Vec::new(),
             regions: Vec::new(),
-            firsts: Vec::new(),
             chunks: Vec::new(),
         }
     }
@@ -86,7 +80,7 @@ impl Snapshot {
 
     /// Every region, by start.
     pub(crate) fn regions(&self) -> impl Iterator<Item = &Arc<Region>> {
-        self.chunks.iter().flat_map(|chunk| chunk.regions.iter())
+        self.chunks.iter().flat_map(|chunk| chunk.iter())
     }
 
     /// Adds `region` (no region of the snapshot starts where it does).
@@ -95,54 +89,47 @@ impl Snapshot {
         let at = self.starts.partition_point(|&s| s < start);
         self.starts.insert(at, start);
         self.regions.insert(at, Arc::as_ptr(&region));
-        if self.chunks.is_empty() {
-            self.firsts.push(start);
-            self.chunks.push(Arc::new(Chunk {
-                starts: vec![start],
-                regions: vec![region],
-            }));
-            return;
-        }
         // The chunk whose range holds `start`; the first one if it starts before all.
-        let c = last_at_or_below(&self.firsts, start).unwrap_or(0);
-        let mut chunk = Chunk::clone(&self.chunks[c]);
-        let at = chunk.starts.partition_point(|&s| s < start);
-        debug_assert!(chunk.starts.get(at) != Some(&start), "{start:#x} is taken");
-        chunk.starts.insert(at, start);
-        chunk.regions.insert(at, region);
-        if chunk.starts.len() > CHUNK {
-            let tail = Chunk {
-                starts: chunk.starts.split_off(CHUNK / 2),
-                regions: chunk.regions.split_off(CHUNK / 2),
-            };
-            self.firsts.insert(c + 1, tail.starts[0]);
+        let c = self
+            .chunks
+            .partition_point(|chunk| chunk[0].start().0 <= start)
+            .saturating_sub(1);
+        let Some(old) = self.chunks.get(c) else {
+            self.chunks.push(Arc::new(vec![region]));
+            return;
+        };
+        let mut chunk = Chunk::clone(old);
+        let at = chunk.partition_point(|r| r.start().0 < start);
+        debug_assert!(
+            chunk.get(at).is_none_or(|r| r.start().0 != start),
+            "{start:#x} is taken"
+        );
+        chunk.insert(at, region);
+        if chunk.len() > CHUNK {
+            let tail = chunk.split_off(CHUNK / 2);
             self.chunks.insert(c + 1, Arc::new(tail));
         }
-        self.firsts[c] = chunk.starts[0];
         self.chunks[c] = Arc::new(chunk);
     }
 
     /// Removes the region starting at `start`, if there is one.
     pub(crate) fn remove(&mut self, start: u64) {
-        let Some(c) = last_at_or_below(&self.firsts, start) else {
+        let Ok(flat) = self.starts.binary_search(&start) else {
             return;
         };
-        let Some(at) = self.chunks[c].starts.iter().position(|&s| s == start) else {
-            return;
-        };
-        let flat = self.starts.partition_point(|&s| s < start);
         self.starts.remove(flat);
         self.regions.remove(flat);
-        if self.chunks[c].starts.len() == 1 {
-            self.firsts.remove(c);
-            self.chunks.remove(c);
-            return;
-        }
+        let c = self
+            .chunks
+            .partition_point(|chunk| chunk[0].start().0 <= start)
+            - 1;
         let mut chunk = Chunk::clone(&self.chunks[c]);
-        chunk.starts.remove(at);
-        chunk.regions.remove(at);
-        self.firsts[c] = chunk.starts[0];
-        self.chunks[c] = Arc::new(chunk);
+        chunk.retain(|r| r.start().0 != start);
+        if chunk.is_empty() {
+            self.chunks.remove(c);
+        } else {
+            self.chunks[c] = Arc::new(chunk);
+        }
     }
 }
 
