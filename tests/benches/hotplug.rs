@@ -15,7 +15,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use kite_tests::{
-    api_call, default_guest_file, kite_binary, kvm_available, qemu_available, wait_plugged, Kite,
+    counters, default_guest_file, kite_binary, kvm_available, qemu_available, resize, wait_plugged, Kite,
 };
 use serde_json::{json, Value};
 
@@ -110,11 +110,11 @@ fn kite_linux(spin: &str, dir: &Path) -> (Duration, Duration) {
     kite.wait_for("virtio_mem virtio0: requested size: 0x0", BOOT_DEADLINE);
     kite.wait_for("Run /init as init process", BOOT_DEADLINE);
     let up = Instant::now();
-    api_call(&socket, json!({"command": "resize", "memory": "1536M"}));
+    resize(&socket, 1536 << 20);
     wait_plugged(&socket, GIB, RESIZE_DEADLINE);
     let up = up.elapsed();
     let down = Instant::now();
-    api_call(&socket, json!({"command": "resize", "memory": "512M"}));
+    resize(&socket, 512 << 20);
     wait_plugged(&socket, 0, RESIZE_DEADLINE);
     let down = down.elapsed();
     kite.signal(libc::SIGKILL);
@@ -187,16 +187,21 @@ fn writer_waits(cycles: u64, dir: &Path) -> Value {
     ]);
     kite.wait_for("kite-test: hotplug ready", BOOT_DEADLINE);
     for cycle in 0..cycles {
-        let total = format!("{}M", 512 + 128 * (1 + cycle % 3));
-        api_call(&socket, json!({"command": "resize", "memory": total}));
+        resize(&socket, (512 + 128 * (1 + cycle % 3)) << 20);
         wait_plugged(&socket, (1 + cycle % 3) * (128 << 20), RESIZE_DEADLINE);
-        api_call(&socket, json!({"command": "resize", "memory": "512M"}));
+        resize(&socket, 512 << 20);
         wait_plugged(&socket, 0, RESIZE_DEADLINE);
     }
-    let info = api_call(&socket, json!({"command": "info"}));
+    let counters = counters(&socket);
     kite.signal(libc::SIGKILL);
     kite.wait_exit(Duration::from_secs(60));
-    info["region_table"]["writer_waits"].clone()
+    let table = &counters["region_table"];
+    serde_json::json!({
+        "count": table["writer_waits"],
+        "p50_ns": table["writer_wait_p50_ns"],
+        "p99_ns": table["writer_wait_p99_ns"],
+        "max_ns": table["writer_wait_max_ns"],
+    })
 }
 
 fn main() {

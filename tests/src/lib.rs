@@ -195,6 +195,28 @@ impl Kite {
         }
     }
 
+    /// Waits until the API socket at `socket` accepts connections; fails the test at the
+    /// deadline or if `kite` exits first.
+    pub fn wait_for_socket(&mut self, socket: &Path, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while std::os::unix::net::UnixStream::connect(socket).is_err() {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!(
+                    "kite exited ({status}) before serving {}; stderr:\n{}",
+                    socket.display(),
+                    std::fs::read_to_string(&self.stderr).unwrap_or_default()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} not served within {timeout:?}",
+                socket.display()
+            );
+            // Polling for the socket, which has no event to wait on.
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// The VMM's process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
@@ -283,25 +305,82 @@ pub fn qemu_available() -> bool {
         .is_ok()
 }
 
-/// Longest the control socket may take to answer, whatever the guest is doing.
+/// Longest the API socket may take to answer, whatever the guest is doing.
 pub const API_DEADLINE: Duration = Duration::from_secs(10);
 
-/// Sends `request` to the control socket at `socket`; fails the test if there is no answer
+/// Sends `method` `endpoint` (e.g. `vm.info`) with `body` to the API socket at `socket`;
+/// the status and the JSON body (`null` if none). Fails the test if there is no answer
 /// within [`API_DEADLINE`].
-pub fn api_call(socket: &Path, request: serde_json::Value) -> serde_json::Value {
+pub fn api(
+    socket: &Path,
+    method: &str,
+    endpoint: &str,
+    body: Option<serde_json::Value>,
+) -> (u16, serde_json::Value) {
     let start = Instant::now();
-    let reply = vmm::api::call(socket, &request, API_DEADLINE)
-        .unwrap_or_else(|e| panic!("the control socket did not answer {request}: {e}"));
-    assert!(start.elapsed() < API_DEADLINE, "slow answer to {request}");
-    reply
+    let body = body.map(|b| b.to_string());
+    let path = format!("{}{endpoint}", vmm::api::API_PREFIX);
+    let (status, reply) = vmm::api::request(
+        socket,
+        method,
+        &path,
+        body.as_deref().map(str::as_bytes),
+        API_DEADLINE,
+    )
+    .unwrap_or_else(|e| panic!("the API socket did not answer {method} {endpoint}: {e}"));
+    assert!(
+        start.elapsed() < API_DEADLINE,
+        "slow answer to {method} {endpoint}"
+    );
+    let value = if reply.is_empty() {
+        serde_json::Value::Null
+    } else {
+        serde_json::from_slice(&reply).unwrap_or_else(|e| {
+            panic!(
+                "{method} {endpoint}: not JSON ({e}): {}",
+                String::from_utf8_lossy(&reply)
+            )
+        })
+    };
+    (status, value)
 }
 
-/// Hotplugged bytes, as the control socket reports them.
+/// Like [`api`], failing the test unless the VMM accepted the request (2xx).
+pub fn api_ok(
+    socket: &Path,
+    method: &str,
+    endpoint: &str,
+    body: Option<serde_json::Value>,
+) -> serde_json::Value {
+    let (status, value) = api(socket, method, endpoint, body);
+    assert!(
+        (200..300).contains(&status),
+        "{method} {endpoint}: {status} {value}"
+    );
+    value
+}
+
+/// Asks the guest to resize its memory to `total` bytes in all (`vm.resize`).
+pub fn resize(socket: &Path, total: u64) {
+    api_ok(
+        socket,
+        "PUT",
+        "vm.resize",
+        Some(serde_json::json!({ "desired_ram": total })),
+    );
+}
+
+/// The VM's counters (`vm.counters`).
+pub fn counters(socket: &Path) -> serde_json::Value {
+    api_ok(socket, "GET", "vm.counters", None)
+}
+
+/// Hotplugged bytes, as the API reports them.
 pub fn plugged(socket: &Path) -> u64 {
-    let info = api_call(socket, serde_json::json!({"command": "info"}));
-    info["memory"]["plugged"]
+    let counters = counters(socket);
+    counters["mem"]["plugged_bytes"]
         .as_u64()
-        .expect("info reports the plugged size")
+        .unwrap_or_else(|| panic!("vm.counters reports the plugged size: {counters}"))
 }
 
 /// Waits until `want` bytes are plugged; returns how long that took. Fails the test past

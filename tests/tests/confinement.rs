@@ -7,7 +7,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use kite_tests::{api_call, kite_binary, kvm_available, wait_plugged, Ended, Kite};
+use kite_tests::{kite_binary, kvm_available, resize, wait_plugged, Ended, Kite};
 use vmm::cli::exit;
 
 const GUEST: &str = env!("KITE_TEST_GUEST");
@@ -79,11 +79,7 @@ fn every_thread_is_confined_with_no_new_privileges() {
     kite.wait_for("kite-test: hotplug ready", DEADLINE);
     // The control socket serves under its filter; virtio-mem plugs under its own.
     let socket = dir.path().join("api.sock");
-    let reply = api_call(
-        &socket,
-        serde_json::json!({"command": "resize", "memory": "264M"}),
-    );
-    assert_eq!(reply["ok"], serde_json::json!(true), "{reply}");
+    resize(&socket, 264 << 20);
     wait_plugged(&socket, 8 << 20, DEADLINE);
     let expected = [
         "kite",

@@ -10,7 +10,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use kite_tests::{api_call, kvm_available, wait_plugged, Kite};
+use kite_tests::{api, counters, kvm_available, resize, wait_plugged, Kite};
 use serde_json::json;
 
 const GUEST: &str = env!("KITE_TEST_GUEST");
@@ -33,9 +33,7 @@ fn rss(pid: u32) -> u64 {
 /// settled at that size (its steady line: patterns written, disk round trips going on).
 fn resize_to(kite: &Kite, socket: &Path, blocks: u64) {
     let mark = kite.mark();
-    let total = format!("{}M", BOOT_MIB + blocks * (BLOCK >> 20));
-    let reply = api_call(socket, json!({"command": "resize", "memory": total}));
-    assert_eq!(reply["ok"], true, "{reply}");
+    resize(socket, (BOOT_MIB << 20) + blocks * BLOCK);
     wait_plugged(socket, blocks * BLOCK, RESIZE_DEADLINE);
     let steady = format!("hotplug steady plugged_mib={} ", blocks * (BLOCK >> 20));
     kite.wait_for_since(mark, &steady, RESIZE_DEADLINE);
@@ -72,13 +70,9 @@ fn hotplug_under_load(backing: &str) {
     ]);
     kite.wait_for("kite-test: hotplug ready", RESIZE_DEADLINE);
     // An oversized request gets an error reply; the VM carries on.
-    let huge = json!({"command": "info", "padding": "x".repeat(vmm::api::MAX_REQUEST as usize)});
-    let reply = api_call(&socket, huge);
-    assert_eq!(reply["ok"], false, "{reply}");
-    assert!(reply["error"]
-        .as_str()
-        .unwrap_or_default()
-        .contains("larger than"));
+    let huge = json!({"desired_ram": 1, "padding": "x".repeat(vmm::api::MAX_REQUEST as usize)});
+    let (status, reply) = api(&socket, "PUT", "vm.resize", Some(huge));
+    assert_eq!(status, 413, "{reply}");
     for cycle in 0..cycles {
         // Up by one to three blocks, then all the way down.
         let blocks = 1 + cycle % 3;
@@ -91,11 +85,11 @@ fn hotplug_under_load(backing: &str) {
             "cycle {cycle}: unplugging {blocks} blocks left RSS at {empty} (plugged: {full})"
         );
     }
-    let info = api_call(&socket, json!({"command": "info"}));
-    eprintln!("{backing}: after {cycles} cycles: {info}");
+    let counters = counters(&socket);
+    eprintln!("{backing}: after {cycles} cycles: {counters}");
     assert_eq!(
-        info["memory"]["blocks_plugged"],
-        info["memory"]["blocks_unplugged"]
+        counters["mem"]["blocks_plugged"],
+        counters["mem"]["blocks_unplugged"]
     );
     kite.signal(libc::SIGTERM);
     let end = kite.wait_exit(RESIZE_DEADLINE);

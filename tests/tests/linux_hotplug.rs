@@ -1,21 +1,24 @@
-//! Memory hotplug with the default Linux kernel: its virtio_mem driver plugs 1 GiB when
-//! asked through the control socket and unplugs it again; bad requests get error replies
-//! and the guest carries on. One boot, with an /init that spins without system calls so
-//! the kernel stays up on hosts where guest user space cannot make them.
+//! The default Linux kernel driven only through the API, as an orchestrator would: `kite
+//! serve`, then `vm.create` (a Cloud Hypervisor `VmConfig`) and `vm.boot`; its virtio_mem
+//! driver plugs 512 MiB when asked (`kite remote resize`) and unplugs it again, also after
+//! a pause and resume; bad requests get error statuses and the guest carries on;
+//! `vm.shutdown` and `vmm.shutdown` end it with exit 0. One boot, with an /init that spins
+//! without system calls so the kernel stays up on hosts where guest user space cannot
+//! make them.
 
 use std::time::Duration;
 
 use kite_tests::{
-    api_call as call, default_guest_file, kite_binary, kvm_available, plugged, wait_plugged, Kite,
-    API_DEADLINE as ANSWER_DEADLINE,
+    api, api_ok, counters, default_guest_file, kite_binary, kvm_available, plugged,
+    wait_plugged, Kite, API_DEADLINE as ANSWER_DEADLINE,
 };
-use serde_json::Value;
+use serde_json::json;
 use vmm::cli::exit;
 
 const BOOT_DEADLINE: Duration = Duration::from_secs(15 * 60);
-/// Plugging or unplugging 1 GiB runs guest kernel code: minutes where it is emulated.
+/// Plugging or unplugging runs guest kernel code: minutes where it is emulated.
 const RESIZE_DEADLINE: Duration = Duration::from_secs(15 * 60);
-const GIB: u64 = 1 << 30;
+const MIB: u64 = 1 << 20;
 
 /// The "Total pages" of the first zonelist rebuild the guest kernel printed in `console`.
 fn total_pages(console: &str) -> u64 {
@@ -27,11 +30,11 @@ fn total_pages(console: &str) -> u64 {
 }
 
 #[test]
-fn linux_plugs_and_unplugs_a_gibibyte() {
+fn linux_created_booted_resized_paused_and_shut_down_through_the_api() {
     if !kvm_available() {
         return;
     }
-    let (Some(_), Some(spin)) = (
+    let (Some(kernel), Some(spin)) = (
         default_guest_file("vmlinux"),
         default_guest_file("initramfs-spin.cpio"),
     ) else {
@@ -39,102 +42,108 @@ fn linux_plugs_and_unplugs_a_gibibyte() {
     };
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("api.sock");
-    let kite = Kite::start(&[
-        "run",
-        "--initramfs",
-        spin.to_str().unwrap(),
-        "--memory",
-        "size=512M,hotplug_size=2G",
-        "--api-socket",
-        socket.to_str().unwrap(),
-    ]);
-    kite.wait_for("Run /init as init process", BOOT_DEADLINE);
+    let socket_arg = format!("path={}", socket.display());
+    let mut kite = Kite::start(&["serve", "--api-socket", &socket_arg]);
+    kite.wait_for_socket(&socket, ANSWER_DEADLINE);
     let mode =
         std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&socket).unwrap().permissions());
-    assert_eq!(mode & 0o777, 0o600, "the control socket is private");
-    kite.wait_for("virtio_mem virtio0: requested size: 0x0", BOOT_DEADLINE);
+    assert_eq!(mode & 0o777, 0o600, "the API socket is private");
 
-    // Plug 1 GiB: kite remote, as a user would.
+    let ping = api_ok(&socket, "GET", "vmm.ping", None);
+    assert_eq!(ping["pid"], kite.pid(), "{ping}");
+    let (status, _) = api(&socket, "GET", "vm.info", None);
+    assert_eq!(status, 404, "no VM yet");
+
+    // What Cloud Hypervisor's clients send: unused devices as null or empty.
+    let config = json!({
+        "payload": {
+            "kernel": kernel,
+            "initramfs": spin,
+            "cmdline": vmm::cli::default_cmdline(),
+        },
+        "cpus": {"boot_vcpus": 1, "max_vcpus": 1},
+        "memory": {"size": 512 * MIB, "hotplug_method": "VirtioMem", "hotplug_size": 2048 * MIB},
+        "serial": {"mode": "Tty"},
+        "console": {"mode": "Off"},
+        "net": null,
+        "disks": [],
+    });
+    let (status, reply) = api(&socket, "PUT", "vm.create", Some(json!({"memory": {"size": 1}})));
+    assert_eq!(status, 400, "{reply}");
+    api_ok(&socket, "PUT", "vm.create", Some(config.clone()));
+    let (status, reply) = api(&socket, "PUT", "vm.create", Some(config));
+    assert_eq!(status, 409, "a second vm.create: {reply}");
+    let info = api_ok(&socket, "GET", "vm.info", None);
+    assert_eq!(info["state"], "Created", "{info}");
+    assert_eq!(info["memory_actual_size"], 512 * MIB, "{info}");
+    api_ok(&socket, "PUT", "vm.boot", None);
+    let (status, _) = api(&socket, "PUT", "vm.boot", None);
+    assert_eq!(status, 409, "boot when running");
+    kite.wait_for("Run /init as init process", BOOT_DEADLINE);
+    kite.wait_for("virtio_mem virtio0: requested size: 0x0", BOOT_DEADLINE);
+    assert_eq!(api_ok(&socket, "GET", "vm.info", None)["state"], "Running");
+
+    // Plug 512 MiB: kite remote, as a user would.
     let status = std::process::Command::new(kite_binary())
-        .args([
-            "remote",
-            "--api-socket",
-            socket.to_str().unwrap(),
-            "resize",
-            "--memory",
-            "1536M",
-        ])
+        .args(["remote", "--api-socket", &socket_arg, "resize", "--memory", "1G"])
         .status()
         .unwrap();
     assert!(status.success());
-    let plug_time = wait_plugged(&socket, GIB, RESIZE_DEADLINE);
-    kite.wait_for(
-        "virtio_mem virtio0: requested size: 0x40000000",
-        ANSWER_DEADLINE,
-    );
+    let plug_time = wait_plugged(&socket, 512 * MIB, RESIZE_DEADLINE);
+    kite.wait_for("virtio_mem virtio0: requested size: 0x20000000", ANSWER_DEADLINE);
+    let info = api_ok(&socket, "GET", "vm.info", None);
+    assert_eq!(info["memory_actual_size"], 1024 * MIB, "{info}");
 
-    // Bad requests: error replies, nothing changes.
-    for (request, message) in [
-        (
-            serde_json::json!({"command": "resize", "memory": "100G"}),
-            "the area holds",
-        ),
-        (
-            serde_json::json!({"command": "resize", "memory": "1537M"}),
-            "not a multiple",
-        ),
-        (
-            serde_json::json!({"command": "resize", "memory": "256M"}),
-            "below the boot memory",
-        ),
-        (serde_json::json!({"command": "resize"}), "needs \"memory\""),
-        (serde_json::json!({"command": "explode"}), "unknown command"),
-        (serde_json::json!([1, 2, 3]), "no \"command\""),
+    // Bad requests: error statuses, nothing changes.
+    for (body, message) in [
+        (json!({"desired_ram": 100u64 << 30}), "the area holds"),
+        (json!({"desired_ram": 1024 * MIB + 4096}), "not a multiple"),
+        (json!({"desired_ram": 256 * MIB}), "below the boot memory"),
+        (json!({}), "desired_ram is required"),
+        (json!({"desired_vcpus": 2}), "no vCPU hotplug"),
+        (json!({"desired_ram": "1G"}), "invalid type"),
     ] {
-        let reply = call(&socket, request.clone());
-        assert_eq!(reply["ok"], Value::Bool(false), "{request}: {reply}");
+        let (status, reply) = api(&socket, "PUT", "vm.resize", Some(body.clone()));
+        assert_eq!(status, 400, "{body}: {reply}");
         let error = reply["error"].as_str().unwrap_or_default();
-        assert!(error.contains(message), "{request}: {error}");
+        assert!(error.contains(message), "{body}: {error}");
     }
-    let garbage = {
-        use std::io::{Read, Write};
-        let mut s = std::os::unix::net::UnixStream::connect(&socket).unwrap();
-        s.set_read_timeout(Some(ANSWER_DEADLINE)).unwrap();
-        s.write_all(b"{not json\n").unwrap();
-        let mut reply = String::new();
-        s.read_to_string(&mut reply).unwrap();
-        reply
-    };
-    assert!(garbage.contains("not JSON"), "{garbage}");
-    assert_eq!(plugged(&socket), GIB, "bad requests changed nothing");
+    let (status, _) = api(&socket, "PUT", "vm.power-button", None);
+    assert_eq!(status, 400, "no ACPI power button");
+    let (status, _) = api(&socket, "PUT", "vm.resume", None);
+    assert_eq!(status, 409, "resume when running");
+    assert_eq!(plugged(&socket), 512 * MIB, "bad requests changed nothing");
 
-    // Unplug it all again.
-    let reply = call(
-        &socket,
-        serde_json::json!({"command": "resize", "memory": "512M"}),
-    );
-    assert_eq!(reply["ok"], Value::Bool(true), "{reply}");
+    // Pause: no resize while paused; resume; then unplug it all again (the guest's
+    // timers, interrupts and virtio-mem driver work on after the pause).
+    api_ok(&socket, "PUT", "vm.pause", None);
+    assert_eq!(api_ok(&socket, "GET", "vm.info", None)["state"], "Paused");
+    let (status, _) = api(&socket, "PUT", "vm.pause", None);
+    assert_eq!(status, 409, "pause when paused");
+    let (status, _) = api(&socket, "PUT", "vm.resize", Some(json!({"desired_ram": 512 * MIB})));
+    assert_eq!(status, 409, "resize when paused");
+    api_ok(&socket, "PUT", "vm.resume", None);
+    assert_eq!(api_ok(&socket, "GET", "vm.info", None)["state"], "Running");
+    api_ok(&socket, "PUT", "vm.resize", Some(json!({"desired_ram": 512 * MIB})));
     let unplug_time = wait_plugged(&socket, 0, RESIZE_DEADLINE);
-    let info = call(&socket, serde_json::json!({"command": "info"}));
-    let blocks = GIB / devices::virtio::mem::BLOCK_SIZE;
-    assert_eq!(info["memory"]["blocks_plugged"], blocks, "{info}");
-    assert_eq!(info["memory"]["blocks_unplugged"], blocks, "{info}");
-    eprintln!("plugged 1 GiB in {plug_time:?}, unplugged it in {unplug_time:?}");
+    let counters = counters(&socket);
+    let blocks = 512 * MIB / devices::virtio::mem::BLOCK_SIZE;
+    assert_eq!(counters["mem"]["blocks_plugged"], blocks, "{counters}");
+    assert_eq!(counters["mem"]["blocks_unplugged"], blocks, "{counters}");
+    assert!(counters["region_table"]["regions"].as_u64().is_some(), "{counters}");
+    eprintln!("plugged 512 MiB in {plug_time:?}, unplugged it in {unplug_time:?}");
 
-    kite.signal(libc::SIGTERM);
+    api_ok(&socket, "PUT", "vm.shutdown", None);
+    assert_eq!(api_ok(&socket, "GET", "vm.info", None)["state"], "Shutdown");
+    api_ok(&socket, "PUT", "vmm.shutdown", None);
     let end = kite.wait_exit(ANSWER_DEADLINE * 6);
-    assert_eq!(
-        end.code,
-        Some(exit::SIGNAL_BASE + libc::SIGTERM),
-        "{}",
-        end.stderr
-    );
+    assert_eq!(end.code, Some(exit::GUEST_SHUTDOWN), "{}", end.stderr);
     // The guest onlined the memory: its zonelists were rebuilt, with more pages, when the
     // first plugged block came online (in ZONE_MOVABLE; later blocks rebuild nothing).
     let boot_pages = total_pages(&end.console);
     let plugged_pages = end
         .console
-        .split("requested size: 0x40000000")
+        .split("requested size: 0x20000000")
         .nth(1)
         .map(total_pages)
         .expect("a zonelist line after the plug request");

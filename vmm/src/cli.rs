@@ -6,33 +6,10 @@ use std::path::{Path, PathBuf};
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::{ConfigError, CpusConfig, DiskConfig, MemoryConfig, VmConfig};
-use crate::end::VmEnd;
-use crate::machine::{self, Blame, HotplugSpec, MachineSpec};
+use crate::control::{ActionError, Vmm, VmmOptions};
 use crate::seccomp::SeccompMode;
 
-/// Exit codes of `kite`.
-pub mod exit {
-    /// The guest powered off or rebooted.
-    pub const GUEST_SHUTDOWN: i32 = 0;
-    /// The VMM failed (KVM, the host), or KVM could not run the guest on.
-    pub const VMM_ERROR: i32 = 1;
-    /// The command line is wrong: unknown flags, unparsable or out-of-range values.
-    pub const BAD_ARGUMENTS: i32 = 2;
-    /// A file is wrong: the config file, kernel or initramfs (missing, unreadable, not a
-    /// kernel, does not fit in guest memory).
-    pub const BAD_INPUT: i32 = 3;
-    /// The guest kernel panicked or the guest crashed (triple fault).
-    pub const GUEST_CRASH: i32 = 4;
-    /// The guest reported failure on the test exit port (0xf4).
-    pub const GUEST_FAILURE: i32 = 5;
-    /// A Kite thread made a system call its seccomp filter does not allow: Kite stopped
-    /// at once (`--seccomp=on`).
-    pub const BAD_SYSCALL: i32 = 6;
-    /// The VM ran longer than `--timeout` and was stopped.
-    pub const TIMEOUT: i32 = 124;
-    /// Stopped by signal N (SIGINT, SIGTERM): 128 + N.
-    pub const SIGNAL_BASE: i32 = 128;
-}
+pub use crate::exit;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -55,14 +32,45 @@ struct Cli {
 enum Command {
     /// Boot a guest; its console is on stdin/stdout.
     Run(RunArgs),
-    /// Talk to a running VM through its control socket.
+    /// Start the VMM with only its API socket: a VM is created and booted through the
+    /// API (vm.create, vm.boot), as with Cloud Hypervisor started without a kernel.
+    Serve(ServeArgs),
+    /// Talk to a running VMM through its API socket (Cloud Hypervisor's HTTP API).
     Remote(RemoteArgs),
+}
+
+/// `--api-socket PATH`, or Cloud Hypervisor's spelling `path=PATH`.
+fn parse_api_socket(s: &str) -> Result<PathBuf, String> {
+    let path = match s.split_once('=') {
+        Some(("path", path)) => path,
+        Some((key, _)) if !key.contains('/') => {
+            return Err(format!("unknown key '{key}' (PATH or path=PATH)"))
+        }
+        _ => s,
+    };
+    if path.is_empty() {
+        return Err("an empty path".into());
+    }
+    Ok(PathBuf::from(path))
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    /// The API socket: PATH or path=PATH.
+    #[arg(long, value_name = "PATH", value_parser = parse_api_socket)]
+    api_socket: PathBuf,
+    /// Confine each thread with its seccomp filter: on, log, off.
+    #[arg(long, value_name = "on|log|off", default_value = "on")]
+    seccomp: SeccompMode,
+    /// Stop each VM after this many seconds (exit 124).
+    #[arg(long, value_name = "SECONDS", value_parser = parse_timeout)]
+    timeout: Option<std::time::Duration>,
 }
 
 #[derive(Debug, Args)]
 struct RemoteArgs {
-    /// The VM's control socket (kite run --api-socket).
-    #[arg(long, value_name = "PATH")]
+    /// The VMM's API socket (kite run/serve --api-socket): PATH or path=PATH.
+    #[arg(long, value_name = "PATH", value_parser = parse_api_socket)]
     api_socket: PathBuf,
     #[command(subcommand)]
     request: RemoteRequest,
@@ -70,14 +78,37 @@ struct RemoteArgs {
 
 #[derive(Debug, Subcommand)]
 enum RemoteRequest {
-    /// Print the VM's memory sizes, hotplug latencies and region-table metrics as JSON.
+    /// Print the VMM's version, pid and features (vmm.ping).
+    Ping,
+    /// Print the VM's configuration, state and memory size as JSON (vm.info).
     Info,
-    /// Ask the guest to plug or unplug memory until it has this much in all.
+    /// Print the devices' and the region table's counters as JSON (vm.counters).
+    Counters,
+    /// Ask the guest to plug or unplug memory until it has this much in all (vm.resize).
     Resize {
         /// The new total guest memory (boot memory + hotplugged), e.g. 2G.
         #[arg(long, value_name = "SIZE")]
         memory: String,
     },
+    /// Create a VM from a Cloud Hypervisor VmConfig JSON file (vm.create).
+    Create {
+        /// The VmConfig file.
+        config: PathBuf,
+    },
+    /// Boot the created VM (vm.boot).
+    Boot,
+    /// Pause the VM (vm.pause).
+    Pause,
+    /// Resume the paused VM (vm.resume).
+    Resume,
+    /// Shut the VM down; it can be booted again (vm.shutdown).
+    Shutdown,
+    /// Shut the VM down and boot it again (vm.reboot).
+    Reboot,
+    /// Shut the VM down and forget it (vm.delete).
+    Delete,
+    /// End the VMM (vmm.shutdown).
+    ShutdownVmm,
 }
 
 #[derive(Debug, Args)]
@@ -104,8 +135,9 @@ struct RunArgs {
     /// A virtio-rng device (host getrandom).
     #[arg(long)]
     rng: bool,
-    /// Serve the control socket here (kite remote talks to it).
-    #[arg(long, value_name = "PATH")]
+    /// Serve the API socket here (Cloud Hypervisor's HTTP API; kite remote talks to
+    /// it): PATH or path=PATH.
+    #[arg(long, value_name = "PATH", value_parser = parse_api_socket)]
     api_socket: Option<PathBuf>,
     /// JSON configuration mirroring these flags; flags given as well override it.
     #[arg(long, value_name = "FILE")]
@@ -129,39 +161,7 @@ fn parse_timeout(s: &str) -> Result<std::time::Duration, String> {
     }
 }
 
-/// The kernel command line without `--cmdline`.
-pub fn default_cmdline() -> String {
-    let mut cmdline =
-        String::from("console=ttyS0 reboot=k panic=-1 pci=off memhp_default_state=online_movable");
-    if on_kvm_pvm_host() {
-        // Instructions this host's KVM cannot emulate in guest kernel mode but shows through
-        // CPUID anyway: the kernel must not use them.
-        cmdline.push_str(
-            " noxsave clearcpuid=popcnt,smap,smep,rdtscp,rdpid,fsgsbase,invpcid,pcid,avx,avx2,\
-             bmi1,bmi2,umip,pku,rtm,hle",
-        );
-    }
-    cmdline
-}
-
-/// Whether this host's KVM is kvm_pvm (no hardware virtualization underneath): there a stock
-/// Linux guest cannot run user space.
-pub fn on_kvm_pvm_host() -> bool {
-    Path::new("/sys/module/kvm_pvm").exists()
-}
-
-/// Where the default guest is: `$KITE_GUEST_DIR`, else `resources/build` of this source tree
-/// (built by `resources/build-guest`).
-pub fn default_guest_dir() -> PathBuf {
-    std::env::var_os("KITE_GUEST_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("..")
-                .join("resources")
-                .join("build")
-        })
-}
+pub use crate::spec::{default_cmdline, default_guest_dir, on_kvm_pvm_host};
 
 /// A failure before the VM runs, with its exit code.
 struct Failure {
@@ -226,76 +226,67 @@ impl RunArgs {
     }
 }
 
-/// Checks that `path` can be opened, before any VM is made for it.
-fn readable(what: &str, path: &Path) -> Result<(), Failure> {
-    std::fs::File::open(path)
-        .map(drop)
-        .map_err(|e| Failure::input(format!("{what} {}: {e}", path.display())))
-}
-
-/// The boot files: the configured ones, or the default guest's.
-fn boot_files(config: &VmConfig) -> Result<(PathBuf, Option<PathBuf>), Failure> {
-    let (kernel, initramfs) = default_or_given(config)?;
-    readable("kernel", &kernel)?;
-    for disk in &config.disks {
-        readable("disk", &disk.path)?;
-    }
-    if let Some(initramfs) = &initramfs {
-        readable("initramfs", initramfs)?;
-    }
-    Ok((kernel, initramfs))
-}
-
-fn default_or_given(config: &VmConfig) -> Result<(PathBuf, Option<PathBuf>), Failure> {
-    if let Some(kernel) = &config.kernel {
-        return Ok((kernel.clone(), config.initramfs.clone()));
-    }
-    let dir = default_guest_dir();
-    let kernel = dir.join("vmlinux");
-    if !kernel.is_file() {
-        return Err(Failure::input(format!(
-            "no --kernel, and the default guest is not built ({} is missing; run \
-             resources/build-guest)",
-            kernel.display()
-        )));
-    }
-    let initramfs = config
-        .initramfs
-        .clone()
-        .or_else(|| Some(dir.join("initramfs.cpio")));
-    Ok((kernel, initramfs))
-}
-
-/// How long `kite remote` waits for the VM's answer.
-const REMOTE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long `kite remote` waits for the VMM's answer (a boot or a shutdown may take
+/// seconds).
+const REMOTE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(70);
 
 fn remote(args: RemoteArgs) -> i32 {
-    let request = match &args.request {
-        RemoteRequest::Info => serde_json::json!({"command": "info"}),
-        RemoteRequest::Resize { memory } => {
-            if let Err(e) = memory.parse::<crate::config::Size>() {
+    use RemoteRequest as R;
+    let body = match &args.request {
+        R::Resize { memory } => match memory.parse::<crate::config::Size>() {
+            Ok(size) => Some(serde_json::json!({ "desired_ram": size.bytes() }).to_string()),
+            Err(e) => {
                 eprintln!("kite: --memory: {e}");
                 return exit::BAD_ARGUMENTS;
             }
-            serde_json::json!({"command": "resize", "memory": memory})
-        }
+        },
+        R::Create { config } => match std::fs::read_to_string(config) {
+            Ok(text) => Some(text),
+            Err(e) => {
+                eprintln!("kite: {}: {e}", config.display());
+                return exit::BAD_INPUT;
+            }
+        },
+        _ => None,
     };
-    match crate::api::call(&args.api_socket, &request, REMOTE_TIMEOUT) {
-        Ok(reply) if reply.get("ok") == Some(&serde_json::Value::Bool(true)) => {
-            if matches!(args.request, RemoteRequest::Info) {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&reply).unwrap_or_default()
-                );
+    let (method, endpoint) = match &args.request {
+        R::Ping => ("GET", "vmm.ping"),
+        R::Info => ("GET", "vm.info"),
+        R::Counters => ("GET", "vm.counters"),
+        R::Resize { .. } => ("PUT", "vm.resize"),
+        R::Create { .. } => ("PUT", "vm.create"),
+        R::Boot => ("PUT", "vm.boot"),
+        R::Pause => ("PUT", "vm.pause"),
+        R::Resume => ("PUT", "vm.resume"),
+        R::Shutdown => ("PUT", "vm.shutdown"),
+        R::Reboot => ("PUT", "vm.reboot"),
+        R::Delete => ("PUT", "vm.delete"),
+        R::ShutdownVmm => ("PUT", "vmm.shutdown"),
+    };
+    let path = format!("{}{endpoint}", crate::api::API_PREFIX);
+    match crate::api::request(
+        &args.api_socket,
+        method,
+        &path,
+        body.as_deref().map(str::as_bytes),
+        REMOTE_TIMEOUT,
+    ) {
+        Ok((status, reply)) if (200..300).contains(&status) => {
+            if !reply.is_empty() {
+                let text = serde_json::from_slice::<serde_json::Value>(&reply)
+                    .ok()
+                    .and_then(|v| serde_json::to_string_pretty(&v).ok())
+                    .unwrap_or_else(|| String::from_utf8_lossy(&reply).into_owned());
+                println!("{text}");
             }
             0
         }
-        Ok(reply) => {
-            let why = reply
-                .get("error")
-                .and_then(|e| e.as_str())
-                .unwrap_or("error");
-            eprintln!("kite: the VM refused: {why}");
+        Ok((status, reply)) => {
+            let why = serde_json::from_slice::<serde_json::Value>(&reply)
+                .ok()
+                .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(String::from))
+                .unwrap_or_else(|| String::from_utf8_lossy(&reply).into_owned());
+            eprintln!("kite: the VMM refused ({status}): {why}");
             exit::VMM_ERROR
         }
         Err(e) => {
@@ -305,102 +296,103 @@ fn remote(args: RemoteArgs) -> i32 {
     }
 }
 
+/// Starts the API socket at `path`, serving `vmm`.
+fn start_api(
+    vmm: &mut Vmm,
+    path: &Path,
+) -> Result<crate::api::ApiServer, crate::machine::MachineError> {
+    let (status, hooks, actions) = vmm.api_channel()?;
+    let mut dispatcher = crate::api::Dispatcher::new(status, actions);
+    Ok(crate::api::ApiServer::start(
+        path,
+        Box::new(move |request| dispatcher.handle(request)),
+        hooks,
+    )?)
+}
+
+/// Runs `vmm` to its end; the exit code.
+fn finish(vmm: Vmm) -> i32 {
+    match vmm.run() {
+        Ok(outcome) => {
+            let (code, report) = exit::of_outcome(&outcome);
+            match report {
+                exit::Report::Log(message) => log::info!("{message}"),
+                exit::Report::Error(message) => eprintln!("kite: {message}"),
+            }
+            code
+        }
+        Err(e) => {
+            eprintln!("kite: {e}");
+            exit::of_error(&e)
+        }
+    }
+}
+
 fn run(args: RunArgs) -> i32 {
-    let prepared = args.config().and_then(|config| {
-        let files = boot_files(&config)?;
-        Ok((config, files))
-    });
-    let (config, (kernel, initramfs)) = match prepared {
-        Ok(p) => p,
+    let config = match args.config() {
+        Ok(config) => config,
         Err(f) => {
             eprintln!("kite: {}", f.message);
             return f.code;
         }
     };
-    let cmdline = config.cmdline.clone().unwrap_or_else(default_cmdline);
-    log::info!(
-        "booting {} ({} vCPUs, {} memory), cmdline: {cmdline}",
-        kernel.display(),
-        config.cpus.boot,
-        config.memory.size
-    );
-    let spec = MachineSpec {
-        kernel: &kernel,
-        initramfs: initramfs.as_deref(),
-        cmdline: &cmdline,
-        // Validated: 1..=MAX_VCPUS, which fits a u8.
-        cpus: u8::try_from(config.cpus.boot).unwrap_or(u8::MAX),
-        memory: config.memory.size.bytes(),
-        disks: &config.disks,
-        rng: config.rng,
-        hotplug: config.memory.hotplug_size.map(|s| HotplugSpec {
-            size: s.bytes(),
-            backing: config.memory.hotplug_backing,
-            requested: config.memory.hotplugged_size.map_or(0, |s| s.bytes()),
-        }),
-        api_socket: args.api_socket.as_deref(),
+    let options = VmmOptions {
         seccomp: args.seccomp,
         timeout: args.timeout,
-        console: Box::new(std::io::stdout()),
     };
-    let rip = |rip: Option<u64>| rip.map_or_else(|| "unknown".into(), |r| format!("{r:#x}"));
-    match machine::run(spec) {
-        Ok(VmEnd::PowerOff) => {
-            log::info!("the guest powered off");
-            exit::GUEST_SHUTDOWN
+    let mut vmm = match Vmm::new(options, args.api_socket.is_some()) {
+        Ok(vmm) => vmm,
+        Err(e) => {
+            eprintln!("kite: {e}");
+            return exit::of_error(&e);
         }
-        Ok(VmEnd::Reset) => {
-            log::info!("the guest rebooted");
-            exit::GUEST_SHUTDOWN
+    };
+    let mut api = None;
+    let booted = vmm.create(config).and_then(|()| {
+        if let Some(path) = &args.api_socket {
+            api = Some(start_api(&mut vmm, path)?);
         }
-        Ok(VmEnd::GuestStatus(0)) => {
-            log::info!("the guest reported success on the exit port");
-            exit::GUEST_SHUTDOWN
+        vmm.boot()
+    });
+    match booted {
+        Ok(()) => {
+            let code = finish(vmm);
+            drop(api);
+            code
         }
-        Ok(VmEnd::GuestStatus(status)) => {
-            eprintln!("kite: the guest reported failure {status} on the exit port");
-            exit::GUEST_FAILURE
+        Err(ActionError::Config(e)) => {
+            eprintln!("kite: {e}");
+            if e.is_bad_file() {
+                exit::BAD_INPUT
+            } else {
+                exit::BAD_ARGUMENTS
+            }
         }
-        Ok(VmEnd::GuestPanic) => {
-            eprintln!("kite: the guest kernel panicked");
-            exit::GUEST_CRASH
-        }
-        Ok(VmEnd::GuestCrash {
-            exit: what,
-            rip: at,
-        }) => {
-            eprintln!("kite: the guest crashed: {what} at guest RIP {}", rip(at));
-            exit::GUEST_CRASH
-        }
-        Ok(VmEnd::Fatal {
-            exit: what,
-            rip: at,
-        }) => {
-            eprintln!("kite: the VM stopped: {what} at guest RIP {}", rip(at));
-            exit::VMM_ERROR
-        }
-        Ok(VmEnd::Timeout(after)) => {
-            eprintln!(
-                "kite: the VM ran longer than --timeout {}; stopped",
-                after.as_secs()
-            );
-            exit::TIMEOUT
-        }
-        Ok(VmEnd::VmmFailure(why)) => {
-            eprintln!("kite: the VMM failed: {why}");
-            exit::VMM_ERROR
-        }
-        Ok(VmEnd::Signal(num)) => {
-            log::info!("stopped by signal {num}");
-            exit::SIGNAL_BASE + num
+        Err(ActionError::Machine(e)) => {
+            eprintln!("kite: {e}");
+            exit::of_error(&e)
         }
         Err(e) => {
             eprintln!("kite: {e}");
-            match e.blame() {
-                Blame::Arguments => exit::BAD_ARGUMENTS,
-                Blame::InputFile => exit::BAD_INPUT,
-                Blame::Vmm => exit::VMM_ERROR,
-            }
+            exit::VMM_ERROR
+        }
+    }
+}
+
+fn serve(args: ServeArgs) -> i32 {
+    let options = VmmOptions {
+        seccomp: args.seccomp,
+        timeout: args.timeout,
+    };
+    let started = Vmm::new(options, true).and_then(|mut vmm| {
+        let api = start_api(&mut vmm, &args.api_socket)?;
+        Ok((vmm, api))
+    });
+    match started {
+        Ok((vmm, _api)) => finish(vmm),
+        Err(e) => {
+            eprintln!("kite: {e}");
+            exit::of_error(&e)
         }
     }
 }
@@ -445,6 +437,7 @@ pub fn main() -> i32 {
     }
     match cli.command {
         Command::Run(args) => run(args),
+        Command::Serve(args) => serve(args),
         Command::Remote(args) => remote(args),
     }
 }

@@ -11,7 +11,8 @@ use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
-use crate::machine::{eventfd, MachineError};
+use crate::builder::eventfd;
+use crate::machine::MachineError;
 use crate::signals;
 use crate::vstate::vcpu::VcpuStop;
 
@@ -95,7 +96,8 @@ impl GuestMemoryMap {
 /// died): each is reported here, from any thread, and ends the VM.
 #[derive(Debug)]
 pub struct Failures {
-    event: EventFd,
+    /// Signalled on each failure.
+    pub event: EventFd,
     reasons: Mutex<Vec<String>>,
 }
 
@@ -130,8 +132,9 @@ impl Failures {
     }
 }
 
-/// Events that end the VM: the i8042 reset, the exit port, a vCPU stopping, a failed
-/// VMM thread, SIGINT/SIGTERM. The first one decides how the VM ended.
+/// Events of one VM that end it: the i8042 reset, the exit port, a vCPU stopping, the
+/// `--timeout` timer. The first one decides how the VM ended. (The process's own events,
+/// SIGINT/SIGTERM and failed VMM threads, are the VMM's: `crate::vmm`.)
 pub struct EndEvents {
     /// The i8042's reset line.
     pub reset: EventFd,
@@ -139,12 +142,8 @@ pub struct EndEvents {
     pub exit_port: EventFd,
     /// Signalled by a vCPU thread that stopped, after it sent why on `stops`.
     pub vcpu_stopped: EventFd,
-    /// Signalled by the SIGINT/SIGTERM handler.
-    pub signal: &'static EventFd,
     /// Why each vCPU stopped.
     pub stops: Receiver<(u8, VcpuStop)>,
-    /// Failed VMM threads.
-    pub failures: Arc<Failures>,
     /// Guest memory's layout, to tell who is at fault when KVM cannot reach memory.
     pub memory: GuestMemoryMap,
     /// Fires when the VM has run for `--timeout`, with that duration.
@@ -155,13 +154,7 @@ pub struct EndEvents {
 
 impl MutEventSubscriber for EndEvents {
     fn init(&mut self, ops: &mut EventOps) {
-        for fd in [
-            &self.reset,
-            &self.exit_port,
-            &self.vcpu_stopped,
-            self.signal,
-            &self.failures.event,
-        ] {
+        for fd in [&self.reset, &self.exit_port, &self.vcpu_stopped] {
             if let Err(e) = ops.add(Events::new(fd, EventSet::IN)) {
                 log::error!("cannot watch a VM event: {e:?}");
             }
@@ -188,15 +181,6 @@ impl MutEventSubscriber for EndEvents {
         {
             let _ = timer.wait();
             self.end.get_or_insert(VmEnd::Timeout(*after));
-        } else if fd == self.failures.event.as_raw_fd() {
-            let _ = self.failures.event.read();
-            if let Some(why) = self.failures.first() {
-                self.end.get_or_insert(VmEnd::VmmFailure(why));
-            }
-        } else if fd == std::os::fd::AsRawFd::as_raw_fd(self.signal) {
-            let _ = self.signal.read();
-            let num = signals::received().unwrap_or(libc::SIGTERM);
-            self.end.get_or_insert(VmEnd::Signal(num));
         } else {
             let _ = self.vcpu_stopped.read();
             while let Ok((id, why)) = self.stops.try_recv() {

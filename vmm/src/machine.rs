@@ -1,45 +1,44 @@
-//! One VM from start to end: guest RAM in the region table, the kernel loaded, devices on the
-//! bus, vCPU threads, and the event loop that waits for the VM to end.
+//! One built VM: its KVM VM, guest memory, devices and vCPUs, and what the VMM does with
+//! it — start, pause, resume, shut down — each in a documented order.
+//!
+//! - **start**: the vCPU threads are spawned (each confines itself, then enters the guest).
+//! - **pause**: vCPUs first (asked, kicked out of `KVM_RUN`, parked between exits, so no
+//!   device access is half done), then devices (each finishes the request in hand and
+//!   serves nothing more), then the KVM clock is read. One deadline for all of it; if it
+//!   passes, whatever paused is resumed and the VM runs on.
+//! - **resume**: the KVM clock is set back to the value read at the pause (the guest sees
+//!   no time jump beyond KVM's own), devices, then vCPUs.
+//! - **shut down**: vCPUs are stopped (kicked until their threads exit, 5 s in all), then
+//!   devices (each thread given 2 s), then guest memory, then the KVM VM. What a thread
+//!   left behind may still use is kept for the rest of the process.
 
-use std::io::Write;
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::channel;
+use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use devices::legacy::{
-    ExitPort, SerialConsole, EXIT_PORT, I8042, I8042_PORT_BASE, I8042_PORT_LEN, SERIAL_IRQ,
-    SERIAL_PORT_BASE, SERIAL_PORT_LEN,
-};
-use devices::virtio::block::{Block, BlockError};
-use devices::virtio::device_thread::ThreadContext;
-use devices::virtio::mem::{Mem, MemBacking, MemControl};
-use devices::virtio::mmio::{MMIO_WINDOW, QUEUE_NOTIFY_OFFSET};
-use devices::virtio::rng::Rng;
-use devices::virtio::{Interrupt, MmioTransport, VirtioDevice};
-use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
-use memory::{
-    FaultHandler, GuardedMemory, LazyPages, RegionSpec, RegionTable, TableConfig, ThreadHooks,
-};
-use vm_device::bus::{MmioAddress, MmioRange, PioAddress, PioRange};
-use vm_device::device_manager::{IoManager, MmioManager, PioManager};
+use devices::virtio::block::BlockError;
+use devices::virtio::mem::MemControl;
+use memory::{FaultHandler, RegionTable};
+use vm_device::device_manager::IoManager;
 use vmm_sys_util::eventfd::EventFd;
-use vmm_sys_util::timerfd::TimerFd;
 
-use crate::api::{ApiContext, ApiError, ApiServer};
-use crate::arch::x86_64::boot::{self, BootError, BootSpec};
-use crate::arch::x86_64::layout;
-use crate::config::{DiskConfig, HotplugBacking, MAX_CMDLINE};
-use crate::console::{ConsoleInput, ConsoleOutput, RawTerminal};
-use crate::end::{signal_event, EndEvents, Failures, GuestMemoryMap, VmEnd};
-use crate::seccomp::{Confinement, SeccompError, SeccompMode, ThreadKind};
-use crate::vstate::vcpu::{install_kick_handler, Vcpu, VcpuError};
+use crate::api::ApiError;
+use crate::arch::x86_64::boot::BootError;
+use crate::console::ConsoleInput;
+use crate::device_manager::{DeviceError, VirtioDevices};
+use crate::end::{EndEvents, VmEnd};
+use crate::seccomp::{Confinement, SeccompError};
+use crate::spec::SpecError;
+use crate::vstate::vcpu::{Vcpu, VcpuControl, VcpuError, VcpuHandle, VcpuStop};
 use crate::vstate::vm::{Vm, VmError};
 
 /// Errors building or running a VM.
 #[derive(Debug, thiserror::Error)]
 pub enum MachineError {
+    /// The configuration cannot be resolved.
+    #[error(transparent)]
+    Spec(#[from] SpecError),
     /// KVM VM setup failed.
     #[error(transparent)]
     Vm(#[from] VmError),
@@ -55,14 +54,9 @@ pub enum MachineError {
     /// Guest RAM could not be locked for loading.
     #[error("guest memory: {0}")]
     Guarded(#[from] memory::GuardedMemoryError),
-    /// A device could not be put on the bus.
-    #[error("cannot place {what} on the I/O bus: {source:?}")]
-    Bus {
-        /// The device.
-        what: &'static str,
-        /// The bus error.
-        source: vm_device::bus::Error,
-    },
+    /// A device could not be placed.
+    #[error(transparent)]
+    Device(#[from] DeviceError),
     /// An eventfd or the event loop failed.
     #[error("event loop: {0}")]
     Events(String),
@@ -80,27 +74,16 @@ pub enum MachineError {
     Hotplug(devices::virtio::mem::MemError),
     /// A device thread could not be started.
     #[error("cannot start a device: {0}")]
-    Device(devices::virtio::ActivateError),
+    Activate(devices::virtio::ActivateError),
     /// The seccomp filters could not be built or installed.
     #[error(transparent)]
     Seccomp(#[from] SeccompError),
-    /// The kernel command line with the device announcements is too long.
-    #[error(
-        "the kernel command line would be {len} bytes with the announcements of {devices} \
-         virtio devices appended (at most {MAX_CMDLINE}): shorten --cmdline"
-    )]
-    CmdlineTooLong {
-        /// Its length.
-        len: usize,
-        /// Devices announced on it.
-        devices: usize,
-    },
-    /// A VM without vCPUs.
-    #[error("a VM needs at least one vCPU")]
-    NoVcpus,
     /// Signal handlers could not be installed.
     #[error("cannot install signal handlers: {0}")]
     Signals(vmm_sys_util::errno::Error),
+    /// The VM did not pause in time (a vCPU or device thread stuck in the host).
+    #[error("the VM did not pause within {0:?} ({1} did not stop); it runs on")]
+    PauseTimeout(Duration, &'static str),
 }
 
 /// Who is at fault for a [`MachineError`].
@@ -108,7 +91,7 @@ pub enum MachineError {
 pub enum Blame {
     /// A setting the host cannot give (e.g. more vCPUs than KVM allows).
     Arguments,
-    /// A boot file: kernel or initramfs.
+    /// A file: kernel, initramfs or disk.
     InputFile,
     /// The VMM or the host.
     Vmm,
@@ -118,412 +101,198 @@ impl MachineError {
     /// Whether the user's settings, the user's files, or the VMM is at fault.
     pub fn blame(&self) -> Blame {
         match self {
+            MachineError::Spec(e) if e.is_bad_file() => Blame::InputFile,
+            MachineError::Spec(_) => Blame::Arguments,
             MachineError::Boot(e) if e.is_bad_input() => Blame::InputFile,
             MachineError::Disk(BlockError::Thread(_)) => Blame::Vmm,
             MachineError::Disk(_) => Blame::InputFile,
             MachineError::Vm(VmError::TooManyVcpus { .. })
-            | MachineError::NoVcpus
             | MachineError::Api(_)
-            | MachineError::Hotplug(_)
-            | MachineError::CmdlineTooLong { .. } => Blame::Arguments,
+            | MachineError::Hotplug(_) => Blame::Arguments,
             _ => Blame::Vmm,
         }
     }
 }
 
-/// What to boot, and where its console goes.
-pub struct MachineSpec<'a> {
-    /// Kernel image.
-    pub kernel: &'a Path,
-    /// Initramfs, if any.
-    pub initramfs: Option<&'a Path>,
-    /// Kernel command line.
-    pub cmdline: &'a str,
-    /// vCPUs.
-    pub cpus: u8,
-    /// Guest RAM in bytes.
-    pub memory: u64,
-    /// virtio-blk disks.
-    pub disks: &'a [DiskConfig],
-    /// Whether to add a virtio-rng device.
-    pub rng: bool,
-    /// The hotplug area, if any.
-    pub hotplug: Option<HotplugSpec>,
-    /// Where to serve the control socket, if anywhere.
-    pub api_socket: Option<&'a Path>,
-    /// What the threads' seccomp filters do.
-    pub seccomp: SeccompMode,
-    /// How long the VM may run.
-    pub timeout: Option<Duration>,
-    /// Guest console output.
-    pub console: Box<dyn Write + Send>,
-}
-
-/// The hotplug area (virtio-mem).
-#[derive(Clone, Copy, Debug)]
-pub struct HotplugSpec {
-    /// Its size in bytes.
-    pub size: u64,
-    /// How plugged blocks are backed.
-    pub backing: HotplugBacking,
-    /// Bytes requested from the start.
-    pub requested: u64,
-}
-
-fn event_error<E: std::fmt::Debug>(e: E) -> MachineError {
-    MachineError::Events(format!("{e:?}"))
-}
-
-/// A non-blocking eventfd.
-pub(crate) fn eventfd() -> Result<EventFd, MachineError> {
-    EventFd::new(libc::EFD_NONBLOCK).map_err(event_error)
-}
-
-/// Puts the virtio devices `spec` asks for on the MMIO bus, each with its register window,
-/// interrupt line (irqfd) and queue notifications (ioeventfds), and announces them on the
-/// kernel command line.
-fn add_virtio_devices(
-    vm: &Vm,
-    table: &Arc<RegionTable>,
-    spec: &MachineSpec<'_>,
-    hotplug: Option<Arc<MemControl>>,
-    threads: &ThreadContext,
-    io: &mut IoManager,
-) -> Result<(), MachineError> {
-    let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
-    for (i, disk) in spec.disks.iter().enumerate() {
-        let name = format!("vd{}", char::from(b'a' + (i % 26) as u8));
-        devices.push(Box::new(Block::new(
-            &disk.path,
-            disk.readonly,
-            &name,
-            threads,
-        )?));
-    }
-    if spec.rng {
-        devices.push(Box::new(Rng::new(threads).map_err(MachineError::Device)?));
-    }
-    if let Some(control) = hotplug {
-        devices.push(Box::new(
-            Mem::new(control, threads).map_err(MachineError::Device)?,
-        ));
-    }
-    for (i, device) in devices.into_iter().enumerate() {
-        let (base, irq) = virtio_slot(i);
-        let irqfd = eventfd()?;
-        vm.register_irqfd(&irqfd, irq)?;
-        let interrupt = Arc::new(Interrupt::new(irqfd));
-        let transport =
-            MmioTransport::new(device, Arc::clone(table), interrupt).map_err(event_error)?;
-        for (queue, event) in transport.queue_events().iter().enumerate() {
-            vm.register_ioevent(event, base + QUEUE_NOTIFY_OFFSET, queue as u32)?;
-        }
-        let bus = |source| MachineError::Bus {
-            what: "a virtio device",
-            source,
-        };
-        io.register_mmio(
-            MmioRange::new(MmioAddress(base), MMIO_WINDOW).map_err(bus)?,
-            Arc::new(Mutex::new(transport)),
-        )
-        .map_err(bus)?;
-    }
-    Ok(())
-}
-
-/// The register window and interrupt line of the `index`th virtio device.
-fn virtio_slot(index: usize) -> (u64, u32) {
-    (
-        layout::VIRTIO_MMIO_BASE + index as u64 * MMIO_WINDOW,
-        layout::VIRTIO_IRQ_BASE + index as u32,
-    )
-}
-
-/// The kernel command line the guest gets: `spec`'s, with each virtio device announced
-/// (in the order `add_virtio_devices` places them). All of it must fit.
-fn guest_cmdline(spec: &MachineSpec<'_>) -> Result<String, MachineError> {
-    let hotplug = spec.hotplug.is_some_and(|h| h.size > 0);
-    let devices = spec.disks.len() + usize::from(spec.rng) + usize::from(hotplug);
-    let mut cmdline = spec.cmdline.to_string();
-    for i in 0..devices {
-        let (base, irq) = virtio_slot(i);
-        cmdline.push_str(&format!(" virtio_mmio.device=4K@{base:#x}:{irq}"));
-    }
-    if cmdline.len() > MAX_CMDLINE {
-        return Err(MachineError::CmdlineTooLong {
-            len: cmdline.len(),
-            devices,
-        });
-    }
-    Ok(cmdline)
-}
-
 /// Longest the VMM waits for its vCPU threads to stop when the VM ends; a vCPU stuck in
 /// the host past it is left behind (the process exits anyway).
 const VCPU_STOP_DEADLINE: Duration = Duration::from_secs(5);
+/// Longest a pause may take: vCPUs out of `KVM_RUN`, devices done with their requests.
+pub const PAUSE_DEADLINE: Duration = Duration::from_secs(5);
 
-/// Builds the VM `spec` describes, runs it until it ends, and tears it down.
-pub fn run(spec: MachineSpec<'_>) -> Result<VmEnd, MachineError> {
-    if spec.cpus == 0 {
-        return Err(MachineError::NoVcpus);
-    }
-    let cmdline = guest_cmdline(&spec)?;
-    // No process Kite starts may gain privileges (set-user-id files, file capabilities);
-    // the seccomp filters need this too.
-    // SAFETY: prctl(PR_SET_NO_NEW_PRIVS, 1) takes no pointers and only ever restricts.
-    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
-        return Err(MachineError::Events(format!(
-            "PR_SET_NO_NEW_PRIVS: {}",
-            std::io::Error::last_os_error()
-        )));
-    }
-    let signal = signal_event()?;
-    install_kick_handler()?;
-    let vm = Vm::new()?;
-    vm.check_vcpu_count(u32::from(spec.cpus))?;
-    let failures = Arc::new(Failures::new().map_err(event_error)?);
-    let confinement = Confinement::new(spec.seccomp)?;
-    let threads = ThreadContext {
-        confine: {
-            let confinement = Arc::clone(&confinement);
-            Arc::new(move |device_type| {
-                let kind = ThreadKind::of_device(device_type)
-                    .ok_or_else(|| format!("no seccomp filter for device type {device_type}"))?;
-                confinement.confine(kind).map_err(|e| e.to_string())
-            })
-        },
-        died: {
-            let failures = Arc::clone(&failures);
-            Arc::new(move |why| failures.report(why))
-        },
-    };
-    // Hooks of a thread of kind `kind` started by another crate.
-    let hooks = |kind: ThreadKind| ThreadHooks {
-        confine: {
-            let confinement = Arc::clone(&confinement);
-            Box::new(move || confinement.confine(kind).map_err(|e| e.to_string()))
-        },
-        died: {
-            let failures = Arc::clone(&failures);
-            Box::new(move |why| failures.report(why))
-        },
-    };
+/// What the control API reads of a VM, without going through the VMM thread.
+#[derive(Clone)]
+pub struct MachineView {
+    /// Guest memory.
+    pub table: Arc<RegionTable>,
+    /// Boot RAM in bytes.
+    pub boot_memory: u64,
+    /// The hotplug area, if any.
+    pub hotplug: Option<Arc<MemControl>>,
+    /// The fault handler of lazy memory, if any.
+    pub faults: Option<Arc<FaultHandler>>,
+}
 
-    // Guest RAM: the region table is the one description of the layout; KVM slots follow it.
-    let faults = match spec.hotplug {
-        Some(HotplugSpec {
-            backing: HotplugBacking::Lazy,
-            ..
-        }) => Some(FaultHandler::start_with(hooks(ThreadKind::FaultHandler))?),
-        _ => None,
-    };
-    let table = Arc::new(RegionTable::new(
-        vm.memory_slots(),
-        faults.clone().map(|f| f as Arc<dyn LazyPages>),
-        TableConfig {
-            max_slots: vm.max_memslots(),
-            ..TableConfig::default()
-        },
-    ));
-    for (start, size) in layout::ram_ranges(spec.memory) {
-        table.insert(RegionSpec::anonymous(start, size), None)?;
+impl MachineView {
+    /// Guest memory now: boot RAM and plugged memory.
+    pub fn memory_actual_size(&self) -> u64 {
+        self.boot_memory + self.hotplug.as_ref().map_or(0, |h| h.plugged())
     }
-    let ram: Vec<_> = table
-        .layout()
-        .into_iter()
-        .map(|(_, start, size)| (start, size))
-        .collect();
-    let hotplug = spec
-        .hotplug
-        .filter(|h| h.size > 0)
-        .map(|h| -> Result<_, MachineError> {
-            let backing = match h.backing {
-                HotplugBacking::Anon => MemBacking::Anonymous,
-                HotplugBacking::Lazy => MemBacking::Lazy,
-            };
-            let control = MemControl::new(
-                Arc::clone(&table),
-                layout::hotplug_addr(&ram),
-                h.size,
-                backing,
+}
+
+/// Where a machine is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MachineState {
+    /// Built, vCPUs not started.
+    Built,
+    /// vCPUs running.
+    Running,
+    /// vCPUs parked, devices idle.
+    Paused,
+}
+
+/// A built VM. Parts are kept in the order they must be torn down.
+pub struct Machine {
+    pub(crate) control: Arc<VcpuControl>,
+    pub(crate) vcpus: Vec<Vcpu>,
+    pub(crate) handles: Vec<VcpuHandle>,
+    pub(crate) stops: Sender<(u8, VcpuStop)>,
+    pub(crate) vcpu_stopped: EventFd,
+    pub(crate) io: Arc<IoManager>,
+    pub(crate) devices: VirtioDevices,
+    pub(crate) view: MachineView,
+    pub(crate) vm: Vm,
+    pub(crate) end: Arc<Mutex<EndEvents>>,
+    pub(crate) console_input: Arc<Mutex<ConsoleInput>>,
+    pub(crate) panicked: Arc<AtomicBool>,
+    pub(crate) confinement: Arc<Confinement>,
+    pub(crate) state: MachineState,
+    pub(crate) paused_clock: Option<kvm_bindings::kvm_clock_data>,
+}
+
+impl Machine {
+    /// Where it is in its life.
+    pub fn state(&self) -> MachineState {
+        self.state
+    }
+
+    /// What the control API reads of it.
+    pub fn view(&self) -> MachineView {
+        self.view.clone()
+    }
+
+    /// Its end events and console input, for the VMM's event loop.
+    pub fn subscribers(&self) -> (Arc<Mutex<EndEvents>>, Arc<Mutex<ConsoleInput>>) {
+        (Arc::clone(&self.end), Arc::clone(&self.console_input))
+    }
+
+    /// How it ended, once it has (taken: reported once).
+    pub fn take_end(&self) -> Option<VmEnd> {
+        self.end.lock().unwrap_or_else(|e| e.into_inner()).end.take()
+    }
+
+    /// Starts the vCPU threads.
+    pub fn start(&mut self) -> Result<(), MachineError> {
+        for vcpu in self.vcpus.drain(..) {
+            let event = self
+                .vcpu_stopped
+                .try_clone()
+                .map_err(|e| MachineError::Events(e.to_string()))?;
+            let handle = vcpu.start(
+                Arc::clone(&self.control),
+                self.stops.clone(),
+                event,
+                Arc::clone(&self.confinement),
             )?;
-            control
-                .request(h.requested)
-                .map_err(MachineError::Hotplug)?;
-            Ok(control)
-        })
-        .transpose()?;
-    let hotplug_area = hotplug.as_ref().map(|h| h.addr()..h.addr() + h.size());
-    let mut io = IoManager::new();
-    add_virtio_devices(&vm, &table, &spec, hotplug.clone(), &threads, &mut io)?;
-    let _api = spec
-        .api_socket
-        .map(|path| {
-            ApiServer::start(
-                path,
-                ApiContext {
-                    table: Arc::clone(&table),
-                    boot_memory: spec.memory,
-                    hotplug,
-                    faults,
-                },
-                hooks(ThreadKind::Api),
-            )
-        })
-        .transpose()?;
-    let entry = {
-        let mem = GuardedMemory::lock_all(&table, None)?;
-        boot::load(
-            &mem,
-            &BootSpec {
-                kernel: spec.kernel,
-                initramfs: spec.initramfs,
-                cmdline: &cmdline,
-                cpus: spec.cpus,
-                ram: &ram,
-            },
-        )?
-    };
+            self.handles.push(handle);
+        }
+        self.state = MachineState::Running;
+        Ok(())
+    }
 
-    log::info!("kernel entry: {entry:x?}");
-
-    // Devices.
-    let panicked = Arc::new(AtomicBool::new(false));
-    // Set when the VM ends: vCPUs leave their loop (and a stalled console write).
-    let stop = Arc::new(AtomicBool::new(false));
-    let serial_irq = eventfd()?;
-    vm.register_irqfd(&serial_irq, SERIAL_IRQ)?;
-    let input_drained = eventfd()?;
-    let serial = Arc::new(Mutex::new(SerialConsole::new(
-        serial_irq,
-        Box::new(
-            ConsoleOutput::new(spec.console, Arc::clone(&panicked)).stop_with(Arc::clone(&stop)),
-        ),
-        input_drained.try_clone().map_err(event_error)?,
-    )));
-    let reset = eventfd()?;
-    let i8042 = Arc::new(Mutex::new(I8042::new(
-        reset.try_clone().map_err(event_error)?,
-    )));
-    let bus = |what| move |source| MachineError::Bus { what, source };
-    io.register_pio(
-        PioRange::new(PioAddress(SERIAL_PORT_BASE), SERIAL_PORT_LEN).map_err(bus("serial"))?,
-        serial.clone(),
-    )
-    .map_err(bus("serial"))?;
-    io.register_pio(
-        PioRange::new(PioAddress(I8042_PORT_BASE), I8042_PORT_LEN).map_err(bus("i8042"))?,
-        i8042,
-    )
-    .map_err(bus("i8042"))?;
-    let exit_port = eventfd()?;
-    io.register_pio(
-        PioRange::new(PioAddress(EXIT_PORT), 1).map_err(bus("exit port"))?,
-        Arc::new(Mutex::new(ExitPort::new(
-            exit_port.try_clone().map_err(event_error)?,
-        ))),
-    )
-    .map_err(bus("exit port"))?;
-    let io = Arc::new(io);
-
-    let vcpus = (0..spec.cpus)
-        .map(|id| Vcpu::new(&vm, id, spec.cpus, Arc::clone(&io)))
-        .collect::<Result<Vec<_>, _>>()?;
-    vcpus
-        .first()
-        .ok_or(MachineError::NoVcpus)?
-        .set_boot_entry(&entry)?;
-
-    let mut events =
-        EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new().map_err(event_error)?;
-    let (stops_tx, stops) = channel();
-    let vcpu_stopped = eventfd()?;
-    let end_events = Arc::new(Mutex::new(EndEvents {
-        reset,
-        exit_port,
-        vcpu_stopped: vcpu_stopped.try_clone().map_err(event_error)?,
-        signal,
-        stops,
-        failures,
-        memory: GuestMemoryMap {
-            table: Arc::clone(&table),
-            hotplug_area: hotplug_area.clone(),
-        },
-        timeout: spec
-            .timeout
-            .map(|after| -> Result<_, MachineError> {
-                let mut timer = TimerFd::new().map_err(event_error)?;
-                timer.reset(after, None).map_err(event_error)?;
-                Ok((timer, after))
-            })
-            .transpose()?,
-        end: None,
-    }));
-    events.add_subscriber(end_events.clone());
-    events.add_subscriber(Arc::new(Mutex::new(ConsoleInput::new(
-        serial,
-        input_drained,
-    ))));
-
-    let _terminal = RawTerminal::enter();
-    let mut handles = Vec::new();
-    let mut started = Ok(());
-    for vcpu in vcpus {
-        let event = vcpu_stopped.try_clone().map_err(event_error)?;
-        match vcpu.start(
-            Arc::clone(&stop),
-            stops_tx.clone(),
-            event,
-            Arc::clone(&confinement),
-        ) {
-            Ok(handle) => handles.push(handle),
+    /// Pauses a running VM (see the module's documentation for the order).
+    pub fn pause(&mut self) -> Result<(), MachineError> {
+        let deadline = Instant::now() + PAUSE_DEADLINE;
+        self.control.pause();
+        let kick = || self.handles.iter().for_each(VcpuHandle::kick);
+        if !self.control.wait_paused(self.handles.len(), deadline, kick) {
+            self.control.resume();
+            return Err(MachineError::PauseTimeout(PAUSE_DEADLINE, "a vCPU"));
+        }
+        self.devices.pause();
+        if !self.devices.wait_paused(deadline) {
+            self.devices.resume();
+            self.control.resume();
+            return Err(MachineError::PauseTimeout(PAUSE_DEADLINE, "a device"));
+        }
+        self.paused_clock = match self.vm.clock() {
+            Ok(clock) => Some(clock),
             Err(e) => {
-                started = Err(e);
-                break;
+                // The guest then sees the paused time pass, as without a saved clock.
+                log::warn!("pause: {e}");
+                None
+            }
+        };
+        self.state = MachineState::Paused;
+        Ok(())
+    }
+
+    /// Resumes a paused VM.
+    pub fn resume(&mut self) {
+        if let Some(clock) = self.paused_clock.take() {
+            if let Err(e) = self.vm.set_clock(&clock) {
+                log::warn!("resume: {e}");
             }
         }
+        self.devices.resume();
+        self.control.resume();
+        self.state = MachineState::Running;
     }
-    // Every thread exists now: the main thread confines itself last (a thread keeps the
-    // filter it was created with).
-    let result = started
-        .map_err(MachineError::from)
-        .and_then(|()| Ok(confinement.confine(ThreadKind::Main)?))
-        .and_then(|()| loop {
-            events.run().map_err(event_error)?;
-            if let Some(end) = end_events
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .end
-                .take()
-            {
-                break Ok(end);
+
+    /// Stops and tears down the VM; how it ended (for a guest that panicked, a reset or
+    /// power-off becomes [`VmEnd::GuestPanic`]).
+    pub fn shutdown(self, end: VmEnd) -> VmEnd {
+        let Machine {
+            control,
+            handles,
+            io,
+            devices,
+            view,
+            vm,
+            panicked,
+            ..
+        } = self;
+        control.stop();
+        let deadline = Instant::now() + VCPU_STOP_DEADLINE;
+        for handle in &handles {
+            handle.kick();
+        }
+        let mut all_stopped = true;
+        for handle in handles {
+            // Every one, even after one was left behind.
+            all_stopped &= handle.stop(deadline);
+        }
+        // A thread still running may hold the last references to devices and guest
+        // memory: it must not tear them down (its filter does not allow that, and the
+        // process ends anyway). What it may hold is kept for the rest of the process.
+        if all_stopped {
+            // The devices go (each thread given a deadline), then guest memory.
+            drop(devices);
+            drop(io);
+        } else {
+            std::mem::forget(devices);
+            std::mem::forget(io);
+        }
+        if !all_stopped || devices::thread_exit::threads_left_behind() {
+            std::mem::forget(Arc::clone(&view.table));
+        }
+        drop(view);
+        drop(vm);
+        match end {
+            VmEnd::Reset | VmEnd::PowerOff if panicked.load(Ordering::Acquire) => {
+                VmEnd::GuestPanic
             }
-        });
-    stop.store(true, Ordering::Release);
-    let deadline = Instant::now() + VCPU_STOP_DEADLINE;
-    for handle in &handles {
-        handle.kick();
+            other => other,
+        }
     }
-    let mut all_stopped = true;
-    for handle in handles {
-        // Every one, even after one was left behind.
-        all_stopped &= handle.stop(deadline);
-    }
-    // A thread still running may hold the last references to devices and guest memory:
-    // it must not tear them down (its filter does not allow that, and the process ends
-    // anyway). What it may hold is kept for the rest of the process.
-    if all_stopped {
-        // The devices go (each thread given a deadline), then guest memory.
-        drop(io);
-    } else {
-        std::mem::forget(io);
-    }
-    if !all_stopped || devices::thread_exit::threads_left_behind() {
-        std::mem::forget(Arc::clone(&table));
-    }
-    let end = result?;
-    Ok(match end {
-        VmEnd::Reset | VmEnd::PowerOff if panicked.load(Ordering::Acquire) => VmEnd::GuestPanic,
-        other => other,
-    })
 }

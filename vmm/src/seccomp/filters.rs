@@ -42,6 +42,8 @@ pub const UFFDIO_ZEROPAGE: u64 = ioctl_expr(_IOC_READ | _IOC_WRITE, UFFDIO, 0x04
 pub const UFFDIO_POISON: u64 = ioctl_expr(_IOC_READ | _IOC_WRITE, UFFDIO, 0x08, 32) as u64;
 /// `TCSETS`: the terminal put back as it was, on the way out.
 pub const TCSETS: u64 = 0x5402;
+/// `TCGETS`: the terminal's mode read (raw mode for a VM's console).
+pub const TCGETS: u64 = 0x5401;
 
 fn cond(arg: u8, op: Op, value: u64) -> Cond {
     Cond::new(arg, Len::Qword, op, value).expect("a valid condition")
@@ -153,8 +155,70 @@ fn event_loop(rules: &mut Rules) {
     );
 }
 
+/// Adds `more` to `rules`: a call allowed whatever its arguments in either stays so.
+fn merge(rules: &mut Rules, more: Rules) {
+    for (call, more_rules) in more {
+        match rules.get_mut(&call) {
+            None => {
+                rules.insert(call, more_rules);
+            }
+            Some(existing) if existing.is_empty() => {}
+            Some(_) if more_rules.is_empty() => {
+                rules.insert(call, more_rules);
+            }
+            Some(existing) => existing.extend(more_rules),
+        }
+    }
+}
+
+/// `ioctl` on KVM (type `KVMIO`) and userfaultfd (`UFFDIO`) descriptors, and the
+/// terminal's mode read.
+fn build_ioctls() -> Vec<SeccompRule> {
+    let of_type = |ty: u32| rule(vec![cond(1, Op::MaskedEq(0xff00), u64::from(ty) << 8)]);
+    vec![
+        of_type(KVMIO),
+        of_type(UFFDIO),
+        rule(vec![cond(1, Op::Eq, TCGETS)]),
+        rule(vec![cond(1, Op::Eq, TCSETS)]),
+    ]
+}
+
+/// What building a VM takes: opening the kernel, initramfs and disks (and `/dev/kvm`),
+/// KVM's VM and vCPU setup, eventfds and timers, userfaultfd, OFD locks, threads.
+fn build(rules: &mut Rules) {
+    allow(
+        rules,
+        &[
+            libc::SYS_openat,
+            libc::SYS_read,
+            libc::SYS_pread64,
+            libc::SYS_lseek,
+            libc::SYS_fstat,
+            libc::SYS_newfstatat,
+            libc::SYS_statx,
+            libc::SYS_eventfd2,
+            libc::SYS_timerfd_create,
+            libc::SYS_timerfd_settime,
+            libc::SYS_userfaultfd,
+            libc::SYS_clone,
+            libc::SYS_clone3,
+            libc::SYS_set_robust_list,
+            libc::SYS_rseq,
+            libc::SYS_prctl,
+            libc::SYS_sched_getaffinity,
+            libc::SYS_fcntl,
+            libc::SYS_dup,
+        ],
+    );
+    merge(rules, Rules::from([(libc::SYS_ioctl, build_ioctls())]));
+}
+
 /// The rules of threads of `kind`.
 pub fn rules(kind: ThreadKind) -> Rules {
+    rules_of(kind)
+}
+
+fn rules_of(kind: ThreadKind) -> Rules {
     let mut rules = common();
     match kind {
         ThreadKind::Vcpu => {
@@ -218,6 +282,16 @@ pub fn rules(kind: ThreadKind) -> Rules {
                     libc::SYS_shutdown,
                 ],
             );
+        }
+        ThreadKind::Vmm => {
+            // Threads it starts keep its filter under their own, so it allows what each
+            // of them does; and what building a VM takes.
+            for kind in ThreadKind::ALL {
+                if kind != ThreadKind::Vmm {
+                    merge(&mut rules, rules_of(kind));
+                }
+            }
+            build(&mut rules);
         }
         ThreadKind::Main => {
             // The event loop, console input, kicking and waiting for vCPUs, removing the

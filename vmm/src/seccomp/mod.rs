@@ -68,11 +68,14 @@ pub enum ThreadKind {
     FaultHandler,
     /// The control socket.
     Api,
+    /// The main thread of a VMM that builds VMs on request (an API socket): it may do
+    /// what building a VM takes, and what every thread it starts does.
+    Vmm,
 }
 
 impl ThreadKind {
     /// Every kind.
-    pub const ALL: [ThreadKind; 7] = [
+    pub const ALL: [ThreadKind; 8] = [
         ThreadKind::Main,
         ThreadKind::Vcpu,
         ThreadKind::Block,
@@ -80,6 +83,7 @@ impl ThreadKind {
         ThreadKind::Mem,
         ThreadKind::FaultHandler,
         ThreadKind::Api,
+        ThreadKind::Vmm,
     ];
 
     /// The kind's name in messages (and in `KITE_TEST_TRIGGER`).
@@ -92,6 +96,7 @@ impl ThreadKind {
             ThreadKind::Mem => "mem",
             ThreadKind::FaultHandler => "fault-handler",
             ThreadKind::Api => "api",
+            ThreadKind::Vmm => "vmm",
         }
     }
 

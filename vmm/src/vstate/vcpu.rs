@@ -4,7 +4,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -93,6 +93,103 @@ enum RunState {
     Stopping(VcpuStop),
 }
 
+/// What the VMM asks of its vCPUs: run, pause at a safe point (out of `KVM_RUN`, between
+/// exits: no device access half done), or stop. Shared by every vCPU of a VM.
+#[derive(Debug, Default)]
+pub struct VcpuControl {
+    /// Set when the VM ends; the console also watches it (a write to a stalled reader
+    /// gives up).
+    stop: Arc<AtomicBool>,
+    pause: AtomicBool,
+    /// vCPUs parked by a pause, or gone (stopped for good).
+    parked: Mutex<Parked>,
+    changed: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct Parked {
+    paused: usize,
+    gone: usize,
+}
+
+impl VcpuControl {
+    /// The flag set when the VM stops.
+    pub fn stop_flag(&self) -> Arc<AtomicBool> {
+        Arc::clone(&self.stop)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Parked> {
+        self.parked.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Asks every vCPU to stop (also a paused one); kick them so they see it.
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Release);
+        let _guard = self.lock();
+        self.changed.notify_all();
+    }
+
+    /// Asks every vCPU to pause; kick them, then [`VcpuControl::wait_paused`].
+    pub fn pause(&self) {
+        self.pause.store(true, Ordering::Release);
+    }
+
+    /// Waits until `count` vCPUs are parked (or gone), kicking them with `kick` every
+    /// [`KICK_INTERVAL`] (a kick that lands just before `KVM_RUN` is lost), until
+    /// `deadline`. Whether they all parked.
+    pub fn wait_paused(&self, count: usize, deadline: Instant, kick: impl Fn()) -> bool {
+        let mut parked = self.lock();
+        loop {
+            if parked.paused + parked.gone >= count {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            drop(parked);
+            kick();
+            parked = self.lock();
+            let wait = KICK_INTERVAL.min(deadline - now);
+            parked = self
+                .changed
+                .wait_timeout(parked, wait)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// Lets paused vCPUs run on.
+    pub fn resume(&self) {
+        self.pause.store(false, Ordering::Release);
+        let _guard = self.lock();
+        self.changed.notify_all();
+    }
+
+    /// On a vCPU thread, between exits: parks while a pause is asked (and no stop).
+    fn park_if_paused(&self) {
+        if !self.pause.load(Ordering::Acquire) {
+            return;
+        }
+        let mut parked = self.lock();
+        parked.paused += 1;
+        self.changed.notify_all();
+        while self.pause.load(Ordering::Acquire) && !self.stop.load(Ordering::Acquire) {
+            parked = self
+                .changed
+                .wait(parked)
+                .unwrap_or_else(|e| e.into_inner());
+        }
+        parked.paused -= 1;
+    }
+
+    /// On a vCPU thread leaving its loop for good.
+    fn gone(&self) {
+        self.lock().gone += 1;
+        self.changed.notify_all();
+    }
+}
+
 /// A configured vCPU, not yet running.
 pub struct Vcpu {
     id: u8,
@@ -131,7 +228,7 @@ impl Vcpu {
     /// `stopped` and signals `stop_event`.
     pub fn start(
         mut self,
-        stop: Arc<AtomicBool>,
+        control: Arc<VcpuControl>,
         stopped: Sender<(u8, VcpuStop)>,
         stop_event: EventFd,
         confinement: Arc<Confinement>,
@@ -145,12 +242,13 @@ impl Vcpu {
             .spawn(move || {
                 let _exit_signal = exit_signal;
                 let why = match confinement.confine(ThreadKind::Vcpu) {
-                    Ok(()) => self.run(&stop),
+                    Ok(()) => self.run(&control),
                     Err(e) => VcpuStop::Fatal {
                         exit: e.to_string(),
                         rip: None,
                     },
                 };
+                control.gone();
                 log::debug!("vCPU {id} stopped: {why:?}");
                 // The receiver is gone only when the VMM is already shutting down.
                 let _ = stopped.send((id, why));
@@ -162,14 +260,21 @@ impl Vcpu {
         Ok(VcpuHandle { id, thread, exited })
     }
 
-    fn run(&mut self, stop: &AtomicBool) -> VcpuStop {
+    fn run(&mut self, control: &VcpuControl) -> VcpuStop {
         let mut state = RunState::Running;
         loop {
             state = match state {
-                RunState::Running if stop.load(Ordering::Acquire) => {
+                RunState::Running if control.stop.load(Ordering::Acquire) => {
                     RunState::Stopping(VcpuStop::Requested)
                 }
-                RunState::Running => self.run_once(),
+                RunState::Running => {
+                    control.park_if_paused();
+                    if control.stop.load(Ordering::Acquire) {
+                        RunState::Stopping(VcpuStop::Requested)
+                    } else {
+                        self.run_once()
+                    }
+                }
                 RunState::Stopping(why) => return why,
             }
         }
@@ -292,7 +397,7 @@ pub struct VcpuHandle {
 /// How long a vCPU that has been asked to stop gets before it is kicked out of `KVM_RUN`
 /// again: a kick that lands just before it enters `KVM_RUN` is lost, the next one is not.
 /// (A vCPU that sees the kick exits at once; this is only the fallback.)
-const KICK_INTERVAL: Duration = Duration::from_millis(10);
+pub const KICK_INTERVAL: Duration = Duration::from_millis(10);
 
 extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
 

@@ -119,6 +119,24 @@ impl Vm {
             .map_err(failed("create a vCPU"))
     }
 
+    /// The guest's KVM clock now (`KVM_GET_CLOCK`).
+    pub fn clock(&self) -> Result<kvm_bindings::kvm_clock_data, VmError> {
+        self.fd.get_clock().map_err(failed("read the KVM clock"))
+    }
+
+    /// Sets the guest's KVM clock (`KVM_SET_CLOCK`) to a value [`Vm::clock`] read: the
+    /// guest's time goes on from there, as if no time had passed since.
+    pub fn set_clock(&self, clock: &kvm_bindings::kvm_clock_data) -> Result<(), VmError> {
+        let clock = kvm_bindings::kvm_clock_data {
+            clock: clock.clock,
+            // Only the clock value: KVM_CLOCK_REALTIME/HOST_TSC would ask KVM to add
+            // the time that passed.
+            flags: 0,
+            ..Default::default()
+        };
+        self.fd.set_clock(&clock).map_err(failed("set the KVM clock"))
+    }
+
     /// The slot implementation the region table drives.
     pub fn memory_slots(&self) -> Arc<KvmSlots> {
         Arc::new(KvmSlots {

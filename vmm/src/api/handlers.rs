@@ -1,0 +1,232 @@
+//! What the API does with each request: reads and `vm.resize` answered on the API thread
+//! from the shared [`VmStatus`] (never waiting for the VMM thread or a writer of the
+//! region table), actions on the VM's life sent to the VMM thread.
+
+use std::sync::{Arc, Mutex};
+
+use serde_json::{json, Value};
+
+use super::http::{Request, Response};
+use super::routes::{self, ApiRequest};
+use crate::config::Size;
+use crate::control::{Action, ActionError, ActionSender, VmState, VmStatus};
+use crate::machine::{Blame, MachineError, MachineView};
+
+/// Features `vmm.ping` reports.
+pub const FEATURES: &[&str] = &[
+    "kvm",
+    "virtio-blk",
+    "virtio-rng",
+    "virtio-mem",
+    "lazy-memory",
+    "seccomp",
+];
+
+/// Answers API requests.
+pub struct Dispatcher {
+    status: Arc<Mutex<VmStatus>>,
+    actions: ActionSender,
+}
+
+impl Dispatcher {
+    /// Reads `status`, sends actions with `actions`.
+    pub fn new(status: Arc<Mutex<VmStatus>>, actions: ActionSender) -> Self {
+        Dispatcher { status, actions }
+    }
+
+    /// The response to `request`.
+    pub fn handle(&mut self, request: &Request) -> Response {
+        match routes::parse(&request.method, &request.path, &request.body) {
+            Ok(request) => self.answer(request),
+            Err(response) => response,
+        }
+    }
+
+    fn status(&self) -> VmStatus {
+        self.status.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn answer(&mut self, request: ApiRequest) -> Response {
+        match request {
+            ApiRequest::Ping => Response::json(
+                200,
+                &json!({
+                    "build_version": concat!("kite ", env!("CARGO_PKG_VERSION")),
+                    "version": env!("CARGO_PKG_VERSION"),
+                    "pid": std::process::id(),
+                    "features": FEATURES,
+                }),
+            ),
+            ApiRequest::Info => self.info(),
+            ApiRequest::Counters => self.counters(),
+            ApiRequest::Resize(total) => self.resize(total),
+            ApiRequest::PowerButton => Response::error(
+                400,
+                "vm.power-button: Kite has no ACPI, so there is no power button; use \
+                 vm.shutdown (or have the guest reboot)",
+            ),
+            ApiRequest::Create(config) => self.act(Action::Create(config)),
+            ApiRequest::Boot => self.act(Action::Boot),
+            ApiRequest::Delete => self.act(Action::Delete),
+            ApiRequest::Pause => self.act(Action::Pause),
+            ApiRequest::Resume => self.act(Action::Resume),
+            ApiRequest::Shutdown => self.act(Action::Shutdown),
+            ApiRequest::Reboot => self.act(Action::Reboot),
+            ApiRequest::ShutdownVmm => self.act(Action::ShutdownVmm),
+        }
+    }
+
+    fn act(&self, action: Action) -> Response {
+        match self.actions.send(action) {
+            Some(Ok(())) => Response::no_content(),
+            Some(Err(e)) => Response::error(action_status(&e), e),
+            None => Response::error(500, "the VMM did not carry the action out in time"),
+        }
+    }
+
+    fn info(&self) -> Response {
+        let status = self.status();
+        let Some((state, spec)) = status.vm else {
+            return Response::error(404, ActionError::NotCreated);
+        };
+        let memory = status
+            .machine
+            .as_ref()
+            .map_or(spec.memory, MachineView::memory_actual_size);
+        Response::json(
+            200,
+            &json!({
+                "config": super::vm_config::to_ch_json(
+                    &spec.config,
+                    &spec.kernel,
+                    spec.initramfs.as_deref(),
+                    spec.config.cmdline.as_deref().unwrap_or_default(),
+                ),
+                "state": state,
+                "memory_actual_size": memory,
+            }),
+        )
+    }
+
+    fn counters(&self) -> Response {
+        let status = self.status();
+        if status.vm.is_none() {
+            return Response::error(404, ActionError::NotCreated);
+        }
+        let Some(view) = status.machine else {
+            return Response::json(200, &json!({}));
+        };
+        Response::json(200, &counters(&view))
+    }
+
+    fn resize(&self, total: u64) -> Response {
+        let status = self.status();
+        let Some((state, _)) = status.vm else {
+            return Response::error(404, ActionError::NotCreated);
+        };
+        let (Some(view), VmState::Running) = (&status.machine, state) else {
+            return Response::error(
+                409,
+                format!("the VM is {state:?}: vm.resize needs it Running"),
+            );
+        };
+        let Some(hotplug) = &view.hotplug else {
+            return Response::error(
+                400,
+                "vm.resize: this VM has no hotplug memory (memory.hotplug_size with \
+                 hotplug_method VirtioMem)",
+            );
+        };
+        let Some(extra) = total.checked_sub(view.boot_memory) else {
+            return Response::error(
+                400,
+                format!(
+                    "vm.resize: desired_ram {} is below the boot memory {}",
+                    Size(total),
+                    Size(view.boot_memory)
+                ),
+            );
+        };
+        if hotplug.driver_ready() && hotplug.plugged() != hotplug.requested() {
+            return Response::error(
+                409,
+                format!(
+                    "vm.resize: a resize is in progress ({} plugged of {} requested); \
+                     vm.info shows when it is done",
+                    Size(hotplug.plugged()),
+                    Size(hotplug.requested())
+                ),
+            );
+        }
+        match hotplug.request(extra) {
+            Ok(()) => Response::no_content(),
+            Err(e) => Response::error(400, format!("vm.resize: {e}")),
+        }
+    }
+}
+
+/// The status code of a refused action.
+fn action_status(e: &ActionError) -> u16 {
+    match e {
+        ActionError::NotCreated => 404,
+        ActionError::WrongState { .. } => 409,
+        ActionError::Config(_) => 400,
+        ActionError::Machine(MachineError::PauseTimeout(..)) => 500,
+        ActionError::Machine(e) => match e.blame() {
+            Blame::Arguments | Blame::InputFile => 400,
+            Blame::Vmm => 500,
+        },
+    }
+}
+
+/// `vm.counters`: per device, then Kite's own (`region_table`, `fault_handler`).
+pub fn counters(view: &MachineView) -> Value {
+    let m = view.table.metrics();
+    let waits = &m.writer_waits;
+    let mut counters = serde_json::Map::new();
+    if let Some(h) = &view.hotplug {
+        let stats = h.stats();
+        counters.insert(
+            "mem".into(),
+            json!({
+                "requested_bytes": h.requested(),
+                "plugged_bytes": h.plugged(),
+                "resize_requests": stats.requests,
+                "blocks_plugged": stats.plugs,
+                "blocks_unplugged": stats.unplugs,
+                "last_resize_latency_ns": stats.last_latency_ns.unwrap_or(0),
+            }),
+        );
+    }
+    if let Some(f) = &view.faults {
+        let s = f.stats();
+        counters.insert(
+            "fault_handler".into(),
+            json!({
+                "faults": s.faults,
+                "zero_fills": s.zero_fills,
+                "file_fills": s.file_fills,
+                "already_present": s.already_present,
+                "unregistered": s.unregistered,
+                "errors": s.errors,
+            }),
+        );
+    }
+    counters.insert(
+        "region_table".into(),
+        json!({
+            "regions": m.regions.len(),
+            "fast_path_hits": m.fast_path_hits,
+            "fast_path_misses": m.fast_path_misses,
+            "slow_path_lookups": m.slow_path_lookups,
+            "slow_path_readers": m.slow_path_readers,
+            "retired_regions": m.retired_regions,
+            "writers_draining": m.writers_draining,
+            "writer_waits": waits.count,
+            "writer_wait_p50_ns": waits.p50_ns,
+            "writer_wait_p99_ns": waits.p99_ns,
+            "writer_wait_max_ns": waits.max_ns,
+        }),
+    );
+    Value::Object(counters)
+}

@@ -1,0 +1,488 @@
+//! The VMM's control loop, on the main thread: at most one VM at a time, created and
+//! booted from the command line (`kite run`) or through the API (`kite serve`), and the
+//! process's own events — SIGINT/SIGTERM, a failed VMM thread, API requests.
+//!
+//! The API thread answers reads (`vm.info`, `vm.counters`) and `vm.resize` itself from
+//! the shared [`VmStatus`], so it never waits for this thread or for a writer of the
+//! region table; it sends what changes the VM's life here ([`Action`]) and waits for the
+//! answer.
+//!
+//! Lifecycle, as Cloud Hypervisor's: `vm.create` (state `Created`) → `vm.boot`
+//! (`Running`) ⇄ `vm.pause`/`vm.resume` (`Paused`) → `vm.shutdown` (`Shutdown`: the
+//! configuration is kept, `vm.boot` starts a new VM from it) → `vm.delete` (no VM).
+//! `vm.reboot` is a shutdown and a boot. When the guest ends the VM (power-off, reset,
+//! crash), or a signal or a failed VMM thread does, the process exits with that VM's
+//! exit code; `vmm.shutdown` ends the process with exit 0.
+
+use std::os::fd::AsRawFd;
+use std::sync::mpsc::{Receiver, SyncSender};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use event_manager::{
+    EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberId, SubscriberOps,
+};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::builder::{self, BuildContext};
+use crate::config::VmConfig;
+use crate::console::RawTerminal;
+use crate::end::{signal_event, Failures, VmEnd};
+use crate::machine::{Machine, MachineError, MachineState, MachineView};
+use crate::seccomp::{Confinement, SeccompMode, ThreadKind};
+use crate::signals;
+use crate::spec::{SpecError, VmSpec};
+use crate::vstate::vcpu::install_kick_handler;
+
+/// A VM's state, as the API reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub enum VmState {
+    /// Configured, never booted.
+    Created,
+    /// Running.
+    Running,
+    /// Paused.
+    Paused,
+    /// Shut down through the API; can be booted again.
+    Shutdown,
+}
+
+/// What the API reads of the VM without asking this thread.
+#[derive(Clone, Default)]
+pub struct VmStatus {
+    /// The VM's state and configuration; `None` without a VM.
+    pub vm: Option<(VmState, Arc<VmSpec>)>,
+    /// The running (or paused) machine's memory and devices.
+    pub machine: Option<MachineView>,
+}
+
+/// A request that changes the VM's life, carried out on this thread.
+#[derive(Debug)]
+pub enum Action {
+    /// `vm.create`.
+    Create(Box<VmConfig>),
+    /// `vm.boot`.
+    Boot,
+    /// `vm.pause`.
+    Pause,
+    /// `vm.resume`.
+    Resume,
+    /// `vm.shutdown`.
+    Shutdown,
+    /// `vm.reboot`.
+    Reboot,
+    /// `vm.delete`.
+    Delete,
+    /// `vmm.shutdown`.
+    ShutdownVmm,
+}
+
+/// Why an [`Action`] was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ActionError {
+    /// No VM has been created.
+    #[error("no VM is created (vm.create first)")]
+    NotCreated,
+    /// The action does not apply in the VM's state.
+    #[error("the VM is {state:?}: {action} needs it {wanted}")]
+    WrongState {
+        /// The VM's state.
+        state: VmState,
+        /// The action.
+        action: &'static str,
+        /// The state the action needs.
+        wanted: &'static str,
+    },
+    /// The configuration is wrong.
+    #[error(transparent)]
+    Config(#[from] SpecError),
+    /// The VM could not be built, started or paused.
+    #[error(transparent)]
+    Machine(#[from] MachineError),
+}
+
+/// An action and where its answer goes.
+pub type Envelope = (Action, SyncSender<Result<(), ActionError>>);
+
+/// How the VMM ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// A VM ended (the guest, a signal, a failed thread, `--timeout`).
+    Vm(VmEnd),
+    /// `vmm.shutdown`.
+    Shutdown,
+}
+
+/// The process's events: signals, failed VMM threads, API requests waiting.
+struct ProcessEvents {
+    signal: &'static EventFd,
+    failures: Arc<Failures>,
+    inbox: EventFd,
+    signalled: Option<i32>,
+    failed: Option<String>,
+    requests: bool,
+}
+
+impl MutEventSubscriber for ProcessEvents {
+    fn init(&mut self, ops: &mut EventOps) {
+        for fd in [self.signal, &self.failures.event, &self.inbox] {
+            if let Err(e) = ops.add(Events::new(fd, EventSet::IN)) {
+                log::error!("cannot watch a VMM event: {e:?}");
+            }
+        }
+    }
+
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        let fd = events.fd();
+        if fd == self.signal.as_raw_fd() {
+            let _ = self.signal.read();
+            self.signalled
+                .get_or_insert(signals::received().unwrap_or(libc::SIGTERM));
+        } else if fd == self.failures.event.as_raw_fd() {
+            let _ = self.failures.event.read();
+            if self.failed.is_none() {
+                self.failed = self.failures.first();
+            }
+        } else {
+            let _ = self.inbox.read();
+            self.requests = true;
+        }
+    }
+}
+
+/// Settings of the VMM itself (not of a VM).
+pub struct VmmOptions {
+    /// What the seccomp filters do.
+    pub seccomp: SeccompMode,
+    /// How long each VM may run.
+    pub timeout: Option<Duration>,
+}
+
+type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+
+/// A machine and its place in the event loop.
+struct Live {
+    machine: Machine,
+    subscribers: [SubscriberId; 2],
+    _terminal: RawTerminal,
+}
+
+/// The VMM: the event loop and at most one VM.
+pub struct Vmm {
+    events: EventManager<Subscriber>,
+    process: Arc<Mutex<ProcessEvents>>,
+    inbox: Option<Receiver<Envelope>>,
+    status: Arc<Mutex<VmStatus>>,
+    spec: Option<(Arc<VmSpec>, VmState)>,
+    live: Option<Live>,
+    context: BuildContext,
+    /// The main thread's filter once a VM runs: `Vmm` when the API can build more VMs,
+    /// `Main` when not.
+    main_kind: ThreadKind,
+    confined: bool,
+}
+
+fn event_error<E: std::fmt::Debug>(e: E) -> MachineError {
+    MachineError::Events(format!("{e:?}"))
+}
+
+impl Vmm {
+    /// The process-wide setup (no new privileges, signal handlers, filters compiled) and
+    /// an empty VMM. `api` is whether an API may create and boot VMs.
+    pub fn new(options: VmmOptions, api: bool) -> Result<Vmm, MachineError> {
+        // No process Kite starts may gain privileges (set-user-id files, file
+        // capabilities); the seccomp filters need this too.
+        // SAFETY: prctl(PR_SET_NO_NEW_PRIVS, 1) takes no pointers and only ever restricts.
+        if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+            return Err(MachineError::Events(format!(
+                "PR_SET_NO_NEW_PRIVS: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        let signal = signal_event()?;
+        install_kick_handler()?;
+        let failures = Arc::new(Failures::new().map_err(event_error)?);
+        let confinement = Confinement::new(options.seccomp)?;
+        let mut events = EventManager::<Subscriber>::new().map_err(event_error)?;
+        let process = Arc::new(Mutex::new(ProcessEvents {
+            signal,
+            failures: Arc::clone(&failures),
+            inbox: builder::eventfd()?,
+            signalled: None,
+            failed: None,
+            requests: false,
+        }));
+        events.add_subscriber(process.clone());
+        Ok(Vmm {
+            events,
+            process,
+            inbox: None,
+            status: Arc::new(Mutex::new(VmStatus::default())),
+            spec: None,
+            live: None,
+            context: BuildContext {
+                confinement,
+                failures,
+                timeout: options.timeout,
+            },
+            main_kind: if api {
+                ThreadKind::Vmm
+            } else {
+                ThreadKind::Main
+            },
+            confined: false,
+        })
+    }
+
+    /// What the API thread needs: the status it reads, the hooks of its thread, and the
+    /// inbox (with the eventfd that wakes this loop) it sends actions to.
+    pub fn api_channel(
+        &mut self,
+    ) -> Result<(Arc<Mutex<VmStatus>>, memory::ThreadHooks, ActionSender), MachineError> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.inbox = Some(rx);
+        let wake = self
+            .lock_process()
+            .inbox
+            .try_clone()
+            .map_err(event_error)?;
+        Ok((
+            Arc::clone(&self.status),
+            self.context.hooks(ThreadKind::Api),
+            ActionSender { tx, wake },
+        ))
+    }
+
+    fn lock_process(&self) -> std::sync::MutexGuard<'_, ProcessEvents> {
+        self.process.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn publish(&self) {
+        let mut status = self.status.lock().unwrap_or_else(|e| e.into_inner());
+        status.vm = self
+            .spec
+            .as_ref()
+            .map(|(spec, state)| (*state, Arc::clone(spec)));
+        status.machine = self.live.as_ref().map(|l| l.machine.view());
+    }
+
+    fn state(&self) -> Option<VmState> {
+        self.spec.as_ref().map(|(_, state)| *state)
+    }
+
+    fn set_state(&mut self, state: VmState) {
+        if let Some((_, s)) = &mut self.spec {
+            *s = state;
+        }
+    }
+
+    /// `vm.create`: resolves and keeps the configuration.
+    pub fn create(&mut self, config: VmConfig) -> Result<(), ActionError> {
+        if let Some(state) = self.state() {
+            return Err(ActionError::WrongState {
+                state,
+                action: "vm.create",
+                wanted: "deleted first (vm.delete)",
+            });
+        }
+        let spec = VmSpec::resolve(config)?;
+        log::info!(
+            "VM created: {} ({} vCPUs, {} bytes of memory), cmdline: {}",
+            spec.kernel.display(),
+            spec.cpus,
+            spec.memory,
+            spec.cmdline
+        );
+        self.spec = Some((Arc::new(spec), VmState::Created));
+        self.publish();
+        Ok(())
+    }
+
+    /// `vm.boot`: builds the VM and starts it.
+    pub fn boot(&mut self) -> Result<(), ActionError> {
+        let (spec, state) = self.spec.clone().ok_or(ActionError::NotCreated)?;
+        if !matches!(state, VmState::Created | VmState::Shutdown) {
+            return Err(ActionError::WrongState {
+                state,
+                action: "vm.boot",
+                wanted: "Created or Shutdown",
+            });
+        }
+        let mut machine = builder::build(&spec, &self.context, Box::new(std::io::stdout()))?;
+        let (end, input) = machine.subscribers();
+        let subscribers = [
+            self.events.add_subscriber(end),
+            self.events.add_subscriber(input),
+        ];
+        let terminal = RawTerminal::enter();
+        if let Err(e) = machine.start() {
+            self.live = Some(Live {
+                machine,
+                subscribers,
+                _terminal: terminal,
+            });
+            self.stop_machine(VmEnd::VmmFailure(e.to_string()));
+            return Err(e.into());
+        }
+        self.live = Some(Live {
+            machine,
+            subscribers,
+            _terminal: terminal,
+        });
+        self.set_state(VmState::Running);
+        self.publish();
+        if !self.confined {
+            // Every thread of the first VM exists now: the main thread confines itself
+            // (a thread keeps the filter it was created with).
+            self.context.confinement.confine(self.main_kind).map_err(|e| {
+                ActionError::Machine(MachineError::Seccomp(e))
+            })?;
+            self.confined = true;
+        }
+        Ok(())
+    }
+
+    /// Tears the running machine down; how it ended.
+    fn stop_machine(&mut self, end: VmEnd) -> Option<VmEnd> {
+        let live = self.live.take()?;
+        for id in live.subscribers {
+            let _ = self.events.remove_subscriber(id);
+        }
+        let end = live.machine.shutdown(end);
+        drop(live._terminal);
+        self.publish();
+        Some(end)
+    }
+
+    fn running(&mut self, action: &'static str, wanted: MachineState) -> Result<&mut Machine, ActionError> {
+        let state = self.state().ok_or(ActionError::NotCreated)?;
+        match &mut self.live {
+            Some(live) if live.machine.state() == wanted => Ok(&mut live.machine),
+            _ => Err(ActionError::WrongState {
+                state,
+                action,
+                wanted: match wanted {
+                    MachineState::Paused => "Paused",
+                    _ => "Running",
+                },
+            }),
+        }
+    }
+
+    /// Carries out `action`; `Some` when the VMM must end.
+    fn act(&mut self, action: Action) -> (Result<(), ActionError>, Option<Outcome>) {
+        let result = match action {
+            Action::Create(config) => self.create(*config),
+            Action::Boot => self.boot(),
+            Action::Pause => self
+                .running("vm.pause", MachineState::Running)
+                .and_then(|m| Ok(m.pause()?))
+                .map(|()| self.set_state(VmState::Paused)),
+            Action::Resume => self
+                .running("vm.resume", MachineState::Paused)
+                .map(Machine::resume)
+                .map(|()| self.set_state(VmState::Running)),
+            Action::Shutdown => self.shutdown_vm("vm.shutdown"),
+            Action::Reboot => self
+                .shutdown_vm("vm.reboot")
+                .and_then(|()| self.boot()),
+            Action::Delete => {
+                self.stop_machine(VmEnd::PowerOff);
+                self.spec = None;
+                Ok(())
+            }
+            Action::ShutdownVmm => {
+                self.stop_machine(VmEnd::PowerOff);
+                self.spec = None;
+                self.publish();
+                return (Ok(()), Some(Outcome::Shutdown));
+            }
+        };
+        self.publish();
+        (result, None)
+    }
+
+    fn shutdown_vm(&mut self, action: &'static str) -> Result<(), ActionError> {
+        let state = self.state().ok_or(ActionError::NotCreated)?;
+        if self.live.is_none() {
+            return Err(ActionError::WrongState {
+                state,
+                action,
+                wanted: "Running or Paused",
+            });
+        }
+        self.stop_machine(VmEnd::PowerOff);
+        self.set_state(VmState::Shutdown);
+        Ok(())
+    }
+
+    /// Runs until the VM ends or the VMM is shut down.
+    pub fn run(mut self) -> Result<Outcome, MachineError> {
+        loop {
+            self.events.run().map_err(event_error)?;
+            let (signalled, failed, requests) = {
+                let mut p = self.lock_process();
+                let r = (p.signalled.take(), p.failed.take(), p.requests);
+                p.requests = false;
+                r
+            };
+            let process_end = signalled
+                .map(VmEnd::Signal)
+                .or(failed.map(VmEnd::VmmFailure));
+            if let Some(end) = process_end {
+                let end = self.stop_machine(end.clone()).unwrap_or(end);
+                return Ok(Outcome::Vm(end));
+            }
+            let ended = self.live.as_ref().and_then(|l| l.machine.take_end());
+            if let Some(end) = ended {
+                let end = self.stop_machine(end.clone()).unwrap_or(end);
+                return Ok(Outcome::Vm(end));
+            }
+            if requests {
+                while let Some((action, reply)) =
+                    self.inbox.as_ref().and_then(|inbox| inbox.try_recv().ok())
+                {
+                    log::info!("API: {action:?}");
+                    let (result, outcome) = self.act(action);
+                    if let Err(e) = &result {
+                        log::info!("API: refused: {e}");
+                    }
+                    // The API thread may have given up waiting.
+                    let _ = reply.try_send(result);
+                    if let Some(outcome) = outcome {
+                        return Ok(outcome);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Sends actions from the API thread to the VMM thread.
+pub struct ActionSender {
+    tx: std::sync::mpsc::Sender<Envelope>,
+    wake: EventFd,
+}
+
+/// Longest the API thread waits for the VMM thread to carry out an action: a boot, or a
+/// shutdown (vCPUs 5 s, device threads 2 s each, at worst).
+pub const ACTION_DEADLINE: Duration = Duration::from_secs(60);
+
+impl ActionSender {
+    /// Sends on `tx`, waking the VMM thread with `wake` (for a VMM of one's own: tests,
+    /// fuzzing).
+    pub fn new(tx: std::sync::mpsc::Sender<Envelope>, wake: EventFd) -> Self {
+        ActionSender { tx, wake }
+    }
+
+    /// Sends `action` and waits for its answer, at most [`ACTION_DEADLINE`]; `None` if
+    /// the VMM thread did not answer (it is gone, or took too long).
+    pub fn send(&self, action: Action) -> Option<Result<(), ActionError>> {
+        let (reply, answer) = std::sync::mpsc::sync_channel(1);
+        self.tx.send((action, reply)).ok()?;
+        if self.wake.write(1).is_err() {
+            return None;
+        }
+        answer.recv_timeout(ACTION_DEADLINE).ok()
+    }
+}
