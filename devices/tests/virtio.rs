@@ -4,8 +4,7 @@
 //! outside guest memory, huge lengths, bad queue sizes, a corrupt available index.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::mpsc::{Receiver, Sender};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -13,7 +12,6 @@ use devices::virtio::block::Block;
 use devices::virtio::device_thread::ThreadContext;
 use devices::virtio::mem::{Mem, MemBacking, MemControl};
 use devices::virtio::rng::Rng;
-use devices::virtio::worker::QueueHandler;
 use memory::{GuardedMemory, RegionSpec};
 use virtio_bindings::bindings::virtio_blk::{
     VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_FLUSH,
@@ -22,12 +20,12 @@ use virtio_bindings::bindings::virtio_blk::{
 use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::{split::Descriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
-use virtio_queue::DescriptorChain;
 use vm_memory::{Bytes, GuestAddress};
 
 mod common;
 use common::{
-    desc, header, ThreadDevice, DEADLINE, DRIVER_OK, FEATURES_OK, NEEDS_RESET, STATUS_ACK_DRIVER,
+    desc, header, slow_device, SlowRig, DEADLINE, DRIVER_OK, FEATURES_OK, NEEDS_RESET,
+    STATUS_ACK_DRIVER,
 };
 
 const MIB: u64 = 1 << 20;
@@ -507,59 +505,6 @@ fn with_event_idx_the_device_interrupts_when_used_event_is_passed() {
         "an interrupt once used_event was passed"
     );
     assert_eq!(r.irq.read().unwrap(), 1, "one interrupt for six requests");
-}
-
-/// A device whose requests take as long as the test wants (a slow disk): each tells the
-/// test it started, then waits to be let go.
-struct SlowHandler {
-    started: Sender<()>,
-    release: Receiver<()>,
-    serving: Arc<AtomicUsize>,
-    overlapped: Arc<AtomicBool>,
-}
-
-impl QueueHandler for SlowHandler {
-    fn serve(&mut self, _: usize, _: DescriptorChain<&GuardedMemory<'_>>) -> u32 {
-        if self.serving.fetch_add(1, Ordering::SeqCst) > 0 {
-            self.overlapped.store(true, Ordering::SeqCst);
-        }
-        let _ = self.started.send(());
-        let _ = self.release.recv_timeout(DEADLINE);
-        self.serving.fetch_sub(1, Ordering::SeqCst);
-        1
-    }
-}
-
-/// A [`Slow`] device, with the test's ends of its requests: `started` tells a request
-/// began, `release` lets it finish; `serving` counts requests in progress; `overlapped`
-/// says two ever were.
-struct SlowRig {
-    device: ThreadDevice,
-    started: Receiver<()>,
-    release: Sender<()>,
-    serving: Arc<AtomicUsize>,
-    overlapped: Arc<AtomicBool>,
-}
-
-fn slow_device() -> SlowRig {
-    let (started_tx, started) = std::sync::mpsc::channel();
-    let (release, release_rx) = std::sync::mpsc::channel();
-    let serving = Arc::new(AtomicUsize::new(0));
-    let overlapped = Arc::new(AtomicBool::new(false));
-    let handler = SlowHandler {
-        started: started_tx,
-        release: release_rx,
-        serving: Arc::clone(&serving),
-        overlapped: Arc::clone(&overlapped),
-    };
-    let device = ThreadDevice::new("slow", 4, 16, handler);
-    SlowRig {
-        device,
-        started,
-        release,
-        serving,
-        overlapped,
-    }
 }
 
 /// A vCPU that resets a device whose thread is in the middle of a slow request does not

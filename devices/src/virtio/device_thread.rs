@@ -7,10 +7,15 @@
 //! Register accesses (on vCPU threads) only send it commands and never wait for it:
 //! a reset during a slow disk read returns at once, and a setup that follows is served
 //! once the thread is done with the old one, in order, by the same thread.
+//!
+//! The VMM pauses it ([`DeviceThread::pause`]) to quiesce the VM (pause, snapshot): the
+//! thread finishes the request in hand, stops watching its queues (their eventfds keep
+//! counting the driver's notifications), says so ([`DeviceThread::wait_paused`]) and then
+//! serves nothing, setups and resets included, until [`DeviceThread::resume`]; only an
+//! exit (the device dropped) is still taken.
 
-use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -52,21 +57,35 @@ impl std::fmt::Debug for ThreadContext {
     }
 }
 
-/// What the device sends its thread.
-enum Command {
-    /// Serve these queues; `epoch` is the number of stops requested before (a setup
-    /// stopped before the thread got to it is never served).
-    Activate(Box<Activation>, u64),
-    /// End the thread.
-    Exit,
+/// What the device has told its thread and the thread has not taken yet.
+#[derive(Default)]
+struct Inbox {
+    /// The setup to serve next, and the number of stops requested before it (a setup
+    /// stopped before the thread got to it is never served). A setup is sent only after
+    /// the one before it was stopped, so one still waiting is stale: keeping just the
+    /// newest bounds the mailbox (and the descriptors each setup holds) whatever the
+    /// driver does while the thread is busy or paused.
+    setup: Option<(Box<Activation>, u64)>,
+    /// End the thread (taken even while paused).
+    exit: bool,
+    /// Whether a pause is asked, until the resume.
+    paused: bool,
+    /// Pauses asked so far.
+    pauses: u64,
+    /// The last of them the thread acknowledged (it was idle, holding no guest memory).
+    acknowledged: u64,
 }
 
-/// The commands waiting for the thread, and the eventfd that wakes it.
+/// The thread's inbox and the eventfd that wakes it.
 struct Mailbox {
-    commands: Mutex<VecDeque<Command>>,
+    inbox: Mutex<Inbox>,
+    /// Notified when the thread acknowledges a pause.
+    pause_acknowledged: Condvar,
     wake: EventFd,
     /// Stop requests so far (device resets).
     stops: AtomicU64,
+    /// `Inbox::paused`, for the thread to check between requests without the lock.
+    pausing: AtomicBool,
 }
 
 impl Mailbox {
@@ -76,22 +95,14 @@ impl Mailbox {
         }
     }
 
-    fn send(&self, command: Command) {
-        let mut commands = self.commands.lock().unwrap_or_else(|e| e.into_inner());
-        // A setup is sent only after the one before it was stopped: one still waiting is
-        // stale. Keeping just the newest bounds the mailbox (and the descriptors each
-        // setup holds) whatever the driver does while the thread is busy.
-        commands.retain(|c| !matches!(c, Command::Activate(..)));
-        commands.push_back(command);
-        drop(commands);
-        self.wake();
+    fn inbox(&self) -> MutexGuard<'_, Inbox> {
+        self.inbox.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn next(&self) -> Option<Command> {
-        self.commands
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .pop_front()
+    /// Changes the inbox with `f`, then wakes the thread.
+    fn send(&self, f: impl FnOnce(&mut Inbox)) {
+        f(&mut self.inbox());
+        self.wake();
     }
 }
 
@@ -131,9 +142,11 @@ impl DeviceThread {
     ) -> Result<Self, ActivateError> {
         let eventfd = || EventFd::new(libc::EFD_NONBLOCK).map_err(ActivateError::EventFd);
         let mailbox = Arc::new(Mailbox {
-            commands: Mutex::new(VecDeque::new()),
+            inbox: Mutex::new(Inbox::default()),
+            pause_acknowledged: Condvar::new(),
             wake: eventfd()?,
             stops: AtomicU64::new(0),
+            pausing: AtomicBool::new(false),
         });
         let exited = eventfd()?;
         let exit_signal = ExitSignal(exited.try_clone().map_err(ActivateError::EventFd)?);
@@ -141,6 +154,7 @@ impl DeviceThread {
             handler,
             mailbox: Arc::clone(&mailbox),
             active: None,
+            watching: false,
             exit: false,
         };
         let context = context.clone();
@@ -175,7 +189,7 @@ impl DeviceThread {
         }
         let epoch = self.mailbox.stops.load(Ordering::Acquire);
         self.mailbox
-            .send(Command::Activate(Box::new(activation), epoch));
+            .send(|inbox| inbox.setup = Some((Box::new(activation), epoch)));
         self.active = true;
         Ok(())
     }
@@ -189,6 +203,55 @@ impl DeviceThread {
             self.active = false;
         }
     }
+
+    /// Asks the thread to pause: to finish the request in hand, then serve nothing
+    /// (requests, setups, resets) until [`DeviceThread::resume`]. Does not wait: see
+    /// [`DeviceThread::wait_paused`]. Pausing a paused thread changes nothing.
+    pub fn pause(&mut self) {
+        self.mailbox.send(|inbox| {
+            if !inbox.paused {
+                inbox.paused = true;
+                inbox.pauses += 1;
+                self.mailbox.pausing.store(true, Ordering::Release);
+            }
+        });
+    }
+
+    /// Ends the pause: the thread serves, in order, what came meanwhile (a reset, a
+    /// setup, the queues' notifications). Does not wait.
+    pub fn resume(&mut self) {
+        self.mailbox.send(|inbox| {
+            inbox.paused = false;
+            self.mailbox.pausing.store(false, Ordering::Release);
+        });
+    }
+
+    /// Waits until the thread has acknowledged the pause asked last — it is idle between
+    /// requests and holds no guest memory — or until `deadline`: whether it has. False
+    /// at once when no pause is asked; never waits past `deadline` (a thread stuck in a
+    /// host I/O call, or dead, never acknowledges), so the VMM can give every device
+    /// one deadline.
+    pub fn wait_paused(&self, deadline: Instant) -> bool {
+        let mut inbox = self.mailbox.inbox();
+        loop {
+            if !inbox.paused {
+                return false;
+            }
+            if inbox.acknowledged == inbox.pauses {
+                return true;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            inbox = self
+                .mailbox
+                .pause_acknowledged
+                .wait_timeout(inbox, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
 }
 
 impl Drop for DeviceThread {
@@ -197,7 +260,7 @@ impl Drop for DeviceThread {
             return;
         };
         self.mailbox.stops.fetch_add(1, Ordering::AcqRel);
-        self.mailbox.send(Command::Exit);
+        self.mailbox.send(|inbox| inbox.exit = true);
         if !wait_readable(&self.exited, Instant::now() + DROP_DEADLINE) {
             note_left_behind();
             log::error!(
@@ -242,6 +305,9 @@ struct Worker<H: QueueHandler> {
     handler: H,
     mailbox: Arc<Mailbox>,
     active: Option<Active>,
+    /// Whether the event loop watches the active setup's queue eventfds (not while
+    /// paused).
+    watching: bool,
     exit: bool,
 }
 
@@ -262,6 +328,24 @@ impl Active {
 impl<H: QueueHandler> Worker<H> {
     fn stopping(&self, active: &Active) -> bool {
         Stopping::new(&self.mailbox.stops, active.epoch).requested()
+    }
+
+    /// Starts (`on`) or stops watching the active setup's queue eventfds.
+    fn watch(&mut self, ops: &mut EventOps, on: bool) {
+        let Some(active) = self.active.as_ref().filter(|_| self.watching != on) else {
+            return;
+        };
+        for (i, fd) in active.queue_events.iter().enumerate() {
+            let events = Events::with_data(fd, i as u32, EventSet::IN);
+            if on {
+                if let Err(e) = ops.add(events) {
+                    log::error!("virtio: cannot watch queue {i}: {e:?}");
+                }
+            } else {
+                let _ = ops.remove(events);
+            }
+        }
+        self.watching = on;
     }
 
     /// Starts serving `activation`: checks that every ready queue lies in guest memory,
@@ -294,13 +378,9 @@ impl<H: QueueHandler> Worker<H> {
             active.fail(&e, Stopping::new(&self.mailbox.stops, epoch));
             return;
         }
-        for (i, fd) in active.queue_events.iter().enumerate() {
-            if let Err(e) = ops.add(Events::with_data(fd, i as u32, EventSet::IN)) {
-                log::error!("virtio: cannot watch queue {i}: {e:?}");
-            }
-        }
         let queues = active.queues.len();
         self.active = Some(active);
+        self.watch(ops, true);
         for i in 0..queues {
             self.serve(i);
         }
@@ -308,19 +388,22 @@ impl<H: QueueHandler> Worker<H> {
 
     /// Stops watching the current setup's queues and forgets them.
     fn end(&mut self, ops: &mut EventOps) {
-        if let Some(active) = self.active.take() {
-            for (i, fd) in active.queue_events.iter().enumerate() {
-                let _ = ops.remove(Events::with_data(fd, i as u32, EventSet::IN));
-            }
-        }
+        self.watch(ops, false);
+        self.active = None;
     }
 
     fn serve(&mut self, index: usize) {
         let Some(active) = self.active.as_mut() else {
             return;
         };
-        let stopping = Stopping::new(&self.mailbox.stops, active.epoch);
+        let stopping =
+            Stopping::new(&self.mailbox.stops, active.epoch).with_pause(&self.mailbox.pausing);
         if active.needs_reset.load(Ordering::Acquire) || stopping.requested() {
+            return;
+        }
+        if stopping.pause_requested() {
+            // Not now: the notification is kept for after the pause.
+            reschedule(active, index);
             return;
         }
         // A queue the driver never made ready has no rings to touch.
@@ -335,37 +418,59 @@ impl<H: QueueHandler> Worker<H> {
                 if served.notify {
                     active.interrupt.raise(INT_VRING);
                 }
-                if served.more {
-                    // Come back after the other queues' events (and any writer waiting
-                    // for guest memory) had their turn.
-                    if let Err(e) = active.queue_events[index].write(1) {
-                        log::error!("virtio queue {index}: cannot reschedule: {e}");
-                    }
+                // Come back after the other queues' events (and any writer waiting for
+                // guest memory) had their turn, or after a pause that cut the turn short.
+                if served.more || stopping.pause_requested() {
+                    reschedule(active, index);
                 }
             }
             Err(e) => active.fail(&e, stopping),
         }
     }
 
-    /// Reads the mailbox: ends a stopped setup, takes the commands.
+    /// Reads the mailbox: exits, or pauses, or ends a stopped setup and takes the next.
     fn read_mailbox(&mut self, ops: &mut EventOps) {
         let _ = self.mailbox.wake.read();
-        if self.active.as_ref().is_some_and(|a| self.stopping(a)) {
-            self.end(ops);
-        }
-        while let Some(command) = self.mailbox.next() {
-            match command {
-                Command::Activate(activation, epoch) => {
-                    self.end(ops);
-                    self.begin(*activation, epoch, ops);
-                }
-                Command::Exit => {
-                    self.end(ops);
-                    self.exit = true;
-                    return;
-                }
+        let mailbox = Arc::clone(&self.mailbox);
+        loop {
+            let mut inbox = mailbox.inbox();
+            if inbox.exit {
+                drop(inbox);
+                self.end(ops);
+                self.exit = true;
+                return;
             }
+            if inbox.paused {
+                // Between requests (this runs on the event loop, no request in hand, no
+                // guest memory held): watch no queue, so a notification is neither
+                // served nor consumed (nor spins the level-triggered loop), and say so.
+                self.watch(ops, false);
+                inbox.acknowledged = inbox.pauses;
+                mailbox.pause_acknowledged.notify_all();
+                return;
+            }
+            let setup = inbox.setup.take();
+            drop(inbox);
+            // A stop (reset) before a setup, as they came; both wait out a pause.
+            if self.active.as_ref().is_some_and(|a| self.stopping(a)) {
+                self.end(ops);
+            }
+            // Back from a pause: the eventfds still readable are the notifications that
+            // came meanwhile, reported as soon as they are watched again.
+            self.watch(ops, true);
+            let Some((activation, epoch)) = setup else {
+                return;
+            };
+            self.end(ops);
+            self.begin(*activation, epoch, ops);
         }
+    }
+}
+
+/// Has the worker serve queue `index` again, after what else is waiting.
+fn reschedule(active: &Active, index: usize) {
+    if let Err(e) = active.queue_events[index].write(1) {
+        log::error!("virtio queue {index}: cannot reschedule: {e}");
     }
 }
 

@@ -478,7 +478,7 @@ impl QueueHandler for MemHandler {
     ) -> Result<Served, QueueError> {
         let mut served = 0;
         let mut mem = GuardedMemory::new(memory, memory_deadline());
-        while served < MEM_BUDGET && !stopping.requested() {
+        while served < MEM_BUDGET && !stopping.hold() {
             let next_avail = queue.next_avail();
             next_access(&mut mem);
             let request = mem.retry(|mem| {
@@ -581,6 +581,19 @@ impl VirtioDevice for Mem {
     fn reset(&mut self) {
         self.thread.stop();
         self.control.config_state().interrupt = None;
+    }
+
+    /// No plug or unplug until the resume; size requests are still taken meanwhile.
+    fn pause(&mut self) {
+        self.thread.pause();
+    }
+
+    fn resume(&mut self) {
+        self.thread.resume();
+    }
+
+    fn wait_paused(&self, deadline: std::time::Instant) -> bool {
+        self.thread.wait_paused(deadline)
     }
 }
 

@@ -136,6 +136,21 @@ impl MmioTransport {
         &self.queue_events
     }
 
+    /// Asks the device to pause (see [`VirtioDevice::pause`]); does not wait.
+    pub fn pause(&mut self) {
+        self.device.pause();
+    }
+
+    /// Ends the device's pause; does not wait.
+    pub fn resume(&mut self) {
+        self.device.resume();
+    }
+
+    /// Waits until `deadline` at most for the device to be paused; whether it is.
+    pub fn wait_paused(&self, deadline: std::time::Instant) -> bool {
+        self.device.wait_paused(deadline)
+    }
+
     /// The driver-visible device status.
     pub fn status(&self) -> u32 {
         let needs_reset = if self.needs_reset.load(Ordering::Acquire) {

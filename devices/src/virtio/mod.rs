@@ -16,6 +16,7 @@ pub mod worker;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use crate::guest_log::GuestLog;
 use memory::RegionTable;
@@ -138,6 +139,20 @@ pub trait VirtioDevice: Send {
     /// (it runs on a vCPU thread): the thread finishes the request in hand, then takes
     /// the next setup.
     fn reset(&mut self);
+    /// Asks the device to pause (the VMM quiesces the VM, its vCPUs already stopped): to
+    /// finish the request in hand, then serve nothing — requests, setups, resets — until
+    /// [`resume`]. Does not wait. A device without a thread has nothing to do.
+    ///
+    /// [`resume`]: VirtioDevice::resume
+    fn pause(&mut self) {}
+    /// Ends the pause; the device serves what came meanwhile. Does not wait.
+    fn resume(&mut self) {}
+    /// Waits, until `deadline` at most, for the device to be paused: idle between
+    /// requests and holding no guest memory; whether it is. A device without a thread
+    /// always is.
+    fn wait_paused(&self, _deadline: Instant) -> bool {
+        true
+    }
 }
 
 /// Copies the part of `config` at `offset` into `data`; the rest of `data` reads as zero.

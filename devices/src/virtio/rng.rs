@@ -106,4 +106,16 @@ impl VirtioDevice for Rng {
     fn reset(&mut self) {
         self.thread.stop();
     }
+
+    fn pause(&mut self) {
+        self.thread.pause();
+    }
+
+    fn resume(&mut self) {
+        self.thread.resume();
+    }
+
+    fn wait_paused(&self, deadline: std::time::Instant) -> bool {
+        self.thread.wait_paused(deadline)
+    }
 }

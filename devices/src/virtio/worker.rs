@@ -1,9 +1,9 @@
 //! Serving a queue: a device's [`QueueHandler`] and the default way of going through the
 //! available requests (in rounds, each request holding only the guest memory it
-//! touches, within a budget, stopping between two requests when the device thread is asked to). The thread
-//! itself is [`super::device_thread`].
+//! touches, within a budget, stopping between two requests when the device thread is asked
+//! to stop or pause). The thread itself is [`super::device_thread`].
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use memory::{GuardedMemory, RegionTable};
@@ -53,33 +53,54 @@ pub fn next_access(mem: &mut GuardedMemory<'_>) {
 /// a driver that keeps its queue full cannot hold them off.
 const BUDGET: usize = 256;
 
+/// Never set: the pause flag of a [`Stopping`] that is never paused.
+static NO_PAUSE: AtomicBool = AtomicBool::new(false);
+
 /// Whether the device thread has been asked to stop serving the setup it is serving (a
-/// device reset came): checked between requests.
+/// device reset came) or to pause (the VMM quiesces the VM): checked between requests.
 #[derive(Clone, Copy, Debug)]
 pub struct Stopping<'a> {
     stops: &'a AtomicU64,
     epoch: u64,
+    pause: &'a AtomicBool,
 }
 
 impl<'a> Stopping<'a> {
     /// Stop once `stops` (stop requests so far) is no longer `epoch` (its value when the
-    /// setup being served began).
+    /// setup being served began). Never paused unless [`Stopping::with_pause`] says.
     pub fn new(stops: &'a AtomicU64, epoch: u64) -> Self {
-        Stopping { stops, epoch }
+        Stopping {
+            stops,
+            epoch,
+            pause: &NO_PAUSE,
+        }
+    }
+
+    /// Also pause while `pause` is set.
+    pub fn with_pause(self, pause: &'a AtomicBool) -> Self {
+        Stopping { pause, ..self }
     }
 
     /// Never asked to stop (tests, tools).
     pub fn never() -> Stopping<'static> {
         static NO_STOPS: AtomicU64 = AtomicU64::new(0);
-        Stopping {
-            stops: &NO_STOPS,
-            epoch: 0,
-        }
+        Stopping::new(&NO_STOPS, 0)
     }
 
-    /// Whether a stop was requested.
+    /// Whether a stop was requested: the request in hand is not reported to the driver.
     pub fn requested(&self) -> bool {
         self.stops.load(Ordering::Acquire) != self.epoch
+    }
+
+    /// Whether a pause was requested: the request in hand is finished and reported, and
+    /// no other is started.
+    pub fn pause_requested(&self) -> bool {
+        self.pause.load(Ordering::Acquire)
+    }
+
+    /// Whether to start no further request: a stop or a pause was requested.
+    pub fn hold(&self) -> bool {
+        self.requested() || self.pause_requested()
     }
 }
 
@@ -107,8 +128,8 @@ pub trait QueueHandler: Send + 'static {
     /// reads how many requests are available and serves exactly those, with the
     /// driver's notifications suppressed meanwhile and the ring checked again before
     /// they are re-enabled (requests added while the device worked are served without a
-    /// notification); at most [`BUDGET`] requests in all, and none once `stopping` is
-    /// set (checked before each request).
+    /// notification); at most [`BUDGET`] requests in all, and none once `stopping` asks
+    /// to stop or pause ([`Stopping::hold`], checked before each request).
     ///
     /// Each request holds the regions its rings and buffers touch, from the first access
     /// to each until the request is used (see [`GuardedMemory`]), and nothing between
@@ -136,7 +157,7 @@ pub trait QueueHandler: Send + 'static {
             // Rounds that found nothing cost no budget: bound them too, so a driver
             // moving its index in step with the device cannot keep it here.
             rounds += 1;
-            if rounds > MAX_ROUNDS || stopping.requested() {
+            if rounds > MAX_ROUNDS || stopping.hold() {
                 break true;
             }
             next_access(&mut mem);
@@ -147,8 +168,9 @@ pub trait QueueHandler: Send + 'static {
             if available > 0 {
                 let budget = usize::from(available).min(BUDGET - served);
                 served += serve_available(self, index, queue, &mut mem, budget, stopping)?;
-                if served == BUDGET || stopping.requested() {
-                    // Notifications stay off: the worker comes back by itself (or stops).
+                if served == BUDGET || stopping.hold() {
+                    // Notifications stay off: the worker comes back by itself (after a
+                    // pause, or stops).
                     break true;
                 }
             }
@@ -190,7 +212,7 @@ enum Run {
     Unreadable,
 }
 
-/// Serves `budget` available requests of `queue` (fewer once `stopping` is set), each
+/// Serves `budget` available requests of `queue` (fewer once `stopping` holds), each
 /// holding only the regions it touches; returns how many it served. All `budget` must
 /// be readable: the caller read that many from the available index.
 fn serve_available<H: QueueHandler>(
@@ -202,7 +224,9 @@ fn serve_available<H: QueueHandler>(
     stopping: Stopping<'_>,
 ) -> Result<usize, QueueError> {
     for served in 0..budget {
-        if stopping.requested() {
+        // A pause lets the request in hand finish (below, a stop does not): it is only
+        // checked here, before the next one.
+        if stopping.hold() {
             return Ok(served);
         }
         next_access(mem);

@@ -5,6 +5,8 @@
 #![allow(dead_code)]
 
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -14,6 +16,7 @@ use devices::virtio::{ActivateError, Activation, Interrupt, MmioTransport, Virti
 use memory::{GuardedMemory, RegionSpec, RegionTable, TableConfig};
 use virtio_queue::desc::{split::Descriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
+use virtio_queue::DescriptorChain;
 use vm_device::bus::MmioAddress;
 use vm_device::MutDeviceMmio;
 use vm_memory::GuestAddress;
@@ -32,11 +35,20 @@ pub struct Rig {
     pub irq: EventFd,
 }
 
-/// A register access, answered on `reply` with the value read (0 for a write).
+/// A register access, answered on `reply` with the value read (0 for a write), or a
+/// pause call, answered with 1 for true.
 struct Access {
-    offset: u64,
-    write: Option<u32>,
+    op: Op,
     reply: std::sync::mpsc::Sender<u32>,
+}
+
+/// What the VMM's threads do with a transport.
+enum Op {
+    Read(u64),
+    Write(u64, u32),
+    Pause,
+    Resume,
+    WaitPaused(Instant),
 }
 
 /// Guest memory of `memory` bytes of RAM at address 0.
@@ -68,11 +80,16 @@ pub fn rig_on(table: Arc<RegionTable>, device: Box<dyn VirtioDevice>) -> Rig {
         .spawn(move || {
             for access in accesses {
                 let mut data = [0u8; 4];
-                match access.write {
-                    Some(value) => {
-                        transport.mmio_write(MmioAddress(0), access.offset, &value.to_le_bytes())
+                match access.op {
+                    Op::Write(offset, value) => {
+                        transport.mmio_write(MmioAddress(0), offset, &value.to_le_bytes())
                     }
-                    None => transport.mmio_read(MmioAddress(0), access.offset, &mut data),
+                    Op::Read(offset) => transport.mmio_read(MmioAddress(0), offset, &mut data),
+                    Op::Pause => transport.pause(),
+                    Op::Resume => transport.resume(),
+                    Op::WaitPaused(deadline) => {
+                        data[0] = u8::from(transport.wait_paused(deadline));
+                    }
                 }
                 let _ = access.reply.send(u32::from_le_bytes(data));
             }
@@ -97,26 +114,37 @@ impl Drop for Rig {
 }
 
 impl Rig {
-    fn access(&mut self, offset: u64, write: Option<u32>) -> u32 {
+    fn access(&mut self, op: Op) -> u32 {
         let (reply, answer) = std::sync::mpsc::channel();
         let vcpu = self.vcpu.as_ref().expect("the vCPU thread runs");
-        vcpu.send(Access {
-            offset,
-            write,
-            reply,
-        })
-        .expect("the vCPU thread runs");
+        vcpu.send(Access { op, reply })
+            .expect("the vCPU thread runs");
         answer
             .recv_timeout(std::time::Duration::from_secs(30))
             .expect("a register access completes")
     }
 
     pub fn read(&mut self, offset: u64) -> u32 {
-        self.access(offset, None)
+        self.access(Op::Read(offset))
     }
 
     pub fn write(&mut self, offset: u64, value: u32) {
-        self.access(offset, Some(value));
+        self.access(Op::Write(offset, value));
+    }
+
+    /// `MmioTransport::pause`, as the VMM calls it.
+    pub fn pause(&mut self) {
+        self.access(Op::Pause);
+    }
+
+    /// `MmioTransport::resume`.
+    pub fn resume(&mut self) {
+        self.access(Op::Resume);
+    }
+
+    /// `MmioTransport::wait_paused`.
+    pub fn wait_paused(&mut self, deadline: Instant) -> bool {
+        self.access(Op::WaitPaused(deadline)) == 1
     }
 
     pub fn needs_reset(&mut self) -> bool {
@@ -241,5 +269,67 @@ impl VirtioDevice for ThreadDevice {
     }
     fn reset(&mut self) {
         self.thread.stop();
+    }
+    fn pause(&mut self) {
+        self.thread.pause();
+    }
+    fn resume(&mut self) {
+        self.thread.resume();
+    }
+    fn wait_paused(&self, deadline: Instant) -> bool {
+        self.thread.wait_paused(deadline)
+    }
+}
+
+/// A device whose requests take as long as the test wants (a slow disk): each tells the
+/// test it started, then waits to be let go.
+pub struct SlowHandler {
+    started: Sender<()>,
+    release: Receiver<()>,
+    serving: Arc<AtomicUsize>,
+    overlapped: Arc<AtomicBool>,
+}
+
+impl QueueHandler for SlowHandler {
+    fn serve(&mut self, _: usize, _: DescriptorChain<&GuardedMemory<'_>>) -> u32 {
+        if self.serving.fetch_add(1, Ordering::SeqCst) > 0 {
+            self.overlapped.store(true, Ordering::SeqCst);
+        }
+        let _ = self.started.send(());
+        let _ = self.release.recv_timeout(DEADLINE);
+        self.serving.fetch_sub(1, Ordering::SeqCst);
+        1
+    }
+}
+
+/// A [`SlowHandler`] device, with the test's ends of its requests: `started` tells a request
+/// began, `release` lets it finish; `serving` counts requests in progress; `overlapped`
+/// says two ever were.
+pub struct SlowRig {
+    pub device: ThreadDevice,
+    pub started: Receiver<()>,
+    pub release: Sender<()>,
+    pub serving: Arc<AtomicUsize>,
+    pub overlapped: Arc<AtomicBool>,
+}
+
+pub fn slow_device() -> SlowRig {
+    let (started_tx, started) = std::sync::mpsc::channel();
+    let (release, release_rx) = std::sync::mpsc::channel();
+    let serving = Arc::new(AtomicUsize::new(0));
+    let overlapped = Arc::new(AtomicBool::new(false));
+    let handler = SlowHandler {
+        started: started_tx,
+        release: release_rx,
+        serving: Arc::clone(&serving),
+        overlapped: Arc::clone(&overlapped),
+    };
+    let device = ThreadDevice::new("slow", 4, 16, handler);
+    SlowRig {
+        device,
+        started,
+        release,
+        serving,
+        overlapped,
     }
 }

@@ -170,4 +170,16 @@ impl VirtioDevice for Block {
     fn reset(&mut self) {
         self.thread.stop();
     }
+
+    fn pause(&mut self) {
+        self.thread.pause();
+    }
+
+    fn resume(&mut self) {
+        self.thread.resume();
+    }
+
+    fn wait_paused(&self, deadline: std::time::Instant) -> bool {
+        self.thread.wait_paused(deadline)
+    }
 }
