@@ -8,6 +8,7 @@
 //! Malformed, unknown or oversized requests get an error reply; the VM is unaffected.
 
 mod server;
+pub mod vm_config;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -21,6 +22,10 @@ use serde_json::{json, Value};
 
 use crate::config::Size;
 pub use server::{ApiServer, CLIENT_DEADLINE};
+
+/// The OpenAPI 3.0 document of Kite's HTTP API: the subset of Cloud Hypervisor's that Kite
+/// serves, under `/api/v1`.
+pub const OPENAPI: &str = include_str!("openapi.json");
 
 /// Largest request read.
 pub const MAX_REQUEST: u64 = 64 << 10;
