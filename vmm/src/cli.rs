@@ -270,19 +270,22 @@ fn default_or_given(config: &VmConfig) -> Result<(PathBuf, Option<PathBuf>), Fai
 const REMOTE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 fn remote(args: RemoteArgs) -> i32 {
-    let request = match &args.request {
-        RemoteRequest::Info => serde_json::json!({"command": "info"}),
+    let (method, path, body) = match &args.request {
+        RemoteRequest::Info => ("GET", "/api/v1/vm.info", None),
         RemoteRequest::Resize { memory } => {
             if let Err(e) = memory.parse::<crate::config::Size>() {
                 eprintln!("kite: --memory: {e}");
                 return exit::BAD_ARGUMENTS;
             }
-            serde_json::json!({"command": "resize", "memory": memory})
+            let body = serde_json::json!({"memory": memory}).to_string();
+            ("PUT", "/api/v1/vm.resize", Some(body))
         }
     };
-    match crate::api::call(&args.api_socket, &request, REMOTE_TIMEOUT) {
-        Ok(reply) if reply.get("ok") == Some(&serde_json::Value::Bool(true)) => {
+    let body = body.as_deref().map(str::as_bytes);
+    match crate::api::request(&args.api_socket, method, path, body, REMOTE_TIMEOUT) {
+        Ok((status, reply)) if (200..300).contains(&status) => {
             if matches!(args.request, RemoteRequest::Info) {
+                let reply: serde_json::Value = serde_json::from_slice(&reply).unwrap_or_default();
                 println!(
                     "{}",
                     serde_json::to_string_pretty(&reply).unwrap_or_default()
@@ -290,12 +293,13 @@ fn remote(args: RemoteArgs) -> i32 {
             }
             0
         }
-        Ok(reply) => {
+        Ok((status, reply)) => {
+            let reply: serde_json::Value = serde_json::from_slice(&reply).unwrap_or_default();
             let why = reply
                 .get("error")
                 .and_then(|e| e.as_str())
                 .unwrap_or("error");
-            eprintln!("kite: the VM refused: {why}");
+            eprintln!("kite: the VM refused ({status}): {why}");
             exit::VMM_ERROR
         }
         Err(e) => {

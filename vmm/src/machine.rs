@@ -27,7 +27,7 @@ use vm_device::device_manager::{IoManager, MmioManager, PioManager};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
-use crate::api::{ApiContext, ApiError, ApiServer};
+use crate::api::{legacy_handler, ApiContext, ApiError, ApiServer};
 use crate::arch::x86_64::boot::{self, BootError, BootSpec};
 use crate::arch::x86_64::layout;
 use crate::config::{DiskConfig, HotplugBacking, MAX_CMDLINE};
@@ -361,12 +361,12 @@ pub fn run(spec: MachineSpec<'_>) -> Result<VmEnd, MachineError> {
         .map(|path| {
             ApiServer::start(
                 path,
-                ApiContext {
+                legacy_handler(ApiContext {
                     table: Arc::clone(&table),
                     boot_memory: spec.memory,
                     hotplug,
                     faults,
-                },
+                }),
                 hooks(ThreadKind::Api),
             )
         })

@@ -1,16 +1,18 @@
-//! The control socket (`--api-socket PATH`): a Unix socket, mode 0600, served by its own
-//! thread ([`server`]). One JSON request per connection, one JSON line back:
+//! The control socket (`--api-socket PATH`): HTTP/1.1 over a Unix socket, mode 0600,
+//! served by its own thread ([`ApiServer`], a [`Handler`] answering each [`Request`]);
+//! [`request`] is its client. Malformed, oversized or late requests get an error status
+//! with `{"error": "..."}`; the VM is unaffected.
 //!
-//! - `{"command": "info"}` → `{"ok": true, "memory": {...}, "region_table": {...}}`
-//! - `{"command": "resize", "memory": "2G"}` (total guest memory, boot RAM included) →
-//!   `{"ok": true}`, or `{"ok": false, "error": "..."}`
-//!
-//! Malformed, unknown or oversized requests get an error reply; the VM is unaffected.
+//! Until the Cloud Hypervisor routes replace them, [`legacy_handler`] serves the old
+//! commands: `GET /api/v1/vm.info` → `{"ok": true, "memory": {...}, "region_table":
+//! {...}}`; `PUT /api/v1/vm.resize` with `{"memory": "2G"}` (total guest memory, boot RAM
+//! included) → `{"ok": true}` or 400 with `{"ok": false, "error": "..."}`.
 
+mod client;
+mod connection;
+mod http;
 mod server;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,9 +22,11 @@ use memory::RegionTable;
 use serde_json::{json, Value};
 
 use crate::config::Size;
-pub use server::{ApiServer, CLIENT_DEADLINE};
+pub use client::request;
+pub use http::{Handler, Request, Response, MAX_HEAD};
+pub use server::{ApiServer, CLIENT_DEADLINE, MAX_CONNECTIONS};
 
-/// Largest request read.
+/// Largest request body read (a larger one gets 413).
 pub const MAX_REQUEST: u64 = 64 << 10;
 
 /// Errors starting the control socket.
@@ -153,19 +157,52 @@ fn resize(request: &Value, context: &ApiContext) -> Value {
     }
 }
 
-/// Sends `request` to the control socket at `path` and returns the reply.
+/// Temporary glue until the Cloud Hypervisor routes come: the old commands over HTTP.
+/// `GET /api/v1/vm.info` and `PUT /api/v1/vm.resize` take the old request's other fields
+/// as their JSON body; an error reply is sent with 400.
+pub fn legacy_handler(context: ApiContext) -> Handler {
+    Box::new(move |request: &Request| {
+        let Some(command) = request.path.strip_prefix("/api/v1/vm.") else {
+            return Response::error(404, format!("no such path: {}", request.path));
+        };
+        let method = if command == "info" { "GET" } else { "PUT" };
+        if request.method != method {
+            return Response::error(405, format!("{} wants {method}", request.path));
+        }
+        let mut fields = match request.body.as_slice() {
+            b"" => json!({}),
+            body => match serde_json::from_slice::<Value>(body) {
+                Ok(fields @ Value::Object(_)) => fields,
+                _ => return Response::error(400, "the body is not a JSON object"),
+            },
+        };
+        fields["command"] = command.into();
+        let reply = handle(&fields, &context);
+        let status = if reply["ok"] == json!(true) { 200 } else { 400 };
+        Response::json(status, &reply)
+    })
+}
+
+/// Temporary glue for the tests until the Cloud Hypervisor routes come: sends an old
+/// request (`{"command": ...}`) the way [`legacy_handler`] takes it and returns the old
+/// reply (`{"ok": false, "error"}` for any error status).
 pub fn call(path: &Path, request: &Value, timeout: Duration) -> std::io::Result<Value> {
-    let stream = UnixStream::connect(path)?;
-    stream.set_read_timeout(Some(timeout))?;
-    stream.set_write_timeout(Some(timeout))?;
-    let mut line = serde_json::to_vec(request)?;
-    line.push(b'\n');
-    match (&stream).write_all(&line) {
-        // The server may answer (a refusal) before it has read the whole request.
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
-        other => other?,
+    let command = request["command"].as_str().unwrap_or_default();
+    let method = if command == "info" { "GET" } else { "PUT" };
+    let mut fields = request.clone();
+    if let Some(fields) = fields.as_object_mut() {
+        fields.remove("command");
     }
-    let mut reply = Vec::new();
-    BufReader::new((&stream).take(1 << 20)).read_until(b'\n', &mut reply)?;
-    Ok(serde_json::from_slice(&reply)?)
+    let body = serde_json::to_vec(&fields)?;
+    let target = format!("/api/v1/vm.{command}");
+    let (status, reply) = self::request(path, method, &target, Some(&body), timeout)?;
+    let reply: Value = serde_json::from_slice(&reply).unwrap_or(Value::Null);
+    Ok(match status {
+        200..=299 => reply,
+        _ if reply.get("ok").is_some() => reply,
+        _ => error(format!(
+            "{status}: {}",
+            reply["error"].as_str().unwrap_or("?")
+        )),
+    })
 }

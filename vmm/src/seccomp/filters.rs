@@ -202,7 +202,10 @@ pub fn rules(kind: ThreadKind) -> Rules {
             );
         }
         ThreadKind::Api => {
-            // Each client is served non-blocking, with a deadline.
+            // One poll(2) loop over the listener, the stop eventfd and every client:
+            // accept4, non-blocking mode (FIONBIO), SO_PEERCRED (getsockopt), reads
+            // (read, recvfrom), writes (sendto: send with MSG_NOSIGNAL) and the write
+            // side shut before a lingering close (shutdown).
             add_ioctls(&mut rules, &[libc::FIONBIO]);
             allow(
                 &mut rules,
