@@ -81,7 +81,12 @@ fn echo_server(listener: UnixListener, size: usize) {
 }
 
 /// `count` requests from `clients` threads at once; latencies sorted, statuses seen.
-fn measure(socket: &Path, request: &[u8], count: usize, clients: usize) -> (Vec<Duration>, Vec<u16>) {
+fn measure(
+    socket: &Path,
+    request: &[u8],
+    count: usize,
+    clients: usize,
+) -> (Vec<Duration>, Vec<u16>) {
     let threads: Vec<_> = (0..clients)
         .map(|_| {
             let (socket, request) = (socket.to_path_buf(), request.to_vec());
@@ -92,7 +97,10 @@ fn measure(socket: &Path, request: &[u8], count: usize, clients: usize) -> (Vec<
             })
         })
         .collect();
-    let mut all: Vec<(Duration, u16)> = threads.into_iter().flat_map(|t| t.join().unwrap()).collect();
+    let mut all: Vec<(Duration, u16)> = threads
+        .into_iter()
+        .flat_map(|t| t.join().unwrap())
+        .collect();
     all.sort();
     let statuses = all.iter().map(|(_, s)| *s).collect();
     (all.into_iter().map(|(d, _)| d).collect(), statuses)
@@ -119,12 +127,24 @@ fn main() {
     let clients = env_or("KITE_BENCH_CLIENTS", 4);
     let dir = tempfile::tempdir().unwrap();
     let (socket, disk) = (dir.path().join("api.sock"), dir.path().join("disk.img"));
-    std::fs::File::create(&disk).unwrap().set_len(8 << 20).unwrap();
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(8 << 20)
+        .unwrap();
     let memory = format!("size={}M,hotplug_size=512M", BOOT >> 20);
     let disk_arg = format!("path={}", disk.display());
     let kite = Kite::start(&[
-        "run", "--kernel", GUEST, "--cmdline", "kite.test=hotplug", "--memory", &memory,
-        "--disk", &disk_arg, "--api-socket", socket.to_str().unwrap(),
+        "run",
+        "--kernel",
+        GUEST,
+        "--cmdline",
+        "kite.test=hotplug",
+        "--memory",
+        &memory,
+        "--disk",
+        &disk_arg,
+        "--api-socket",
+        socket.to_str().unwrap(),
     ]);
     kite.wait_for("kite-test: hotplug ready", DEADLINE);
 
@@ -137,7 +157,12 @@ fn main() {
             let mut up = true;
             while !stop.load(Ordering::Relaxed) {
                 let extra = if up { (2 + 2 * (resizes % 8)) * MIB } else { 0 };
-                let (status, _) = api(&socket, "PUT", "vm.resize", Some(json!({"desired_ram": BOOT + extra})));
+                let (status, _) = api(
+                    &socket,
+                    "PUT",
+                    "vm.resize",
+                    Some(json!({"desired_ram": BOOT + extra})),
+                );
                 if status == 204 {
                     resizes += 1;
                     up = !up;
@@ -148,7 +173,11 @@ fn main() {
     };
 
     let info = request("GET", "vm.info", "");
-    let resize = request("PUT", "vm.resize", &json!({"desired_ram": BOOT}).to_string());
+    let resize = request(
+        "PUT",
+        "vm.resize",
+        &json!({"desired_ram": BOOT}).to_string(),
+    );
     let info_size = {
         let mut stream = UnixStream::connect(&socket).unwrap();
         stream.write_all(&info).unwrap();
@@ -182,8 +211,15 @@ fn main() {
         "API latency, {} requests per kind, {clients} clients, new connection each, under hotplug load ({load_resizes} resizes by the load thread):",
         floor.len()
     );
-    println!("{:<28} {:>10} {:>10} {:>14}", "", "p50 (us)", "p99 (us)", "p99 / floor");
-    for (name, v) in [("floor (echo thread)", &floor), ("vm.info", &infos), ("vm.resize", &resizes)] {
+    println!(
+        "{:<28} {:>10} {:>10} {:>14}",
+        "", "p50 (us)", "p99 (us)", "p99 / floor"
+    );
+    for (name, v) in [
+        ("floor (echo thread)", &floor),
+        ("vm.info", &infos),
+        ("vm.resize", &resizes),
+    ] {
         let p99 = percentile(v, 0.99);
         println!(
             "{name:<28} {:>10.1} {:>10.1} {:>14.2}",

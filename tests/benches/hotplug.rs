@@ -15,7 +15,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use kite_tests::{
-    counters, default_guest_file, kite_binary, kvm_available, qemu_available, resize, wait_plugged, Kite,
+    counters, default_guest_file, kite_binary, kvm_available, qemu_available, resize, wait_plugged,
+    Kite,
 };
 use serde_json::{json, Value};
 

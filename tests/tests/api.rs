@@ -70,7 +70,7 @@ fn accesses(socket: &Path) -> u64 {
 #[test]
 fn every_endpoint_and_the_whole_lifecycle() {
     let Some(Served {
-        mut kite,
+        kite,
         socket,
         disk,
         _dir,
@@ -80,7 +80,10 @@ fn every_endpoint_and_the_whole_lifecycle() {
     };
     let ping = api_ok(&socket, "GET", "vmm.ping", None);
     assert_eq!(ping["pid"], kite.pid(), "{ping}");
-    assert!(ping["features"].as_array().is_some_and(|f| !f.is_empty()), "{ping}");
+    assert!(
+        ping["features"].as_array().is_some_and(|f| !f.is_empty()),
+        "{ping}"
+    );
     for (method, endpoint) in [
         ("GET", "vm.info"),
         ("GET", "vm.counters"),
@@ -94,11 +97,20 @@ fn every_endpoint_and_the_whole_lifecycle() {
     }
 
     // Create: the configuration comes back as Kite runs it.
-    api_ok(&socket, "PUT", "vm.create", Some(hotplug_guest(&disk, 512 * MIB)));
+    api_ok(
+        &socket,
+        "PUT",
+        "vm.create",
+        Some(hotplug_guest(&disk, 512 * MIB)),
+    );
     let info = api_ok(&socket, "GET", "vm.info", None);
     assert_eq!(info["state"], "Created", "{info}");
     assert_eq!(info["config"]["payload"]["kernel"], GUEST, "{info}");
-    assert_eq!(info["config"]["memory"]["hotplug_size"], 512 * MIB, "{info}");
+    assert_eq!(
+        info["config"]["memory"]["hotplug_size"],
+        512 * MIB,
+        "{info}"
+    );
     assert_eq!(info["config"]["disks"][0]["path"], json!(disk), "{info}");
     assert_eq!(info["memory_actual_size"], BOOT, "{info}");
 
@@ -183,36 +195,76 @@ fn bad_requests_get_an_error_and_the_vm_runs_on() {
     };
     // Configurations Kite cannot run: refused, naming the field; nothing created.
     for (body, field) in [
-        (json!({"payload": {"kernel": GUEST}, "net": [{"tap": "tap0"}]}), "net"),
-        (json!({"payload": {"kernel": GUEST}, "vsock": {"cid": 3, "socket": "/x"}}), "vsock"),
-        (json!({"payload": {"kernel": GUEST}, "memory": {"size": "1G"}}), "size"),
-        (json!({"payload": {"kernel": GUEST}, "memory": {"size": 4096}}), "size"),
-        (json!({"payload": {"kernel": "/nonexistent"}}), "/nonexistent"),
-        (json!({"payload": {"kernel": GUEST}, "frobnicate": 1}), "frobnicate"),
+        (
+            json!({"payload": {"kernel": GUEST}, "net": [{"tap": "tap0"}]}),
+            "net",
+        ),
+        (
+            json!({"payload": {"kernel": GUEST}, "vsock": {"cid": 3, "socket": "/x"}}),
+            "vsock",
+        ),
+        (
+            json!({"payload": {"kernel": GUEST}, "memory": {"size": "1G"}}),
+            "size",
+        ),
+        (
+            json!({"payload": {"kernel": GUEST}, "memory": {"size": 4096}}),
+            "size",
+        ),
+        (
+            json!({"payload": {"kernel": "/nonexistent"}}),
+            "/nonexistent",
+        ),
+        (
+            json!({"payload": {"kernel": GUEST}, "frobnicate": 1}),
+            "frobnicate",
+        ),
     ] {
         let (status, reply) = api(&socket, "PUT", "vm.create", Some(body.clone()));
         assert_eq!(status, 400, "{body}: {reply}");
         let error = reply["error"].as_str().unwrap_or_default();
         assert!(error.contains(field), "{body}: {error}");
     }
-    assert_eq!(api(&socket, "GET", "vm.info", None).0, 404, "nothing created");
+    assert_eq!(
+        api(&socket, "GET", "vm.info", None).0,
+        404,
+        "nothing created"
+    );
 
-    api_ok(&socket, "PUT", "vm.create", Some(hotplug_guest(&disk, 1024 * MIB)));
+    api_ok(
+        &socket,
+        "PUT",
+        "vm.create",
+        Some(hotplug_guest(&disk, 1024 * MIB)),
+    );
     api_ok(&socket, "PUT", "vm.boot", None);
     kite.wait_for("kite-test: hotplug ready", DEADLINE);
 
     // Malformed HTTP, wrong method, unknown path, oversized, not JSON, wrong types.
     assert_eq!(raw(&socket, b"NONSENSE\r\n\r\n"), 400);
-    assert_eq!(raw(&socket, b"GET /api/v1/vm.info HTTP/1.1\r\nHost\r\n\r\n"), 400);
+    assert_eq!(
+        raw(&socket, b"GET /api/v1/vm.info HTTP/1.1\r\nHost\r\n\r\n"),
+        400
+    );
     for (method, endpoint, body, status) in [
         ("PUT", "vm.info", None, 405),
         ("GET", "vm.pause", None, 405),
         ("GET", "vm.frobnicate", None, 404),
         ("PUT", "vm.add-net", Some(json!({"tap": "t"})), 501),
-        ("PUT", "vm.snapshot", Some(json!({"destination_url": "file:///tmp/x"})), 501),
+        (
+            "PUT",
+            "vm.snapshot",
+            Some(json!({"destination_url": "file:///tmp/x"})),
+            501,
+        ),
         ("PUT", "vm.resize", Some(json!("desired_ram")), 400),
         ("PUT", "vm.resize", Some(json!({"desired_ram": -5})), 400),
-        ("PUT", "vm.resize", Some(json!({"desired_ram": u64::MAX})), 400),
+        (
+            "PUT",
+            "vm.resize",
+            Some(json!({"desired_ram": u64::MAX})),
+            400,
+        ),
         ("PUT", "vm.resize", Some(json!({"desired_balloon": 1})), 400),
         ("PUT", "vm.power-button", None, 400),
         ("PUT", "vm.boot", None, 409),
@@ -233,7 +285,12 @@ fn bad_requests_get_an_error_and_the_vm_runs_on() {
 
     // A resize during a resize: the whole area takes the guest a while to plug.
     resize(&socket, BOOT + 1024 * MIB);
-    let (status, reply) = api(&socket, "PUT", "vm.resize", Some(json!({"desired_ram": BOOT})));
+    let (status, reply) = api(
+        &socket,
+        "PUT",
+        "vm.resize",
+        Some(json!({"desired_ram": BOOT})),
+    );
     assert_eq!(status, 409, "{reply}");
     wait_plugged(&socket, 1024 * MIB, DEADLINE);
 
@@ -241,7 +298,13 @@ fn bad_requests_get_an_error_and_the_vm_runs_on() {
     api_ok(&socket, "PUT", "vm.pause", None);
     assert_eq!(api(&socket, "PUT", "vm.pause", None).0, 409);
     assert_eq!(
-        api(&socket, "PUT", "vm.resize", Some(json!({"desired_ram": BOOT}))).0,
+        api(
+            &socket,
+            "PUT",
+            "vm.resize",
+            Some(json!({"desired_ram": BOOT}))
+        )
+        .0,
         409
     );
     api_ok(&socket, "PUT", "vm.resume", None);
@@ -257,7 +320,13 @@ fn bad_requests_get_an_error_and_the_vm_runs_on() {
         assert_eq!(api(&socket, method, endpoint, None).0, 409, "{endpoint}");
     }
     assert_eq!(
-        api(&socket, "PUT", "vm.resize", Some(json!({"desired_ram": BOOT}))).0,
+        api(
+            &socket,
+            "PUT",
+            "vm.resize",
+            Some(json!({"desired_ram": BOOT}))
+        )
+        .0,
         409
     );
     let start = Instant::now();

@@ -7,7 +7,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use kite_tests::{kite_binary, kvm_available, resize, wait_plugged, Ended, Kite};
+use kite_tests::{kite_binary, kvm_available, resize, wait_plugged, Ended, Kite, API_DEADLINE};
 use vmm::cli::exit;
 
 const GUEST: &str = env!("KITE_TEST_GUEST");
@@ -81,6 +81,7 @@ fn every_thread_is_confined_with_no_new_privileges() {
     let socket = dir.path().join("api.sock");
     resize(&socket, 264 << 20);
     wait_plugged(&socket, 8 << 20, DEADLINE);
+    http_error_paths(&socket);
     let expected = [
         "kite",
         "kite_vcpu0",
@@ -132,6 +133,24 @@ fn every_thread_is_confined_with_no_new_privileges() {
     }
     kite.signal(libc::SIGTERM);
     kite.wait_exit(DEADLINE);
+}
+
+/// The control socket's other paths, under its filter: an oversized body (413, then the
+/// rest drained), a request answered on a kept-alive connection, then a malformed one
+/// (400, closed).
+fn http_error_paths(socket: &Path) {
+    use std::io::{Read, Write};
+    let big = vec![b'x'; vmm::api::MAX_REQUEST as usize + 1];
+    let put = vmm::api::request(socket, "PUT", "/api/v1/vm.resize", Some(&big), API_DEADLINE);
+    assert_eq!(put.unwrap().0, 413);
+    let mut raw = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    raw.set_read_timeout(Some(API_DEADLINE)).unwrap();
+    raw.write_all(b"GET /api/v1/vm.info HTTP/1.1\r\n\r\nNOT HTTP\r\n\r\n")
+        .unwrap();
+    let mut replies = String::new();
+    raw.read_to_string(&mut replies).unwrap();
+    assert!(replies.starts_with("HTTP/1.1 200 OK"), "{replies}");
+    assert!(replies.contains("HTTP/1.1 400 Bad Request"), "{replies}");
 }
 
 /// Runs the every-kind VM with `KITE_TEST_TRIGGER=trigger` and `extra` arguments.

@@ -9,8 +9,8 @@
 use std::time::Duration;
 
 use kite_tests::{
-    api, api_ok, counters, default_guest_file, kite_binary, kvm_available, plugged,
-    wait_plugged, Kite, API_DEADLINE as ANSWER_DEADLINE,
+    api, api_ok, counters, default_guest_file, kite_binary, kvm_available, plugged, wait_plugged,
+    Kite, API_DEADLINE as ANSWER_DEADLINE,
 };
 use serde_json::json;
 use vmm::cli::exit;
@@ -68,7 +68,12 @@ fn linux_created_booted_resized_paused_and_shut_down_through_the_api() {
         "net": null,
         "disks": [],
     });
-    let (status, reply) = api(&socket, "PUT", "vm.create", Some(json!({"memory": {"size": 1}})));
+    let (status, reply) = api(
+        &socket,
+        "PUT",
+        "vm.create",
+        Some(json!({"memory": {"size": 1}})),
+    );
     assert_eq!(status, 400, "{reply}");
     api_ok(&socket, "PUT", "vm.create", Some(config.clone()));
     let (status, reply) = api(&socket, "PUT", "vm.create", Some(config));
@@ -85,12 +90,22 @@ fn linux_created_booted_resized_paused_and_shut_down_through_the_api() {
 
     // Plug 512 MiB: kite remote, as a user would.
     let status = std::process::Command::new(kite_binary())
-        .args(["remote", "--api-socket", &socket_arg, "resize", "--memory", "1G"])
+        .args([
+            "remote",
+            "--api-socket",
+            &socket_arg,
+            "resize",
+            "--memory",
+            "1G",
+        ])
         .status()
         .unwrap();
     assert!(status.success());
     let plug_time = wait_plugged(&socket, 512 * MIB, RESIZE_DEADLINE);
-    kite.wait_for("virtio_mem virtio0: requested size: 0x20000000", ANSWER_DEADLINE);
+    kite.wait_for(
+        "virtio_mem virtio0: requested size: 0x20000000",
+        ANSWER_DEADLINE,
+    );
     let info = api_ok(&socket, "GET", "vm.info", None);
     assert_eq!(info["memory_actual_size"], 1024 * MIB, "{info}");
 
@@ -120,17 +135,30 @@ fn linux_created_booted_resized_paused_and_shut_down_through_the_api() {
     assert_eq!(api_ok(&socket, "GET", "vm.info", None)["state"], "Paused");
     let (status, _) = api(&socket, "PUT", "vm.pause", None);
     assert_eq!(status, 409, "pause when paused");
-    let (status, _) = api(&socket, "PUT", "vm.resize", Some(json!({"desired_ram": 512 * MIB})));
+    let (status, _) = api(
+        &socket,
+        "PUT",
+        "vm.resize",
+        Some(json!({"desired_ram": 512 * MIB})),
+    );
     assert_eq!(status, 409, "resize when paused");
     api_ok(&socket, "PUT", "vm.resume", None);
     assert_eq!(api_ok(&socket, "GET", "vm.info", None)["state"], "Running");
-    api_ok(&socket, "PUT", "vm.resize", Some(json!({"desired_ram": 512 * MIB})));
+    api_ok(
+        &socket,
+        "PUT",
+        "vm.resize",
+        Some(json!({"desired_ram": 512 * MIB})),
+    );
     let unplug_time = wait_plugged(&socket, 0, RESIZE_DEADLINE);
     let counters = counters(&socket);
     let blocks = 512 * MIB / devices::virtio::mem::BLOCK_SIZE;
     assert_eq!(counters["mem"]["blocks_plugged"], blocks, "{counters}");
     assert_eq!(counters["mem"]["blocks_unplugged"], blocks, "{counters}");
-    assert!(counters["region_table"]["regions"].as_u64().is_some(), "{counters}");
+    assert!(
+        counters["region_table"]["regions"].as_u64().is_some(),
+        "{counters}"
+    );
     eprintln!("plugged 512 MiB in {plug_time:?}, unplugged it in {unplug_time:?}");
 
     api_ok(&socket, "PUT", "vm.shutdown", None);

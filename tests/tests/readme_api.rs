@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use kite_tests::{kvm_available, no_skips_wanted, Kite};
+use kite_tests::{kite_binary, kvm_available, no_skips_wanted, Kite};
 
 const GUEST: &str = env!("KITE_TEST_GUEST");
 const DEADLINE: Duration = Duration::from_secs(60);
@@ -14,13 +14,21 @@ const SOCKET: &str = "/tmp/kite.sock";
 
 /// The README's example block: the shell lines and the `vm.json` text.
 fn examples() -> (Vec<String>, String) {
-    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md"))
-        .unwrap();
-    let start = readme.find("<!-- api-examples").expect("the examples' start marker");
-    let end = readme.find("<!-- /api-examples -->").expect("the examples' end marker");
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md"))
+            .unwrap();
+    let start = readme
+        .find("<!-- api-examples")
+        .expect("the examples' start marker");
+    let end = readme
+        .find("<!-- /api-examples -->")
+        .expect("the examples' end marker");
     let section = &readme[start..end];
     let block = |fence: &str| -> String {
-        let from = section.find(fence).unwrap_or_else(|| panic!("a {fence} block")) + fence.len();
+        let from = section
+            .find(fence)
+            .unwrap_or_else(|| panic!("a {fence} block"))
+            + fence.len();
         let to = section[from..].find("```").expect("the block's end") + from;
         section[from..to].to_string()
     };
@@ -52,13 +60,20 @@ fn the_readme_api_examples_work_as_written() {
     config["payload"] = serde_json::json!({"kernel": GUEST, "cmdline": "kite.test=hotplug"});
     std::fs::write(dir.path().join("vm.json"), config.to_string()).unwrap();
 
-    let mut kite = Kite::start(&["serve", "--api-socket", socket.to_str().unwrap()]);
+    // Run where the examples run: relative paths in `vm.json` are the VMM's.
+    let mut command = Command::new(kite_binary());
+    command
+        .args(["serve", "--api-socket", socket.to_str().unwrap()])
+        .current_dir(dir.path());
+    let mut kite = Kite::spawn(command);
     kite.wait_for_socket(&socket, DEADLINE);
     for line in &shell[1..] {
         assert!(line.starts_with("curl --unix-socket "), "{line}");
-        let line = line
-            .replace(SOCKET, socket.to_str().unwrap())
-            .replacen("curl ", "curl --fail-with-body -sS --max-time 60 ", 1);
+        let line = line.replace(SOCKET, socket.to_str().unwrap()).replacen(
+            "curl ",
+            "curl --fail-with-body -sS --max-time 60 ",
+            1,
+        );
         let out = Command::new("sh")
             .arg("-c")
             .arg(&line)

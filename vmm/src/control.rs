@@ -241,11 +241,7 @@ impl Vmm {
     ) -> Result<(Arc<Mutex<VmStatus>>, memory::ThreadHooks, ActionSender), MachineError> {
         let (tx, rx) = std::sync::mpsc::channel();
         self.inbox = Some(rx);
-        let wake = self
-            .lock_process()
-            .inbox
-            .try_clone()
-            .map_err(event_error)?;
+        let wake = self.lock_process().inbox.try_clone().map_err(event_error)?;
         Ok((
             Arc::clone(&self.status),
             self.context.hooks(ThreadKind::Api),
@@ -334,9 +330,10 @@ impl Vmm {
         if !self.confined {
             // Every thread of the first VM exists now: the main thread confines itself
             // (a thread keeps the filter it was created with).
-            self.context.confinement.confine(self.main_kind).map_err(|e| {
-                ActionError::Machine(MachineError::Seccomp(e))
-            })?;
+            self.context
+                .confinement
+                .confine(self.main_kind)
+                .map_err(|e| ActionError::Machine(MachineError::Seccomp(e)))?;
             self.confined = true;
         }
         Ok(())
@@ -354,7 +351,11 @@ impl Vmm {
         Some(end)
     }
 
-    fn running(&mut self, action: &'static str, wanted: MachineState) -> Result<&mut Machine, ActionError> {
+    fn running(
+        &mut self,
+        action: &'static str,
+        wanted: MachineState,
+    ) -> Result<&mut Machine, ActionError> {
         let state = self.state().ok_or(ActionError::NotCreated)?;
         match &mut self.live {
             Some(live) if live.machine.state() == wanted => Ok(&mut live.machine),
@@ -383,9 +384,7 @@ impl Vmm {
                 .map(Machine::resume)
                 .map(|()| self.set_state(VmState::Running)),
             Action::Shutdown => self.shutdown_vm("vm.shutdown"),
-            Action::Reboot => self
-                .shutdown_vm("vm.reboot")
-                .and_then(|()| self.boot()),
+            Action::Reboot => self.shutdown_vm("vm.reboot").and_then(|()| self.boot()),
             Action::Delete => {
                 self.stop_machine(VmEnd::PowerOff);
                 self.spec = None;

@@ -6,8 +6,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use devices::legacy::{
-    ExitPort, SerialConsole, EXIT_PORT, I8042, I8042_PORT_BASE, I8042_PORT_LEN,
-    SERIAL_PORT_BASE, SERIAL_PORT_LEN,
+    ExitPort, SerialConsole, EXIT_PORT, I8042, I8042_PORT_BASE, I8042_PORT_LEN, SERIAL_PORT_BASE,
+    SERIAL_PORT_LEN,
 };
 use devices::virtio::mmio::{MMIO_WINDOW, QUEUE_NOTIFY_OFFSET};
 use devices::virtio::{Interrupt, MmioTransport, VirtioDevice};

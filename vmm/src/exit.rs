@@ -42,12 +42,20 @@ pub fn of_outcome(outcome: &Outcome) -> (i32, Report) {
         ),
         VmEnd::GuestStatus(status) => (
             GUEST_FAILURE,
-            Report::Error(format!("the guest reported failure {status} on the exit port")),
+            Report::Error(format!(
+                "the guest reported failure {status} on the exit port"
+            )),
         ),
-        VmEnd::GuestPanic => (GUEST_CRASH, Report::Error("the guest kernel panicked".into())),
+        VmEnd::GuestPanic => (
+            GUEST_CRASH,
+            Report::Error("the guest kernel panicked".into()),
+        ),
         VmEnd::GuestCrash { exit, rip: at } => (
             GUEST_CRASH,
-            Report::Error(format!("the guest crashed: {exit} at guest RIP {}", rip(at))),
+            Report::Error(format!(
+                "the guest crashed: {exit} at guest RIP {}",
+                rip(at)
+            )),
         ),
         VmEnd::Fatal { exit, rip: at } => (
             VMM_ERROR,

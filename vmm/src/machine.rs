@@ -188,7 +188,11 @@ impl Machine {
 
     /// How it ended, once it has (taken: reported once).
     pub fn take_end(&self) -> Option<VmEnd> {
-        self.end.lock().unwrap_or_else(|e| e.into_inner()).end.take()
+        self.end
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .end
+            .take()
     }
 
     /// Starts the vCPU threads.
@@ -289,9 +293,7 @@ impl Machine {
         drop(view);
         drop(vm);
         match end {
-            VmEnd::Reset | VmEnd::PowerOff if panicked.load(Ordering::Acquire) => {
-                VmEnd::GuestPanic
-            }
+            VmEnd::Reset | VmEnd::PowerOff if panicked.load(Ordering::Acquire) => VmEnd::GuestPanic,
             other => other,
         }
     }

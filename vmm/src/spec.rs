@@ -248,7 +248,10 @@ mod tests {
             ..VmConfig::default()
         };
         let e = VmSpec::resolve(config).unwrap_err();
-        assert!(e.is_bad_file() && e.to_string().contains("/nonexistent/vmlinux"), "{e}");
+        assert!(
+            e.is_bad_file() && e.to_string().contains("/nonexistent/vmlinux"),
+            "{e}"
+        );
         let kernel = file();
         let bad = VmConfig {
             kernel: Some(kernel.path().into()),

@@ -43,7 +43,10 @@ impl Dispatcher {
     }
 
     fn status(&self) -> VmStatus {
-        self.status.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.status
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     fn answer(&mut self, request: ApiRequest) -> Response {

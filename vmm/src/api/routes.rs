@@ -111,7 +111,10 @@ pub enum ApiRequest {
 /// one Kite answers.
 pub fn parse(method: &str, path: &str, body: &[u8]) -> Result<ApiRequest, Response> {
     let Some(endpoint) = path.strip_prefix(API_PREFIX) else {
-        return Err(Response::error(404, format!("no such path: {path} (routes are under {API_PREFIX})")));
+        return Err(Response::error(
+            404,
+            format!("no such path: {path} (routes are under {API_PREFIX})"),
+        ));
     };
     let Some(route) = ROUTES.iter().find(|r| r.endpoint == endpoint) else {
         if UNSUPPORTED.contains(&endpoint) {
@@ -120,7 +123,10 @@ pub fn parse(method: &str, path: &str, body: &[u8]) -> Result<ApiRequest, Respon
                 format!("{endpoint}: Kite does not support this Cloud Hypervisor action"),
             ));
         }
-        return Err(Response::error(404, format!("no such endpoint: {endpoint}")));
+        return Err(Response::error(
+            404,
+            format!("no such endpoint: {endpoint}"),
+        ));
     };
     if route.method != method {
         return Err(Response::error(
@@ -175,7 +181,10 @@ mod tests {
         assert_eq!(status("GET", "/api/v1/vm.nothing", ""), Some(404));
         assert_eq!(status("GET", "/vm.info", ""), Some(404));
         assert_eq!(status("PUT", "/api/v1/vm.add-net", "{}"), Some(501));
-        assert_eq!(status("PUT", "/api/v1/vm.resize", r#"{"desired_ram": 1073741824}"#), None);
+        assert_eq!(
+            status("PUT", "/api/v1/vm.resize", r#"{"desired_ram": 1073741824}"#),
+            None
+        );
         for bad in [
             "",
             "{",

@@ -7,12 +7,14 @@
 //! - the socket is created with mode 0600 (under a umask that allows nothing else, then
 //!   set again explicitly), so there is no moment when others can connect;
 //! - each client must be of Kite's own user or root (`SO_PEERCRED`);
-//! - each request has an absolute deadline to arrive and be answered, so a client that
-//!   trickles bytes cannot hold the (single-threaded) server, and stopping the server
-//!   ends the connection it is serving;
+//! - one thread serves every connection, none of them blocking it: a poll(2) loop drives
+//!   each as a non-blocking state machine (`connection`), so a client that stalls
+//!   mid-request holds up neither the others nor a stop; at most [`MAX_CONNECTIONS`] are
+//!   open (more get 503);
+//! - each request has an absolute deadline to arrive and be answered (and an idle
+//!   connection one to start its next request), after which its connection is dropped;
 //! - on exit only the socket this process made is removed, never whatever replaced it.
 
-use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -21,13 +23,18 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use memory::ThreadHooks;
-use serde_json::Value;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{error, handle, ApiContext, ApiError, MAX_REQUEST};
+use super::connection::{send, Connection, Next};
+use super::http::{encode, Handler, Response};
+use super::ApiError;
 
-/// Longest a client may take to send its request and read the reply, in all.
+/// Longest a client may take to send a request and read the answer, in all, from the
+/// request's first byte; also the longest a connection may stay idle.
 pub const CLIENT_DEADLINE: Duration = Duration::from_secs(5);
+
+/// Most connections open at once; one more is answered 503 and closed.
+pub const MAX_CONNECTIONS: usize = 32;
 
 /// The running control socket; stopped (and its file removed) when dropped.
 pub struct ApiServer {
@@ -47,19 +54,16 @@ impl std::fmt::Debug for ApiServer {
 }
 
 impl ApiServer {
-    /// Listens on `path` (mode 0600), serving `context` on thread `kite_api`, which runs
-    /// `hooks.confine` first.
-    pub fn start(
-        path: &Path,
-        context: ApiContext,
-        hooks: ThreadHooks,
-    ) -> Result<ApiServer, ApiError> {
+    /// Listens on `path` (mode 0600), answering requests with `handler` on thread
+    /// `kite_api`, which runs `hooks.confine` first.
+    pub fn start(path: &Path, handler: Handler, hooks: ThreadHooks) -> Result<ApiServer, ApiError> {
         let socket_error = |source| ApiError::Socket {
             path: path.to_path_buf(),
             source,
         };
         claim(path)?;
         let listener = bind_private(path).map_err(socket_error)?;
+        listener.set_nonblocking(true).map_err(socket_error)?;
         let meta = std::fs::symlink_metadata(path).map_err(socket_error)?;
         let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(socket_error)?;
         let stop_seen = stop.try_clone().map_err(socket_error)?;
@@ -70,7 +74,7 @@ impl ApiServer {
             .spawn(move || {
                 let ThreadHooks { confine, died } = hooks;
                 match confine() {
-                    Ok(()) => serve(listener, stop_seen, user, context),
+                    Ok(()) => Server::new(listener, stop_seen, user, handler).run(),
                     Err(why) => died(format!("the control socket cannot start: {why}")),
                 }
             })
@@ -188,84 +192,158 @@ fn bind_private(path: &Path) -> std::io::Result<UnixListener> {
     listener
 }
 
-/// What waiting on a client came to.
-#[derive(Debug, PartialEq, Eq)]
-enum Wait {
-    Ready,
-    Stopped,
-    TimedOut,
-}
-
-/// Waits until `fd` has `events`, the stop event fires, or `deadline` passes.
-fn wait(
-    fd: &impl AsRawFd,
-    events: libc::c_short,
-    stop: &EventFd,
-    deadline: Option<Instant>,
-) -> Wait {
-    let mut fds = [
-        libc::pollfd {
-            fd: fd.as_raw_fd(),
-            events,
-            revents: 0,
-        },
-        libc::pollfd {
-            fd: stop.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-    ];
-    loop {
-        let timeout = deadline.map_or(-1, |d| {
-            let left = d.saturating_duration_since(Instant::now());
-            i32::try_from(left.as_nanos().div_ceil(1_000_000)).unwrap_or(i32::MAX)
-        });
-        // SAFETY: `fds` is an array of two valid pollfd structures, its length given.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
-        if n < 0 {
-            if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Wait::Stopped; // poll itself failed: nothing more can be served
-        }
-        if fds[1].revents != 0 {
-            return Wait::Stopped;
-        }
-        if n == 0 {
-            return Wait::TimedOut;
-        }
-        return Wait::Ready;
-    }
-}
-
-/// Serves clients of `user` (Kite's own effective user) and root until stopped.
-fn serve(listener: UnixListener, stop: EventFd, user: libc::uid_t, context: ApiContext) {
-    let mut accept_failures = 0u64;
-    while wait(&listener, libc::POLLIN, &stop, None) == Wait::Ready {
-        match listener.accept() {
-            Ok((stream, _)) => {
-                if let Err(e) = answer(&stream, &stop, user, &context) {
-                    log::debug!("control socket: {e}");
-                }
-            }
-            Err(e) => {
-                // Out of descriptors, say: the connection stays pending and the listener
-                // readable. Do not spin on it, nor log every attempt.
-                accept_failures += 1;
-                if accept_failures.is_power_of_two() {
-                    log::warn!("control socket: accept failed ({accept_failures} times): {e}");
-                }
-                let backoff = Some(Instant::now() + ACCEPT_BACKOFF);
-                if wait(&stop, libc::POLLIN, &stop, backoff) != Wait::TimedOut {
-                    return;
-                }
-            }
-        }
-    }
+/// The serving thread's state.
+struct Server {
+    listener: UnixListener,
+    stop: EventFd,
+    /// Kite's effective user: clients must be of it, or root.
+    user: libc::uid_t,
+    handler: Handler,
+    connections: Vec<Connection>,
+    accept_failures: u64,
+    /// After a failed `accept`, the listener is left alone until then.
+    accept_paused: Option<Instant>,
 }
 
 /// Pause after a failed `accept`, before trying again.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Most connections accepted in one round of the loop, so the others are served too.
+const ACCEPTS_PER_ROUND: usize = 16;
+
+impl Server {
+    fn new(listener: UnixListener, stop: EventFd, user: libc::uid_t, handler: Handler) -> Self {
+        Server {
+            listener,
+            stop,
+            user,
+            handler,
+            connections: Vec::new(),
+            accept_failures: 0,
+            accept_paused: None,
+        }
+    }
+
+    /// Serves until the stop event fires (or poll itself fails).
+    fn run(mut self) {
+        let mut fds = Vec::new();
+        loop {
+            let now = Instant::now();
+            self.connections.retain_mut(|c| {
+                let expired = c.deadline() <= now;
+                if expired {
+                    c.expire();
+                }
+                !expired
+            });
+            if self.accept_paused.is_some_and(|until| until <= now) {
+                self.accept_paused = None;
+            }
+            // The stop event, the listener (while not accepting, a negative descriptor,
+            // which poll skips), then each connection in order.
+            fds.clear();
+            fds.push(pollfd(self.stop.as_raw_fd(), libc::POLLIN));
+            let listener = match self.accept_paused {
+                Some(_) => -1,
+                None => self.listener.as_raw_fd(),
+            };
+            fds.push(pollfd(listener, libc::POLLIN));
+            fds.extend(self.connections.iter().map(|c| pollfd(c.fd(), c.events())));
+            let wake = self
+                .connections
+                .iter()
+                .map(Connection::deadline)
+                .chain(self.accept_paused)
+                .min();
+            let timeout = wake.map_or(-1, |at| {
+                let left = at.saturating_duration_since(now);
+                i32::try_from(left.as_nanos().div_ceil(1_000_000)).unwrap_or(i32::MAX)
+            });
+            // SAFETY: `fds` is a vector of valid pollfd structures, its length given.
+            let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
+            if n < 0 {
+                if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                log::error!(
+                    "control socket: poll failed: {}",
+                    std::io::Error::last_os_error()
+                );
+                return;
+            }
+            if fds[0].revents != 0 {
+                return;
+            }
+            let mut index = 0;
+            self.connections.retain_mut(|c| {
+                let revents = fds[2 + index].revents;
+                index += 1;
+                revents == 0 || c.drive(revents, &mut self.handler) == Next::Wait
+            });
+            if fds[1].revents != 0 {
+                self.accept();
+            }
+        }
+    }
+
+    /// Accepts the connections waiting, up to [`ACCEPTS_PER_ROUND`].
+    fn accept(&mut self) {
+        for _ in 0..ACCEPTS_PER_ROUND {
+            let stream = match self.listener.accept() {
+                Ok((stream, _)) => stream,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    // Out of descriptors, say: the connection stays pending and the
+                    // listener readable. Do not spin on it, nor log every attempt.
+                    self.accept_failures += 1;
+                    if self.accept_failures.is_power_of_two() {
+                        log::warn!(
+                            "control socket: accept failed ({} times): {e}",
+                            self.accept_failures
+                        );
+                    }
+                    self.accept_paused = Some(Instant::now() + ACCEPT_BACKOFF);
+                    return;
+                }
+            };
+            if let Err(e) = self.admit(stream) {
+                log::debug!("control socket: {e}");
+            }
+        }
+    }
+
+    /// Takes `stream` on, or refuses it: a stranger gets 403, one too many 503.
+    fn admit(&mut self, stream: UnixStream) -> std::io::Result<()> {
+        stream.set_nonblocking(true)?;
+        let now = Instant::now();
+        if self.connections.len() >= MAX_CONNECTIONS {
+            // One try, and closed at once: holding it would defeat the cap.
+            let busy = Response::error(
+                503,
+                format!("too many connections (at most {MAX_CONNECTIONS})"),
+            );
+            send(&stream, &encode(&busy, true))?;
+            return Ok(());
+        }
+        let connection = if peer_allowed(&stream, self.user)? {
+            Connection::new(stream, now)
+        } else {
+            let denied = Response::error(403, "permission denied: not the VM's user");
+            Connection::refused(stream, now, &denied)
+        };
+        self.connections.push(connection);
+        Ok(())
+    }
+}
+
+fn pollfd(fd: std::os::fd::RawFd, events: libc::c_short) -> libc::pollfd {
+    libc::pollfd {
+        fd,
+        events,
+        revents: 0,
+    }
+}
 
 /// Whether the peer of `stream` is `user`, or root.
 fn peer_allowed(stream: &UnixStream, user: libc::uid_t) -> std::io::Result<bool> {
@@ -286,96 +364,4 @@ fn peer_allowed(stream: &UnixStream, user: libc::uid_t) -> std::io::Result<bool>
         return Err(std::io::Error::last_os_error());
     }
     Ok(cred.uid == 0 || cred.uid == user)
-}
-
-/// Waits until the client's `stream` has `events`; an error once the server is stopping
-/// or the client's `deadline` has passed.
-fn wait_for_client(
-    stream: &UnixStream,
-    events: libc::c_short,
-    stop: &EventFd,
-    deadline: Option<Instant>,
-) -> std::io::Result<()> {
-    match wait(stream, events, stop, deadline) {
-        Wait::Ready => Ok(()),
-        Wait::Stopped => Err(std::io::Error::new(
-            std::io::ErrorKind::Interrupted,
-            "the server is stopping",
-        )),
-        Wait::TimedOut => Err(std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            format!("client took longer than {CLIENT_DEADLINE:?}"),
-        )),
-    }
-}
-
-/// Reads one request line from `stream` and answers it, all before the client's deadline.
-fn answer(
-    stream: &UnixStream,
-    stop: &EventFd,
-    user: libc::uid_t,
-    context: &ApiContext,
-) -> std::io::Result<()> {
-    let deadline = Some(Instant::now() + CLIENT_DEADLINE);
-    stream.set_nonblocking(true)?;
-    let reply = if !peer_allowed(stream, user)? {
-        error("permission denied: not the VM's user".into())
-    } else {
-        match read_request(stream, stop, deadline)? {
-            Some(line) => match serde_json::from_slice::<Value>(&line) {
-                Ok(request) => handle(&request, context),
-                Err(e) => error(format!("not JSON: {e}")),
-            },
-            None => error(format!("request larger than {MAX_REQUEST} bytes")),
-        }
-    };
-    let mut out = serde_json::to_vec(&reply).unwrap_or_default();
-    out.push(b'\n');
-    let mut written = 0;
-    while written < out.len() {
-        match (&*stream).write(&out[written..]) {
-            Ok(n) => written += n,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                wait_for_client(stream, libc::POLLOUT, stop, deadline)?
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
-/// The request line (up to a newline or the end of the stream), or `None` if it is longer
-/// than [`MAX_REQUEST`].
-fn read_request(
-    stream: &UnixStream,
-    stop: &EventFd,
-    deadline: Option<Instant>,
-) -> std::io::Result<Option<Vec<u8>>> {
-    let mut line = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        match (&*stream).read(&mut buf) {
-            Ok(0) => return Ok(Some(line)),
-            Ok(n) => {
-                let chunk = &buf[..n];
-                if let Some(end) = chunk.iter().position(|b| *b == b'\n') {
-                    line.extend_from_slice(&chunk[..end]);
-                } else {
-                    line.extend_from_slice(chunk);
-                }
-                if line.len() as u64 > MAX_REQUEST {
-                    return Ok(None);
-                }
-                if chunk.contains(&b'\n') {
-                    return Ok(Some(line));
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                wait_for_client(stream, libc::POLLIN, stop, deadline)?
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
 }

@@ -186,30 +186,32 @@ fn build_ioctls() -> Vec<SeccompRule> {
 /// What building a VM takes: opening the kernel, initramfs and disks (and `/dev/kvm`),
 /// KVM's VM and vCPU setup, eventfds and timers, userfaultfd, OFD locks, threads.
 fn build(rules: &mut Rules) {
-    allow(
-        rules,
-        &[
-            libc::SYS_openat,
-            libc::SYS_read,
-            libc::SYS_pread64,
-            libc::SYS_lseek,
-            libc::SYS_fstat,
-            libc::SYS_newfstatat,
-            libc::SYS_statx,
-            libc::SYS_eventfd2,
-            libc::SYS_timerfd_create,
-            libc::SYS_timerfd_settime,
-            libc::SYS_userfaultfd,
-            libc::SYS_clone,
-            libc::SYS_clone3,
-            libc::SYS_set_robust_list,
-            libc::SYS_rseq,
-            libc::SYS_prctl,
-            libc::SYS_sched_getaffinity,
-            libc::SYS_fcntl,
-            libc::SYS_dup,
-        ],
-    );
+    for call in [
+        libc::SYS_openat,
+        libc::SYS_read,
+        libc::SYS_pread64,
+        libc::SYS_lseek,
+        libc::SYS_fstat,
+        libc::SYS_newfstatat,
+        libc::SYS_statx,
+        libc::SYS_eventfd2,
+        libc::SYS_timerfd_create,
+        libc::SYS_timerfd_settime,
+        libc::SYS_userfaultfd,
+        libc::SYS_clone,
+        libc::SYS_clone3,
+        libc::SYS_set_robust_list,
+        libc::SYS_rseq,
+        libc::SYS_prctl,
+        libc::SYS_sched_getaffinity,
+        libc::SYS_fcntl,
+        libc::SYS_dup,
+        // A thread it starts installs its own filter over this one.
+        libc::SYS_seccomp,
+    ] {
+        // Whatever the arguments, even where another kind checks them.
+        rules.insert(call, Vec::new());
+    }
     merge(rules, Rules::from([(libc::SYS_ioctl, build_ioctls())]));
 }
 
@@ -266,7 +268,10 @@ fn rules_of(kind: ThreadKind) -> Rules {
             );
         }
         ThreadKind::Api => {
-            // Each client is served non-blocking, with a deadline.
+            // One poll(2) loop over the listener, the stop eventfd and every client:
+            // accept4, non-blocking mode (FIONBIO), SO_PEERCRED (getsockopt), reads
+            // (read, recvfrom), writes (sendto: send with MSG_NOSIGNAL) and the write
+            // side shut before a lingering close (shutdown).
             add_ioctls(&mut rules, &[libc::FIONBIO]);
             allow(
                 &mut rules,

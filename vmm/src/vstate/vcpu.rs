@@ -175,10 +175,7 @@ impl VcpuControl {
         parked.paused += 1;
         self.changed.notify_all();
         while self.pause.load(Ordering::Acquire) && !self.stop.load(Ordering::Acquire) {
-            parked = self
-                .changed
-                .wait(parked)
-                .unwrap_or_else(|e| e.into_inner());
+            parked = self.changed.wait(parked).unwrap_or_else(|e| e.into_inner());
         }
         parked.paused -= 1;
     }

@@ -134,7 +134,9 @@ impl Vm {
             flags: 0,
             ..Default::default()
         };
-        self.fd.set_clock(&clock).map_err(failed("set the KVM clock"))
+        self.fd
+            .set_clock(&clock)
+            .map_err(failed("set the KVM clock"))
     }
 
     /// The slot implementation the region table drives.

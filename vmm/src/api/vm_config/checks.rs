@@ -3,7 +3,7 @@
 use super::*;
 
 impl ch::VmConfig {
-    fn into_config(self) -> Result<VmConfig, VmConfigError> {
+    pub(super) fn into_config(self) -> Result<VmConfig, VmConfigError> {
         refuse_unknown::<ch::VmConfig>(&self.unknown, "")?;
         let payload = self
             .payload
@@ -122,7 +122,9 @@ impl ch::VmConfig {
 
 impl ch::PayloadConfig {
     /// Kernel, initramfs, command line.
-    fn into_payload(self) -> Result<(PathBuf, Option<PathBuf>, Option<String>), VmConfigError> {
+    pub(super) fn into_payload(
+        self,
+    ) -> Result<(PathBuf, Option<PathBuf>, Option<String>), VmConfigError> {
         refuse_unknown::<ch::PayloadConfig>(&self.unknown, "payload.")?;
         self.firmware.only(
             "payload.firmware",
@@ -153,7 +155,7 @@ impl ch::PayloadConfig {
 }
 
 impl ch::CpusConfig {
-    fn into_cpus(self) -> Result<CpusConfig, VmConfigError> {
+    pub(super) fn into_cpus(self) -> Result<CpusConfig, VmConfigError> {
         refuse_unknown::<ch::CpusConfig>(&self.unknown, "cpus.")?;
         let boot = self
             .boot_vcpus
@@ -215,7 +217,7 @@ impl ch::CpusConfig {
 }
 
 impl ch::MemoryConfig {
-    fn into_memory(self) -> Result<MemoryConfig, VmConfigError> {
+    pub(super) fn into_memory(self) -> Result<MemoryConfig, VmConfigError> {
         refuse_unknown::<ch::MemoryConfig>(&self.unknown, "memory.")?;
         let size = self.size.required("memory.size", "guest RAM in bytes")?;
         let method = self.hotplug_method.get("memory.hotplug_method")?;
@@ -276,7 +278,7 @@ impl ch::MemoryConfig {
 }
 
 impl ch::DiskConfig {
-    fn into_disk(self, prefix: &str) -> Result<DiskConfig, VmConfigError> {
+    pub(super) fn into_disk(self, prefix: &str) -> Result<DiskConfig, VmConfigError> {
         let f = |key: &str| format!("{prefix}.{key}");
         refuse_unknown::<ch::DiskConfig>(&self.unknown, &format!("{prefix}."))?;
         let path = self.path.required(
@@ -356,7 +358,7 @@ impl ch::DiskConfig {
 }
 
 impl ch::RngConfig {
-    fn check(self) -> Result<(), VmConfigError> {
+    pub(super) fn check(self) -> Result<(), VmConfigError> {
         refuse_unknown::<ch::RngConfig>(&self.unknown, "rng.")?;
         if let Some(src) = self.src.get("rng.src")? {
             if src != "/dev/urandom" && src != "/dev/random" {
@@ -379,7 +381,7 @@ impl ch::RngConfig {
 }
 
 impl ch::SerialConfig {
-    fn check(self) -> Result<(), VmConfigError> {
+    pub(super) fn check(self) -> Result<(), VmConfigError> {
         refuse_unknown::<ch::SerialConfig>(&self.unknown, "serial.")?;
         let mode = self
             .mode
@@ -401,7 +403,7 @@ impl ch::SerialConfig {
 }
 
 impl ch::ConsoleConfig {
-    fn check(self) -> Result<(), VmConfigError> {
+    pub(super) fn check(self) -> Result<(), VmConfigError> {
         refuse_unknown::<ch::ConsoleConfig>(&self.unknown, "console.")?;
         let mode = self
             .mode
@@ -427,7 +429,7 @@ impl ch::ConsoleConfig {
 }
 
 impl ch::DebugConsoleConfig {
-    fn check(self) -> Result<(), VmConfigError> {
+    pub(super) fn check(self) -> Result<(), VmConfigError> {
         refuse_unknown::<ch::DebugConsoleConfig>(&self.unknown, "debug_console.")?;
         let none = "Kite has no debug console (I/O port 0xe9)";
         self.mode

@@ -231,9 +231,8 @@ fn refused_values_are_quoted_back_short() {
     assert!(e.len() < 200 && e.ends_with("...)"), "{e}");
     let e = refused(&with(full(), "/memroy", json!({})), "memroy").to_string();
     assert!(
-        e.starts_with(
-            "memroy: unknown field (Cloud Hypervisor's VmConfig has balloon, console,"
-        ) && e.contains(" memory, "),
+        e.starts_with("memroy: unknown field (Cloud Hypervisor's VmConfig has balloon, console,")
+            && e.contains(" memory, "),
         "{e}"
     );
     let e = refused(&with(full(), "/memory/size", json!(1 << 20)), "memory.size");
