@@ -336,3 +336,30 @@ fn bad_requests_get_an_error_and_the_vm_runs_on() {
     assert!(start.elapsed() < DEADLINE);
     assert!(!end.console.contains("FAIL"), "{}", end.console);
 }
+
+#[test]
+fn a_vm_whose_serial_port_is_off_prints_nothing() {
+    let Some(Served {
+        kite, socket, _dir, ..
+    }) = serve()
+    else {
+        return;
+    };
+    // What orchestrators send when nobody reads the console: the guest runs as usual
+    // (the rng scenario, which ends the VM with success on the exit port), its output is
+    // dropped.
+    let config = json!({
+        "payload": {"kernel": GUEST, "cmdline": "kite.test=rng"},
+        "rng": {"src": "/dev/urandom"},
+        "serial": {"mode": "Null"},
+    });
+    api_ok(&socket, "PUT", "vm.create", Some(config));
+    assert_eq!(
+        api_ok(&socket, "GET", "vm.info", None)["config"]["serial"]["mode"],
+        "Off"
+    );
+    api_ok(&socket, "PUT", "vm.boot", None);
+    let end = kite.wait_exit(DEADLINE);
+    assert_eq!(end.code, Some(exit::GUEST_SHUTDOWN), "{}", end.stderr);
+    assert_eq!(end.console, "", "the serial port is off");
+}

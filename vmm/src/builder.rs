@@ -22,7 +22,7 @@ use vmm_sys_util::timerfd::TimerFd;
 
 use crate::arch::x86_64::boot::{self, BootSpec};
 use crate::arch::x86_64::layout;
-use crate::config::HotplugBacking;
+use crate::config::{HotplugBacking, SerialMode};
 use crate::console::{ConsoleInput, ConsoleOutput};
 use crate::device_manager::DeviceManager;
 use crate::end::{EndEvents, Failures, GuestMemoryMap};
@@ -81,7 +81,8 @@ pub(crate) fn eventfd() -> Result<EventFd, MachineError> {
     EventFd::new(libc::EFD_NONBLOCK).map_err(event_error)
 }
 
-/// Builds the VM `spec` describes, its console output going to `console`.
+/// Builds the VM `spec` describes, its console output going to `console` (input comes
+/// from the VMM's standard input, unless the serial port is off).
 pub fn build(
     spec: &VmSpec,
     context: &BuildContext,
@@ -232,7 +233,8 @@ pub fn build(
         },
         vm,
         end,
-        console_input: Arc::new(Mutex::new(ConsoleInput::new(serial, input_drained))),
+        console_input: (spec.config.serial == SerialMode::Tty)
+            .then(|| Arc::new(Mutex::new(ConsoleInput::new(serial, input_drained)))),
         panicked,
         confinement: Arc::clone(&context.confinement),
         state: MachineState::Built,

@@ -426,6 +426,21 @@ pub struct VmConfig {
     /// Whether the guest gets a virtio-rng device.
     #[serde(default)]
     pub rng: bool,
+    /// Where the serial console goes.
+    #[serde(default)]
+    pub serial: SerialMode,
+}
+
+/// Where the serial console (`ttyS0`) goes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SerialMode {
+    /// The VMM's standard output and input.
+    #[default]
+    Tty,
+    /// Nowhere: the guest's output is dropped (still watched for a kernel panic), it
+    /// gets no input.
+    Off,
 }
 
 impl VmConfig {

@@ -25,7 +25,7 @@ use event_manager::{
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::builder::{self, BuildContext};
-use crate::config::VmConfig;
+use crate::config::{SerialMode, VmConfig};
 use crate::console::RawTerminal;
 use crate::end::{signal_event, Failures, VmEnd};
 use crate::machine::{Machine, MachineError, MachineState, MachineView};
@@ -163,8 +163,9 @@ type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 /// A machine and its place in the event loop.
 struct Live {
     machine: Machine,
-    subscribers: [SubscriberId; 2],
-    _terminal: RawTerminal,
+    subscribers: Vec<SubscriberId>,
+    /// The terminal in raw mode while the guest has the console.
+    _terminal: Option<RawTerminal>,
 }
 
 /// The VMM: the event loop and at most one VM.
@@ -304,13 +305,17 @@ impl Vmm {
                 wanted: "Created or Shutdown",
             });
         }
-        let mut machine = builder::build(&spec, &self.context, Box::new(std::io::stdout()))?;
+        let console: Box<dyn std::io::Write + Send> = match spec.config.serial {
+            SerialMode::Tty => Box::new(std::io::stdout()),
+            SerialMode::Off => Box::new(std::io::sink()),
+        };
+        let mut machine = builder::build(&spec, &self.context, console)?;
         let (end, input) = machine.subscribers();
-        let subscribers = [
-            self.events.add_subscriber(end),
-            self.events.add_subscriber(input),
-        ];
-        let terminal = RawTerminal::enter();
+        let mut subscribers = vec![self.events.add_subscriber(end)];
+        let terminal = input.map(|input| {
+            subscribers.push(self.events.add_subscriber(input));
+            RawTerminal::enter()
+        });
         if let Err(e) = machine.start() {
             self.live = Some(Live {
                 machine,

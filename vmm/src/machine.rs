@@ -163,7 +163,7 @@ pub struct Machine {
     pub(crate) view: MachineView,
     pub(crate) vm: Vm,
     pub(crate) end: Arc<Mutex<EndEvents>>,
-    pub(crate) console_input: Arc<Mutex<ConsoleInput>>,
+    pub(crate) console_input: Option<Arc<Mutex<ConsoleInput>>>,
     pub(crate) panicked: Arc<AtomicBool>,
     pub(crate) confinement: Arc<Confinement>,
     pub(crate) state: MachineState,
@@ -181,9 +181,10 @@ impl Machine {
         self.view.clone()
     }
 
-    /// Its end events and console input, for the VMM's event loop.
-    pub fn subscribers(&self) -> (Arc<Mutex<EndEvents>>, Arc<Mutex<ConsoleInput>>) {
-        (Arc::clone(&self.end), Arc::clone(&self.console_input))
+    /// Its end events and console input (unless the serial port is off), for the VMM's
+    /// event loop.
+    pub fn subscribers(&self) -> (Arc<Mutex<EndEvents>>, Option<Arc<Mutex<ConsoleInput>>>) {
+        (Arc::clone(&self.end), self.console_input.clone())
     }
 
     /// How it ended, once it has (taken: reported once).

@@ -44,9 +44,10 @@ impl ch::VmConfig {
             }
             None => false,
         };
-        if let Some(serial) = self.serial.get("serial")? {
-            serial.check()?;
-        }
+        let serial = match self.serial.get("serial")? {
+            Some(serial) => serial.into_mode()?,
+            None => SerialMode::Tty,
+        };
         if let Some(console) = self.console.get("console")? {
             console.check()?;
         }
@@ -116,6 +117,7 @@ impl ch::VmConfig {
             memory,
             disks,
             rng,
+            serial,
         })
     }
 }
@@ -381,24 +383,30 @@ impl ch::RngConfig {
 }
 
 impl ch::SerialConfig {
-    pub(super) fn check(self) -> Result<(), VmConfigError> {
+    pub(super) fn into_mode(self) -> Result<SerialMode, VmConfigError> {
         refuse_unknown::<ch::SerialConfig>(&self.unknown, "serial.")?;
         let mode = self
             .mode
-            .required("serial.mode", "\"Tty\", the only mode Kite has")?;
-        if mode != ConsoleMode::Tty {
-            return Err(VmConfigError::Unsupported {
-                field: "serial.mode".into(),
-                reason: format!(
-                    "Kite's serial port (ttyS0) always writes to the VMM's standard output: \
-                     only mode \"Tty\" is accepted, got \"{mode:?}\""
-                ),
-            });
-        }
+            .required("serial.mode", "\"Tty\", \"Null\" or \"Off\"")?;
+        let mode = match mode {
+            ConsoleMode::Tty => SerialMode::Tty,
+            // Kite keeps the port (the guest cannot tell) and drops what it writes.
+            ConsoleMode::Null | ConsoleMode::Off => SerialMode::Off,
+            other => {
+                return Err(VmConfigError::Unsupported {
+                    field: "serial.mode".into(),
+                    reason: format!(
+                        "Kite's serial port (ttyS0) writes to the VMM's standard output or \
+                         nowhere: modes \"Tty\", \"Null\" and \"Off\" are accepted, got \
+                         \"{other:?}\""
+                    ),
+                })
+            }
+        };
         let out = "Kite's serial port writes to the VMM's standard output only";
         self.file.only("serial.file", &[], out)?;
         self.socket.only("serial.socket", &[], out)?;
-        Ok(())
+        Ok(mode)
     }
 }
 

@@ -21,9 +21,10 @@
 //! - `rng`: present (an object, `src` `/dev/urandom` or `/dev/random`, the default being
 //!   `/dev/urandom`) gives the guest a virtio-rng device fed by the host's getrandom;
 //!   absent or null gives none (unlike Cloud Hypervisor, which always adds one).
-//! - `serial`: Kite's 8250 (`ttyS0`) always writes to the VMM's standard output, which is
-//!   mode `"Tty"`; that mode, or an absent `serial`, is accepted, every other mode
-//!   (`"Null"`, `"Off"`, `"File"`, `"Pty"`, `"Socket"`) is refused.
+//! - `serial`: Kite's 8250 (`ttyS0`) writes to the VMM's standard output, which is mode
+//!   `"Tty"` (also for an absent `serial`), or nowhere: `"Null"` and `"Off"` (the port
+//!   stays, what the guest writes is dropped); `"File"`, `"Pty"` and `"Socket"` are
+//!   refused.
 //! - `console`: Kite has no virtio-console (`hvc0`): mode `"Off"`, or an absent `console`,
 //!   is accepted, every other mode is refused.
 //!
@@ -47,7 +48,7 @@ use serde::{Deserialize, Serialize, Serializer};
 use serde_json::{json, Map, Value};
 
 use crate::config::{
-    ConfigError, CpusConfig, DiskConfig, HotplugBacking, MemoryConfig, Size, VmConfig,
+    ConfigError, CpusConfig, DiskConfig, HotplugBacking, MemoryConfig, SerialMode, Size, VmConfig,
 };
 
 /// Why a `VmConfig` body is refused. Every variant but [`VmConfigError::Body`] names the
@@ -164,7 +165,7 @@ pub fn parse_vm_config(body: &[u8]) -> Result<VmConfig, VmConfigError> {
 /// `config` as Kite runs it, in Cloud Hypervisor's `VmConfig` shape: `payload` (with the
 /// resolved `kernel`, `initramfs` and `cmdline`), `cpus` (`boot_vcpus` = `max_vcpus`),
 /// `memory` (bytes; `hotplug_method: "VirtioMem"` with a hotplug area), `disks`, `rng`
-/// (when the VM has one), `serial: {mode: "Tty"}` and `console: {mode: "Off"}`.
+/// (when the VM has one), `serial: {mode: "Tty"}` (or `"Off"`) and `console: {mode: "Off"}`.
 ///
 /// [`parse_vm_config`] reads it back into `config` with `kernel`, `initramfs` and
 /// `cmdline` set to the ones given, except for what this shape cannot say: lazy hotplug
@@ -192,7 +193,10 @@ pub fn to_ch_json(
         "payload": payload,
         "cpus": {"boot_vcpus": vcpus, "max_vcpus": vcpus},
         "memory": memory,
-        "serial": {"mode": "Tty"},
+        "serial": {"mode": match config.serial {
+            SerialMode::Tty => "Tty",
+            SerialMode::Off => "Off",
+        }},
         "console": {"mode": "Off"},
     });
     if !config.disks.is_empty() {

@@ -105,6 +105,7 @@ fn hand_written_body_parses() {
                 },
             ],
             rng: true,
+            serial: SerialMode::Tty,
         }
     );
 }
@@ -335,8 +336,6 @@ fn unsupported_values_of_supported_sections_are_refused() {
         ("/disks/0/image_type", json!("Qcow2"), "disks[0].image_type"),
         ("/rng/src", json!("/dev/hwrng"), "rng.src"),
         ("/rng/iommu", json!(true), "rng.iommu"),
-        ("/serial/mode", json!("Null"), "serial.mode"),
-        ("/serial/mode", json!("Off"), "serial.mode"),
         ("/serial/mode", json!("File"), "serial.mode"),
         ("/serial/mode", json!("Pty"), "serial.mode"),
         ("/serial/mode", json!("Socket"), "serial.mode"),
@@ -357,10 +356,17 @@ fn unsupported_values_of_supported_sections_are_refused() {
     assert!(e.to_string().contains("no virtio-console"), "{e}");
     parse(&without(full(), "/console")).unwrap();
     let e = refused(
-        &with(full(), "/serial", json!({"mode": "Null"})),
+        &with(full(), "/serial", json!({"mode": "Pty"})),
         "serial.mode",
     );
     assert!(e.to_string().contains("standard output"), "{e}");
+    // "Null" and "Off" (what orchestrators send when nobody reads the console): the port
+    // stays and its output is dropped.
+    for mode in ["Null", "Off"] {
+        let config = parse(&with(full(), "/serial", json!({ "mode": mode }))).unwrap();
+        assert_eq!(config.serial, SerialMode::Off, "{mode}");
+    }
+    assert_eq!(parse(&full()).unwrap().serial, SerialMode::Tty);
 }
 
 #[test]
