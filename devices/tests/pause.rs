@@ -120,13 +120,17 @@ fn waiting_for_a_pause_ends_at_the_deadline() {
 
     stuck.pause();
     idle.pause();
+    assert!(
+        idle.wait_paused(Instant::now() + DEADLINE),
+        "an idle device pauses"
+    );
     let deadline = Instant::now() + QUIET;
     assert!(!stuck.wait_paused(deadline), "a stuck device is not paused");
     let late = Instant::now().saturating_duration_since(deadline);
     assert!(late < Duration::from_secs(2), "gave up {late:?} late");
     assert!(
         idle.wait_paused(deadline),
-        "an idle device paused by the deadline says so after it"
+        "a paused device says so even once the deadline has passed"
     );
 
     release.send(()).unwrap();

@@ -239,5 +239,6 @@ pub fn build(
         confinement: Arc::clone(&context.confinement),
         state: MachineState::Built,
         paused_clock: None,
+        paused_timeout: None,
     })
 }

@@ -136,6 +136,17 @@ impl Drop for ConsoleOutput {
 static SAVED_TERMINAL: OnceLock<libc::termios> = OnceLock::new();
 static TERMINAL_RAW: AtomicBool = AtomicBool::new(false);
 
+/// Whether the guest may have the VMM's stdin: it is not a terminal (a pipe, a file,
+/// `/dev/null`), or it is one and Kite is in its foreground. (Reading a terminal, or
+/// changing its mode, from the background stops the whole process: `kite serve &`.)
+pub fn stdin_is_ours() -> bool {
+    if !std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+        return true;
+    }
+    // SAFETY: tcgetpgrp and getpgrp take no pointers.
+    unsafe { libc::tcgetpgrp(libc::STDIN_FILENO) == libc::getpgrp() }
+}
+
 /// Puts stdin in raw mode (when it is a terminal) and back in canonical mode when dropped.
 #[derive(Debug)]
 pub struct RawTerminal {

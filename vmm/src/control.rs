@@ -26,7 +26,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::builder::{self, BuildContext};
 use crate::config::{SerialMode, VmConfig};
-use crate::console::RawTerminal;
+use crate::console::{self, RawTerminal};
 use crate::end::{signal_event, Failures, VmEnd};
 use crate::machine::{Machine, MachineError, MachineState, MachineView};
 use crate::seccomp::{Confinement, SeccompMode, ThreadKind};
@@ -99,6 +99,10 @@ pub enum ActionError {
     /// The VM could not be built, started or paused.
     #[error(transparent)]
     Machine(#[from] MachineError),
+    /// The VM ended (the guest, a signal, a failed thread) before the action was carried
+    /// out; the VMM is ending.
+    #[error("the VM ended before the action was carried out; the VMM is ending")]
+    Ended,
 }
 
 /// An action and where its answer goes.
@@ -312,7 +316,7 @@ impl Vmm {
         let mut machine = builder::build(&spec, &self.context, console)?;
         let (end, input) = machine.subscribers();
         let mut subscribers = vec![self.events.add_subscriber(end)];
-        let terminal = input.map(|input| {
+        let terminal = input.filter(|_| console::stdin_is_ours()).map(|input| {
             subscribers.push(self.events.add_subscriber(input));
             RawTerminal::enter()
         });
@@ -347,6 +351,11 @@ impl Vmm {
     /// Tears the running machine down; how it ended.
     fn stop_machine(&mut self, end: VmEnd) -> Option<VmEnd> {
         let live = self.live.take()?;
+        // The API stops reporting it first: it never reads a machine being torn down.
+        self.status
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .machine = None;
         for id in live.subscribers {
             let _ = self.events.remove_subscriber(id);
         }
@@ -420,42 +429,64 @@ impl Vmm {
         Ok(())
     }
 
-    /// Runs until the VM ends or the VMM is shut down.
+    /// Runs until the VM ends or the VMM is shut down. Whatever ends it, the machine is
+    /// torn down here, and actions still waiting are told the VM ended.
     pub fn run(mut self) -> Result<Outcome, MachineError> {
+        let result = self.run_until_end();
+        let result = match result {
+            Ok(Outcome::Vm(end)) => Ok(Outcome::Vm(self.stop_machine(end.clone()).unwrap_or(end))),
+            Ok(Outcome::Shutdown) => Ok(Outcome::Shutdown),
+            Err(e) => {
+                self.stop_machine(VmEnd::VmmFailure(e.to_string()));
+                Err(e)
+            }
+        };
+        if let Some(inbox) = &self.inbox {
+            while let Ok((_, reply)) = inbox.try_recv() {
+                let _ = reply.try_send(Err(ActionError::Ended));
+            }
+        }
+        result
+    }
+
+    /// The process's or the VM's end, if either came.
+    fn end(&self) -> Option<VmEnd> {
+        let (signalled, failed) = {
+            let mut p = self.lock_process();
+            (p.signalled.take(), p.failed.take())
+        };
+        signalled
+            .map(VmEnd::Signal)
+            .or(failed.map(VmEnd::VmmFailure))
+            .or_else(|| self.live.as_ref().and_then(|l| l.machine.take_end()))
+    }
+
+    fn run_until_end(&mut self) -> Result<Outcome, MachineError> {
         loop {
             self.events.run().map_err(event_error)?;
-            let (signalled, failed, requests) = {
-                let mut p = self.lock_process();
-                let r = (p.signalled.take(), p.failed.take(), p.requests);
-                p.requests = false;
-                r
-            };
-            let process_end = signalled
-                .map(VmEnd::Signal)
-                .or(failed.map(VmEnd::VmmFailure));
-            if let Some(end) = process_end {
-                let end = self.stop_machine(end.clone()).unwrap_or(end);
+            if let Some(end) = self.end() {
                 return Ok(Outcome::Vm(end));
             }
-            let ended = self.live.as_ref().and_then(|l| l.machine.take_end());
-            if let Some(end) = ended {
-                let end = self.stop_machine(end.clone()).unwrap_or(end);
-                return Ok(Outcome::Vm(end));
+            let requests = std::mem::take(&mut self.lock_process().requests);
+            if !requests {
+                continue;
             }
-            if requests {
-                while let Some((action, reply)) =
-                    self.inbox.as_ref().and_then(|inbox| inbox.try_recv().ok())
-                {
-                    log::info!("API: {action:?}");
-                    let (result, outcome) = self.act(action);
-                    if let Err(e) = &result {
-                        log::info!("API: refused: {e}");
-                    }
-                    // The API thread may have given up waiting.
-                    let _ = reply.try_send(result);
-                    if let Some(outcome) = outcome {
-                        return Ok(outcome);
-                    }
+            while let Some((action, reply)) =
+                self.inbox.as_ref().and_then(|inbox| inbox.try_recv().ok())
+            {
+                log::info!("API: {action:?}");
+                let (result, outcome) = self.act(action);
+                if let Err(e) = &result {
+                    log::info!("API: refused: {e}");
+                }
+                // The API thread may have given up waiting.
+                let _ = reply.try_send(result);
+                if let Some(outcome) = outcome {
+                    return Ok(outcome);
+                }
+                // An action may take a while (a boot): the VM may have ended meanwhile.
+                if let Some(end) = self.end() {
+                    return Ok(Outcome::Vm(end));
                 }
             }
         }

@@ -4,10 +4,11 @@
 //! - **start**: the vCPU threads are spawned (each confines itself, then enters the guest).
 //! - **pause**: vCPUs first (asked, kicked out of `KVM_RUN`, parked between exits, so no
 //!   device access is half done), then devices (each finishes the request in hand and
-//!   serves nothing more), then the KVM clock is read. One deadline for all of it; if it
+//!   serves nothing more), then the `--timeout` timer is stopped and the KVM clock read. One deadline for all of it; if it
 //!   passes, whatever paused is resumed and the VM runs on.
-//! - **resume**: the KVM clock is set back to the value read at the pause (the guest sees
-//!   no time jump beyond KVM's own), devices, then vCPUs.
+//! - **resume**: the `--timeout` timer goes on with what was left, the KVM clock is set
+//!   back to the value read at the pause (the guest sees no time jump beyond KVM's own),
+//!   devices, then vCPUs.
 //! - **shut down**: vCPUs are stopped (kicked until their threads exit, 5 s in all), then
 //!   devices (each thread given 2 s), then guest memory, then the KVM VM. What a thread
 //!   left behind may still use is kept for the rest of the process.
@@ -168,6 +169,32 @@ pub struct Machine {
     pub(crate) confinement: Arc<Confinement>,
     pub(crate) state: MachineState,
     pub(crate) paused_clock: Option<kvm_bindings::kvm_clock_data>,
+    /// What was left of `--timeout` at the pause: a paused VM's time does not count.
+    pub(crate) paused_timeout: Option<Duration>,
+}
+
+/// Stops `timer` (a one-shot timerfd); what was left of it, if it was armed.
+fn stop_timer(timer: &mut vmm_sys_util::timerfd::TimerFd) -> Option<Duration> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: itimerspec is plain data; timerfd_gettime fills it.
+    let mut spec: libc::itimerspec = unsafe { std::mem::zeroed() };
+    // SAFETY: a timerfd we own and an itimerspec to fill.
+    if unsafe { libc::timerfd_gettime(timer.as_raw_fd(), &mut spec) } != 0 {
+        log::warn!(
+            "pause: cannot read the --timeout timer: {}",
+            std::io::Error::last_os_error()
+        );
+        return None;
+    }
+    let left = Duration::new(spec.it_value.tv_sec as u64, spec.it_value.tv_nsec as u32);
+    if left.is_zero() {
+        return None; // fired already: the VM ends
+    }
+    if let Err(e) = timer.clear() {
+        log::warn!("pause: cannot stop the --timeout timer: {e}");
+        return None;
+    }
+    Some(left)
 }
 
 impl Machine {
@@ -219,7 +246,13 @@ impl Machine {
     pub fn pause(&mut self) -> Result<(), MachineError> {
         let deadline = Instant::now() + PAUSE_DEADLINE;
         self.control.pause();
-        let kick = || self.handles.iter().for_each(VcpuHandle::kick);
+        // Not a vCPU that is gone (it counts as parked): kicking it would only log errors.
+        let kick = || {
+            self.handles
+                .iter()
+                .filter(|h| h.is_running())
+                .for_each(VcpuHandle::kick)
+        };
         if !self.control.wait_paused(self.handles.len(), deadline, kick) {
             self.control.resume();
             return Err(MachineError::PauseTimeout(PAUSE_DEADLINE, "a vCPU"));
@@ -230,6 +263,12 @@ impl Machine {
             self.control.resume();
             return Err(MachineError::PauseTimeout(PAUSE_DEADLINE, "a device"));
         }
+        let mut end = self.end.lock().unwrap_or_else(|e| e.into_inner());
+        self.paused_timeout = end
+            .timeout
+            .as_mut()
+            .and_then(|(timer, _)| stop_timer(timer));
+        drop(end);
         self.paused_clock = match self.vm.clock() {
             Ok(clock) => Some(clock),
             Err(e) => {
@@ -244,6 +283,14 @@ impl Machine {
 
     /// Resumes a paused VM.
     pub fn resume(&mut self) {
+        if let Some(left) = self.paused_timeout.take() {
+            let mut end = self.end.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some((timer, _)) = end.timeout.as_mut() {
+                if let Err(e) = timer.reset(left, None) {
+                    log::warn!("resume: cannot restart the --timeout timer: {e}");
+                }
+            }
+        }
         if let Some(clock) = self.paused_clock.take() {
             if let Err(e) = self.vm.set_clock(&clock) {
                 log::warn!("resume: {e}");

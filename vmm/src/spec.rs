@@ -120,15 +120,29 @@ pub fn on_kvm_pvm_host() -> bool {
     Path::new("/sys/module/kvm_pvm").exists()
 }
 
-/// Checks that `path` can be opened.
+/// Checks that `path` is a file Kite can read: a regular file (or, for a disk, a block
+/// device), never a FIFO or a character device whose open or read could block the VMM
+/// for ever; and that it can be opened.
 fn readable(what: &'static str, path: &Path) -> Result<(), SpecError> {
-    std::fs::File::open(path)
-        .map(drop)
-        .map_err(|source| SpecError::File {
-            what,
-            path: path.to_path_buf(),
-            source,
-        })
+    use std::os::unix::fs::FileTypeExt;
+    let error = |source| SpecError::File {
+        what,
+        path: path.to_path_buf(),
+        source,
+    };
+    let kind = std::fs::metadata(path).map_err(error)?.file_type();
+    if !(kind.is_file() || (what == "disk" && kind.is_block_device())) {
+        let wanted = if what == "disk" {
+            "a regular file or a block device"
+        } else {
+            "a regular file"
+        };
+        return Err(error(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("not {wanted}"),
+        )));
+    }
+    std::fs::File::open(path).map(drop).map_err(error)
 }
 
 impl VmSpec {

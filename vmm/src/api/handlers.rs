@@ -89,7 +89,7 @@ impl Dispatcher {
 
     fn info(&self) -> Response {
         let status = self.status();
-        let Some((state, spec)) = status.vm else {
+        let Some((state, spec)) = &status.vm else {
             return Response::error(404, ActionError::NotCreated);
         };
         let memory = status
@@ -116,18 +116,18 @@ impl Dispatcher {
         if status.vm.is_none() {
             return Response::error(404, ActionError::NotCreated);
         }
-        let Some(view) = status.machine else {
+        let Some(view) = &status.machine else {
             return Response::json(200, &json!({}));
         };
-        Response::json(200, &counters(&view))
+        Response::json(200, &counters(view))
     }
 
     fn resize(&self, total: u64) -> Response {
         let status = self.status();
-        let Some((state, _)) = status.vm else {
+        let Some((state, _)) = &status.vm else {
             return Response::error(404, ActionError::NotCreated);
         };
-        let (Some(view), VmState::Running) = (&status.machine, state) else {
+        let (Some(view), VmState::Running) = (&status.machine, *state) else {
             return Response::error(
                 409,
                 format!("the VM is {state:?}: vm.resize needs it Running"),
@@ -150,14 +150,18 @@ impl Dispatcher {
                 ),
             );
         };
-        if hotplug.driver_ready() && hotplug.plugged() != hotplug.requested() {
+        // A resize in progress may be cut short or called off (towards what is plugged:
+        // a guest that cannot unplug must not block resizing for ever), not redirected.
+        let (plugged, requested) = (hotplug.plugged(), hotplug.requested());
+        let on_the_way = plugged.min(requested)..=plugged.max(requested);
+        if hotplug.driver_ready() && plugged != requested && !on_the_way.contains(&extra) {
             return Response::error(
                 409,
                 format!(
-                    "vm.resize: a resize is in progress ({} plugged of {} requested); \
-                     vm.info shows when it is done",
-                    Size(hotplug.plugged()),
-                    Size(hotplug.requested())
+                    "vm.resize: a resize is in progress ({} plugged of {} requested); ask \
+                     for a size between those (or wait: vm.info shows when it is done)",
+                    Size(view.boot_memory + plugged),
+                    Size(view.boot_memory + requested)
                 ),
             );
         }
@@ -172,7 +176,12 @@ impl Dispatcher {
 fn action_status(e: &ActionError) -> u16 {
     match e {
         ActionError::NotCreated => 404,
-        ActionError::WrongState { .. } => 409,
+        // Cloud Hypervisor's status for these, in its API document.
+        ActionError::WrongState {
+            action: "vm.pause" | "vm.resume" | "vm.shutdown" | "vm.reboot",
+            ..
+        } => 405,
+        ActionError::WrongState { .. } | ActionError::Ended => 409,
         ActionError::Config(_) => 400,
         ActionError::Machine(MachineError::PauseTimeout(..)) => 500,
         ActionError::Machine(e) => match e.blame() {

@@ -44,6 +44,8 @@ pub const UFFDIO_POISON: u64 = ioctl_expr(_IOC_READ | _IOC_WRITE, UFFDIO, 0x08, 
 pub const TCSETS: u64 = 0x5402;
 /// `TCGETS`: the terminal's mode read (raw mode for a VM's console).
 pub const TCGETS: u64 = 0x5401;
+/// `TIOCGPGRP`: whether Kite is in the terminal's foreground (before it takes stdin).
+pub const TIOCGPGRP: u64 = 0x540f;
 
 fn cond(arg: u8, op: Op, value: u64) -> Cond {
     Cond::new(arg, Len::Qword, op, value).expect("a valid condition")
@@ -180,6 +182,7 @@ fn build_ioctls() -> Vec<SeccompRule> {
         of_type(UFFDIO),
         rule(vec![cond(1, Op::Eq, TCGETS)]),
         rule(vec![cond(1, Op::Eq, TCSETS)]),
+        rule(vec![cond(1, Op::Eq, TIOCGPGRP)]),
     ]
 }
 
@@ -197,6 +200,7 @@ fn build(rules: &mut Rules) {
         libc::SYS_eventfd2,
         libc::SYS_timerfd_create,
         libc::SYS_timerfd_settime,
+        libc::SYS_timerfd_gettime,
         libc::SYS_userfaultfd,
         libc::SYS_clone,
         libc::SYS_clone3,
@@ -208,6 +212,7 @@ fn build(rules: &mut Rules) {
         libc::SYS_dup,
         // A thread it starts installs its own filter over this one.
         libc::SYS_seccomp,
+        libc::SYS_getpgrp,
     ] {
         // Whatever the arguments, even where another kind checks them.
         rules.insert(call, Vec::new());

@@ -426,6 +426,11 @@ impl VcpuHandle {
         true
     }
 
+    /// Whether its thread still runs.
+    pub fn is_running(&self) -> bool {
+        !self.thread.is_finished()
+    }
+
     /// Kicks the vCPU out of `KVM_RUN` (it then sees `stop`, if set).
     pub fn kick(&self) {
         if let Err(e) = self.thread.kill(SIGRTMIN()) {
