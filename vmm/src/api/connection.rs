@@ -81,6 +81,12 @@ impl Connection {
         self.deadline
     }
 
+    /// Moves the deadline `by` later: the time the server spent answering another
+    /// connection (an action on the VM's life can take seconds) is not this client's.
+    pub fn postpone(&mut self, by: std::time::Duration) {
+        self.deadline += by;
+    }
+
     /// The poll events the connection waits for.
     pub fn events(&self) -> libc::c_short {
         let write = if self.written < self.output.len() {

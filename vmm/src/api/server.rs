@@ -205,6 +205,9 @@ struct Server {
     accept_paused: Option<Instant>,
 }
 
+/// Time spent answering in one round past which waiting connections get it back.
+const HELD_UP: Duration = Duration::from_millis(10);
+
 /// Pause after a failed `accept`, before trying again.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
@@ -275,11 +278,29 @@ impl Server {
                 return;
             }
             let mut index = 0;
+            let mut busy = Duration::ZERO;
+            let mut served = Vec::new();
             self.connections.retain_mut(|c| {
                 let revents = fds[2 + index].revents;
                 index += 1;
-                revents == 0 || c.drive(revents, &mut self.handler) == Next::Wait
+                if revents == 0 {
+                    return true;
+                }
+                let start = Instant::now();
+                let next = c.drive(revents, &mut self.handler);
+                busy += start.elapsed();
+                served.push(c.fd());
+                next == Next::Wait
             });
+            // A handler that took long (an action on the VM's life) held every other
+            // connection up: that time does not count against them.
+            if busy >= HELD_UP {
+                for c in &mut self.connections {
+                    if !served.contains(&c.fd()) {
+                        c.postpone(busy);
+                    }
+                }
+            }
             if fds[1].revents != 0 {
                 self.accept();
             }
