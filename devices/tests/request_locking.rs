@@ -19,7 +19,7 @@ use virtio_queue::DescriptorChain;
 use vm_memory::{Bytes, GuestAddress};
 
 mod common;
-use common::{desc, header, ThreadDevice, DEADLINE};
+use common::{desc, header, wait_until, ThreadDevice, DEADLINE};
 
 const MIB: u64 = 1 << 20;
 /// Rings, request headers and status bytes.
@@ -74,15 +74,6 @@ fn offer_read(mem: &GuardedMemory<'_>, mock: &MockSplitQueue<'_, GuardedMemory<'
     )
     .unwrap();
     status
-}
-
-/// Waits for `done` to hold, failing the test after [`DEADLINE`].
-fn wait_until(what: &str, done: impl Fn() -> bool) {
-    let deadline = Instant::now() + DEADLINE;
-    while !done() {
-        assert!(Instant::now() < deadline, "{what} within {DEADLINE:?}");
-        std::thread::yield_now();
-    }
 }
 
 #[test]

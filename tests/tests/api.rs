@@ -67,6 +67,14 @@ fn accesses(socket: &Path) -> u64 {
         .unwrap()
 }
 
+/// The first disk's writes served: the test guest writes it once a pass.
+fn disk_writes(socket: &Path) -> u64 {
+    let c = counters(socket);
+    c["vda"]["write_ops"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("vm.counters has vda's write_ops: {c}"))
+}
+
 #[test]
 fn every_endpoint_and_the_whole_lifecycle() {
     let Some(Served {
@@ -127,6 +135,10 @@ fn every_endpoint_and_the_whole_lifecycle() {
     let c = counters(&socket);
     assert_eq!(c["mem"]["blocks_plugged"], 2, "{c}");
     assert!(c["region_table"]["regions"].as_u64().unwrap() >= 3, "{c}");
+    assert!(c["vda"]["write_ops"].as_u64().unwrap() > 0, "{c}");
+    assert!(c["vda"]["read_ops"].as_u64().unwrap() > 0, "{c}");
+    assert_eq!(c["vda"]["errors"], 0, "{c}");
+    assert!(c["rng"]["read_bytes"].is_u64(), "{c}");
 
     // Pause: the guest's output and its disk round trips stop.
     api_ok(&socket, "PUT", "vm.pause", None);
@@ -148,14 +160,23 @@ fn every_endpoint_and_the_whole_lifecycle() {
         );
         mark = now;
     }
-    let before = accesses(&socket);
+    let (before, writes) = (accesses(&socket), disk_writes(&socket));
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(kite.mark(), mark, "the console went on while paused");
     assert_eq!(accesses(&socket), before, "devices served while paused");
+    assert_eq!(
+        disk_writes(&socket),
+        writes,
+        "disk writes counted while paused"
+    );
     api_ok(&socket, "PUT", "vm.resume", None);
     assert_eq!(state(&socket), "Running");
     kite.wait_for_since(mark, "hotplug steady plugged_mib=4 ", DEADLINE);
     assert!(accesses(&socket) > before, "devices serve again");
+    assert!(
+        disk_writes(&socket) > writes,
+        "disk writes are counted again"
+    );
 
     // Reboot: a new VM from the same configuration (nothing plugged).
     let mark = kite.mark();

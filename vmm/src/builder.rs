@@ -26,7 +26,7 @@ use crate::config::{HotplugBacking, SerialMode};
 use crate::console::{ConsoleInput, ConsoleOutput};
 use crate::device_manager::DeviceManager;
 use crate::end::{EndEvents, Failures, GuestMemoryMap};
-use crate::machine::{Machine, MachineError, MachineState, MachineView};
+use crate::machine::{DeviceCounters, Machine, MachineError, MachineState, MachineView};
 use crate::seccomp::{Confinement, ThreadKind};
 use crate::spec::VmSpec;
 use crate::vstate::vcpu::{Vcpu, VcpuControl};
@@ -138,19 +138,18 @@ pub fn build(
     // Devices, in the order the command line announces them (see `VmSpec::resolve`).
     let threads = context.device_threads();
     let mut virtio: Vec<Box<dyn VirtioDevice>> = Vec::new();
+    // Their counters, by the names the guest sees (virtio-mem's are the hotplug area's).
+    let mut counters = Vec::new();
     for (i, disk) in spec.disks.iter().enumerate() {
         let name = format!("vd{}", char::from(b'a' + (i % 26) as u8));
-        virtio.push(Box::new(Block::new(
-            &disk.path,
-            disk.readonly,
-            &name,
-            &threads,
-        )?));
+        let block = Block::new(&disk.path, disk.readonly, &name, &threads)?;
+        counters.push((name, DeviceCounters::Block(block.counters())));
+        virtio.push(Box::new(block));
     }
     if spec.rng {
-        virtio.push(Box::new(
-            Rng::new(&threads).map_err(MachineError::Activate)?,
-        ));
+        let rng = Rng::new(&threads).map_err(MachineError::Activate)?;
+        counters.push(("rng".to_string(), DeviceCounters::Rng(rng.counters())));
+        virtio.push(Box::new(rng));
     }
     if let Some(control) = &hotplug {
         virtio.push(Box::new(
@@ -230,6 +229,7 @@ pub fn build(
             boot_memory: spec.memory,
             hotplug,
             faults,
+            devices: counters,
         },
         vm,
         end,

@@ -18,8 +18,9 @@ use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use devices::virtio::block::BlockError;
+use devices::virtio::block::{BlockCounters, BlockError};
 use devices::virtio::mem::MemControl;
+use devices::virtio::rng::RngCounters;
 use memory::{FaultHandler, RegionTable};
 use vm_device::device_manager::IoManager;
 use vmm_sys_util::eventfd::EventFd;
@@ -132,6 +133,28 @@ pub struct MachineView {
     pub hotplug: Option<Arc<MemControl>>,
     /// The fault handler of lazy memory, if any.
     pub faults: Option<Arc<FaultHandler>>,
+    /// The virtio-blk and virtio-rng devices' counters, by the name the guest knows the
+    /// device by (`vda`, `vdb`, ..., `rng`); virtio-mem's are `hotplug`'s.
+    pub devices: Vec<(String, DeviceCounters)>,
+}
+
+/// A device's counters, as `vm.counters` reports them.
+#[derive(Clone, Debug)]
+pub enum DeviceCounters {
+    /// A virtio-blk device's.
+    Block(Arc<BlockCounters>),
+    /// The virtio-rng device's.
+    Rng(Arc<RngCounters>),
+}
+
+impl DeviceCounters {
+    /// Every counter, by name.
+    pub fn values(&self) -> Vec<(&'static str, u64)> {
+        match self {
+            DeviceCounters::Block(c) => c.values(),
+            DeviceCounters::Rng(c) => c.values(),
+        }
+    }
 }
 
 impl MachineView {

@@ -8,6 +8,7 @@
 //! requests; descriptor chains are parsed by virtio-queue.
 
 pub mod block;
+pub mod counters;
 pub mod device_thread;
 pub mod mem;
 pub mod mmio;

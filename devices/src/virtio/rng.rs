@@ -1,11 +1,13 @@
 //! virtio-rng: fills the driver's buffers from the host's getrandom.
 
 use std::io::Write;
+use std::sync::Arc;
 
 use memory::GuardedMemory;
 use virtio_bindings::virtio_ids::VIRTIO_ID_RNG;
 use virtio_queue::DescriptorChain;
 
+pub use super::counters::RngCounters;
 use super::device_thread::{DeviceThread, ThreadContext};
 use super::worker::QueueHandler;
 use super::{ActivateError, Activation, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
@@ -17,23 +19,36 @@ const MAX_REQUEST: usize = 64 << 10;
 /// A virtio-rng device.
 #[derive(Debug)]
 pub struct Rng {
+    counters: Arc<RngCounters>,
     thread: DeviceThread,
 }
 
 impl Rng {
     /// The device, with its thread `kite_rng`.
     pub fn new(context: &ThreadContext) -> Result<Self, ActivateError> {
+        let counters = Arc::new(RngCounters::default());
         let handler = RngHandler {
             buf: vec![0; MAX_REQUEST],
+            counters: Arc::clone(&counters),
+            handed: None,
         };
         Ok(Rng {
+            counters,
             thread: DeviceThread::spawn("kite_rng", VIRTIO_ID_RNG, handler, context)?,
         })
+    }
+
+    /// Its counters, which the device thread updates as requests are used.
+    pub fn counters(&self) -> Arc<RngCounters> {
+        Arc::clone(&self.counters)
     }
 }
 
 struct RngHandler {
     buf: Vec<u8>,
+    counters: Arc<RngCounters>,
+    /// Bytes the request last served handed to the guest: counted once it is used.
+    handed: Option<u32>,
 }
 
 /// Fills `buf` from getrandom.
@@ -58,6 +73,21 @@ fn fill_random(buf: &mut [u8]) -> std::io::Result<()> {
 
 impl QueueHandler for RngHandler {
     fn serve(&mut self, _index: usize, chain: DescriptorChain<&GuardedMemory<'_>>) -> u32 {
+        let handed = self.fill(chain);
+        self.handed = Some(handed);
+        handed
+    }
+
+    fn used(&mut self, _index: usize) {
+        if let Some(handed) = self.handed.take() {
+            self.counters.record(u64::from(handed));
+        }
+    }
+}
+
+impl RngHandler {
+    /// Fills the request's buffers; returns the bytes written to them.
+    fn fill(&mut self, chain: DescriptorChain<&GuardedMemory<'_>>) -> u32 {
         let mem = chain.memory();
         let mut writer = match chain.clone().writer(mem) {
             Ok(writer) => writer,

@@ -124,6 +124,13 @@ pub trait QueueHandler: Send + 'static {
     /// the bytes it wrote to guest memory (the used length).
     fn serve(&mut self, index: usize, chain: DescriptorChain<&GuardedMemory<'_>>) -> u32;
 
+    /// The request of queue `index` that [`QueueHandler::serve`] served last is in the
+    /// used ring: the driver sees that run of it. A request may be served more than once
+    /// (a run that meets a writer of guest memory, or a device reset, is undone), and is
+    /// used at most once, after its last run: what the driver was served is counted here.
+    /// Nothing by default.
+    fn used(&mut self, _index: usize) {}
+
     /// Serves the available requests of queue `index`. By default in rounds: each round
     /// reads how many requests are available and serves exactly those, with the
     /// driver's notifications suppressed meanwhile and the ring checked again before
@@ -253,7 +260,9 @@ fn serve_available<H: QueueHandler>(
             queue.add_used(mem, head, len).map(|()| Run::Used)
         })??;
         match run {
-            Run::Used | Run::Void => {}
+            // The last run is final only now: `retry` may have run it again.
+            Run::Used => handler.used(index),
+            Run::Void => {}
             Run::Stopped => return Ok(served),
             Run::Unreadable => {
                 return Err(QueueError::Unreadable {

@@ -155,6 +155,15 @@ impl Rig {
 /// How long a test waits for the device.
 pub const DEADLINE: Duration = Duration::from_secs(10);
 
+/// Waits for `done` to hold, failing the test after [`DEADLINE`].
+pub fn wait_until(what: &str, done: impl Fn() -> bool) {
+    let deadline = Instant::now() + DEADLINE;
+    while !done() {
+        assert!(Instant::now() < deadline, "{what} within {DEADLINE:?}");
+        std::thread::yield_now();
+    }
+}
+
 pub const STATUS_ACK_DRIVER: u32 = 1 | 2;
 pub const FEATURES_OK: u32 = 8;
 pub const DRIVER_OK: u32 = 4;

@@ -191,11 +191,20 @@ fn action_status(e: &ActionError) -> u16 {
     }
 }
 
-/// `vm.counters`: per device, then Kite's own (`region_table`, `fault_handler`).
+/// `vm.counters`: per device (`vda`, ..., `rng`, `mem`), then Kite's own
+/// (`region_table`, `fault_handler`).
 pub fn counters(view: &MachineView) -> Value {
     let m = view.table.metrics();
     let waits = &m.writer_waits;
     let mut counters = serde_json::Map::new();
+    for (name, device) in &view.devices {
+        let values = device
+            .values()
+            .into_iter()
+            .map(|(counter, value)| (counter.to_string(), Value::from(value)))
+            .collect();
+        counters.insert(name.clone(), Value::Object(values));
+    }
     if let Some(h) = &view.hotplug {
         let stats = h.stats();
         counters.insert(
@@ -241,4 +250,56 @@ pub fn counters(view: &MachineView) -> Value {
         }),
     );
     Value::Object(counters)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::machine::DeviceCounters;
+    use devices::virtio::block::{BlockCounters, BlockOutcome};
+    use devices::virtio::rng::RngCounters;
+
+    #[test]
+    fn counters_name_each_device_and_its_counters() {
+        let disk = Arc::new(BlockCounters::default());
+        disk.record(BlockOutcome::Read(4096));
+        disk.record(BlockOutcome::Write(512));
+        disk.record(BlockOutcome::Flush);
+        disk.record(BlockOutcome::Error);
+        let rng = Arc::new(RngCounters::default());
+        rng.record(64);
+        let view = MachineView {
+            table: Arc::default(),
+            boot_memory: 0,
+            hotplug: None,
+            faults: None,
+            devices: vec![
+                ("vda".into(), DeviceCounters::Block(Arc::clone(&disk))),
+                ("vdb".into(), DeviceCounters::Block(Arc::default())),
+                ("rng".into(), DeviceCounters::Rng(rng)),
+            ],
+        };
+        let c = counters(&view);
+        assert_eq!(
+            c["vda"],
+            json!({"read_bytes": 4096, "write_bytes": 512, "read_ops": 1, "write_ops": 1,
+                   "flush_ops": 1, "errors": 1}),
+            "{c}"
+        );
+        assert_eq!(c["vdb"]["write_ops"], 0, "{c}");
+        assert_eq!(c["rng"], json!({"read_bytes": 64, "requests": 1}), "{c}");
+        assert!(c["region_table"].is_object(), "{c}");
+        assert!(c.get("mem").is_none(), "{c}");
+
+        // The documented keys of a disk's and the rng's counters are the ones reported.
+        let doc: Value = serde_json::from_str(crate::api::OPENAPI).unwrap();
+        for (schema, device) in [("BlockCounters", "vda"), ("RngCounters", "rng")] {
+            let documented = &doc["components"]["schemas"][schema]["properties"];
+            let mut documented: Vec<_> = documented.as_object().unwrap().keys().collect();
+            let mut reported: Vec<_> = c[device].as_object().unwrap().keys().collect();
+            documented.sort();
+            reported.sort();
+            assert_eq!(documented, reported, "{schema}");
+        }
+    }
 }

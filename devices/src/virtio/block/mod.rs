@@ -12,6 +12,7 @@ use std::sync::Arc;
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_ID_BYTES};
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 
+pub use super::counters::{BlockCounters, BlockOutcome};
 use super::device_thread::{DeviceThread, ThreadContext};
 use super::{
     read_config_bytes, ActivateError, Activation, VirtioDevice, VIRTIO_F_VERSION_1,
@@ -56,6 +57,7 @@ pub struct Block {
     read_only: bool,
     capacity_sectors: u64,
     name: String,
+    counters: Arc<BlockCounters>,
     thread: DeviceThread,
 }
 
@@ -118,6 +120,7 @@ impl Block {
             capacity_sectors * SECTOR_SIZE,
             id,
         );
+        let counters = handler.counters();
         let thread =
             DeviceThread::spawn(&format!("kite_{name}"), VIRTIO_ID_BLOCK, handler, context)
                 .map_err(BlockError::Thread)?;
@@ -125,6 +128,7 @@ impl Block {
             read_only,
             capacity_sectors,
             name: name.to_string(),
+            counters,
             thread,
         })
     }
@@ -132,6 +136,12 @@ impl Block {
     /// Capacity in sectors.
     pub fn capacity_sectors(&self) -> u64 {
         self.capacity_sectors
+    }
+
+    /// Its counters, which the device thread updates as requests are used (a handle to
+    /// keep once the device is boxed and handed to its transport).
+    pub fn counters(&self) -> Arc<BlockCounters> {
+        Arc::clone(&self.counters)
     }
 }
 

@@ -26,6 +26,7 @@ use vm_memory::{
 };
 
 use super::SECTOR_SIZE;
+use crate::virtio::counters::{BlockCounters, BlockOutcome};
 use crate::virtio::worker::QueueHandler;
 
 /// Bytes of a request header.
@@ -40,6 +41,9 @@ pub struct BlockHandler {
     id: [u8; VIRTIO_BLK_ID_BYTES as usize],
     /// Scratch space for a request's descriptors.
     descriptors: Vec<Descriptor>,
+    counters: Arc<BlockCounters>,
+    /// How the request last served ended: counted once it is used.
+    outcome: Option<BlockOutcome>,
 }
 
 /// Why a request failed (logged; the driver sees the status).
@@ -89,7 +93,14 @@ impl BlockHandler {
             capacity_bytes,
             id,
             descriptors: Vec::new(),
+            counters: Arc::default(),
+            outcome: None,
         }
+    }
+
+    /// Its counters (shared: they go on counting).
+    pub fn counters(&self) -> Arc<BlockCounters> {
+        Arc::clone(&self.counters)
     }
 
     /// The disk offset of `data` at `sector`, if all of it lies inside the disk and every
@@ -98,7 +109,7 @@ impl BlockHandler {
         if data.iter().any(|d| d.is_write_only() != writable) {
             return Err(RequestError::Direction);
         }
-        let len: u64 = data.iter().map(|d| u64::from(d.len())).sum();
+        let len = data_len(data);
         let out_of_range = || RequestError::OutOfRange {
             sector,
             len,
@@ -118,38 +129,43 @@ impl BlockHandler {
         }
     }
 
-    /// Serves the request made of `descs`; returns the used length.
-    fn serve_chain(&self, descs: &[Descriptor], mem: &GuardedMemory<'_>) -> u32 {
+    /// Serves the request made of `descs`; returns the used length and how it ended.
+    fn serve_chain(&self, descs: &[Descriptor], mem: &GuardedMemory<'_>) -> (u32, BlockOutcome) {
+        const UNANSWERED: (u32, BlockOutcome) = (0, BlockOutcome::Error);
         let Some((status, rest)) = descs.split_last() else {
             log::debug!("virtio-blk: empty chain");
-            return 0;
+            return UNANSWERED;
         };
         // A last descriptor that still points on was cut short: a loop, or a bad index.
         if status.has_next() || !status.is_write_only() || status.len() == 0 {
             log::debug!("virtio-blk: request without a status byte");
-            return 0;
+            return UNANSWERED;
         }
         let Some(status_addr) = status.addr().0.checked_add(u64::from(status.len()) - 1) else {
-            return 0;
+            return UNANSWERED;
         };
-        let (code, written) = match self.execute(rest, mem) {
-            Ok(written) => (VIRTIO_BLK_S_OK as u8, written),
+        let (code, written, outcome) = match self.execute(rest, mem) {
+            Ok((written, outcome)) => (VIRTIO_BLK_S_OK as u8, written, outcome),
             Err(e) => {
                 log::debug!("virtio-blk: {e}");
-                (e.status(), 0)
+                (e.status(), 0, BlockOutcome::Error)
             }
         };
         match mem.write_obj(code, GuestAddress(status_addr)) {
-            Ok(()) => written.saturating_add(1),
+            Ok(()) => (written.saturating_add(1), outcome),
             Err(e) => {
                 log::debug!("virtio-blk: cannot write the status: {e}");
-                0
+                UNANSWERED
             }
         }
     }
 
-    /// Runs the request; returns the bytes it wrote to guest memory.
-    fn execute(&self, descs: &[Descriptor], mem: &GuardedMemory<'_>) -> Result<u32, RequestError> {
+    /// Runs the request; returns the bytes it wrote to guest memory, and what it did.
+    fn execute(
+        &self,
+        descs: &[Descriptor],
+        mem: &GuardedMemory<'_>,
+    ) -> Result<(u32, BlockOutcome), RequestError> {
         let (header, data) = descs.split_first().ok_or(RequestError::Header)?;
         if header.is_write_only() || header.len() < HEADER {
             return Err(RequestError::Header);
@@ -168,7 +184,7 @@ impl BlockHandler {
                         .map_err(RequestError::Guest)?;
                     written = written.saturating_add(d.len());
                 }
-                Ok(written)
+                Ok((written, BlockOutcome::Read(data_len(data))))
             }
             VIRTIO_BLK_T_OUT => {
                 if self.read_only {
@@ -179,9 +195,13 @@ impl BlockHandler {
                     mem.write_all_volatile_to(d.addr(), &mut disk, d.len() as usize)
                         .map_err(RequestError::Guest)?;
                 }
-                Ok(0)
+                Ok((0, BlockOutcome::Write(data_len(data))))
             }
-            VIRTIO_BLK_T_FLUSH => self.disk.sync_all().map(|()| 0).map_err(RequestError::Io),
+            VIRTIO_BLK_T_FLUSH => self
+                .disk
+                .sync_all()
+                .map(|()| (0, BlockOutcome::Flush))
+                .map_err(RequestError::Io),
             VIRTIO_BLK_T_GET_ID => {
                 let d = data
                     .first()
@@ -190,11 +210,16 @@ impl BlockHandler {
                 let n = (d.len() as usize).min(self.id.len());
                 mem.write_slice(&self.id[..n], d.addr())
                     .map_err(RequestError::Guest)?;
-                Ok(n as u32)
+                Ok((n as u32, BlockOutcome::Other))
             }
             other => Err(RequestError::Unsupported(other)),
         }
     }
+}
+
+/// Bytes of the data descriptors `data`.
+fn data_len(data: &[Descriptor]) -> u64 {
+    data.iter().map(|d| u64::from(d.len())).sum()
 }
 
 /// The disk file from a position on, read and written with positioned I/O (one `pread` or
@@ -263,8 +288,16 @@ impl QueueHandler for BlockHandler {
         let mut descs = std::mem::take(&mut self.descriptors);
         descs.clear();
         descs.extend(chain.clone());
-        let used = self.serve_chain(&descs, chain.memory());
+        let (used, outcome) = self.serve_chain(&descs, chain.memory());
         self.descriptors = descs;
+        // Counted once used: this run may be undone and the request served again.
+        self.outcome = Some(outcome);
         used
+    }
+
+    fn used(&mut self, _index: usize) {
+        if let Some(outcome) = self.outcome.take() {
+            self.counters.record(outcome);
+        }
     }
 }
