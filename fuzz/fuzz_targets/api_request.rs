@@ -50,6 +50,7 @@ fn rig() -> &'static Rig {
                 boot_memory: BOOT,
                 hotplug: Some(Arc::clone(&hotplug)),
                 faults: None,
+                devices: Vec::new(),
             }),
         }));
         // The VMM thread: refuses every action at once.
