@@ -114,6 +114,8 @@ fn the_api_holds_against_schemathesis() {
         for path in exclude {
             command.args(["--exclude-path", path]);
         }
+        // Its cache (of failures found) goes with the test's directory.
+        command.current_dir(dir.path());
         let out = command.output().unwrap();
         let report = format!(
             "{}\n{}",

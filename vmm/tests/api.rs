@@ -503,3 +503,38 @@ fn stopping_the_server_ends_stalled_clients() {
         assert!(client.wait_closed(Duration::from_secs(1)).is_some());
     }
 }
+
+/// A handler that takes long (an action on the VM's life, a boot or a shutdown, may take
+/// seconds) holds every other connection up; that time is not counted against them: a
+/// kept-alive client that sent its next request meanwhile is answered, not cut off.
+#[test]
+fn time_spent_on_a_slow_answer_does_not_count_against_other_clients() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("api.sock");
+    let (started, slow_began) = std::sync::mpsc::channel();
+    let handler = Box::new(move |r: &vmm::api::Request| {
+        if r.path == "/slow" {
+            let _ = started.send(());
+            // The work of a slow action, not synchronisation.
+            std::thread::sleep(CLIENT_DEADLINE + Duration::from_secs(1));
+        }
+        vmm::api::Response::no_content()
+    });
+    let _server =
+        vmm::api::ApiServer::start(&path, handler, memory::ThreadHooks::default()).unwrap();
+    let mut waiting = Client::connect(&path);
+    waiting.send(b"GET /first HTTP/1.1\r\n\r\n");
+    assert_eq!(waiting.reply().status, 204);
+    let mut slow = Client::connect(&path);
+    slow.send(b"PUT /slow HTTP/1.1\r\n\r\n");
+    slow_began
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the slow request is being answered");
+    waiting.send(b"GET /second HTTP/1.1\r\n\r\n");
+    assert_eq!(slow.reply().status, 204);
+    assert_eq!(
+        waiting.reply().status,
+        204,
+        "the waiting client is answered"
+    );
+}
