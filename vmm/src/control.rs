@@ -15,7 +15,7 @@
 //! exit code; `vmm.shutdown` ends the process with exit 0.
 
 use std::os::fd::AsRawFd;
-use std::sync::mpsc::{Receiver, SyncSender};
+use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -105,8 +105,11 @@ pub enum ActionError {
     Ended,
 }
 
-/// An action and where its answer goes.
-pub type Envelope = (Action, SyncSender<Result<(), ActionError>>);
+/// What an action's outcome is given to (on the VMM thread).
+pub type Reply = Box<dyn FnOnce(Result<(), ActionError>) + Send>;
+
+/// An action and what its outcome is given to.
+pub type Envelope = (Action, Reply);
 
 /// How the VMM ended.
 #[derive(Debug, PartialEq, Eq)]
@@ -443,7 +446,7 @@ impl Vmm {
         };
         if let Some(inbox) = &self.inbox {
             while let Ok((_, reply)) = inbox.try_recv() {
-                let _ = reply.try_send(Err(ActionError::Ended));
+                reply(Err(ActionError::Ended));
             }
         }
         result
@@ -479,8 +482,7 @@ impl Vmm {
                 if let Err(e) = &result {
                     log::info!("API: refused: {e}");
                 }
-                // The API thread may have given up waiting.
-                let _ = reply.try_send(result);
+                reply(result);
                 if let Some(outcome) = outcome {
                     return Ok(outcome);
                 }
@@ -499,10 +501,6 @@ pub struct ActionSender {
     wake: EventFd,
 }
 
-/// Longest the API thread waits for the VMM thread to carry out an action: a boot, or a
-/// shutdown (vCPUs 5 s, device threads 2 s each, at worst).
-pub const ACTION_DEADLINE: Duration = Duration::from_secs(60);
-
 impl ActionSender {
     /// Sends on `tx`, waking the VMM thread with `wake` (for a VMM of one's own: tests,
     /// fuzzing).
@@ -510,14 +508,9 @@ impl ActionSender {
         ActionSender { tx, wake }
     }
 
-    /// Sends `action` and waits for its answer, at most [`ACTION_DEADLINE`]; `None` if
-    /// the VMM thread did not answer (it is gone, or took too long).
-    pub fn send(&self, action: Action) -> Option<Result<(), ActionError>> {
-        let (reply, answer) = std::sync::mpsc::sync_channel(1);
-        self.tx.send((action, reply)).ok()?;
-        if self.wake.write(1).is_err() {
-            return None;
-        }
-        answer.recv_timeout(ACTION_DEADLINE).ok()
+    /// Sends `action`; `reply` gets its outcome on the VMM thread. Whether it was sent
+    /// (the VMM thread is there).
+    pub fn send(&self, action: Action, reply: Reply) -> bool {
+        self.tx.send((action, reply)).is_ok() && self.wake.write(1).is_ok()
     }
 }

@@ -8,8 +8,14 @@ use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::time::Instant;
 
-use super::http::{encode, parse_head, Handler, Parsed, Request, Response, CONTINUE, MAX_HEAD};
+use super::http::{
+    encode, parse_head, Deferred, Handler, Parsed, Reply, Request, Response, CONTINUE, MAX_HEAD,
+};
 use super::CLIENT_DEADLINE;
+
+/// Longest a connection waits for a deferred answer (an action carried out by the VMM
+/// thread: a boot, a shutdown of vCPUs and device threads).
+pub const ANSWER_DEADLINE: std::time::Duration = std::time::Duration::from_secs(65);
 
 /// Largest read of input that is dropped (lingering).
 const DRAIN_CHUNK: usize = 16 << 10;
@@ -25,6 +31,8 @@ enum State {
         remaining: usize,
         close: bool,
     },
+    /// Waiting for an answer another thread gives; nothing is read meanwhile.
+    Awaiting { answer: Deferred, close: bool },
     /// Writing the answer; then closing (after lingering) or reading the next request.
     Answer { close: bool },
     /// The answer is out and our side shut: input is read and dropped until the client
@@ -98,13 +106,19 @@ impl Connection {
             // Nothing more is read before the answer is out: a client that does not read
             // its answers cannot make the server buffer without bound.
             State::Answer { .. } => libc::POLLOUT,
+            // The answer's eventfd (see `fd`).
+            State::Awaiting { .. } => libc::POLLIN,
             _ => libc::POLLIN | write,
         }
     }
 
-    /// The client's descriptor.
+    /// What to poll: the client's descriptor, or, while an answer is awaited, the
+    /// eventfd that tells it has come.
     pub fn fd(&self) -> std::os::fd::RawFd {
-        self.stream.as_raw_fd()
+        match &self.state {
+            State::Awaiting { answer, .. } => answer.fd(),
+            _ => self.stream.as_raw_fd(),
+        }
     }
 
     /// Called when the deadline has passed: a request under way is told 408 if nothing of
@@ -113,6 +127,14 @@ impl Connection {
         let under_way = match self.state {
             State::Head => !self.input.is_empty(),
             State::Body { .. } => true,
+            State::Awaiting { .. } => {
+                let late = Response::error(
+                    500,
+                    format!("the VMM did not carry the request out within {ANSWER_DEADLINE:?}"),
+                );
+                let _ = send(&self.stream, &encode(&late, true));
+                false
+            }
             State::Answer { .. } | State::Linger => false,
         };
         if under_way && self.written == self.output.len() {
@@ -128,6 +150,15 @@ impl Connection {
     pub fn drive(&mut self, revents: libc::c_short, handler: &mut Handler) -> Next {
         if revents & libc::POLLNVAL != 0 {
             return Next::Close;
+        }
+        if let State::Awaiting { answer, close } = &self.state {
+            let Some(response) = answer.try_take() else {
+                return Next::Wait;
+            };
+            let close = *close;
+            self.queue(&encode(&response, close));
+            self.state = State::Answer { close };
+            return self.advance(handler);
         }
         if revents & (libc::POLLOUT | libc::POLLERR | libc::POLLHUP) != 0
             && self.written < self.output.len()
@@ -155,7 +186,7 @@ impl Connection {
                 self.refuse(&Response::error(400, "the request ended early"));
                 self.advance(handler)
             }
-            State::Answer { .. } | State::Linger => Next::Close,
+            State::Awaiting { .. } | State::Answer { .. } | State::Linger => Next::Close,
         }
     }
 
@@ -165,7 +196,7 @@ impl Connection {
             // One byte past the limit tells a head that is too long.
             State::Head => (MAX_HEAD + 1).saturating_sub(self.input.len()),
             State::Body { remaining, .. } => remaining.saturating_sub(self.input.len()),
-            State::Answer { .. } | State::Linger => {
+            State::Awaiting { .. } | State::Answer { .. } | State::Linger => {
                 // Dropped as it comes, never kept.
                 let mut scratch = [0u8; DRAIN_CHUNK];
                 return (&self.stream).read(&mut scratch);
@@ -222,10 +253,23 @@ impl Connection {
                         return self.wait_or_close();
                     }
                     let close = *close;
-                    let response = handler(request);
-                    self.queue(&encode(&response, close));
-                    self.state = State::Answer { close };
+                    match handler(request) {
+                        Reply::Now(response) => {
+                            self.queue(&encode(&response, close));
+                            self.state = State::Answer { close };
+                        }
+                        Reply::Later(answer) => {
+                            // Flush a `100 Continue` first; then only the answer counts.
+                            if self.flush().is_err() {
+                                return Next::Close;
+                            }
+                            self.deadline = Instant::now() + ANSWER_DEADLINE;
+                            self.state = State::Awaiting { answer, close };
+                            return Next::Wait;
+                        }
+                    }
                 }
+                State::Awaiting { .. } => return Next::Wait,
                 State::Answer { close } => {
                     let close = *close;
                     if self.flush().is_err() {

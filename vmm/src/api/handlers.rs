@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use serde_json::{json, Value};
 
-use super::http::{Request, Response};
+use super::http::{Deferred, Reply, Request, Response};
 use super::routes::{self, ApiRequest};
 use crate::config::Size;
 use crate::control::{Action, ActionError, ActionSender, VmState, VmStatus};
@@ -34,11 +34,12 @@ impl Dispatcher {
         Dispatcher { status, actions }
     }
 
-    /// The response to `request`.
-    pub fn handle(&mut self, request: &Request) -> Response {
+    /// The reply to `request`: reads and `vm.resize` at once, actions on the VM's life
+    /// once the VMM thread has carried them out.
+    pub fn handle(&mut self, request: &Request) -> Reply {
         match routes::parse(&request.method, &request.path, &request.body) {
             Ok(request) => self.answer(request),
-            Err(response) => response,
+            Err(response) => response.into(),
         }
     }
 
@@ -49,8 +50,8 @@ impl Dispatcher {
             .clone()
     }
 
-    fn answer(&mut self, request: ApiRequest) -> Response {
-        match request {
+    fn answer(&mut self, request: ApiRequest) -> Reply {
+        let response = match request {
             ApiRequest::Ping => Response::json(
                 200,
                 &json!({
@@ -68,22 +69,38 @@ impl Dispatcher {
                 "vm.power-button: Kite has no ACPI, so there is no power button; use \
                  vm.shutdown (or have the guest reboot)",
             ),
-            ApiRequest::Create(config) => self.act(Action::Create(config)),
-            ApiRequest::Boot => self.act(Action::Boot),
-            ApiRequest::Delete => self.act(Action::Delete),
-            ApiRequest::Pause => self.act(Action::Pause),
-            ApiRequest::Resume => self.act(Action::Resume),
-            ApiRequest::Shutdown => self.act(Action::Shutdown),
-            ApiRequest::Reboot => self.act(Action::Reboot),
-            ApiRequest::ShutdownVmm => self.act(Action::ShutdownVmm),
-        }
+            ApiRequest::Create(config) => return self.act(Action::Create(config)),
+            ApiRequest::Boot => return self.act(Action::Boot),
+            ApiRequest::Delete => return self.act(Action::Delete),
+            ApiRequest::Pause => return self.act(Action::Pause),
+            ApiRequest::Resume => return self.act(Action::Resume),
+            ApiRequest::Shutdown => return self.act(Action::Shutdown),
+            ApiRequest::Reboot => return self.act(Action::Reboot),
+            ApiRequest::ShutdownVmm => return self.act(Action::ShutdownVmm),
+        };
+        response.into()
     }
 
-    fn act(&self, action: Action) -> Response {
-        match self.actions.send(action) {
-            Some(Ok(())) => Response::no_content(),
-            Some(Err(e)) => Response::error(action_status(&e), e),
-            None => Response::error(500, "the VMM did not carry the action out in time"),
+    /// Sends `action` to the VMM thread; the answer comes when it is carried out, and
+    /// other clients are served meanwhile.
+    fn act(&self, action: Action) -> Reply {
+        let (deferred, answerer) = match Deferred::new() {
+            Ok(pair) => pair,
+            Err(e) => return Response::error(500, format!("cannot wait for the VMM: {e}")).into(),
+        };
+        let sent = self.actions.send(
+            action,
+            Box::new(move |result: Result<(), ActionError>| {
+                answerer.answer(match result {
+                    Ok(()) => Response::no_content(),
+                    Err(e) => Response::error(action_status(&e), e),
+                })
+            }),
+        );
+        if sent {
+            Reply::Later(deferred)
+        } else {
+            Response::error(500, "the VMM thread is gone").into()
         }
     }
 

@@ -3,6 +3,10 @@
 //! encoding of a response head. No I/O here: see `connection` for that.
 
 use std::fmt::Display;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError};
+
+use vmm_sys_util::eventfd::EventFd;
 
 use serde_json::{json, Value};
 
@@ -59,7 +63,85 @@ impl Response {
 }
 
 /// What answers requests: called on the control socket's thread, one request at a time.
-pub type Handler = Box<dyn FnMut(&Request) -> Response + Send>;
+/// It must not block: an answer that takes time (an action carried out by another
+/// thread) is a [`Reply::Later`], which the connection waits for while others are served.
+pub type Handler = Box<dyn FnMut(&Request) -> Reply + Send>;
+
+/// A handler's reply: an answer now, or one another thread gives later.
+pub enum Reply {
+    /// The answer.
+    Now(Response),
+    /// An answer to come (see [`Deferred`]).
+    Later(Deferred),
+}
+
+impl From<Response> for Reply {
+    fn from(response: Response) -> Self {
+        Reply::Now(response)
+    }
+}
+
+/// An answer another thread gives later, through the [`Answerer`] made with it.
+#[derive(Debug)]
+pub struct Deferred {
+    ready: EventFd,
+    answer: Receiver<Response>,
+}
+
+/// Gives a [`Deferred`] its answer, from any thread.
+pub struct Answerer {
+    ready: EventFd,
+    answer: SyncSender<Response>,
+}
+
+impl Deferred {
+    /// A deferred answer and what gives it.
+    pub fn new() -> std::io::Result<(Deferred, Answerer)> {
+        let ready = EventFd::new(libc::EFD_NONBLOCK)?;
+        let (tx, rx) = sync_channel(1);
+        Ok((
+            Deferred {
+                ready: ready.try_clone()?,
+                answer: rx,
+            },
+            Answerer { ready, answer: tx },
+        ))
+    }
+
+    /// Readable once the answer is there (or its answerer is gone).
+    pub fn fd(&self) -> RawFd {
+        self.ready.as_raw_fd()
+    }
+
+    /// The answer, if it has come; a 500 if its answerer went away without one.
+    pub fn try_take(&self) -> Option<Response> {
+        match self.answer.try_recv() {
+            Ok(response) => Some(response),
+            Err(TryRecvError::Empty) => None,
+            Err(TryRecvError::Disconnected) => Some(Response::error(
+                500,
+                "the VMM ended without carrying the request out",
+            )),
+        }
+    }
+
+    /// Waits for the answer, `timeout` at most (for callers outside the server: tests,
+    /// fuzzing).
+    pub fn wait(self, timeout: std::time::Duration) -> Option<Response> {
+        self.answer.recv_timeout(timeout).ok()
+    }
+}
+
+impl Answerer {
+    /// Gives the answer (dropped if the connection has gone).
+    pub fn answer(self, response: Response) {
+        let _ = self.answer.try_send(response);
+        if let Err(e) = self.ready.write(1) {
+            log::error!("API: cannot signal an answer: {e}");
+        }
+    }
+}
+
 
 /// A parsed request head.
 #[derive(Debug, PartialEq, Eq)]

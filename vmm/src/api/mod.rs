@@ -24,7 +24,7 @@ use std::path::PathBuf;
 
 pub use client::request;
 pub use handlers::Dispatcher;
-pub use http::{Handler, Request, Response, MAX_HEAD};
+pub use http::{Answerer, Deferred, Handler, Reply, Request, Response, MAX_HEAD};
 pub use routes::API_PREFIX;
 pub use server::{ApiServer, CLIENT_DEADLINE, MAX_CONNECTIONS};
 
