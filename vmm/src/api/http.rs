@@ -216,12 +216,11 @@ pub(super) fn parse_head(buf: &[u8]) -> Result<Parsed, Refusal> {
                 "Transfer-Encoding (chunked bodies) is not supported: send Content-Length",
             ));
         } else if name.eq_ignore_ascii_case("content-length") {
-            let parsed = value.ok().and_then(|v| {
-                // Digits only: `+1` or `0x10` would parse elsewhere differently.
-                v.bytes()
-                    .all(|b| b.is_ascii_digit())
-                    .then(|| v.parse::<u64>().ok())?
-            });
+            // Digits only: Rust's parse takes `+1`, which other parsers may read otherwise.
+            let parsed = value
+                .ok()
+                .filter(|v| v.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|v| v.parse::<u64>().ok());
             match (parsed, length) {
                 (None, _) => return Err(Response::error(400, "malformed Content-Length")),
                 (Some(new), Some(old)) if new != old => {

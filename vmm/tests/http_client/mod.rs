@@ -14,6 +14,9 @@ use vmm::api::{ApiError, ApiServer, Request, Response};
 /// Longest any single wait of a test client lasts: past it the test fails.
 pub const WAIT: Duration = Duration::from_secs(15);
 
+/// How soon a connection the server means to close is closed.
+pub const PROMPTLY: Duration = Duration::from_secs(2);
+
 /// Body size of `/big`: more than a Unix socket buffers.
 pub const BIG: usize = 8 << 20;
 
@@ -148,9 +151,19 @@ impl Client {
         }
     }
 
-    /// Whether the server has closed the connection (nothing more to read, then the end).
+    /// Whether the server closes the connection now (nothing more to read, then the end
+    /// within [`PROMPTLY`]: well before any deadline of the server's).
     pub fn at_end(&mut self) -> bool {
-        self.input.is_empty() && !self.fill(1)
+        self.stream.set_read_timeout(Some(PROMPTLY)).unwrap();
+        let mut byte = [0u8; 1];
+        let end = self.input.is_empty()
+            && match self.stream.read(&mut byte) {
+                Ok(0) => true,
+                Err(e) => e.kind() == ErrorKind::ConnectionReset,
+                Ok(_) => false,
+            };
+        self.stream.set_read_timeout(Some(WAIT)).unwrap();
+        end
     }
 
     /// Waits until the server closes its side (not reading what it sent); how long that
