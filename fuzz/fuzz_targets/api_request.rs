@@ -13,7 +13,7 @@ use memory::{RegionSpec, RegionTable};
 use serde_json::Value;
 use vm_memory::GuestAddress;
 use vmm::api::routes::{ROUTES, UNSUPPORTED};
-use vmm::api::{Dispatcher, Request, API_PREFIX};
+use vmm::api::{Dispatcher, Reply, Request, API_PREFIX};
 use vmm::config::VmConfig;
 use vmm::control::{ActionError, ActionSender, VmState, VmStatus};
 use vmm::machine::MachineView;
@@ -57,7 +57,7 @@ fn rig() -> &'static Rig {
         let (tx, rx) = std::sync::mpsc::channel::<vmm::control::Envelope>();
         std::thread::spawn(move || {
             for (_, reply) in rx {
-                let _ = reply.send(Err(ActionError::NotCreated));
+                reply(Err(ActionError::NotCreated));
             }
         });
         let wake = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
@@ -85,7 +85,13 @@ fuzz_target!(|data: &[u8]| {
         body: body.to_vec(),
     };
     let rig = rig();
-    let response = rig.dispatcher.lock().unwrap().handle(&request);
+    let reply = rig.dispatcher.lock().unwrap().handle(&request);
+    let response = match reply {
+        Reply::Now(response) => response,
+        Reply::Later(answer) => answer
+            .wait(std::time::Duration::from_secs(10))
+            .expect("an action is answered"),
+    };
     assert!((200..600).contains(&response.status), "{response:?}");
     let json = response
         .body

@@ -4,8 +4,9 @@
 //!
 //! The API thread answers reads (`vm.info`, `vm.counters`) and `vm.resize` itself from
 //! the shared [`VmStatus`], so it never waits for this thread or for a writer of the
-//! region table; it sends what changes the VM's life here ([`Action`]) and waits for the
-//! answer.
+//! region table; it sends what changes the VM's life here ([`Action`]), with what to do
+//! with the outcome ([`Reply`]: answer the connection that asked, which waits for it while
+//! the API thread serves the others).
 //!
 //! Lifecycle, as Cloud Hypervisor's: `vm.create` (state `Created`) → `vm.boot`
 //! (`Running`) ⇄ `vm.pause`/`vm.resume` (`Paused`) → `vm.shutdown` (`Shutdown`: the

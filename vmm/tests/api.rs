@@ -518,7 +518,7 @@ fn time_spent_on_a_slow_answer_does_not_count_against_other_clients() {
             // The work of a slow action, not synchronisation.
             std::thread::sleep(CLIENT_DEADLINE + Duration::from_secs(1));
         }
-        vmm::api::Response::no_content()
+        vmm::api::Response::no_content().into()
     });
     let _server =
         vmm::api::ApiServer::start(&path, handler, memory::ThreadHooks::default()).unwrap();
@@ -537,4 +537,51 @@ fn time_spent_on_a_slow_answer_does_not_count_against_other_clients() {
         204,
         "the waiting client is answered"
     );
+}
+
+/// An answer another thread gives later (an action carried out by the VMM thread): its
+/// connection waits for it, others are served meanwhile, and it arrives when given.
+#[test]
+fn a_deferred_answer_holds_only_its_own_connection() {
+    use std::sync::{Arc, Mutex};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("api.sock");
+    let pending: Arc<Mutex<Vec<vmm::api::Answerer>>> = Arc::default();
+    let (asked, answer_asked) = std::sync::mpsc::channel();
+    let handler = {
+        let pending = Arc::clone(&pending);
+        Box::new(move |r: &vmm::api::Request| {
+            if r.path == "/later" {
+                let (deferred, answerer) = vmm::api::Deferred::new().unwrap();
+                pending.lock().unwrap().push(answerer);
+                let _ = asked.send(());
+                return vmm::api::Reply::Later(deferred);
+            }
+            vmm::api::Response::no_content().into()
+        })
+    };
+    let _server =
+        vmm::api::ApiServer::start(&path, handler, memory::ThreadHooks::default()).unwrap();
+    let mut later = Client::connect(&path);
+    later.send(b"PUT /later HTTP/1.1\r\n\r\n");
+    answer_asked
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the handler was asked");
+    // Others are served while the answer is awaited, past a client's deadline too.
+    for _ in 0..3 {
+        let mut other = Client::connect(&path);
+        other.send(b"GET /other HTTP/1.1\r\nConnection: close\r\n\r\n");
+        assert_eq!(other.reply().status, 204);
+    }
+    let answerer = pending.lock().unwrap().pop().unwrap();
+    answerer.answer(vmm::api::Response::json(
+        200,
+        &serde_json::json!({"done": true}),
+    ));
+    let reply = later.reply();
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.json()["done"], true);
+    // The connection goes on (keep-alive).
+    later.send(b"GET /again HTTP/1.1\r\n\r\n");
+    assert_eq!(later.reply().status, 204);
 }

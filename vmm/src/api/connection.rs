@@ -146,6 +146,18 @@ impl Connection {
         }
     }
 
+    /// When the server stops: an answer that has been given but not yet sent is sent,
+    /// as far as the socket takes it now (never waiting).
+    pub fn send_given_answer(&mut self) {
+        if let State::Awaiting { answer, close } = &self.state {
+            if let Some(response) = answer.try_take() {
+                let bytes = encode(&response, *close);
+                self.queue(&bytes);
+                let _ = self.flush();
+            }
+        }
+    }
+
     /// Does all that `revents` allows without waiting, answering requests with `handler`.
     pub fn drive(&mut self, revents: libc::c_short, handler: &mut Handler) -> Next {
         if revents & libc::POLLNVAL != 0 {

@@ -5,6 +5,7 @@
 use std::fmt::Display;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError};
+use std::sync::Arc;
 
 use vmm_sys_util::eventfd::EventFd;
 
@@ -84,24 +85,25 @@ impl From<Response> for Reply {
 /// An answer another thread gives later, through the [`Answerer`] made with it.
 #[derive(Debug)]
 pub struct Deferred {
-    ready: EventFd,
+    ready: Arc<EventFd>,
     answer: Receiver<Response>,
 }
 
 /// Gives a [`Deferred`] its answer, from any thread.
 pub struct Answerer {
-    ready: EventFd,
+    ready: Arc<EventFd>,
     answer: SyncSender<Response>,
 }
 
 impl Deferred {
     /// A deferred answer and what gives it.
     pub fn new() -> std::io::Result<(Deferred, Answerer)> {
-        let ready = EventFd::new(libc::EFD_NONBLOCK)?;
+        // One descriptor for both (no dup: the API thread's filter allows no fcntl).
+        let ready = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
         let (tx, rx) = sync_channel(1);
         Ok((
             Deferred {
-                ready: ready.try_clone()?,
+                ready: Arc::clone(&ready),
                 answer: rx,
             },
             Answerer { ready, answer: tx },
@@ -141,7 +143,6 @@ impl Answerer {
         }
     }
 }
-
 
 /// A parsed request head.
 #[derive(Debug, PartialEq, Eq)]

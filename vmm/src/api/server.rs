@@ -275,6 +275,10 @@ impl Server {
                 return;
             }
             if fds[0].revents != 0 {
+                // Answers already given (`vmm.shutdown`'s own, say) still go out.
+                for c in &mut self.connections {
+                    c.send_given_answer();
+                }
                 return;
             }
             let mut index = 0;

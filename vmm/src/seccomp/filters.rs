@@ -276,11 +276,13 @@ fn rules_of(kind: ThreadKind) -> Rules {
             // One poll(2) loop over the listener, the stop eventfd and every client:
             // accept4, non-blocking mode (FIONBIO), SO_PEERCRED (getsockopt), reads
             // (read, recvfrom), writes (sendto: send with MSG_NOSIGNAL) and the write
-            // side shut before a lingering close (shutdown).
+            // side shut before a lingering close (shutdown); an eventfd per answer the
+            // VMM thread gives later (an action on the VM's life).
             add_ioctls(&mut rules, &[libc::FIONBIO]);
             allow(
                 &mut rules,
                 &[
+                    libc::SYS_eventfd2,
                     libc::SYS_poll,
                     libc::SYS_ppoll,
                     libc::SYS_accept4,

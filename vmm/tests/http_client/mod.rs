@@ -23,20 +23,23 @@ pub const BIG: usize = 8 << 20;
 /// A server whose handler echoes the request as JSON; `/empty` answers 204, `/big` a
 /// body of [`BIG`] bytes.
 pub fn start(path: &Path) -> Result<ApiServer, ApiError> {
-    let handler = Box::new(|r: &Request| match r.path.as_str() {
-        "/empty" => Response::no_content(),
-        "/big" => Response {
-            status: 200,
-            body: Some(vec![b' '; BIG]),
-        },
-        _ => Response::json(
-            200,
-            &json!({
-                "method": r.method,
-                "path": r.path,
-                "body": String::from_utf8_lossy(&r.body),
-            }),
-        ),
+    let handler = Box::new(|r: &Request| {
+        match r.path.as_str() {
+            "/empty" => Response::no_content(),
+            "/big" => Response {
+                status: 200,
+                body: Some(vec![b' '; BIG]),
+            },
+            _ => Response::json(
+                200,
+                &json!({
+                    "method": r.method,
+                    "path": r.path,
+                    "body": String::from_utf8_lossy(&r.body),
+                }),
+            ),
+        }
+        .into()
     });
     ApiServer::start(path, handler, ThreadHooks::default())
 }
