@@ -386,6 +386,8 @@ fn serve(args: ServeArgs) -> i32 {
     };
     let started = Vmm::new(options, true).and_then(|mut vmm| {
         let api = start_api(&mut vmm, &args.api_socket)?;
+        // Every VM is built under the VMM thread's filter.
+        vmm.confine()?;
         Ok((vmm, api))
     });
     match started {

@@ -340,13 +340,24 @@ impl Vmm {
         });
         self.set_state(VmState::Running);
         self.publish();
+        // Every thread of the first VM exists now: the main thread confines itself (a
+        // thread keeps the filter it was created with).
+        if let Err(e) = self.confine() {
+            // No VM runs unconfined.
+            self.stop_machine(VmEnd::VmmFailure(e.to_string()));
+            self.set_state(VmState::Shutdown);
+            self.publish();
+            return Err(ActionError::Machine(MachineError::Seccomp(e)));
+        }
+        Ok(())
+    }
+
+    /// Confines the main thread with its filter (once): `Vmm` when the API can build VMs,
+    /// `Main` when not. `kite serve` does it before any VM exists; `kite run` once its VM
+    /// runs.
+    pub fn confine(&mut self) -> Result<(), crate::seccomp::SeccompError> {
         if !self.confined {
-            // Every thread of the first VM exists now: the main thread confines itself
-            // (a thread keeps the filter it was created with).
-            self.context
-                .confinement
-                .confine(self.main_kind)
-                .map_err(|e| ActionError::Machine(MachineError::Seccomp(e)))?;
+            self.context.confinement.confine(self.main_kind)?;
             self.confined = true;
         }
         Ok(())

@@ -266,6 +266,27 @@ mod tests {
             e.is_bad_file() && e.to_string().contains("/nonexistent/vmlinux"),
             "{e}"
         );
+        // Nothing whose open or read could block: a FIFO, a character device.
+        for path in ["/dev/zero", "/dev/null"] {
+            let config = VmConfig {
+                kernel: Some(path.into()),
+                ..VmConfig::default()
+            };
+            let e = VmSpec::resolve(config).unwrap_err();
+            assert!(e.to_string().contains("not a regular file"), "{path}: {e}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        let name = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo with a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(name.as_ptr(), 0o600) }, 0);
+        let config = VmConfig {
+            kernel: Some(fifo),
+            ..VmConfig::default()
+        };
+        // Opening a FIFO without a writer would block for ever: refused before that.
+        let e = VmSpec::resolve(config).unwrap_err();
+        assert!(e.to_string().contains("not a regular file"), "{e}");
         let kernel = file();
         let bad = VmConfig {
             kernel: Some(kernel.path().into()),

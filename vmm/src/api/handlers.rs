@@ -43,11 +43,11 @@ impl Dispatcher {
         }
     }
 
-    fn status(&self) -> VmStatus {
-        self.status
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+    /// The status, locked. Answers are built while it is held (everything they read is
+    /// lock-free or behind short locks), so this thread never holds the last reference to
+    /// a machine's memory: the VMM thread tears machines down, under its own filter.
+    fn status(&self) -> std::sync::MutexGuard<'_, VmStatus> {
+        self.status.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn answer(&mut self, request: ApiRequest) -> Reply {
