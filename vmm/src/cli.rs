@@ -354,12 +354,8 @@ fn run(args: RunArgs) -> i32 {
         }
         vmm.boot()
     });
-    match booted {
-        Ok(()) => {
-            let code = finish(vmm);
-            drop(api);
-            code
-        }
+    let code = match booted {
+        Ok(()) => return finish_then_stop(vmm, api),
         Err(ActionError::Config(e)) => {
             eprintln!("kite: {e}");
             if e.is_bad_file() {
@@ -376,7 +372,18 @@ fn run(args: RunArgs) -> i32 {
             eprintln!("kite: {e}");
             exit::VMM_ERROR
         }
-    }
+    };
+    // The VMM goes first: actions still waiting get their answer before the socket goes.
+    drop(vmm);
+    drop(api);
+    code
+}
+
+/// Runs `vmm` to its end, then stops the API socket; the exit code.
+fn finish_then_stop(vmm: Vmm, api: Option<crate::api::ApiServer>) -> i32 {
+    let code = finish(vmm);
+    drop(api);
+    code
 }
 
 fn serve(args: ServeArgs) -> i32 {

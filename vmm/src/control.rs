@@ -439,8 +439,10 @@ impl Vmm {
                 wanted: "Running or Paused",
             });
         }
-        self.stop_machine(VmEnd::PowerOff);
+        // Reported as shut down from now on, not as running while it is torn down.
         self.set_state(VmState::Shutdown);
+        self.publish();
+        self.stop_machine(VmEnd::PowerOff);
         Ok(())
     }
 
@@ -499,6 +501,8 @@ impl Vmm {
                     return Ok(outcome);
                 }
                 // An action may take a while (a boot): the VM may have ended meanwhile.
+                // Its events are looked at (without waiting) before the next action.
+                self.events.run_with_timeout(0).map_err(event_error)?;
                 if let Some(end) = self.end() {
                     return Ok(Outcome::Vm(end));
                 }

@@ -573,6 +573,8 @@ fn a_deferred_answer_holds_only_its_own_connection() {
         other.send(b"GET /other HTTP/1.1\r\nConnection: close\r\n\r\n");
         assert_eq!(other.reply().status, 204);
     }
+    // A long action: past a client's deadline, the answer is still awaited.
+    std::thread::sleep(CLIENT_DEADLINE + Duration::from_secs(1));
     let answerer = pending.lock().unwrap().pop().unwrap();
     answerer.answer(vmm::api::Response::json(
         200,
@@ -584,4 +586,14 @@ fn a_deferred_answer_holds_only_its_own_connection() {
     // The connection goes on (keep-alive).
     later.send(b"GET /again HTTP/1.1\r\n\r\n");
     assert_eq!(later.reply().status, 204);
+    // An answerer dropped without answering (its VMM gone): a 500 at once, not a wait.
+    later.send(b"PUT /later HTTP/1.1\r\n\r\n");
+    answer_asked
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the handler was asked again");
+    let start = std::time::Instant::now();
+    drop(pending.lock().unwrap().pop().unwrap());
+    let reply = later.reply();
+    assert_eq!(reply.status, 500, "{:?}", reply.error());
+    assert!(start.elapsed() < CLIENT_DEADLINE, "{:?}", start.elapsed());
 }

@@ -12,12 +12,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Adds `n` to `counter`.
 fn add(counter: &AtomicU64, n: u64) {
-    counter.fetch_add(n, Ordering::Relaxed);
+    // Release/Acquire: whoever sees an operation counted sees its bytes counted too
+    // (bytes are added first).
+    counter.fetch_add(n, Ordering::Release);
 }
 
 /// Reads `counter`.
 fn get(counter: &AtomicU64) -> u64 {
-    counter.load(Ordering::Relaxed)
+    counter.load(Ordering::Acquire)
 }
 
 /// How a virtio-blk request ended, as counted.
@@ -53,12 +55,12 @@ impl BlockCounters {
     pub fn record(&self, outcome: BlockOutcome) {
         match outcome {
             BlockOutcome::Read(bytes) => {
-                add(&self.read_ops, 1);
                 add(&self.read_bytes, bytes);
+                add(&self.read_ops, 1);
             }
             BlockOutcome::Write(bytes) => {
-                add(&self.write_ops, 1);
                 add(&self.write_bytes, bytes);
+                add(&self.write_ops, 1);
             }
             BlockOutcome::Flush => add(&self.flush_ops, 1),
             BlockOutcome::Other => {}
@@ -119,8 +121,8 @@ pub struct RngCounters {
 impl RngCounters {
     /// Counts a request used with `bytes` of entropy handed to the guest.
     pub fn record(&self, bytes: u64) {
-        add(&self.requests, 1);
         add(&self.read_bytes, bytes);
+        add(&self.requests, 1);
     }
 
     /// Bytes of entropy handed to the guest.

@@ -144,6 +144,16 @@ impl Connection {
             );
             let _ = send(&self.stream, &encode(&late, true));
         }
+        // Closing with unread input resets the client's side (it may lose the answer):
+        // drop what has come already, never waiting.
+        let _ = self.stream.shutdown(std::net::Shutdown::Write);
+        let mut scratch = [0u8; DRAIN_CHUNK];
+        for _ in 0..4 {
+            match (&self.stream).read(&mut scratch) {
+                Ok(n) if n > 0 => {}
+                _ => break,
+            }
+        }
     }
 
     /// When the server stops: an answer that has been given but not yet sent is sent,

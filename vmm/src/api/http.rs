@@ -92,7 +92,7 @@ pub struct Deferred {
 /// Gives a [`Deferred`] its answer, from any thread.
 pub struct Answerer {
     ready: Arc<EventFd>,
-    answer: SyncSender<Response>,
+    answer: Option<SyncSender<Response>>,
 }
 
 impl Deferred {
@@ -106,7 +106,10 @@ impl Deferred {
                 ready: Arc::clone(&ready),
                 answer: rx,
             },
-            Answerer { ready, answer: tx },
+            Answerer {
+                ready,
+                answer: Some(tx),
+            },
         ))
     }
 
@@ -136,8 +139,19 @@ impl Deferred {
 
 impl Answerer {
     /// Gives the answer (dropped if the connection has gone).
-    pub fn answer(self, response: Response) {
-        let _ = self.answer.try_send(response);
+    pub fn answer(mut self, response: Response) {
+        if let Some(answer) = self.answer.take() {
+            let _ = answer.try_send(response);
+        }
+        // Dropped now: the connection is woken.
+    }
+}
+
+impl Drop for Answerer {
+    /// Wakes the connection: with the answer, or, if none was given, to send a 500 at once
+    /// rather than wait for its deadline.
+    fn drop(&mut self) {
+        drop(self.answer.take());
         if let Err(e) = self.ready.write(1) {
             log::error!("API: cannot signal an answer: {e}");
         }

@@ -15,6 +15,7 @@
 //!   connection one to start its next request), after which its connection is dropped;
 //! - on exit only the socket this process made is removed, never whatever replaced it.
 
+use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -349,6 +350,16 @@ impl Server {
                 format!("too many connections (at most {MAX_CONNECTIONS})"),
             );
             send(&stream, &encode(&busy, true))?;
+            // Closing a Unix socket with unread input resets the peer's side, and the
+            // client may lose the answer: drop what has come already (never waiting).
+            let _ = stream.shutdown(std::net::Shutdown::Write);
+            let mut scratch = [0u8; 4096];
+            for _ in 0..16 {
+                match (&stream).read(&mut scratch) {
+                    Ok(n) if n > 0 => {}
+                    _ => break,
+                }
+            }
             return Ok(());
         }
         let connection = if peer_allowed(&stream, self.user)? {
