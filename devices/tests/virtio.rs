@@ -721,3 +721,25 @@ fn setups_of_a_busy_device_do_not_pile_up() {
     assert_ne!(r.read(0x70) & FAILED, 0, "FAILED stays until a reset");
     release.send(()).unwrap();
 }
+
+/// A FIFO as a disk (read-only: opening one without a writer would wait for ever) is
+/// refused at once, as is a character device.
+#[test]
+fn a_disk_that_is_not_a_file_or_block_device_is_refused_without_waiting() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("fifo");
+    let name = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo with a NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(name.as_ptr(), 0o600) }, 0);
+    let context = ThreadContext::default();
+    for (path, read_only) in [(fifo.as_path(), true), (Path::new("/dev/zero"), true)] {
+        let refused = Block::new(path, read_only, "vda", &context).unwrap_err();
+        assert!(
+            refused
+                .to_string()
+                .contains("not a regular file or a block device"),
+            "{}: {refused}",
+            path.display()
+        );
+    }
+}

@@ -6,6 +6,7 @@ mod request;
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom};
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -98,11 +99,20 @@ impl Block {
             path: path.to_path_buf(),
             source,
         };
+        // Without waiting: a FIFO must not hang the VMM (it is refused just below).
         let mut disk = OpenOptions::new()
             .read(true)
             .write(!read_only)
+            .custom_flags(libc::O_NONBLOCK)
             .open(path)
             .map_err(open_error)?;
+        let kind = disk.metadata().map_err(open_error)?.file_type();
+        if !(kind.is_file() || kind.is_block_device()) {
+            return Err(open_error(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "not a regular file or a block device",
+            )));
+        }
         lock(&disk, read_only).map_err(|source| BlockError::Locked {
             path: path.to_path_buf(),
             source,

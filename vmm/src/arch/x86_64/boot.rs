@@ -144,12 +144,27 @@ enum KernelEntry {
     Linux64(u64),
 }
 
+/// Opens a boot file without waiting (a FIFO put there since the configuration was
+/// checked must not hang the VMM), and only a regular file.
 fn open(what: &'static str, path: &Path) -> Result<File, BootError> {
-    File::open(path).map_err(|source| BootError::Open {
+    use std::os::unix::fs::OpenOptionsExt;
+    let error = |source| BootError::Open {
         what,
         path: path.to_path_buf(),
         source,
-    })
+    };
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(error)?;
+    if !file.metadata().map_err(error)?.is_file() {
+        return Err(error(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file",
+        )));
+    }
+    Ok(file)
 }
 
 fn load_kernel<M: GuestMemoryBackend>(mem: &M, path: &Path) -> Result<LoadedKernel, BootError> {
