@@ -583,17 +583,13 @@ impl VirtioDevice for Mem {
         self.control.config_state().interrupt = None;
     }
 
-    /// No plug or unplug until the resume; size requests are still taken meanwhile.
-    fn pause(&mut self) {
-        self.thread.pause();
+    /// No plug or unplug while paused; size requests are still taken meanwhile.
+    fn thread(&self) -> Option<&DeviceThread> {
+        Some(&self.thread)
     }
 
-    fn resume(&mut self) {
-        self.thread.resume();
-    }
-
-    fn wait_paused(&self, deadline: std::time::Instant) -> bool {
-        self.thread.wait_paused(deadline)
+    fn thread_mut(&mut self) -> Option<&mut DeviceThread> {
+        Some(&mut self.thread)
     }
 }
 

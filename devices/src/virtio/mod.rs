@@ -140,19 +140,39 @@ pub trait VirtioDevice: Send {
     /// (it runs on a vCPU thread): the thread finishes the request in hand, then takes
     /// the next setup.
     fn reset(&mut self);
+    /// The thread that serves the device's queues, if it has one: pausing is that
+    /// thread's (see [`pause`]).
+    ///
+    /// [`pause`]: VirtioDevice::pause
+    fn thread(&self) -> Option<&device_thread::DeviceThread> {
+        None
+    }
+    /// [`thread`](VirtioDevice::thread), to command.
+    fn thread_mut(&mut self) -> Option<&mut device_thread::DeviceThread> {
+        None
+    }
     /// Asks the device to pause (the VMM quiesces the VM, its vCPUs already stopped): to
     /// finish the request in hand, then serve nothing — requests, setups, resets — until
     /// [`resume`]. Does not wait. A device without a thread has nothing to do.
     ///
     /// [`resume`]: VirtioDevice::resume
-    fn pause(&mut self) {}
+    fn pause(&mut self) {
+        if let Some(thread) = self.thread_mut() {
+            thread.pause();
+        }
+    }
     /// Ends the pause; the device serves what came meanwhile. Does not wait.
-    fn resume(&mut self) {}
+    fn resume(&mut self) {
+        if let Some(thread) = self.thread_mut() {
+            thread.resume();
+        }
+    }
     /// Waits, until `deadline` at most, for the device to be paused: idle between
     /// requests and holding no guest memory; whether it is. A device without a thread
     /// always is.
-    fn wait_paused(&self, _deadline: Instant) -> bool {
-        true
+    fn wait_paused(&self, deadline: Instant) -> bool {
+        self.thread()
+            .is_none_or(|thread| thread.wait_paused(deadline))
     }
 }
 

@@ -137,15 +137,11 @@ impl VirtioDevice for Rng {
         self.thread.stop();
     }
 
-    fn pause(&mut self) {
-        self.thread.pause();
+    fn thread(&self) -> Option<&DeviceThread> {
+        Some(&self.thread)
     }
 
-    fn resume(&mut self) {
-        self.thread.resume();
-    }
-
-    fn wait_paused(&self, deadline: std::time::Instant) -> bool {
-        self.thread.wait_paused(deadline)
+    fn thread_mut(&mut self) -> Option<&mut DeviceThread> {
+        Some(&mut self.thread)
     }
 }

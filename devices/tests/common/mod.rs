@@ -279,14 +279,12 @@ impl VirtioDevice for ThreadDevice {
     fn reset(&mut self) {
         self.thread.stop();
     }
-    fn pause(&mut self) {
-        self.thread.pause();
+    fn thread(&self) -> Option<&DeviceThread> {
+        Some(&self.thread)
     }
-    fn resume(&mut self) {
-        self.thread.resume();
-    }
-    fn wait_paused(&self, deadline: Instant) -> bool {
-        self.thread.wait_paused(deadline)
+
+    fn thread_mut(&mut self) -> Option<&mut DeviceThread> {
+        Some(&mut self.thread)
     }
 }
 
