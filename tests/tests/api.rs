@@ -480,3 +480,60 @@ fn a_pause_stops_the_vcpus() {
     let end = kite.wait_exit(DEADLINE);
     assert_eq!(end.code, Some(exit::GUEST_SHUTDOWN), "{}", end.stderr);
 }
+
+/// Runs `kite remote --api-socket SOCKET ARGS`; its exit code and standard output.
+fn remote(socket: &Path, args: &[&str]) -> (Option<i32>, String) {
+    let out = std::process::Command::new(kite_tests::kite_binary())
+        .args(["remote", "--api-socket", socket.to_str().unwrap()])
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+#[test]
+fn kite_remote_speaks_the_api() {
+    let Some(Served {
+        kite,
+        socket,
+        disk,
+        _dir,
+    }) = serve()
+    else {
+        return;
+    };
+    let (code, out) = remote(&socket, &["ping"]);
+    assert_eq!(code, Some(0));
+    assert!(out.contains(&format!("\"pid\": {}", kite.pid())), "{out}");
+    assert_eq!(remote(&socket, &["info"]).0, Some(1), "no VM yet: refused");
+    let config = _dir.path().join("vm.json");
+    std::fs::write(&config, hotplug_guest(&disk, 128 * MIB).to_string()).unwrap();
+    assert_eq!(
+        remote(&socket, &["create", config.to_str().unwrap()]).0,
+        Some(0)
+    );
+    assert_eq!(remote(&socket, &["boot"]).0, Some(0));
+    kite.wait_for("kite-test: hotplug ready", DEADLINE);
+    assert_eq!(remote(&socket, &["resize", "--memory", "260M"]).0, Some(0));
+    wait_plugged(&socket, 4 * MIB, DEADLINE);
+    let (code, out) = remote(&socket, &["counters"]);
+    assert_eq!(code, Some(0));
+    assert!(out.contains("\"plugged_bytes\": 4194304"), "{out}");
+    assert_eq!(remote(&socket, &["pause"]).0, Some(0));
+    assert!(remote(&socket, &["info"]).1.contains("\"Paused\""));
+    assert_eq!(remote(&socket, &["pause"]).0, Some(1), "paused already");
+    assert_eq!(remote(&socket, &["resume"]).0, Some(0));
+    assert_eq!(remote(&socket, &["reboot"]).0, Some(0));
+    assert_eq!(remote(&socket, &["shutdown"]).0, Some(0));
+    assert_eq!(remote(&socket, &["delete"]).0, Some(0));
+    assert_eq!(
+        remote(&socket, &["resize", "--memory", "lots"]).0,
+        Some(exit::BAD_ARGUMENTS)
+    );
+    assert_eq!(remote(&socket, &["shutdown-vmm"]).0, Some(0));
+    let end = kite.wait_exit(DEADLINE);
+    assert_eq!(end.code, Some(exit::GUEST_SHUTDOWN), "{}", end.stderr);
+}
