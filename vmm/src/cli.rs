@@ -450,3 +450,24 @@ pub fn main() -> i32 {
         Command::Remote(args) => remote(args),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_api_socket_takes_both_spellings() {
+        let path = |s: &str| parse_api_socket(s).map(|p| p.display().to_string());
+        assert_eq!(path("/run/kite.sock").as_deref(), Ok("/run/kite.sock"));
+        assert_eq!(path("path=/run/kite.sock").as_deref(), Ok("/run/kite.sock"));
+        assert_eq!(path("relative.sock").as_deref(), Ok("relative.sock"));
+        // A path with '=' in a directory name is a path, not a key.
+        assert_eq!(
+            path("/tmp/a=b/kite.sock").as_deref(),
+            Ok("/tmp/a=b/kite.sock")
+        );
+        assert!(path("fd=3").unwrap_err().contains("unknown key 'fd'"));
+        assert!(path("").is_err());
+        assert!(path("path=").is_err());
+    }
+}
