@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kite_tests::{api, kvm_available, Kite};
+use kite_tests::{api, kvm_available, scratch_disk, Kite};
 use serde_json::json;
 
 const GUEST: &str = env!("KITE_TEST_GUEST");
@@ -126,11 +126,10 @@ fn main() {
     let requests = env_or("KITE_BENCH_REQUESTS", 10_000);
     let clients = env_or("KITE_BENCH_CLIENTS", 4);
     let dir = tempfile::tempdir().unwrap();
-    let (socket, disk) = (dir.path().join("api.sock"), dir.path().join("disk.img"));
-    std::fs::File::create(&disk)
-        .unwrap()
-        .set_len(8 << 20)
-        .unwrap();
+    let (socket, disk) = (
+        dir.path().join("api.sock"),
+        scratch_disk(dir.path(), 8 << 20),
+    );
     let memory = format!("size={}M,hotplug_size=512M", BOOT >> 20);
     let disk_arg = format!("path={}", disk.display());
     let kite = Kite::start(&[

@@ -297,6 +297,15 @@ pub fn tiny_kernel(dir: &Path, code: &[u8]) -> PathBuf {
     path
 }
 
+/// A sparse disk image of `bytes` zeros at `dir/disk.img`, for a guest that needs a disk.
+pub fn scratch_disk(dir: &Path, bytes: u64) -> PathBuf {
+    let path = dir.join("disk.img");
+    std::fs::File::create(&path)
+        .and_then(|f| f.set_len(bytes))
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    path
+}
+
 /// Whether QEMU (the benchmarks' baseline, `scripts/install-deps bench`) is installed.
 pub fn qemu_available() -> bool {
     Command::new("qemu-system-x86_64")

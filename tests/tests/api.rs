@@ -8,7 +8,7 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use kite_tests::{api, api_ok, counters, kvm_available, resize, wait_plugged, Kite};
+use kite_tests::{api, api_ok, counters, kvm_available, resize, scratch_disk, wait_plugged, Kite};
 use serde_json::{json, Value};
 use vmm::cli::exit;
 
@@ -30,11 +30,10 @@ fn serve() -> Option<Served> {
         return None;
     }
     let dir = tempfile::tempdir().unwrap();
-    let (socket, disk) = (dir.path().join("api.sock"), dir.path().join("disk.img"));
-    std::fs::File::create(&disk)
-        .unwrap()
-        .set_len(8 << 20)
-        .unwrap();
+    let (socket, disk) = (
+        dir.path().join("api.sock"),
+        scratch_disk(dir.path(), 8 << 20),
+    );
     let mut kite = Kite::start(&["serve", "--api-socket", socket.to_str().unwrap()]);
     kite.wait_for_socket(&socket, DEADLINE);
     Some(Served {
@@ -413,11 +412,10 @@ fn time_spent_paused_does_not_count_towards_the_timeout() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let (socket, disk) = (dir.path().join("api.sock"), dir.path().join("disk.img"));
-    std::fs::File::create(&disk)
-        .unwrap()
-        .set_len(8 << 20)
-        .unwrap();
+    let (socket, disk) = (
+        dir.path().join("api.sock"),
+        scratch_disk(dir.path(), 8 << 20),
+    );
     let mut kite = Kite::start(&[
         "serve",
         "--timeout",

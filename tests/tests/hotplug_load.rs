@@ -10,7 +10,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use kite_tests::{api, counters, kvm_available, resize, wait_plugged, Kite};
+use kite_tests::{api, counters, kvm_available, resize, scratch_disk, wait_plugged, Kite};
 use serde_json::json;
 
 const GUEST: &str = env!("KITE_TEST_GUEST");
@@ -48,11 +48,10 @@ fn hotplug_under_load(backing: &str) {
         .and_then(|v| v.parse().ok())
         .unwrap_or(50);
     let dir = tempfile::tempdir().unwrap();
-    let (socket, disk) = (dir.path().join("api.sock"), dir.path().join("disk.img"));
-    std::fs::File::create(&disk)
-        .unwrap()
-        .set_len(8 << 20)
-        .unwrap();
+    let (socket, disk) = (
+        dir.path().join("api.sock"),
+        scratch_disk(dir.path(), 8 << 20),
+    );
     let memory = format!("size={BOOT_MIB}M,hotplug_size=512M,hotplug_backing={backing}");
     let disk_arg = format!("path={}", disk.display());
     let kite = Kite::start(&[
