@@ -43,7 +43,14 @@ fn rig() -> &'static Rig {
             ..VmConfig::default()
         })
         .unwrap();
+        let config = vmm::api::vm_config::to_ch_json(
+            &spec.config,
+            &spec.kernel,
+            spec.initramfs.as_deref(),
+            spec.config.cmdline.as_deref().unwrap_or_default(),
+        );
         let status = Arc::new(Mutex::new(VmStatus {
+            config_json: Some(config.to_string().into()),
             vm: Some((VmState::Running, Arc::new(spec))),
             machine: Some(MachineView {
                 table,

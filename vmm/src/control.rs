@@ -53,6 +53,9 @@ pub enum VmState {
 pub struct VmStatus {
     /// The VM's state and configuration; `None` without a VM.
     pub vm: Option<(VmState, Arc<VmSpec>)>,
+    /// The configuration as `vm.info` reports it (Cloud Hypervisor's `VmConfig`, JSON),
+    /// made once per change rather than per request.
+    pub config_json: Option<Arc<str>>,
     /// The running (or paused) machine's memory and devices.
     pub machine: Option<MachineView>,
 }
@@ -264,10 +267,27 @@ impl Vmm {
 
     fn publish(&self) {
         let mut status = self.status.lock().unwrap_or_else(|e| e.into_inner());
+        let changed = match (&status.vm, &self.spec) {
+            (Some((_, old)), Some((new, _))) => !Arc::ptr_eq(old, new),
+            (None, None) => false,
+            _ => true,
+        };
         status.vm = self
             .spec
             .as_ref()
             .map(|(spec, state)| (*state, Arc::clone(spec)));
+        if changed {
+            status.config_json = self.spec.as_ref().map(|(spec, _)| {
+                crate::api::vm_config::to_ch_json(
+                    &spec.config,
+                    &spec.kernel,
+                    spec.initramfs.as_deref(),
+                    spec.config.cmdline.as_deref().unwrap_or_default(),
+                )
+                .to_string()
+                .into()
+            });
+        }
         status.machine = self.live.as_ref().map(|l| l.machine.view());
     }
 

@@ -106,26 +106,22 @@ impl Dispatcher {
 
     fn info(&self) -> Response {
         let status = self.status();
-        let Some((state, spec)) = &status.vm else {
+        let (Some((state, spec)), Some(config)) = (&status.vm, &status.config_json) else {
             return Response::error(404, ActionError::NotCreated);
         };
         let memory = status
             .machine
             .as_ref()
             .map_or(spec.memory, MachineView::memory_actual_size);
-        Response::json(
-            200,
-            &json!({
-                "config": super::vm_config::to_ch_json(
-                    &spec.config,
-                    &spec.kernel,
-                    spec.initramfs.as_deref(),
-                    spec.config.cmdline.as_deref().unwrap_or_default(),
-                ),
-                "state": state,
-                "memory_actual_size": memory,
-            }),
-        )
+        // The configuration's JSON is made once per change (`VmStatus::config_json`).
+        let body = format!(
+            r#"{{"config":{config},"state":{},"memory_actual_size":{memory}}}"#,
+            json!(state)
+        );
+        Response {
+            status: 200,
+            body: Some(body.into_bytes()),
+        }
     }
 
     fn counters(&self) -> Response {

@@ -362,13 +362,17 @@ impl Server {
             }
             return Ok(());
         }
-        let connection = if peer_allowed(&stream, self.user)? {
+        let mut connection = if peer_allowed(&stream, self.user)? {
             Connection::new(stream, now)
         } else {
             let denied = Response::error(403, "permission denied: not the VM's user");
             Connection::refused(stream, now, &denied)
         };
-        self.connections.push(connection);
+        // A client sends its request as soon as it connects: serve what has come already
+        // (it never waits) rather than after another round of the loop.
+        if connection.drive(libc::POLLIN | libc::POLLOUT, &mut self.handler) == Next::Wait {
+            self.connections.push(connection);
+        }
         Ok(())
     }
 }
