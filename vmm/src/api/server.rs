@@ -284,7 +284,6 @@ impl Server {
             }
             let mut index = 0;
             let mut busy = Duration::ZERO;
-            let mut served = Vec::new();
             self.connections.retain_mut(|c| {
                 let revents = fds[2 + index].revents;
                 index += 1;
@@ -294,20 +293,20 @@ impl Server {
                 let start = Instant::now();
                 let next = c.drive(revents, &mut self.handler);
                 busy += start.elapsed();
-                served.push(c.fd());
                 next == Next::Wait
             });
-            // A handler that took long (an action on the VM's life) held every other
-            // connection up: that time does not count against them.
+            if fds[1].revents != 0 {
+                // New connections are served as they are accepted: that time counts too.
+                let start = Instant::now();
+                self.accept();
+                busy += start.elapsed();
+            }
+            // Time the server spent answering (a slow handler) held every connection up,
+            // whether its turn came before or after: it does not count against them.
             if busy >= HELD_UP {
                 for c in &mut self.connections {
-                    if !served.contains(&c.fd()) {
-                        c.postpone(busy);
-                    }
+                    c.postpone(busy);
                 }
-            }
-            if fds[1].revents != 0 {
-                self.accept();
             }
         }
     }
