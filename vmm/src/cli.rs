@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::{ConfigError, CpusConfig, DiskConfig, MemoryConfig, VmConfig};
-use crate::control::{ActionError, Vmm, VmmOptions};
+use crate::control::{Vmm, VmmOptions};
 use crate::seccomp::SeccompMode;
 
 pub use crate::exit;
@@ -356,21 +356,9 @@ fn run(args: RunArgs) -> i32 {
     });
     let code = match booted {
         Ok(()) => return finish_then_stop(vmm, api),
-        Err(ActionError::Config(e)) => {
-            eprintln!("kite: {e}");
-            if e.is_bad_file() {
-                exit::BAD_INPUT
-            } else {
-                exit::BAD_ARGUMENTS
-            }
-        }
-        Err(ActionError::Machine(e)) => {
-            eprintln!("kite: {e}");
-            exit::of_error(&e)
-        }
         Err(e) => {
             eprintln!("kite: {e}");
-            exit::VMM_ERROR
+            exit::of_action_error(&e)
         }
     };
     // The VMM goes first: actions still waiting get their answer before the socket goes.

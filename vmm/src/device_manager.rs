@@ -158,8 +158,7 @@ pub struct VirtioDevices {
 }
 
 impl VirtioDevices {
-    fn each(&self, f: impl FnMut(&mut MmioTransport)) {
-        let mut f = f;
+    fn each(&self, mut f: impl FnMut(&mut MmioTransport)) {
         for transport in &self.transports {
             f(&mut transport.lock().unwrap_or_else(|e| e.into_inner()));
         }

@@ -1,7 +1,7 @@
 //! Exit codes of `kite`, part of its interface, and the one place that decides which
 //! code a VM's end or a failure gets.
 
-use crate::control::Outcome;
+use crate::control::{ActionError, Outcome};
 use crate::end::VmEnd;
 use crate::machine::{Blame, MachineError};
 
@@ -82,6 +82,16 @@ pub fn of_error(e: &MachineError) -> i32 {
         Blame::Arguments => BAD_ARGUMENTS,
         Blame::InputFile => BAD_INPUT,
         Blame::Vmm => VMM_ERROR,
+    }
+}
+
+/// The exit code of a VM that could not be created or booted (`kite run`).
+pub fn of_action_error(e: &ActionError) -> i32 {
+    match e {
+        ActionError::Config(e) if e.is_bad_file() => BAD_INPUT,
+        ActionError::Config(_) => BAD_ARGUMENTS,
+        ActionError::Machine(e) => of_error(e),
+        _ => VMM_ERROR,
     }
 }
 

@@ -31,16 +31,12 @@ use crate::console::ConsoleInput;
 use crate::device_manager::{DeviceError, VirtioDevices};
 use crate::end::{EndEvents, VmEnd};
 use crate::seccomp::{Confinement, SeccompError};
-use crate::spec::SpecError;
 use crate::vstate::vcpu::{Vcpu, VcpuControl, VcpuError, VcpuHandle, VcpuStop};
 use crate::vstate::vm::{Vm, VmError};
 
 /// Errors building or running a VM.
 #[derive(Debug, thiserror::Error)]
 pub enum MachineError {
-    /// The configuration cannot be resolved.
-    #[error(transparent)]
-    Spec(#[from] SpecError),
     /// KVM VM setup failed.
     #[error(transparent)]
     Vm(#[from] VmError),
@@ -103,8 +99,6 @@ impl MachineError {
     /// Whether the user's settings, the user's files, or the VMM is at fault.
     pub fn blame(&self) -> Blame {
         match self {
-            MachineError::Spec(e) if e.is_bad_file() => Blame::InputFile,
-            MachineError::Spec(_) => Blame::Arguments,
             MachineError::Boot(e) if e.is_bad_input() => Blame::InputFile,
             MachineError::Disk(BlockError::Thread(_)) => Blame::Vmm,
             MachineError::Disk(_) => Blame::InputFile,
