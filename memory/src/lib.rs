@@ -33,6 +33,7 @@ pub mod lazy;
 pub mod lockdep;
 mod mapping;
 pub mod metrics;
+pub mod persist;
 pub mod region;
 mod region_lock;
 pub mod slots;
@@ -53,6 +54,7 @@ pub use guarded::{GuardedMemory, GuardedMemoryError, GuardedRegion};
 pub use lazy::{FaultRegistry, LazyError, LazyPages, LazyRange};
 pub use mapping::MappingError;
 pub use metrics::{RegionMetrics, TableMetrics, WaitStats};
+pub use persist::{PersistError, SavedMemory, SavedRange};
 pub use region::{
     Backing, LazySource, Region, RegionError, RegionGuard, RegionId, RegionSpec, PAGE_SIZE,
 };
