@@ -12,7 +12,9 @@ use vmm_sys_util::eventfd::EventFd;
 
 pub use exit_port::{ExitPort, EXIT_PORT};
 pub use i8042::{I8042, I8042_PORT_BASE, I8042_PORT_LEN};
-pub use serial::{SerialConsole, SerialInputError, SERIAL_IRQ, SERIAL_PORT_BASE, SERIAL_PORT_LEN};
+pub use serial::{
+    SerialConsole, SerialInputError, SerialSnapshot, SERIAL_IRQ, SERIAL_PORT_BASE, SERIAL_PORT_LEN,
+};
 
 /// A vm-superio [`vm_superio::Trigger`] that signals an eventfd: an irqfd (interrupt) or a
 /// VMM event (reset).

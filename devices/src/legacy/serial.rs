@@ -2,9 +2,10 @@
 
 use std::io::Write;
 
+use serde::{Deserialize, Serialize};
 use vm_device::bus::{PioAddress, PioAddressOffset};
 use vm_device::MutDevicePio;
-use vm_superio::serial::{Error as SerialError, SerialEvents};
+use vm_superio::serial::{Error as SerialError, SerialEvents, SerialState};
 use vm_superio::Serial;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -43,6 +44,66 @@ impl SerialEvents for InputDrained {
     }
 }
 
+/// The UART's registers and input FIFO, for a snapshot (vm-superio's [`SerialState`],
+/// which has no serde support of its own).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SerialSnapshot {
+    /// Divisor latch, low byte.
+    pub baud_divisor_low: u8,
+    /// Divisor latch, high byte.
+    pub baud_divisor_high: u8,
+    /// Interrupt enable register.
+    pub interrupt_enable: u8,
+    /// Interrupt identification register.
+    pub interrupt_identification: u8,
+    /// Line control register.
+    pub line_control: u8,
+    /// Line status register.
+    pub line_status: u8,
+    /// Modem control register.
+    pub modem_control: u8,
+    /// Modem status register.
+    pub modem_status: u8,
+    /// Scratch register.
+    pub scratch: u8,
+    /// Input the guest has not read yet.
+    pub in_buffer: Vec<u8>,
+}
+
+impl From<SerialState> for SerialSnapshot {
+    fn from(s: SerialState) -> Self {
+        SerialSnapshot {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+}
+
+impl From<&SerialSnapshot> for SerialState {
+    fn from(s: &SerialSnapshot) -> Self {
+        SerialState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer.clone(),
+        }
+    }
+}
+
 type Uart = Serial<EventFdTrigger, InputDrained, Box<dyn Write + Send>>;
 
 /// COM1 on the port bus: guest output goes to a writer, host input is queued for the guest.
@@ -67,6 +128,29 @@ impl SerialConsole {
                 out,
             ),
         }
+    }
+
+    /// Like [`SerialConsole::new`], in the state a snapshot kept (an error if the state
+    /// is impossible: more input than the FIFO holds).
+    pub fn restored(
+        state: &SerialSnapshot,
+        interrupt: EventFd,
+        out: Box<dyn Write + Send>,
+        input_drained: EventFd,
+    ) -> Result<Self, String> {
+        let uart = Serial::from_state(
+            &SerialState::from(state),
+            EventFdTrigger::new(interrupt),
+            InputDrained(input_drained),
+            out,
+        )
+        .map_err(|e| format!("the serial port's state: {e:?}"))?;
+        Ok(SerialConsole { uart })
+    }
+
+    /// Its state, for a snapshot.
+    pub fn state(&self) -> SerialSnapshot {
+        self.uart.state().into()
     }
 
     /// Bytes of input the guest-visible FIFO can take now.

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use memory::{GuardedMemory, RegionTable};
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{Queue, QueueState, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::worker::{memory_deadline, QueueError, QueueHandler, Stopping};
@@ -74,7 +74,15 @@ struct Inbox {
     pauses: u64,
     /// The last of them the thread acknowledged (it was idle, holding no guest memory).
     acknowledged: u64,
+    /// At the acknowledgement: the queues of the setup being served, as the thread left
+    /// them, with the stop requests before that setup began (a snapshot's queue state).
+    held: Option<(Vec<QueueState>, u64)>,
 }
+
+/// The thread is not paused: what it serves is not a point in time.
+#[derive(Debug, thiserror::Error)]
+#[error("the device thread is not paused")]
+pub struct NotPaused;
 
 /// The thread's inbox and the eventfd that wakes it.
 struct Mailbox {
@@ -251,6 +259,29 @@ impl DeviceThread {
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
+    }
+}
+
+impl DeviceThread {
+    /// The queues of the setup the device serves, as a paused thread left them — the
+    /// rings' positions a snapshot keeps; `None` when it serves none (never set up, or
+    /// reset). A setup sent while paused, not begun yet, counts as served from its start.
+    pub fn paused_queues(&self) -> Result<Option<Vec<QueueState>>, NotPaused> {
+        let inbox = self.mailbox.inbox();
+        if !inbox.paused || inbox.acknowledged != inbox.pauses {
+            return Err(NotPaused);
+        }
+        let stops = self.mailbox.stops.load(Ordering::Acquire);
+        if let Some((setup, epoch)) = &inbox.setup {
+            if *epoch == stops {
+                return Ok(Some(setup.queues.iter().map(Queue::state).collect()));
+            }
+        }
+        Ok(inbox
+            .held
+            .as_ref()
+            .filter(|(_, epoch)| *epoch == stops)
+            .map(|(queues, _)| queues.clone()))
     }
 }
 
@@ -445,6 +476,10 @@ impl<H: QueueHandler> Worker<H> {
                 // guest memory held): watch no queue, so a notification is neither
                 // served nor consumed (nor spins the level-triggered loop), and say so.
                 self.watch(ops, false);
+                inbox.held = self
+                    .active
+                    .as_ref()
+                    .map(|a| (a.queues.iter().map(Queue::state).collect(), a.epoch));
                 inbox.acknowledged = inbox.pauses;
                 mailbox.pause_acknowledged.notify_all();
                 return;

@@ -81,6 +81,43 @@ pub enum MemError {
     Unaligned(u64),
 }
 
+/// What a snapshot keeps of a hotplug area: where it is, the request, the plugged blocks.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MemState {
+    /// Guest address of the area.
+    pub addr: u64,
+    /// Its size.
+    pub size: u64,
+    /// Bytes the host asked for.
+    pub requested: u64,
+    /// The plugged blocks, by index in the area.
+    pub plugged: Vec<u64>,
+    /// The configuration generation.
+    pub generation: u32,
+}
+
+/// Errors restoring a hotplug area.
+#[derive(Debug, thiserror::Error)]
+pub enum MemRestoreError {
+    /// The snapshot's area is not this one.
+    #[error("the snapshot's hotplug area ({0}) is not this VM's ({1})")]
+    OtherArea(String, String),
+    /// A plugged block is outside the area or plugged twice.
+    #[error("the snapshot's plugged block {0} is not in the area, or twice in it")]
+    BadBlock(u64),
+    /// The request does not fit the area.
+    #[error("the snapshot's request: {0}")]
+    Request(MemError),
+    /// A block could not be plugged.
+    #[error("cannot plug block {block}: {source}")]
+    Plug {
+        /// The block.
+        block: u64,
+        /// Why.
+        source: TableError,
+    },
+}
+
 /// Time of the last size request and how long the guest took to reach it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ResizeStats {
@@ -255,6 +292,68 @@ impl MemControl {
         if let Some(interrupt) = &config.interrupt {
             interrupt.raise(INT_CONFIG);
         }
+        Ok(())
+    }
+
+    /// Its state, for a snapshot (the device paused: no plug or unplug under way).
+    pub fn state(&self) -> MemState {
+        let plugged = self
+            .blocks()
+            .iter()
+            .enumerate()
+            .filter(|(_, id)| id.is_some())
+            .map(|(b, _)| b as u64)
+            .collect();
+        let config = self.config_state();
+        MemState {
+            addr: self.addr,
+            size: self.size,
+            requested: config.requested,
+            plugged,
+            generation: config.generation,
+        }
+    }
+
+    /// Plugs the blocks `state` had plugged, each backed as `backing` says for its guest
+    /// address (its memory as the snapshot kept it), and takes its request and
+    /// generation. For a fresh area with nothing plugged; on an error the blocks plugged
+    /// so far stay (the VM being restored is dropped).
+    pub fn restore(
+        &self,
+        state: &MemState,
+        backing: impl Fn(u64) -> Backing,
+    ) -> Result<(), MemRestoreError> {
+        let area = |addr: u64, size: u64| format!("{} MiB at {addr:#x}", size >> 20);
+        if (state.addr, state.size) != (self.addr, self.size) {
+            return Err(MemRestoreError::OtherArea(
+                area(state.addr, state.size),
+                area(self.addr, self.size),
+            ));
+        }
+        if state.requested > self.size || state.requested % BLOCK_SIZE != 0 {
+            return Err(MemRestoreError::Request(MemError::TooLarge {
+                requested: state.requested,
+                size: self.size,
+            }));
+        }
+        let mut blocks = self.blocks();
+        for &block in &state.plugged {
+            let b = usize::try_from(block).unwrap_or(usize::MAX);
+            if blocks.get(b).is_none_or(Option::is_some) {
+                return Err(MemRestoreError::BadBlock(block));
+            }
+            let mut spec = self.spec(b);
+            spec.backing = backing(spec.start.0);
+            let id = self
+                .table
+                .insert(spec, Self::deadline())
+                .map_err(|source| MemRestoreError::Plug { block, source })?;
+            blocks[b] = Some(id);
+        }
+        let mut config = self.config_state();
+        config.plugged_blocks = state.plugged.len() as u64;
+        config.requested = state.requested;
+        config.generation = state.generation;
         Ok(())
     }
 

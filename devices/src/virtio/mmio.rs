@@ -17,11 +17,12 @@ use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FAILED, VIRTIO_CONFIG_S_FEATURES_OK,
     VIRTIO_CONFIG_S_NEEDS_RESET,
 };
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{Queue, QueueState, QueueT};
 use vm_device::bus::{MmioAddress, MmioAddressOffset};
 use vm_device::MutDeviceMmio;
 use vmm_sys_util::eventfd::EventFd;
 
+use super::persist::{QueueSnapshot, TransportState};
 use super::{Activation, Interrupt, VirtioDevice, INT_CONFIG, VIRTIO_RING_F_EVENT_IDX};
 use crate::guest_log::GuestLog;
 
@@ -239,12 +240,18 @@ impl MmioTransport {
             return Err(format!("queue {i} has an invalid size"));
         }
         // The device gets its own copies; the registers keep showing the driver's setup.
+        let queues: Vec<QueueState> = self.queues.iter().map(Queue::state).collect();
+        self.start_device(&queues)
+    }
+
+    /// Hands the device queues in state `queues` (the driver's setup, or where a
+    /// snapshot's device had got to).
+    fn start_device(&mut self, queues: &[QueueState]) -> Result<(), String> {
         let event_idx = self.driver_features & VIRTIO_RING_F_EVENT_IDX != 0;
-        let queues = self
-            .queues
+        let queues = queues
             .iter()
             .map(|q| {
-                let mut queue = Queue::try_from(q.state())?;
+                let mut queue = Queue::try_from(*q)?;
                 queue.set_event_idx(event_idx);
                 Ok(queue)
             })
@@ -268,6 +275,89 @@ impl MmioTransport {
             })
             .map_err(|e| e.to_string())?;
         self.active = true;
+        Ok(())
+    }
+
+    /// The transport's and its device's queues' state, for a snapshot: the device must be
+    /// paused (its thread idle between requests).
+    pub fn save_state(&self) -> Result<TransportState, String> {
+        let active_queues = if self.active {
+            let queues = self
+                .device
+                .paused_queues(&self.queues)
+                .map_err(|e| format!("{}: {e}", self.device.name()))?
+                // Active, but its thread serves no setup: it refused the setup (the
+                // device needs a reset). Restored, the device checks it again.
+                .unwrap_or_else(|| self.queues.iter().map(Queue::state).collect());
+            Some(queues.into_iter().map(QueueSnapshot::from).collect())
+        } else {
+            None
+        };
+        Ok(TransportState {
+            device_type: self.device.device_type(),
+            status: self.status,
+            needs_reset: self.needs_reset.load(Ordering::Acquire),
+            interrupt_status: self.interrupt.status(),
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            driver_features: self.driver_features,
+            queue_sel: self.queue_sel,
+            queues: self
+                .queues
+                .iter()
+                .map(|q| QueueSnapshot::from(q.state()))
+                .collect(),
+            bad_size: self.bad_size.clone(),
+            active_queues,
+        })
+    }
+
+    /// Puts a fresh transport (never touched by a driver) in the state a snapshot kept,
+    /// and starts the device on its queues if it was active. Checked first: the same
+    /// device type and number of queues, queues the device can take; on an error nothing
+    /// changed.
+    pub fn restore_state(&mut self, state: &TransportState) -> Result<(), String> {
+        let name = self.device.name();
+        if state.device_type != self.device.device_type() {
+            return Err(format!(
+                "{name}: the snapshot has a device of type {} here",
+                state.device_type
+            ));
+        }
+        let count = self.queues.len();
+        let counts = [
+            state.queues.len(),
+            state.bad_size.len(),
+            state.active_queues.as_ref().map_or(count, Vec::len),
+        ];
+        if counts.iter().any(|&n| n != count) || (self.active || self.status != 0) {
+            return Err(format!(
+                "{name}: the snapshot's transport does not fit this device ({count} queues)"
+            ));
+        }
+        let queues = state
+            .queues
+            .iter()
+            .map(|q| Queue::try_from(QueueState::from(*q)))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("{name}: a queue of the snapshot: {e}"))?;
+        let needs_reset = Arc::new(AtomicBool::new(state.needs_reset));
+        self.queues = queues;
+        self.bad_size = state.bad_size.clone();
+        self.needs_reset = needs_reset;
+        self.status = state.status;
+        self.device_features_sel = state.device_features_sel;
+        self.driver_features_sel = state.driver_features_sel;
+        self.driver_features = state.driver_features;
+        self.queue_sel = state.queue_sel;
+        self.interrupt.restore_status(state.interrupt_status);
+        if let Some(active) = &state.active_queues {
+            let active: Vec<QueueState> = active.iter().map(|q| QueueState::from(*q)).collect();
+            if let Err(e) = self.start_device(&active) {
+                self.reset();
+                return Err(format!("{name}: cannot start it: {e}"));
+            }
+        }
         Ok(())
     }
 

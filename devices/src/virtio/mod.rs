@@ -12,6 +12,7 @@ pub mod counters;
 pub mod device_thread;
 pub mod mem;
 pub mod mmio;
+pub mod persist;
 pub mod rng;
 pub mod worker;
 
@@ -71,6 +72,12 @@ impl Interrupt {
     /// Clears acknowledged `bits`.
     pub fn acknowledge(&self, bits: u32) {
         self.status.fetch_and(!bits, Ordering::SeqCst);
+    }
+
+    /// Sets the status bits a snapshot kept, without raising the line (the interrupt
+    /// controller's own state says whether it is pending).
+    pub fn restore_status(&self, bits: u32) {
+        self.status.store(bits, Ordering::SeqCst);
     }
 }
 
@@ -173,6 +180,19 @@ pub trait VirtioDevice: Send {
     fn wait_paused(&self, deadline: Instant) -> bool {
         self.thread()
             .is_none_or(|thread| thread.wait_paused(deadline))
+    }
+    /// The queues as the paused device left them (see
+    /// [`device_thread::DeviceThread::paused_queues`]); `Ok(None)` when it serves none.
+    /// A device without a thread has no progress of its own: `queues` (the driver's setup)
+    /// is where it is.
+    fn paused_queues(
+        &self,
+        queues: &[Queue],
+    ) -> Result<Option<Vec<virtio_queue::QueueState>>, device_thread::NotPaused> {
+        match self.thread() {
+            Some(thread) => thread.paused_queues(),
+            None => Ok(Some(queues.iter().map(Queue::state).collect())),
+        }
     }
 }
 

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use devices::virtio::device_thread::{DeviceThread, ThreadContext};
+use devices::virtio::persist::TransportState;
 use devices::virtio::worker::QueueHandler;
 use devices::virtio::{ActivateError, Activation, Interrupt, MmioTransport, VirtioDevice};
 use memory::{GuardedMemory, RegionSpec, RegionTable, TableConfig};
@@ -49,6 +50,11 @@ enum Op {
     Pause,
     Resume,
     WaitPaused(Instant),
+    Save(std::sync::mpsc::Sender<Result<TransportState, String>>),
+    Restore(
+        Box<TransportState>,
+        std::sync::mpsc::Sender<Result<(), String>>,
+    ),
 }
 
 /// Guest memory of `memory` bytes of RAM at address 0.
@@ -89,6 +95,12 @@ pub fn rig_on(table: Arc<RegionTable>, device: Box<dyn VirtioDevice>) -> Rig {
                     Op::Resume => transport.resume(),
                     Op::WaitPaused(deadline) => {
                         data[0] = u8::from(transport.wait_paused(deadline));
+                    }
+                    Op::Save(to) => {
+                        let _ = to.send(transport.save_state());
+                    }
+                    Op::Restore(state, to) => {
+                        let _ = to.send(transport.restore_state(&state));
                     }
                 }
                 let _ = access.reply.send(u32::from_le_bytes(data));
@@ -145,6 +157,20 @@ impl Rig {
     /// `MmioTransport::wait_paused`.
     pub fn wait_paused(&mut self, deadline: Instant) -> bool {
         self.access(Op::WaitPaused(deadline)) == 1
+    }
+
+    /// `MmioTransport::save_state`.
+    pub fn save_state(&mut self) -> Result<TransportState, String> {
+        let (to, from) = std::sync::mpsc::channel();
+        self.access(Op::Save(to));
+        from.recv().expect("an answer")
+    }
+
+    /// `MmioTransport::restore_state`.
+    pub fn restore_state(&mut self, state: &TransportState) -> Result<(), String> {
+        let (to, from) = std::sync::mpsc::channel();
+        self.access(Op::Restore(Box::new(state.clone()), to));
+        from.recv().expect("an answer")
     }
 
     pub fn needs_reset(&mut self) -> bool {
