@@ -489,74 +489,213 @@ static void verify_block(u64 base, u64 size, u64 gen) {
         CHECK(*p == word_for(p, gen), "plugged memory keeps what was written");
 }
 
-/* Plugs and unplugs one block at a time towards the requested size; writes a fresh
+/* The state of a guest that follows virtio-mem's requested size under load: the
+ * `hotplug` and `snapshot` scenarios. Everything lives in guest memory (this struct, the
+ * block tables, the queues), so a snapshot of the VM takes all of it along. */
+struct follower {
+    struct dev *m, *b;
+    u64 block, addr, nblocks, disk;
+    u64 plugged, requested, round_trips, pass, gen;
+    u64 last_pass, last_off;
+};
+
+static void follow_init(struct follower *f) {
+    f->m = find(VIRTIO_ID_MEM, 0);
+    f->b = find(VIRTIO_ID_BLOCK, 0);
+    CHECK(f->m && f->b, "virtio-mem and a disk present");
+    dev_setup_ok(f->m);
+    dev_setup_ok(f->b);
+    f->block = cfg64(f->m, 0);
+    f->addr = cfg64(f->m, 16);
+    f->nblocks = cfg64(f->m, 24) / f->block;
+    CHECK(f->nblocks <= MAX_BLOCKS && f->block >= 4096 && f->block > CHUNK, "a hotplug area this guest can track");
+    f->disk = blk_sectors(f->b) * SECTOR;
+    CHECK(f->disk >= CHUNK, "a disk of at least 64 KiB");
+    f->plugged = f->requested = f->round_trips = f->pass = 0;
+    f->gen = 1;
+    f->last_pass = f->last_off = 0;
+}
+
+static u64 block_base(struct follower *f, u64 i) { return f->addr + i * f->block; }
+
+/* Block `i` keeps the pattern written when it was plugged (all but its last CHUNK, the
+ * disk buffer). */
+static void verify_plugged(struct follower *f, u64 i) {
+    verify_block(block_base(f, i), f->block - CHUNK, block_gen[i]);
+}
+
+static int follow_settled(struct follower *f) { return f->requested == f->plugged * f->block; }
+
+/* One pass: plugs or unplugs one block towards the requested size; writes a fresh
  * pattern into each block it plugs (all but its last CHUNK) and checks it before
- * unplugging; checks one plugged block and does a virtio-blk round trip on every pass,
+ * unplugging; checks one plugged block when settled; and does a virtio-blk round trip,
  * through the last CHUNK of the highest plugged block when there is one (so the device
- * thread's copies touch hotplugged memory, lazily populated or not). Runs until the host
- * stops the VM. */
+ * thread's copies touch hotplugged memory, lazily populated or not). */
+static void follow_pass(struct follower *f) {
+    struct dev *m = f->m, *b = f->b;
+    u64 pass = ++f->pass;
+    u64 requested = f->requested = cfg64(m, 48);
+    if (requested > f->plugged * f->block) {
+        for (u64 i = 0; i < f->nblocks; i++) {
+            if (plugged_blocks[i]) continue;
+            u16 r = mem_request(m, MEM_PLUG, block_base(f, i));
+            if (r == MEM_ACK) {
+                plugged_blocks[i] = 1;
+                block_gen[i] = f->gen++;
+                fill_block(block_base(f, i), f->block - CHUNK, block_gen[i]);
+                f->plugged++;
+            }
+            break;
+        }
+    } else if (requested < f->plugged * f->block) {
+        for (u64 i = f->nblocks; i-- > 0;) {
+            if (!plugged_blocks[i]) continue;
+            verify_plugged(f, i);
+            u16 r = mem_request(m, MEM_UNPLUG, block_base(f, i));
+            CHECK(r == MEM_ACK || r == MEM_BUSY, "unplug acknowledged or busy");
+            if (r == MEM_ACK) { plugged_blocks[i] = 0; f->plugged--; }
+            break;
+        }
+    } else if (f->plugged) {
+        u64 i = pass % f->nblocks;
+        if (plugged_blocks[i]) verify_plugged(f, i);
+    }
+    /* The disk round trip, at a place that moves, through hotplugged memory if any:
+     * first read back what the last pass wrote (for a freshly plugged block, the
+     * device thread is the first to touch those pages), then write this pass's. */
+    u8 *io = buf;
+    for (u64 i = f->nblocks; i-- > 0;)
+        if (plugged_blocks[i]) { io = (u8 *)(block_base(f, i + 1) - CHUNK); break; }
+    if (f->last_pass) {
+        CHECK(blk_rw(b, BLK_IN, f->last_off / SECTOR, io, CHUNK) == BLK_S_OK, "disk read");
+        for (u32 i = 0; i < CHUNK; i++) CHECK(io[i] == (u8)(f->last_pass * 13 + i), "disk data");
+    }
+    u64 off = (pass * CHUNK) % (f->disk - CHUNK + 1) / SECTOR * SECTOR;
+    for (u32 i = 0; i < CHUNK; i++) io[i] = (u8)(pass * 13 + i);
+    CHECK(blk_rw(b, BLK_OUT, off / SECTOR, io, CHUNK) == BLK_S_OK, "disk write");
+    f->last_pass = pass;
+    f->last_off = off;
+    f->round_trips++;
+}
+
+/* Follows the requested size (follow_pass) until the host stops the VM. */
 static void hotplug(void) {
-    struct dev *m = find(VIRTIO_ID_MEM, 0), *b = find(VIRTIO_ID_BLOCK, 0);
-    CHECK(m && b, "virtio-mem and a disk present");
-    dev_setup_ok(m);
-    dev_setup_ok(b);
-    u64 block = cfg64(m, 0), addr = cfg64(m, 16), region = cfg64(m, 24);
-    u64 nblocks = region / block;
-    CHECK(nblocks <= MAX_BLOCKS && block >= 4096, "a hotplug area this guest can track");
-    u64 disk = blk_sectors(b) * SECTOR, plugged = 0, round_trips = 0, pass = 0, gen = 1;
-    u64 last_pass = 0, last_off = 0;
+    static struct follower f;
+    follow_init(&f);
     puts("kite-test: hotplug ready\n");
     for (;;) {
-        pass++;
-        u64 requested = cfg64(m, 48);
-        if (requested > plugged * block) {
-            for (u64 i = 0; i < nblocks; i++) {
-                if (plugged_blocks[i]) continue;
-                u16 r = mem_request(m, MEM_PLUG, addr + i * block);
-                if (r == MEM_ACK) {
-                    plugged_blocks[i] = 1;
-                    block_gen[i] = gen++;
-                    fill_block(addr + i * block, block - CHUNK, block_gen[i]);
-                    plugged++;
-                }
-                break;
-            }
-        } else if (requested < plugged * block) {
-            for (u64 i = nblocks; i-- > 0;) {
-                if (!plugged_blocks[i]) continue;
-                verify_block(addr + i * block, block - CHUNK, block_gen[i]);
-                u16 r = mem_request(m, MEM_UNPLUG, addr + i * block);
-                CHECK(r == MEM_ACK || r == MEM_BUSY, "unplug acknowledged or busy");
-                if (r == MEM_ACK) { plugged_blocks[i] = 0; plugged--; }
-                break;
-            }
-        } else if (plugged) {
-            u64 i = pass % nblocks;
-            if (plugged_blocks[i]) verify_block(addr + i * block, block - CHUNK, block_gen[i]);
-        }
-        /* The disk round trip, at a place that moves, through hotplugged memory if any:
-         * first read back what the last pass wrote (for a freshly plugged block, the
-         * device thread is the first to touch those pages), then write this pass's. */
-        u8 *io = buf;
-        for (u64 i = nblocks; i-- > 0;)
-            if (plugged_blocks[i]) { io = (u8 *)(addr + (i + 1) * block - CHUNK); break; }
-        if (last_pass) {
-            CHECK(blk_rw(b, BLK_IN, last_off / SECTOR, io, CHUNK) == BLK_S_OK, "disk read");
-            for (u32 i = 0; i < CHUNK; i++) CHECK(io[i] == (u8)(last_pass * 13 + i), "disk data");
-        }
-        u64 off = (pass * CHUNK) % (disk - CHUNK + 1) / SECTOR * SECTOR;
-        for (u32 i = 0; i < CHUNK; i++) io[i] = (u8)(pass * 13 + i);
-        CHECK(blk_rw(b, BLK_OUT, off / SECTOR, io, CHUNK) == BLK_S_OK, "disk write");
-        last_pass = pass;
-        last_off = off;
-        round_trips++;
-        if (requested == plugged * block && (pass & 63) == 0) {
+        follow_pass(&f);
+        if (follow_settled(&f) && (f.pass & 63) == 0) {
             puts("kite-test: hotplug steady plugged_mib=");
-            put_dec(plugged * block >> 20);
+            put_dec(f.plugged * f.block >> 20);
             puts(" round_trips=");
-            put_dec(round_trips);
+            put_dec(f.round_trips);
             putc('\n');
         }
+    }
+}
+
+/* ---- snapshot: memory written before a snapshot must be there after a restore ----
+ * Boot RAM the snapshot scenario fills: 32 MiB from 64 MiB guest-physical. Nothing else
+ * uses it: Kite's boot data (GDT, zero page, boot page tables, command line, MP table) is
+ * below 1 MiB, this guest's image (code, data, queues, buffers, its own page tables and
+ * stacks, all in .bss) is at 2 MiB and ends below BOOT_FILL_START (checked against the
+ * linker's `_end`), the test guest has no initramfs, and the virtio-mmio windows and the
+ * hotplug area are far above RAM. entry.S maps the first 16 GiB with user-accessible
+ * 2 MiB pages, so the range is mapped; the e820 map must show it as RAM (at least 96 MiB
+ * of boot RAM, checked). */
+#define BOOT_FILL_START (64UL << 20)
+#define BOOT_FILL_SIZE (32UL << 20)
+/* Verified per pass: one slice, in turn; all of it at the end. */
+#define BOOT_SLICE (64UL << 10)
+#define BOOT_SLICES (BOOT_FILL_SIZE / BOOT_SLICE)
+
+extern char _end[];
+static u64 boot_seed;
+
+/* The boot-RAM pattern: every word different, depending on its address and the seed. */
+static u64 boot_word(u64 *p) {
+    u64 x = ((u64)p ^ boot_seed) * 0xff51afd7ed558ccdUL;
+    return x ^ (x >> 29) ^ boot_seed;
+}
+
+static void verify_boot_ram(u64 start, u64 size) {
+    for (u64 *p = (u64 *)start; p < (u64 *)(start + size); p++)
+        CHECK(*p == boot_word(p), "boot RAM keeps its pattern");
+}
+
+/* Whether the zero page's e820 map (entries at 0x2d0, their count at 0x1e8) has RAM over
+ * [start, end). */
+struct e820_entry { u64 addr; u64 size; u32 type; } __attribute__((packed));
+static int e820_ram_covers(const u8 *zero_page, u64 start, u64 end) {
+    const struct e820_entry *e = (const struct e820_entry *)(zero_page + 0x2d0);
+    for (u32 i = 0; i < zero_page[0x1e8] && i < 128; i++)
+        if (e[i].type == 1 && e[i].addr <= start && end <= e[i].addr + e[i].size) return 1;
+    return 0;
+}
+
+static void snapshot_steady(const char *what, struct follower *f) {
+    puts("kite-test: snapshot ");
+    puts(what);
+    puts(" plugged_mib=");
+    put_dec(f->plugged * f->block >> 20);
+    puts(" passes=");
+    put_dec(f->pass);
+    putc('\n');
+}
+
+/* Like hotplug (the same passes: plug/unplug towards the requested size with patterns,
+ * a disk round trip each pass), over a boot-RAM pattern filled at the start: one slice of
+ * it is checked every pass. Prints `snapshot ready` once set up and `snapshot steady
+ * plugged_mib=N passes=P` every 64 passes while settled. Once the whole hotplug area is
+ * requested and plugged, checks every plugged block and all of the boot-RAM pattern,
+ * prints `snapshot verified plugged_mib=N passes=P` and passes. Made for a host that
+ * snapshots the VM mid-load and restores it elsewhere: whatever was written before the
+ * snapshot must still be there after the restore.
+ *
+ * `kite.flip=boot-ram` (for the test that shows the checks can fail): once the requested
+ * size first grows past what it was at the start, the guest flips one bit of the
+ * boot-RAM word the next pass checks, as a restore that lost a write would. */
+static void snapshot(const u8 *zero_page, const char *flip) {
+    static struct follower f;
+    CHECK((u64)_end <= BOOT_FILL_START, "the guest image ends below the boot-RAM pattern");
+    CHECK(e820_ram_covers(zero_page, BOOT_FILL_START, BOOT_FILL_START + BOOT_FILL_SIZE),
+          "boot RAM covers the pattern (at least 96 MiB)");
+    u32 lo, hi;
+    __asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
+    boot_seed = (((u64)hi << 32 | lo) * 0x9e3779b97f4a7c15UL) | 1;
+    for (u64 *p = (u64 *)BOOT_FILL_START; p < (u64 *)(BOOT_FILL_START + BOOT_FILL_SIZE); p++) *p = boot_word(p);
+    follow_init(&f);
+    u64 initial = cfg64(f.m, 48);
+    int flip_pending = flip && str_eq_word(flip, "boot-ram");
+    puts("kite-test: snapshot boot_ram=0x");
+    put_hex(BOOT_FILL_START);
+    puts("+0x");
+    put_hex(BOOT_FILL_SIZE);
+    puts(" seed=0x");
+    put_hex(boot_seed);
+    putc('\n');
+    puts("kite-test: snapshot ready\n");
+    for (;;) {
+        follow_pass(&f);
+        verify_boot_ram(BOOT_FILL_START + f.pass % BOOT_SLICES * BOOT_SLICE, BOOT_SLICE);
+        if (flip_pending && f.requested > initial) {
+            u64 *word = (u64 *)(BOOT_FILL_START + (f.pass + 1) % BOOT_SLICES * BOOT_SLICE + 8 * 1000);
+            *word ^= 1UL << 17;
+            flip_pending = 0;
+            puts("kite-test: snapshot flipped a boot-RAM bit\n");
+        }
+        if (!follow_settled(&f)) continue;
+        if (f.requested == f.nblocks * f.block && f.plugged == f.nblocks) {
+            for (u64 i = 0; i < f.nblocks; i++) {
+                CHECK(plugged_blocks[i], "every block plugged");
+                verify_plugged(&f, i);
+            }
+            verify_boot_ram(BOOT_FILL_START, BOOT_FILL_SIZE);
+            snapshot_steady("verified", &f);
+            finish(1);
+        }
+        if ((f.pass & 63) == 0) snapshot_steady("steady", &f);
     }
 }
 
@@ -701,6 +840,7 @@ void guest_main(const u8 *zero_page) {
     const char *cmdline = (const char *)(u64)*(const u32 *)(zero_page + 0x228);
     const char *test = param(cmdline, "kite.test=");
     const char *passes = param(cmdline, "kite.passes=");
+    const char *flip = param(cmdline, "kite.flip=");
     puts("kite-test: guest up\n");
     CHECK(test, "kite.test= on the command line");
     probe();
@@ -712,6 +852,7 @@ void guest_main(const u8 *zero_page) {
     else if (str_eq_word(test, "hostile")) hostile();
     else if (str_eq_word(test, "bench")) bench(passes ? parse_dec(passes) : 1);
     else if (str_eq_word(test, "hotplug")) hotplug();
+    else if (str_eq_word(test, "snapshot")) snapshot(zero_page, flip);
     else if (str_eq_word(test, "touch-unplugged")) touch_unplugged();
     else if (str_eq_word(test, "hostile-hotplug")) hostile_hotplug();
     else if (str_eq_word(test, "touch-after-unplug")) touch_after_unplug();

@@ -1,0 +1,374 @@
+//! Snapshot, restore and clones (issue 15) with the test guest's `snapshot` scenario
+//! (guest.c): the guest fills 32 MiB of boot RAM with a seeded pattern, follows the
+//! virtio-mem requested size with a pattern in every block it plugs, and does a
+//! virtio-blk round trip on every pass; once the whole hotplug area is requested and
+//! plugged it checks all of that memory and passes. A snapshot taken while it runs at
+//! 4 MiB plugged, restored in a new process that is then asked for 8 MiB and for the whole
+//! area, must pass the same way: everything the guest wrote before the snapshot is
+//! checked after the restore, next to what it wrote since.
+//!
+//! The snapshot interface these tests are written against:
+//! - `PUT /api/v1/vm.snapshot` with `{"destination_url": "file:///ABS/DIR"}` writes the VM
+//!   (its state and its memory) into DIR, which must not exist yet;
+//! - `kite run --restore path=DIR,memory=lazy|private|eager [--disk path=...]
+//!   [--api-socket SOCK]` runs the VM from DIR: the guest goes on where it was, and the
+//!   console shows only what it prints after the restore. The snapshot's files are not
+//!   changed by a restore (several restores share them).
+
+use std::collections::BTreeMap;
+use std::hash::Hasher;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use kite_tests::{api_ok, kvm_available, resize, scratch_disk, wait_plugged, Ended, Kite};
+use serde_json::json;
+use vmm::cli::exit;
+
+const GUEST: &str = env!("KITE_TEST_GUEST");
+const MIB: u64 = 1 << 20;
+/// Boot RAM: the guest's pattern takes 32 MiB from 64 MiB.
+const BOOT: u64 = 256 * MIB;
+/// The hotplug area (a multiple of 128 MiB): the guest finishes once all of it is plugged.
+const AREA: u64 = 128 * MIB;
+/// Plugged at boot, and when the snapshot is taken.
+const BEFORE: u64 = 4 * MIB;
+/// Asked for after the restore, before the whole area.
+const AFTER: u64 = 8 * MIB;
+const MEMORY: &str = "size=256M,hotplug_size=128M,hotplugged_size=4M";
+const DISK_BYTES: u64 = 8 << 20;
+/// For each step: a boot, a resize, a snapshot, a restore, the final check.
+const DEADLINE: Duration = Duration::from_secs(60);
+
+/// A `kite run` of the scenario with its API socket.
+struct Vm {
+    kite: Kite,
+    socket: PathBuf,
+}
+
+/// `snapshot steady` with `mib` plugged; the space keeps 4 from matching 48.
+fn steady(mib: u64) -> String {
+    format!("kite-test: snapshot steady plugged_mib={mib} ")
+}
+
+/// Boots the scenario with `disk` and an API socket in `dir`, `extra` appended to its
+/// command line; waits until it is set up and has settled at [`BEFORE`] plugged.
+fn boot(dir: &Path, disk: &Path, extra: &str) -> Vm {
+    let socket = dir.join("api.sock");
+    let cmdline = format!("kite.test=snapshot {extra}");
+    let disk_arg = format!("path={}", disk.display());
+    let mut kite = Kite::start(&[
+        "run",
+        "--kernel",
+        GUEST,
+        "--cmdline",
+        cmdline.trim_end(),
+        "--memory",
+        MEMORY,
+        "--disk",
+        &disk_arg,
+        "--api-socket",
+        socket.to_str().unwrap(),
+    ]);
+    kite.wait_for_socket(&socket, DEADLINE);
+    kite.wait_for("kite-test: snapshot ready", DEADLINE);
+    kite.wait_for(&steady(BEFORE >> 20), DEADLINE);
+    Vm { kite, socket }
+}
+
+/// The `passes=` of the last `snapshot` progress line in `console`.
+fn last_passes(console: &str) -> u64 {
+    console
+        .lines()
+        .rev()
+        .filter(|l| l.starts_with("kite-test: snapshot "))
+        .find_map(|l| l.split_once(" passes=")?.1.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no snapshot progress line with passes= in:\n{console}"))
+}
+
+/// Asks the guest for [`AFTER`], waits until it has plugged it and settled there, then asks
+/// for the whole area and waits for the VM to end: the guest must have checked all its
+/// memory and passed. `mark`: where the console was when `vm` was handed over.
+fn drive_to_pass(vm: Vm, mark: usize) -> Ended {
+    let Vm { kite, socket } = vm;
+    resize(&socket, BOOT + AFTER);
+    wait_plugged(&socket, AFTER, DEADLINE);
+    kite.wait_for_since(mark, &steady(AFTER >> 20), DEADLINE);
+    resize(&socket, BOOT + AREA);
+    let end = kite.wait_exit(DEADLINE);
+    passed(&end);
+    end
+}
+
+fn passed(end: &Ended) {
+    let verified = format!("kite-test: snapshot verified plugged_mib={} ", AREA >> 20);
+    assert!(
+        end.console.contains(&verified) && end.console.contains("kite-test: PASS"),
+        "{}\n{}",
+        end.console,
+        end.stderr
+    );
+    assert_eq!(end.code, Some(exit::GUEST_SHUTDOWN), "{}", end.stderr);
+}
+
+/// The scenario's own protocol, without a snapshot: boot at 4 MiB plugged, settle, 8 MiB,
+/// then the whole area, then PASS. What the snapshot tests do around a snapshot.
+#[test]
+fn the_snapshot_scenario_passes_without_a_snapshot() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let disk = scratch_disk(dir.path(), DISK_BYTES);
+    let vm = boot(dir.path(), &disk, "");
+    let end = drive_to_pass(vm, 0);
+    assert!(
+        last_passes(&end.console) > 64,
+        "settled twice at least: {}",
+        end.console
+    );
+}
+
+/// The scenario's checks can fail: a guest that flips one bit of its boot-RAM pattern
+/// (`kite.flip=boot-ram`, once the requested size grows), as a restore that lost a write
+/// would, fails on the next pass.
+#[test]
+fn a_changed_word_fails_the_snapshot_scenario() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let disk = scratch_disk(dir.path(), DISK_BYTES);
+    let Vm { kite, socket } = boot(dir.path(), &disk, "kite.flip=boot-ram");
+    resize(&socket, BOOT + AFTER);
+    let end = kite.wait_exit(DEADLINE);
+    assert!(
+        end.console
+            .contains("kite-test: snapshot flipped a boot-RAM bit")
+            && end
+                .console
+                .contains("kite-test: check failed: boot RAM keeps its pattern"),
+        "{}\n{}",
+        end.console,
+        end.stderr
+    );
+    assert!(!end.console.contains("verified"), "{}", end.console);
+    assert_eq!(end.code, Some(exit::GUEST_FAILURE), "{}", end.stderr);
+}
+
+// ---- helpers for the snapshot tests (the VMM side of issue 15 is on its way) ----
+
+/// Takes a snapshot of the VM behind `socket` into `dir` (which must not exist yet).
+fn take_snapshot(socket: &Path, dir: &Path) {
+    assert!(dir.is_absolute() && !dir.exists(), "{}", dir.display());
+    let url = format!("file://{}", dir.display());
+    api_ok(
+        socket,
+        "PUT",
+        "vm.snapshot",
+        Some(json!({ "destination_url": url })),
+    );
+    assert!(dir.is_dir(), "the snapshot is in {}", dir.display());
+}
+
+/// Starts `kite run --restore path=SNAPSHOT,memory=MODE` with `disk` and an API socket at
+/// `socket`, and returns at once (see [`running`]).
+fn start_restore(snapshot: &Path, mode: &str, disk: &Path, socket: &Path) -> Vm {
+    let restore_arg = format!("path={},memory={mode}", snapshot.display());
+    let disk_arg = format!("path={}", disk.display());
+    let kite = Kite::start(&[
+        "run",
+        "--restore",
+        &restore_arg,
+        "--disk",
+        &disk_arg,
+        "--api-socket",
+        socket.to_str().unwrap(),
+    ]);
+    Vm {
+        kite,
+        socket: socket.to_path_buf(),
+    }
+}
+
+/// Waits until a restored VM's socket answers; resumes the VM if it came back paused (a
+/// snapshot of a paused VM, see [`snapshot_of`], may: Cloud Hypervisor restores one
+/// paused). The guest is to go on from where it was either way.
+fn running(mut vm: Vm) -> Vm {
+    vm.kite.wait_for_socket(&vm.socket, DEADLINE);
+    if api_ok(&vm.socket, "GET", "vm.info", None)["state"] == "Paused" {
+        api_ok(&vm.socket, "PUT", "vm.resume", None);
+    }
+    vm
+}
+
+/// Each file under `dir` (relative path) with its length and a hash of its bytes.
+fn hash_tree(dir: &Path) -> BTreeMap<PathBuf, (u64, u64)> {
+    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<PathBuf, (u64, u64)>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                walk(root, &path, out);
+                continue;
+            }
+            let mut file = std::fs::File::open(&path).unwrap();
+            let (mut hasher, mut len) = (std::hash::DefaultHasher::new(), 0u64);
+            let mut buf = vec![0u8; 1 << 20];
+            loop {
+                let n = file.read(&mut buf).unwrap();
+                if n == 0 {
+                    break;
+                }
+                hasher.write(&buf[..n]);
+                len += n as u64;
+            }
+            let name = path.strip_prefix(root).unwrap().to_path_buf();
+            out.insert(name, (len, hasher.finish()));
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(dir, dir, &mut out);
+    out
+}
+
+/// What [`snapshot_of`] leaves: the snapshot, a copy of the disk as it was then, the
+/// snapshot's file hashes, and the guest's pass count at the snapshot.
+struct Snapshot {
+    dir: PathBuf,
+    disk: PathBuf,
+    hashes: BTreeMap<PathBuf, (u64, u64)>,
+    passes: u64,
+}
+
+/// Boots the scenario in `dir`, lets it settle at [`BEFORE`] plugged under load, takes a
+/// snapshot into `dir/snapshot` with a copy of the disk beside it, and shuts the VM down.
+///
+/// The VM is paused for the snapshot and the disk copy: the guest reads back on each pass
+/// what its last pass wrote, so the disk a restore gets must be the disk as it was at the
+/// snapshot, not as the first VM left it (running on after the snapshot, it overwrites
+/// that data within about 128 passes: some 40 ms at the 3000 passes a second it makes
+/// here).
+fn snapshot_of(dir: &Path) -> Snapshot {
+    let disk = scratch_disk(dir, DISK_BYTES);
+    let vm = boot(dir, &disk, "");
+    api_ok(&vm.socket, "PUT", "vm.pause", None);
+    let snapshot = dir.join("snapshot");
+    take_snapshot(&vm.socket, &snapshot);
+    let copy = dir.join("at-snapshot.img");
+    std::fs::copy(&disk, &copy).unwrap();
+    api_ok(&vm.socket, "PUT", "vmm.shutdown", None);
+    let end = vm.kite.wait_exit(DEADLINE);
+    assert_eq!(end.code, Some(exit::GUEST_SHUTDOWN), "{}", end.stderr);
+    assert!(!end.console.contains("FAIL"), "{}", end.console);
+    let hashes = hash_tree(&snapshot);
+    assert!(!hashes.is_empty(), "files in {}", snapshot.display());
+    Snapshot {
+        dir: snapshot,
+        disk: copy,
+        hashes,
+        passes: last_passes(&end.console),
+    }
+}
+
+/// Drives a restored VM to PASS; checks that the guest went on from the snapshot rather
+/// than booting again.
+fn restored_passes(vm: Vm, snapshot: &Snapshot) {
+    let end = drive_to_pass(vm, 0);
+    for line in ["kite-test: guest up", "kite-test: snapshot ready"] {
+        assert!(
+            !end.console.contains(line),
+            "the restored guest booted again:\n{}",
+            end.console
+        );
+    }
+    assert!(
+        last_passes(&end.console) > snapshot.passes,
+        "the restored guest counts on from pass {}:\n{}",
+        snapshot.passes,
+        end.console
+    );
+}
+
+/// Boot, settle at 4 MiB, snapshot, shut down; restore in a new process with memory
+/// `mode` and its own copy of the disk; 8 MiB, then the whole area: PASS, with every word
+/// the guest wrote before the snapshot checked. The snapshot's files are unchanged.
+fn snapshot_then_restore(mode: &str) {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let snapshot = snapshot_of(dir.path());
+    // Clones need their own writable disks.
+    let disk = dir.path().join("restored.img");
+    std::fs::copy(&snapshot.disk, &disk).unwrap();
+    let socket = dir.path().join("restored.sock");
+    let vm = running(start_restore(&snapshot.dir, mode, &disk, &socket));
+    restored_passes(vm, &snapshot);
+    assert_eq!(
+        hash_tree(&snapshot.dir),
+        snapshot.hashes,
+        "the restore changed the snapshot"
+    );
+}
+
+/// The memory mode of [`three_clones_at_once`]: the clones map the snapshot's memory
+/// file privately, so one clone writing to the file would show in the others and in the
+/// hashes.
+const CLONE_MODE: &str = "private";
+
+/// One snapshot, three restores started at once, each with its own disk and socket, each
+/// driven to PASS on its own thread; the snapshot's files are unchanged.
+fn three_clones_at_once() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let snapshot = snapshot_of(dir.path());
+    let disks: Vec<(PathBuf, PathBuf)> = (0..3)
+        .map(|i| {
+            let disk = dir.path().join(format!("clone{i}.img"));
+            std::fs::copy(&snapshot.disk, &disk).unwrap();
+            (disk, dir.path().join(format!("clone{i}.sock")))
+        })
+        .collect();
+    // All three started before any is waited for.
+    let clones: Vec<Vm> = disks
+        .iter()
+        .map(|(disk, socket)| start_restore(&snapshot.dir, CLONE_MODE, disk, socket))
+        .collect();
+    std::thread::scope(|s| {
+        for vm in clones {
+            let snapshot = &snapshot;
+            s.spawn(move || restored_passes(running(vm), snapshot));
+        }
+    });
+    assert_eq!(
+        hash_tree(&snapshot.dir),
+        snapshot.hashes,
+        "the clones changed the snapshot"
+    );
+}
+
+#[test]
+#[ignore = "needs snapshot support"]
+fn restore_with_lazy_memory() {
+    snapshot_then_restore("lazy");
+}
+
+#[test]
+#[ignore = "needs snapshot support"]
+fn restore_with_private_memory() {
+    snapshot_then_restore("private");
+}
+
+#[test]
+#[ignore = "needs snapshot support"]
+fn restore_with_eager_memory() {
+    snapshot_then_restore("eager");
+}
+
+#[test]
+#[ignore = "needs snapshot support"]
+fn three_clones_of_one_snapshot() {
+    three_clones_at_once();
+}
