@@ -26,8 +26,31 @@ const fn ioc<T>(dir: u32, ty: u32, nr: u32) -> u64 {
 
 /// `KVM_RUN`.
 pub const KVM_RUN: u64 = ioctl_expr(_IOC_NONE, KVMIO, 0x80, 0) as u64;
-/// `KVM_GET_REGS` (a crashed vCPU's RIP).
+/// `KVM_GET_REGS` (a crashed vCPU's RIP; a saved vCPU state).
 pub const KVM_GET_REGS: u64 = ioc::<kvm_bindings::kvm_regs>(_IOC_READ, KVMIO, 0x81);
+/// `KVM_GET_SREGS` (a saved vCPU state, as the other `KVM_GET_*` of a vCPU below).
+pub const KVM_GET_SREGS: u64 = ioc::<kvm_bindings::kvm_sregs>(_IOC_READ, KVMIO, 0x83);
+/// `KVM_GET_MSRS` (`struct kvm_msrs`: its header).
+pub const KVM_GET_MSRS: u64 = ioc::<kvm_bindings::kvm_msrs>(_IOC_READ | _IOC_WRITE, KVMIO, 0x88);
+/// `KVM_GET_FPU` (hosts without XSAVE).
+pub const KVM_GET_FPU: u64 = ioc::<kvm_bindings::kvm_fpu>(_IOC_READ, KVMIO, 0x8c);
+/// `KVM_GET_LAPIC`.
+pub const KVM_GET_LAPIC: u64 = ioc::<kvm_bindings::kvm_lapic_state>(_IOC_READ, KVMIO, 0x8e);
+/// `KVM_GET_CPUID2` (`struct kvm_cpuid2`: its header).
+pub const KVM_GET_CPUID2: u64 =
+    ioc::<kvm_bindings::kvm_cpuid2>(_IOC_READ | _IOC_WRITE, KVMIO, 0x91);
+/// `KVM_GET_MP_STATE`.
+pub const KVM_GET_MP_STATE: u64 = ioc::<kvm_bindings::kvm_mp_state>(_IOC_READ, KVMIO, 0x98);
+/// `KVM_GET_VCPU_EVENTS`.
+pub const KVM_GET_VCPU_EVENTS: u64 = ioc::<kvm_bindings::kvm_vcpu_events>(_IOC_READ, KVMIO, 0x9f);
+/// `KVM_GET_DEBUGREGS`.
+pub const KVM_GET_DEBUGREGS: u64 = ioc::<kvm_bindings::kvm_debugregs>(_IOC_READ, KVMIO, 0xa1);
+/// `KVM_GET_XSAVE` (hosts without `KVM_CAP_XSAVE2`).
+pub const KVM_GET_XSAVE: u64 = ioc::<kvm_bindings::kvm_xsave>(_IOC_READ, KVMIO, 0xa4);
+/// `KVM_GET_XCRS`.
+pub const KVM_GET_XCRS: u64 = ioc::<kvm_bindings::kvm_xcrs>(_IOC_READ, KVMIO, 0xa6);
+/// `KVM_GET_XSAVE2`.
+pub const KVM_GET_XSAVE2: u64 = ioc::<kvm_bindings::kvm_xsave>(_IOC_READ, KVMIO, 0xcf);
 /// `UFFDIO_REGISTER` (`struct uffdio_register`: a range and two u64s).
 pub const UFFDIO_REGISTER: u64 = ioctl_expr(_IOC_READ | _IOC_WRITE, UFFDIO, 0x00, 32) as u64;
 /// `UFFDIO_UNREGISTER` (`struct uffdio_range`).
@@ -231,8 +254,27 @@ fn rules_of(kind: ThreadKind) -> Rules {
         ThreadKind::Vcpu => {
             // KVM_RUN and its exits: port and MMIO accesses go to devices, which write
             // eventfds (common), read them (a reset drains queue notifications), clone
-            // them for a device setup.
-            add_ioctls(&mut rules, &[KVM_RUN, KVM_GET_REGS]);
+            // them for a device setup. A paused vCPU saves its own state when asked (its
+            // thread owns the descriptor): its last exit completed (KVM_RUN), then each
+            // part read (an FPU, XSAVE or XSAVE2 read as the host has them).
+            add_ioctls(
+                &mut rules,
+                &[
+                    KVM_RUN,
+                    KVM_GET_REGS,
+                    KVM_GET_SREGS,
+                    KVM_GET_MSRS,
+                    KVM_GET_FPU,
+                    KVM_GET_LAPIC,
+                    KVM_GET_CPUID2,
+                    KVM_GET_MP_STATE,
+                    KVM_GET_VCPU_EVENTS,
+                    KVM_GET_DEBUGREGS,
+                    KVM_GET_XSAVE,
+                    KVM_GET_XCRS,
+                    KVM_GET_XSAVE2,
+                ],
+            );
             allow(&mut rules, &[libc::SYS_read]);
             add_fcntls(&mut rules, &[libc::F_DUPFD_CLOEXEC]);
         }
@@ -339,6 +381,17 @@ mod tests {
         // From <linux/kvm.h>, <linux/userfaultfd.h>, <asm/ioctls.h>.
         assert_eq!(KVM_RUN, 0xae80);
         assert_eq!(KVM_GET_REGS, 0x8090_ae81);
+        assert_eq!(KVM_GET_SREGS, 0x8138_ae83);
+        assert_eq!(KVM_GET_MSRS, 0xc008_ae88);
+        assert_eq!(KVM_GET_FPU, 0x81a0_ae8c);
+        assert_eq!(KVM_GET_LAPIC, 0x8400_ae8e);
+        assert_eq!(KVM_GET_CPUID2, 0xc008_ae91);
+        assert_eq!(KVM_GET_MP_STATE, 0x8004_ae98);
+        assert_eq!(KVM_GET_VCPU_EVENTS, 0x8040_ae9f);
+        assert_eq!(KVM_GET_DEBUGREGS, 0x8080_aea1);
+        assert_eq!(KVM_GET_XSAVE, 0x9000_aea4);
+        assert_eq!(KVM_GET_XCRS, 0x8188_aea6);
+        assert_eq!(KVM_GET_XSAVE2, 0x9000_aecf);
         assert_eq!(UFFDIO_REGISTER, 0xc020_aa00);
         assert_eq!(UFFDIO_UNREGISTER, 0x8010_aa01);
         assert_eq!(UFFDIO_WAKE, 0x8010_aa02);

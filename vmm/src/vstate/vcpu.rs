@@ -1,6 +1,8 @@
-//! vCPUs: set up from KVM's CPUID and the boot state, each run on its own named thread by an
-//! explicit run-loop state machine that serves port and MMIO exits from the device bus and
-//! stops on a guest event, a fatal exit or the VMM's request.
+//! vCPUs: set up from KVM's CPUID and the boot state (or restored from a saved state), each
+//! run on its own named thread by an explicit run-loop state machine that serves port and
+//! MMIO exits from the device bus and stops on a guest event, a fatal exit or the VMM's
+//! request. A paused vCPU's thread saves its state when asked
+//! ([`VcpuControl::save_states`]): it owns the vCPU's file descriptor.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
@@ -17,6 +19,7 @@ use vm_device::device_manager::{IoManager, MmioManager, PioManager};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
+use super::persist::{PersistError, SaveSpec, VcpuState};
 use super::vm::{Vm, VmError};
 use crate::arch::x86_64::cpuid;
 use crate::arch::x86_64::regs::{self, BootEntry, RegsError};
@@ -50,6 +53,47 @@ pub enum VcpuError {
     /// The kick signal handler could not be installed.
     #[error("cannot install the vCPU kick signal handler: {0}")]
     KickHandler(vmm_sys_util::errno::Error),
+    /// Its state could not be saved or restored.
+    #[error(transparent)]
+    Persist(#[from] PersistError),
+    /// The state of another vCPU given to restore.
+    #[error("cannot restore the state of vCPU {state} into vCPU {id}")]
+    WrongVcpu {
+        /// vCPU id.
+        id: u8,
+        /// The id in the state.
+        state: u8,
+    },
+    /// Its last exit could not be completed before its state was read.
+    #[error("vCPU {id}: cannot complete its last exit before saving its state: {exit}")]
+    CompleteExit {
+        /// vCPU id.
+        id: u8,
+        /// What KVM did instead.
+        exit: String,
+    },
+    /// vCPU states were asked while not every vCPU was paused.
+    #[error("cannot save the vCPU states: {paused} of {count} vCPUs are paused")]
+    NotPaused {
+        /// vCPUs parked.
+        paused: usize,
+        /// vCPUs of the VM.
+        count: usize,
+    },
+    /// vCPU states were asked of a VM whose vCPU threads are not all there.
+    #[error("cannot save the vCPU states: {gone} vCPU thread(s) stopped")]
+    VcpuGone {
+        /// vCPU threads gone.
+        gone: usize,
+    },
+    /// Not every vCPU thread saved its state by the deadline.
+    #[error("cannot save the vCPU states: {saved} of {count} vCPUs saved theirs in time")]
+    SaveTimeout {
+        /// States saved by the deadline.
+        saved: usize,
+        /// vCPUs of the VM.
+        count: usize,
+    },
 }
 
 /// Why a vCPU stopped running.
@@ -94,7 +138,8 @@ enum RunState {
 }
 
 /// What the VMM asks of its vCPUs: run, pause at a safe point (out of `KVM_RUN`, between
-/// exits: no device access half done), or stop. Shared by every vCPU of a VM.
+/// exits: no device access half done), save their state while paused, or stop. Shared by
+/// every vCPU of a VM.
 #[derive(Debug, Default)]
 pub struct VcpuControl {
     /// Set when the VM ends; the console also watches it (a write to a stalled reader
@@ -110,6 +155,13 @@ pub struct VcpuControl {
 struct Parked {
     paused: usize,
     gone: usize,
+    /// The save asked of the parked vCPUs, if any: its number (each request has its own,
+    /// so a parked vCPU serves each once and a late answer to an old one is dropped).
+    save: Option<u64>,
+    /// Number of the next save request.
+    next_save: u64,
+    /// What the parked vCPUs answered to `save`.
+    saved: Vec<Result<VcpuState, VcpuError>>,
 }
 
 impl VcpuControl {
@@ -166,16 +218,88 @@ impl VcpuControl {
         self.changed.notify_all();
     }
 
-    /// On a vCPU thread, between exits: parks while a pause is asked (and no stop).
-    fn park_if_paused(&self) {
+    /// The states of the `count` vCPUs of a paused VM (after [`VcpuControl::wait_paused`]),
+    /// by id: each parked vCPU thread completes its last exit, saves its own state
+    /// ([`Vcpu::save_state`]) and hands it over. Fails at once when not every vCPU is
+    /// parked (not paused, or a vCPU thread stopped), and when the states are not all
+    /// there by `deadline` (a late one is dropped). The vCPUs stay paused. One caller at a
+    /// time (the VMM thread, which also pauses and resumes).
+    pub fn save_states(
+        &self,
+        count: usize,
+        deadline: Instant,
+    ) -> Result<Vec<VcpuState>, VcpuError> {
+        let mut parked = self.lock();
+        if parked.gone > 0 {
+            return Err(VcpuError::VcpuGone { gone: parked.gone });
+        }
+        if !self.pause.load(Ordering::Acquire) || parked.paused < count {
+            let paused = if self.pause.load(Ordering::Acquire) {
+                parked.paused
+            } else {
+                0
+            };
+            return Err(VcpuError::NotPaused { paused, count });
+        }
+        let request = parked.next_save;
+        parked.next_save += 1;
+        parked.save = Some(request);
+        parked.saved.clear();
+        self.changed.notify_all();
+        let outcome = loop {
+            if parked.saved.len() >= count {
+                break Ok(());
+            }
+            if parked.gone > 0 {
+                break Err(VcpuError::VcpuGone { gone: parked.gone });
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                break Err(VcpuError::SaveTimeout {
+                    saved: parked.saved.len(),
+                    count,
+                });
+            }
+            parked = self
+                .changed
+                .wait_timeout(parked, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        };
+        parked.save = None;
+        let saved = std::mem::take(&mut parked.saved);
+        drop(parked);
+        outcome?;
+        let mut states = saved.into_iter().collect::<Result<Vec<_>, _>>()?;
+        states.sort_by_key(|state| state.id);
+        Ok(states)
+    }
+
+    /// On `vcpu`'s thread, between exits: parks while a pause is asked (and no stop),
+    /// saving its state for each save request.
+    fn park_if_paused(&self, vcpu: &mut Vcpu) {
         if !self.pause.load(Ordering::Acquire) {
             return;
         }
         let mut parked = self.lock();
         parked.paused += 1;
         self.changed.notify_all();
+        let mut served = None;
         while self.pause.load(Ordering::Acquire) && !self.stop.load(Ordering::Acquire) {
-            parked = self.changed.wait(parked).unwrap_or_else(|e| e.into_inner());
+            match parked.save {
+                Some(request) if served != Some(request) => {
+                    served = Some(request);
+                    // Saved unlocked: the vCPUs save at the same time.
+                    drop(parked);
+                    let state = vcpu.save_state();
+                    parked = self.lock();
+                    if parked.save == Some(request) {
+                        parked.saved.push(state);
+                        self.changed.notify_all();
+                    }
+                }
+                _ => parked = self.changed.wait(parked).unwrap_or_else(|e| e.into_inner()),
+            }
         }
         parked.paused -= 1;
     }
@@ -187,11 +311,17 @@ impl VcpuControl {
     }
 }
 
+/// Exits served, at most, to complete the last one before a save (a string port
+/// instruction exits once per element).
+const MAX_COMPLETION_EXITS: usize = 1 << 16;
+
 /// A configured vCPU, not yet running.
 pub struct Vcpu {
     id: u8,
     fd: VcpuFd,
     io: Arc<IoManager>,
+    /// What its state is made of on this host.
+    spec: SaveSpec,
 }
 
 impl std::fmt::Debug for Vcpu {
@@ -212,7 +342,60 @@ impl Vcpu {
         regs::setup_msrs(&fd)?;
         regs::setup_fpu(&fd)?;
         regs::setup_lint(&fd)?;
-        Ok(Vcpu { id, fd, io })
+        let spec = SaveSpec::of(vm)?;
+        Ok(Vcpu { id, fd, io, spec })
+    }
+
+    /// Gives this vCPU, created with [`Vcpu::new`] and not started, the state `state` saved
+    /// of the vCPU of the same id (instead of [`Vcpu::set_boot_entry`]). The VM's own state
+    /// is restored first (`Vm::restore_state`).
+    pub fn restore(&self, state: &VcpuState) -> Result<(), VcpuError> {
+        if state.id != self.id {
+            return Err(VcpuError::WrongVcpu {
+                id: self.id,
+                state: state.id,
+            });
+        }
+        Ok(state.restore(&self.fd)?)
+    }
+
+    /// Saves this vCPU's state; it must not be running (not started, or on its own thread
+    /// between exits). Its last exit is completed first: KVM finishes a port or MMIO
+    /// access only at the next `KVM_RUN`.
+    pub fn save_state(&mut self) -> Result<VcpuState, VcpuError> {
+        self.complete_exit()?;
+        Ok(VcpuState::save(&self.fd, self.id, &self.spec)?)
+    }
+
+    /// Completes the exit last served. KVM finishes a port or MMIO access (an IN's data
+    /// into the register, the instruction pointer past it) only at the next `KVM_RUN`: a
+    /// state read before would have the guest do the access again once restored.
+    /// `KVM_RUN` with `immediate_exit` set finishes it and returns without running the
+    /// guest further; an access that takes more exits (a string instruction, an access
+    /// split in two) exits again, and is served.
+    fn complete_exit(&mut self) -> Result<(), VcpuError> {
+        self.fd.set_kvm_immediate_exit(1);
+        let mut outcome = Err("it kept exiting".to_string());
+        for _ in 0..MAX_COMPLETION_EXITS {
+            match self.fd.run() {
+                Err(e) if e.errno() == libc::EINTR => {
+                    outcome = Ok(());
+                    break;
+                }
+                Ok(exit) => {
+                    if let Some(other) = serve_io(&self.io, exit) {
+                        outcome = Err(format!("unexpected exit {other:?}"));
+                        break;
+                    }
+                }
+                Err(e) => {
+                    outcome = Err(format!("KVM_RUN failed: {e}"));
+                    break;
+                }
+            }
+        }
+        self.fd.set_kvm_immediate_exit(0);
+        outcome.map_err(|exit| VcpuError::CompleteExit { id: self.id, exit })
     }
 
     /// Makes this the boot vCPU, entering the kernel at `entry`. The others wait for the
@@ -265,7 +448,7 @@ impl Vcpu {
                     RunState::Stopping(VcpuStop::Requested)
                 }
                 RunState::Running => {
-                    control.park_if_paused();
+                    control.park_if_paused(self);
                     if control.stop.load(Ordering::Acquire) {
                         RunState::Stopping(VcpuStop::Requested)
                     } else {
@@ -283,29 +466,14 @@ impl Vcpu {
 
     /// One `KVM_RUN` and the handling of its exit.
     fn run_once(&mut self) -> RunState {
-        let io = &self.io;
         let exit = match self.fd.run() {
-            Ok(VcpuExit::IoIn(port, data)) => {
-                if io.pio_read(PioAddress(port), data).is_err() {
-                    data.fill(0xff);
-                }
-                return RunState::Running;
-            }
-            Ok(VcpuExit::IoOut(port, data)) => {
-                // Writes to ports without a device are dropped, as on real hardware.
-                let _ = io.pio_write(PioAddress(port), data);
-                return RunState::Running;
-            }
-            Ok(VcpuExit::MmioRead(addr, data)) => {
-                if io.mmio_read(MmioAddress(addr), data).is_err() {
-                    data.fill(0);
-                }
-                return RunState::Running;
-            }
-            Ok(VcpuExit::MmioWrite(addr, data)) => {
-                let _ = io.mmio_write(MmioAddress(addr), data);
-                return RunState::Running;
-            }
+            Ok(exit) => match serve_io(&self.io, exit) {
+                None => return RunState::Running,
+                Some(other) => Ok(other),
+            },
+            Err(e) => Err(e),
+        };
+        let exit = match exit {
             Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
                 KVM_SYSTEM_EVENT_SHUTDOWN => VcpuStop::PowerOff,
                 KVM_SYSTEM_EVENT_RESET => VcpuStop::Reset,
@@ -382,6 +550,31 @@ impl Vcpu {
     }
 }
 
+/// Serves a port or MMIO exit from the device bus; gives any other exit back.
+fn serve_io<'a>(io: &IoManager, exit: VcpuExit<'a>) -> Option<VcpuExit<'a>> {
+    match exit {
+        VcpuExit::IoIn(port, data) => {
+            if io.pio_read(PioAddress(port), data).is_err() {
+                data.fill(0xff);
+            }
+        }
+        VcpuExit::IoOut(port, data) => {
+            // Writes to ports without a device are dropped, as on real hardware.
+            let _ = io.pio_write(PioAddress(port), data);
+        }
+        VcpuExit::MmioRead(addr, data) => {
+            if io.mmio_read(MmioAddress(addr), data).is_err() {
+                data.fill(0);
+            }
+        }
+        VcpuExit::MmioWrite(addr, data) => {
+            let _ = io.mmio_write(MmioAddress(addr), data);
+        }
+        other => return Some(other),
+    }
+    None
+}
+
 /// A running vCPU thread.
 #[derive(Debug)]
 pub struct VcpuHandle {
@@ -435,6 +628,575 @@ impl VcpuHandle {
     pub fn kick(&self) {
         if let Err(e) = self.thread.kill(SIGRTMIN()) {
             log::error!("cannot kick vCPU {}: {e}", self.id);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc::{channel, Receiver};
+
+    use kvm_bindings::{kvm_mp_state, kvm_regs, KVM_MP_STATE_RUNNABLE, KVM_MP_STATE_UNINITIALIZED};
+    use memory::{MemorySlots, SlotMapping};
+    use vm_device::bus::{PioAddressOffset, PioRange};
+    use vm_device::MutDevicePio;
+
+    use super::*;
+    use crate::seccomp::SeccompMode;
+    use crate::vstate::persist::VmState;
+    use crate::vstate::vm::KvmSlots;
+
+    /// Longest a test waits for the guest (a busy machine, guest code emulated).
+    const PATIENCE: Duration = Duration::from_secs(30);
+    /// Guest RAM, from address 0.
+    const RAM: usize = 0x10000;
+    /// Where vCPU `n`'s code is.
+    const fn code(n: u8) -> u64 {
+        0x1000 + 0x10 * n as u64
+    }
+    /// The port vCPU `n` counts through (two bytes wide).
+    const fn port(n: u8) -> u16 {
+        0x10 + 2 * n as u16
+    }
+    /// Offsets in the code of its instructions: `in`, `out`, `jmp`.
+    const IN: u64 = 0;
+    const OUT: u64 = 2;
+    const JMP: u64 = 4;
+
+    /// 16-bit real-mode code: `l: in ax, PORT; out PORT, ax; jmp l`: the guest reads a
+    /// counter from the port's device and writes each value back. Emulator-friendly; a
+    /// port access repeated or lost shows as a value written twice or missing.
+    fn counter(port: u16) -> [u8; 6] {
+        [0xe5, port as u8, 0xe7, port as u8, 0xeb, 0xfa]
+    }
+
+    fn vm() -> Option<Vm> {
+        match Vm::new() {
+            Ok(vm) => Some(vm),
+            Err(e) => {
+                eprintln!("SKIPPED: no KVM here: {e}");
+                assert!(
+                    std::env::var_os("KITE_NO_SKIPS").is_none(),
+                    "CI must have KVM: {e}"
+                );
+                None
+            }
+        }
+    }
+
+    /// Anonymous memory for guest RAM, unmapped on drop.
+    struct Memory(*mut u8);
+
+    impl Memory {
+        fn new() -> Memory {
+            // SAFETY: a fresh anonymous mapping; nothing else refers to it.
+            let addr = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    RAM,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                )
+            };
+            assert_ne!(addr, libc::MAP_FAILED);
+            Memory(addr.cast())
+        }
+
+        fn bytes(&mut self) -> &mut [u8] {
+            // SAFETY: our own mapping of RAM bytes, borrowed only while no vCPU of its VM
+            // runs (not started, or paused); the guest's code writes no memory anyway.
+            unsafe { std::slice::from_raw_parts_mut(self.0, RAM) }
+        }
+    }
+
+    impl Drop for Memory {
+        fn drop(&mut self) {
+            // SAFETY: our own mapping, no longer used (its VM and vCPUs are gone first).
+            unsafe { libc::munmap(self.0.cast(), RAM) };
+        }
+    }
+
+    /// A port access.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    enum Access {
+        In,
+        Out,
+    }
+
+    /// The device behind a vCPU's port: a counter the guest reads, and the values it
+    /// wrote back.
+    #[derive(Default)]
+    struct Counter {
+        /// What the next read gives.
+        next: u16,
+        /// Values written, in order.
+        outs: Vec<u16>,
+        /// The VM is paused right after this access (by the vCPU thread, which parks
+        /// before its next `KVM_RUN`: the exit of that access not completed yet).
+        pause_after: Option<(Access, u16, Arc<VcpuControl>)>,
+    }
+
+    #[derive(Default)]
+    struct Shared {
+        counter: Mutex<Counter>,
+        changed: Condvar,
+    }
+
+    impl Shared {
+        fn lock(&self) -> std::sync::MutexGuard<'_, Counter> {
+            self.counter.lock().unwrap()
+        }
+
+        /// The values written once there are more than `count` (panics past `PATIENCE`).
+        fn outs_beyond(&self, count: usize) -> Vec<u16> {
+            let deadline = Instant::now() + PATIENCE;
+            let mut counter = self.lock();
+            while counter.outs.len() <= count {
+                let now = Instant::now();
+                assert!(
+                    now < deadline,
+                    "the guest wrote {} values, not more than {count}, in {PATIENCE:?}",
+                    counter.outs.len()
+                );
+                counter = self
+                    .changed
+                    .wait_timeout(counter, deadline - now)
+                    .unwrap()
+                    .0;
+            }
+            counter.outs.clone()
+        }
+    }
+
+    struct Port(Arc<Shared>);
+
+    impl Port {
+        fn accessed(counter: &mut Counter, access: Access, value: u16) {
+            if let Some((at, when, control)) = &counter.pause_after {
+                if (*at, *when) == (access, value) {
+                    control.pause();
+                    counter.pause_after = None;
+                }
+            }
+        }
+    }
+
+    impl MutDevicePio for Port {
+        fn pio_read(&mut self, _: PioAddress, _: PioAddressOffset, data: &mut [u8]) {
+            let mut counter = self.0.lock();
+            let value = counter.next;
+            counter.next = value.wrapping_add(1);
+            data.copy_from_slice(&value.to_le_bytes());
+            Self::accessed(&mut counter, Access::In, value);
+        }
+
+        fn pio_write(&mut self, _: PioAddress, _: PioAddressOffset, data: &[u8]) {
+            let value = u16::from_le_bytes(data.try_into().expect("a 2-byte write"));
+            let mut counter = self.0.lock();
+            if counter.outs.len() < 1 << 20 {
+                counter.outs.push(value);
+            }
+            Self::accessed(&mut counter, Access::Out, value);
+            self.0.changed.notify_all();
+        }
+    }
+
+    /// A VM whose vCPU `n` counts through port `port(n)` with its code at `code(n)`, in
+    /// real mode. Fields drop in order: vCPUs, VM, slots, then memory.
+    struct Counting {
+        vcpus: Vec<Vcpu>,
+        vm: Vm,
+        ports: Vec<Arc<Shared>>,
+        _slots: Arc<KvmSlots>,
+        memory: Memory,
+    }
+
+    impl Counting {
+        /// With `count` vCPUs, vCPU `n`'s counter from `n << 12`; or, with `copy_of`,
+        /// that VM's memory and counters (for vCPUs to restore).
+        fn new(vm: Vm, count: u8, copy_of: Option<&mut Counting>) -> Counting {
+            let mut memory = Memory::new();
+            let ports: Vec<Arc<Shared>> = (0..count).map(|_| Arc::default()).collect();
+            match copy_of {
+                Some(other) => {
+                    memory.bytes().copy_from_slice(other.memory.bytes());
+                    for (port, theirs) in ports.iter().zip(&other.ports) {
+                        port.lock().next = theirs.lock().next;
+                    }
+                }
+                None => {
+                    for n in 0..count {
+                        let at = code(n) as usize;
+                        memory.bytes()[at..at + 6].copy_from_slice(&counter(port(n)));
+                        ports[usize::from(n)].lock().next = u16::from(n) << 12;
+                    }
+                }
+            }
+            let slots = vm.memory_slots();
+            slots
+                .map(&SlotMapping {
+                    slot: 0,
+                    guest_addr: 0,
+                    size: RAM as u64,
+                    host_addr: memory.0 as u64,
+                })
+                .unwrap();
+            let mut io = IoManager::new();
+            for (n, shared) in ports.iter().enumerate() {
+                // Two bytes: the guest reads and writes AX.
+                let range = PioRange::new(PioAddress(port(n as u8)), 2).unwrap();
+                io.register_pio(range, Arc::new(Mutex::new(Port(Arc::clone(shared)))))
+                    .unwrap();
+            }
+            let io = Arc::new(io);
+            let vcpus: Vec<Vcpu> = (0..count)
+                .map(|n| Vcpu::new(&vm, n, count, Arc::clone(&io)).unwrap())
+                .collect();
+            Counting {
+                vcpus,
+                vm,
+                ports,
+                _slots: slots,
+                memory,
+            }
+        }
+
+        /// Points every vCPU at its code, in real mode, runnable.
+        fn boot(&self) {
+            for vcpu in &self.vcpus {
+                let mut sregs = vcpu.fd.get_sregs().unwrap();
+                (sregs.cs.base, sregs.cs.selector) = (0, 0);
+                vcpu.fd.set_sregs(&sregs).unwrap();
+                let regs = kvm_regs {
+                    rip: code(vcpu.id),
+                    rflags: 0x2,
+                    ..Default::default()
+                };
+                vcpu.fd.set_regs(&regs).unwrap();
+                let runnable = kvm_mp_state {
+                    mp_state: KVM_MP_STATE_RUNNABLE,
+                };
+                vcpu.fd.set_mp_state(runnable).unwrap();
+            }
+        }
+
+        /// Starts the vCPUs on their threads, under Kite's seccomp filter for vCPUs (a
+        /// call it does not allow ends the test process).
+        fn start(&mut self, control: &Arc<VcpuControl>) -> Running {
+            install_kick_handler().unwrap();
+            let confinement = Confinement::new(SeccompMode::On).unwrap();
+            let (tx, stops) = channel();
+            let stop_event = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+            let handles = self
+                .vcpus
+                .drain(..)
+                .map(|vcpu| {
+                    vcpu.start(
+                        Arc::clone(control),
+                        tx.clone(),
+                        stop_event.try_clone().unwrap(),
+                        Arc::clone(&confinement),
+                    )
+                    .unwrap()
+                })
+                .collect();
+            Running {
+                control: Arc::clone(control),
+                handles,
+                stops,
+            }
+        }
+    }
+
+    struct Running {
+        control: Arc<VcpuControl>,
+        handles: Vec<VcpuHandle>,
+        stops: Receiver<(u8, VcpuStop)>,
+    }
+
+    impl Running {
+        /// Pauses the VM and waits until every vCPU is parked.
+        fn pause(&self) {
+            self.control.pause();
+            self.wait_paused();
+        }
+
+        /// Waits until every vCPU is parked (the VM paused by a device).
+        fn wait_paused(&self) {
+            let kick = || self.handles.iter().for_each(VcpuHandle::kick);
+            assert!(
+                self.control
+                    .wait_paused(self.handles.len(), Instant::now() + PATIENCE, kick),
+                "the vCPUs did not pause"
+            );
+        }
+
+        /// Stops the vCPUs; each must stop because asked to.
+        fn stop(self) {
+            self.control.stop();
+            let deadline = Instant::now() + PATIENCE;
+            for handle in self.handles {
+                assert!(handle.stop(deadline), "a vCPU did not stop");
+            }
+            for (id, why) in self.stops.try_iter() {
+                assert_eq!(why, VcpuStop::Requested, "vCPU {id}");
+            }
+        }
+    }
+
+    /// What a saved vCPU's registers must say of its counter: the value last read is in
+    /// AX, whichever instruction is next (so an IN whose exit was not completed, its value
+    /// lost, shows).
+    fn check_counter(state: &VcpuState, counter: &Counter) {
+        let offset = state.regs.rip - code(state.id);
+        assert!(
+            [IN, OUT, JMP].contains(&offset),
+            "vCPU {}: offset {offset}",
+            state.id
+        );
+        assert_eq!(
+            state.regs.rax as u16,
+            counter.next.wrapping_sub(1),
+            "vCPU {}: AX at offset {offset} is not the value last read",
+            state.id
+        );
+    }
+
+    /// The parts in which two states of a vCPU differ, but for the TSC, which moves on
+    /// (and the TSC deadline, which may follow it), and for the XSAVE header's XSTATE_BV:
+    /// whether the host's XSAVE marked a component in its initial state (seen here for
+    /// SSE, depending on the host's timing) says nothing of the state, whose area KVM
+    /// fills with the initial values either way.
+    fn differing_parts(a: &VcpuState, b: &VcpuState) -> Vec<&'static str> {
+        let msrs = |state: &VcpuState| {
+            let mut msrs = state.msrs.clone();
+            msrs.retain(|m| ![0x10, 0x6e0].contains(&m.index));
+            msrs
+        };
+        /// XSTATE_BV: bytes 512 to 519 of the area.
+        const XSTATE_BV: std::ops::Range<usize> = 128..130;
+        let xsave = |state: &VcpuState| {
+            state.xsave.clone().map(|mut area| {
+                area[XSTATE_BV].fill(0);
+                area
+            })
+        };
+        [
+            ("id", a.id == b.id),
+            ("CPUID", a.cpuid == b.cpuid),
+            ("MSRs", msrs(a) == msrs(b)),
+            ("registers", a.regs == b.regs),
+            ("special registers", a.sregs == b.sregs),
+            ("XSAVE", xsave(a) == xsave(b)),
+            ("FPU", a.fpu == b.fpu),
+            ("XCRs", a.xcrs == b.xcrs),
+            ("debug registers", a.debug_regs == b.debug_regs),
+            ("local APIC", a.lapic == b.lapic),
+            ("MP state", a.mp_state == b.mp_state),
+            ("vCPU events", a.vcpu_events == b.vcpu_events),
+        ]
+        .into_iter()
+        .filter(|(_, same)| !same)
+        .map(|(part, _)| part)
+        .collect()
+    }
+
+    /// Has `first` paused right after vCPU 0's `access` of `value` (armed while it does
+    /// not run: the guest is fast).
+    fn pause_after(first: &Counting, control: &Arc<VcpuControl>, access: Access, value: u16) {
+        first.ports[0].lock().pause_after = Some((access, value, Arc::clone(control)));
+    }
+
+    /// Waits for `first` to pause (see [`pause_after`]) as `access` of `value` asked,
+    /// saves its state, restores it into a new VM with a copy of its memory and counter,
+    /// and checks that the new VM goes on counting exactly where the first stopped; then
+    /// that the first does too when resumed (with `then`, armed first).
+    fn save_restore_after(
+        first: &mut Counting,
+        running: &Running,
+        (access, value): (Access, u16),
+        next_offset: u64,
+        then: Option<(Access, u16)>,
+    ) {
+        running.wait_paused();
+        assert!(
+            first.ports[0].lock().pause_after.is_none(),
+            "paused by the device"
+        );
+        let outs = first.ports[0].lock().outs.clone();
+        assert_eq!(
+            *outs.last().unwrap(),
+            value - u16::from(access == Access::In)
+        );
+
+        let states = running
+            .control
+            .save_states(1, Instant::now() + PATIENCE)
+            .expect("the paused vCPU's state");
+        let vm_state = first.vm.save_state().expect("the VM's state");
+        assert_eq!(states.len(), 1);
+        check_counter(&states[0], &first.ports[0].lock());
+        assert_eq!(
+            states[0].regs.rip,
+            code(0) + next_offset,
+            "its exit completed"
+        );
+        assert!(states[0].msrs.iter().any(|m| m.index == 0x10), "the TSC");
+
+        // What a snapshot file holds.
+        let json = serde_json::to_string(&states).unwrap();
+        let states_back: Vec<VcpuState> = serde_json::from_str(&json).unwrap();
+        assert_eq!(states_back, states);
+        let vm_json = serde_json::to_string(&vm_state).unwrap();
+        let vm_state_back: VmState = serde_json::from_str(&vm_json).unwrap();
+        assert_eq!(serde_json::to_string(&vm_state_back).unwrap(), vm_json);
+
+        // Another VM, with a copy of the memory and the device, and the saved state.
+        let mut second = Counting::new(vm().unwrap(), 1, Some(first));
+        second.vm.restore_state(&vm_state_back).unwrap();
+        second.vcpus[0].restore(&states_back[0]).unwrap();
+        // Read back before it runs: what was restored.
+        let restored = second.vcpus[0].save_state().unwrap();
+        assert_eq!(differing_parts(&restored, &states[0]), Vec::<&str>::new());
+        let running2 = second.start(&Arc::new(VcpuControl::default()));
+        let went_on = second.ports[0].outs_beyond(2);
+        let expected: Vec<u16> = (1..=3)
+            .map(|i| outs.last().unwrap().wrapping_add(i))
+            .collect();
+        assert_eq!(
+            went_on[..3],
+            expected,
+            "the restored guest goes on from {outs:?}"
+        );
+        running2.stop();
+
+        // And the paused one goes on the same way when resumed.
+        if let Some((access, value)) = then {
+            pause_after(first, &running.control, access, value);
+        }
+        running.control.resume();
+        let went_on = first.ports[0].outs_beyond(outs.len() + 2);
+        assert_eq!(went_on[outs.len()..outs.len() + 3], expected);
+    }
+
+    #[test]
+    fn a_restored_vcpu_goes_on_where_the_saved_one_stopped() {
+        let Some(vm) = vm() else {
+            return;
+        };
+        let mut first = Counting::new(vm, 1, None);
+        first.boot();
+        let control = Arc::new(VcpuControl::default());
+        // Paused with the guest's read of 20 not completed: AX is set (and RIP moved past
+        // the IN) at the next KVM_RUN, which the save makes.
+        pause_after(&first, &control, Access::In, 20);
+        let running = first.start(&control);
+        let write_40 = (Access::Out, 40);
+        save_restore_after(&mut first, &running, (Access::In, 20), OUT, Some(write_40));
+        // Paused after its write of 40 (complete or not, as KVM does it).
+        save_restore_after(&mut first, &running, write_40, JMP, None);
+        running.stop();
+    }
+
+    #[test]
+    fn a_paused_vms_vcpus_save_their_states_or_say_why_not() {
+        let Some(vm) = vm() else {
+            return;
+        };
+        let mut machine = Counting::new(vm, 2, None);
+        machine.boot();
+        let control = Arc::new(VcpuControl::default());
+        let running = machine.start(&control);
+        machine.ports[0].outs_beyond(3);
+        machine.ports[1].outs_beyond(3);
+        let later = || Instant::now() + PATIENCE;
+
+        // Running: an error at once, whatever the deadline.
+        assert!(matches!(
+            control.save_states(2, later()),
+            Err(VcpuError::NotPaused { count: 2, .. })
+        ));
+
+        running.pause();
+        let states = control.save_states(2, later()).expect("both states");
+        assert_eq!(states.iter().map(|s| s.id).collect::<Vec<_>>(), [0, 1]);
+        for (state, port) in states.iter().zip(&machine.ports) {
+            check_counter(state, &port.lock());
+        }
+        // Each has its own local APIC (the ID register).
+        assert_ne!(
+            states[0].lapic.regs[0x20..0x24],
+            states[1].lapic.regs[0x20..0x24]
+        );
+
+        // More vCPUs than are paused: an error at once.
+        assert!(matches!(
+            control.save_states(3, later()),
+            Err(VcpuError::NotPaused {
+                paused: 2,
+                count: 3
+            })
+        ));
+
+        // Past its deadline: an error, not a wait; the answers coming late are dropped.
+        let asked = Instant::now();
+        assert!(matches!(
+            control.save_states(2, asked),
+            Err(VcpuError::SaveTimeout { saved: 0, count: 2 })
+        ));
+        assert!(asked.elapsed() < Duration::from_secs(1));
+
+        // Asked again in time: the same states (the vCPUs stayed paused).
+        let again = control.save_states(2, later()).expect("both states again");
+        assert_eq!(
+            again.iter().map(|s| (s.id, s.regs)).collect::<Vec<_>>(),
+            states.iter().map(|s| (s.id, s.regs)).collect::<Vec<_>>()
+        );
+
+        // Resumed: they count on, and their states are no longer to be had.
+        control.resume();
+        let counted = machine.ports[1].lock().outs.len();
+        machine.ports[1].outs_beyond(counted);
+        assert!(matches!(
+            control.save_states(2, later()),
+            Err(VcpuError::NotPaused { count: 2, .. })
+        ));
+
+        // Stopped: the vCPU threads are gone.
+        running.stop();
+        control.pause();
+        assert!(matches!(
+            control.save_states(2, later()),
+            Err(VcpuError::VcpuGone { gone: 2 })
+        ));
+    }
+
+    #[test]
+    fn vcpus_that_never_ran_are_saved_and_a_state_goes_only_to_its_own_vcpu() {
+        let Some(vm1) = vm() else {
+            return;
+        };
+        // Not booted: vCPU 0 runnable at the reset vector, vCPU 1 waiting for a SIPI.
+        let mut machine = Counting::new(vm1, 2, None);
+        let states: Vec<VcpuState> = machine
+            .vcpus
+            .iter_mut()
+            .map(|vcpu| vcpu.save_state().unwrap())
+            .collect();
+        assert_eq!(states[0].mp_state.mp_state, KVM_MP_STATE_RUNNABLE);
+        assert_eq!(states[1].mp_state.mp_state, KVM_MP_STATE_UNINITIALIZED);
+        assert_eq!(states[0].regs.rip, 0xfff0);
+        assert!(matches!(
+            machine.vcpus[0].restore(&states[1]),
+            Err(VcpuError::WrongVcpu { id: 0, state: 1 })
+        ));
+        let mut other = Counting::new(vm().unwrap(), 2, Some(&mut machine));
+        for (vcpu, state) in other.vcpus.iter_mut().zip(&states) {
+            vcpu.restore(state).unwrap();
+            let restored = vcpu.save_state().unwrap();
+            assert_eq!(differing_parts(&restored, state), Vec::<&str>::new());
         }
     }
 }
