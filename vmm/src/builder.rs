@@ -1,6 +1,9 @@
 //! Turns a [`VmSpec`] into a [`Machine`]: KVM VM, guest RAM in the region table (KVM
-//! slots follow it), the hotplug area, devices, the kernel loaded, vCPUs created. Nothing
-//! runs until [`Machine::start`].
+//! slots follow it), the hotplug area, devices, vCPUs created, and either the kernel
+//! loaded ([`Origin::Boot`]) or everything put back as a snapshot kept it
+//! ([`Origin::Restore`]: memory from the snapshot's memory file, lazily or eagerly, the
+//! plugged blocks, each device's and vCPU's state, the VM's). Nothing runs until
+//! [`Machine::start`].
 
 use std::io::Write;
 use std::sync::atomic::AtomicBool;
@@ -11,11 +14,12 @@ use std::time::Duration;
 use devices::legacy::{SerialConsole, SERIAL_IRQ};
 use devices::virtio::block::Block;
 use devices::virtio::device_thread::ThreadContext;
-use devices::virtio::mem::{Mem, MemBacking, MemControl};
+use devices::virtio::mem::{Mem, MemBacking, MemControl, BLOCK_SIZE};
 use devices::virtio::rng::Rng;
 use devices::virtio::VirtioDevice;
 use memory::{
-    FaultHandler, GuardedMemory, LazyPages, RegionSpec, RegionTable, TableConfig, ThreadHooks,
+    Backing, FaultHandler, GuardedMemory, LazyPages, RegionSpec, RegionTable, TableConfig,
+    ThreadHooks,
 };
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
@@ -28,7 +32,9 @@ use crate::device_manager::DeviceManager;
 use crate::end::{EndEvents, Failures, GuestMemoryMap};
 use crate::machine::{DeviceCounters, Machine, MachineError, MachineState, MachineView};
 use crate::seccomp::{Confinement, ThreadKind};
+use crate::snapshot::{MemoryRestore, Restore, SnapshotError};
 use crate::spec::VmSpec;
+use crate::vstate::persist::HostFingerprint;
 use crate::vstate::vcpu::{Vcpu, VcpuControl};
 use crate::vstate::vm::Vm;
 
@@ -81,22 +87,52 @@ pub(crate) fn eventfd() -> Result<EventFd, MachineError> {
     EventFd::new(libc::EFD_NONBLOCK).map_err(event_error)
 }
 
-/// Builds the VM `spec` describes, its console output going to `console` (input comes
-/// from the VMM's standard input, unless the serial port is off).
+/// Where a machine's guest state comes from.
+#[derive(Clone, Copy)]
+pub enum Origin<'a> {
+    /// A kernel, booted from its entry point.
+    Boot,
+    /// A snapshot (checked by [`Restore::open`]), which the VM goes on from.
+    Restore(&'a Restore),
+}
+
+fn inconsistent(why: String) -> MachineError {
+    MachineError::Snapshot(SnapshotError::Inconsistent(why))
+}
+
+/// Builds the VM `spec` describes, from `origin`, its console output going to `console`
+/// (input comes from the VMM's standard input, unless the serial port is off).
 pub fn build(
     spec: &VmSpec,
     context: &BuildContext,
     console: Box<dyn Write + Send>,
+    origin: Origin<'_>,
 ) -> Result<Machine, MachineError> {
     let vm = Vm::new()?;
     vm.check_vcpu_count(u32::from(spec.cpus))?;
+    let restore = match origin {
+        Origin::Boot => None,
+        Origin::Restore(restore) => {
+            let here = HostFingerprint::of(&vm)?;
+            let differences = restore.snapshot.host.differences(&here);
+            if !differences.is_empty() {
+                return Err(SnapshotError::Host(differences).into());
+            }
+            Some(restore)
+        }
+    };
 
     // Guest RAM: the region table is the one description of the layout; KVM slots follow it.
-    let faults = match spec.hotplug {
-        Some(h) if h.backing == HotplugBacking::Lazy => Some(FaultHandler::start_with(
+    let lazy_hotplug = spec
+        .hotplug
+        .is_some_and(|h| h.backing == HotplugBacking::Lazy);
+    let lazy_restore = restore.is_some_and(|r| r.mode == MemoryRestore::Lazy);
+    let faults = if lazy_hotplug || lazy_restore {
+        Some(FaultHandler::start_with(
             context.hooks(ThreadKind::FaultHandler),
-        )?),
-        _ => None,
+        )?)
+    } else {
+        None
     };
     let table = Arc::new(RegionTable::new(
         vm.memory_slots(),
@@ -107,32 +143,80 @@ pub fn build(
         },
     ));
     for (start, size) in layout::ram_ranges(spec.memory) {
-        table.insert(RegionSpec::anonymous(start, size), None)?;
+        let backing = match restore {
+            Some(r) => r.backing(start.0, size)?,
+            None => Backing::Anonymous,
+        };
+        table.insert(
+            RegionSpec {
+                backing,
+                ..RegionSpec::anonymous(start, size)
+            },
+            None,
+        )?;
     }
     let ram: Vec<_> = table
         .layout()
         .into_iter()
         .map(|(_, start, size)| (start, size))
         .collect();
-    let hotplug = spec
-        .hotplug
-        .map(|h| -> Result<_, MachineError> {
-            let backing = match h.backing {
-                HotplugBacking::Anon => MemBacking::Anonymous,
-                HotplugBacking::Lazy => MemBacking::Lazy,
-            };
-            let control = MemControl::new(
-                Arc::clone(&table),
-                layout::hotplug_addr(&ram),
-                h.size,
-                backing,
-            )?;
-            control
-                .request(h.requested)
-                .map_err(MachineError::Hotplug)?;
-            Ok(control)
-        })
-        .transpose()?;
+    let hotplug =
+        spec.hotplug
+            .map(|h| -> Result<_, MachineError> {
+                let backing = match h.backing {
+                    HotplugBacking::Anon => MemBacking::Anonymous,
+                    HotplugBacking::Lazy => MemBacking::Lazy,
+                };
+                let control = MemControl::new(
+                    Arc::clone(&table),
+                    layout::hotplug_addr(&ram),
+                    h.size,
+                    backing,
+                )?;
+                match restore {
+                    None => control
+                        .request(h.requested)
+                        .map_err(MachineError::Hotplug)?,
+                    Some(r) => {
+                        let state = r.snapshot.hotplug.as_ref().ok_or_else(|| {
+                            inconsistent("a hotplug area without its state".into())
+                        })?;
+                        // Every block's range is checked against the map below.
+                        control
+                            .restore(state, |addr| {
+                                r.backing(addr, BLOCK_SIZE).unwrap_or(Backing::Anonymous)
+                            })
+                            .map_err(|e| inconsistent(e.to_string()))?;
+                    }
+                }
+                Ok(control)
+            })
+            .transpose()?;
+    if let Some(r) = restore {
+        // Guest memory is the snapshot's, region for region.
+        let layout: Vec<(u64, u64)> = table
+            .layout()
+            .into_iter()
+            .map(|(_, start, size)| (start.0, size))
+            .collect();
+        let saved: Vec<(u64, u64)> = r
+            .snapshot
+            .memory
+            .ranges
+            .iter()
+            .map(|m| (m.guest_addr, m.size))
+            .collect();
+        if layout != saved {
+            return Err(inconsistent(format!(
+                "its memory map {saved:x?} is not this VM's memory {layout:x?}"
+            )));
+        }
+        if r.mode == MemoryRestore::Eager {
+            let read = memory::persist::load(&table, &r.memory, &r.ranges(), None)
+                .map_err(SnapshotError::from)?;
+            log::info!("restore: {read} bytes of guest memory read");
+        }
+    }
     let hotplug_area = hotplug.as_ref().map(|h| h.addr()..h.addr() + h.size());
 
     // Devices, in the order the command line announces them (see `VmSpec::resolve`).
@@ -165,34 +249,51 @@ pub fn build(
     let serial_irq = eventfd()?;
     vm.register_irqfd(&serial_irq, SERIAL_IRQ)?;
     let input_drained = eventfd()?;
-    let serial = Arc::new(Mutex::new(SerialConsole::new(
-        serial_irq,
-        Box::new(ConsoleOutput::new(console, Arc::clone(&panicked)).stop_with(control.stop_flag())),
-        input_drained.try_clone().map_err(event_error)?,
-    )));
+    let output =
+        Box::new(ConsoleOutput::new(console, Arc::clone(&panicked)).stop_with(control.stop_flag()));
+    let drained = input_drained.try_clone().map_err(event_error)?;
+    let serial = Arc::new(Mutex::new(match restore {
+        None => SerialConsole::new(serial_irq, output, drained),
+        Some(r) => SerialConsole::restored(&r.snapshot.serial, serial_irq, output, drained)
+            .map_err(inconsistent)?,
+    }));
     let legacy = devices.add_legacy(Arc::clone(&serial))?;
     let (io, virtio_devices) = devices.finish();
-
-    let entry = {
-        let mem = GuardedMemory::lock_all(&table, None)?;
-        boot::load(
-            &mem,
-            &BootSpec {
-                kernel: &spec.kernel,
-                initramfs: spec.initramfs.as_deref(),
-                cmdline: &spec.cmdline,
-                cpus: spec.cpus,
-                ram: &ram,
-            },
-        )?
-    };
-    log::info!("kernel entry: {entry:x?}");
 
     let vcpus = (0..spec.cpus)
         .map(|id| Vcpu::new(&vm, id, spec.cpus, Arc::clone(&io)))
         .collect::<Result<Vec<_>, _>>()?;
-    if let Some(boot_vcpu) = vcpus.first() {
-        boot_vcpu.set_boot_entry(&entry)?;
+    match restore {
+        None => {
+            let entry = {
+                let mem = GuardedMemory::lock_all(&table, None)?;
+                boot::load(
+                    &mem,
+                    &BootSpec {
+                        kernel: &spec.kernel,
+                        initramfs: spec.initramfs.as_deref(),
+                        cmdline: &spec.cmdline,
+                        cpus: spec.cpus,
+                        ram: &ram,
+                    },
+                )?
+            };
+            log::info!("kernel entry: {entry:x?}");
+            if let Some(boot_vcpu) = vcpus.first() {
+                boot_vcpu.set_boot_entry(&entry)?;
+            }
+        }
+        Some(r) => {
+            // The VM's interrupt controllers and clock, each vCPU, then the devices:
+            // an interrupt a device raises as it goes on lands in restored controllers.
+            vm.restore_state(&r.snapshot.vm)?;
+            for (vcpu, state) in vcpus.iter().zip(&r.snapshot.vcpus) {
+                vcpu.restore(state)?;
+            }
+            virtio_devices
+                .restore_states(&r.snapshot.virtio)
+                .map_err(inconsistent)?;
+        }
     }
 
     let (stops_tx, stops) = channel();
@@ -233,8 +334,13 @@ pub fn build(
         },
         vm,
         end,
-        console_input: (spec.config.serial == SerialMode::Tty)
-            .then(|| Arc::new(Mutex::new(ConsoleInput::new(serial, input_drained)))),
+        console_input: (spec.config.serial == SerialMode::Tty).then(|| {
+            Arc::new(Mutex::new(ConsoleInput::new(
+                Arc::clone(&serial),
+                input_drained,
+            )))
+        }),
+        serial,
         panicked,
         confinement: Arc::clone(&context.confinement),
         state: MachineState::Built,

@@ -6,8 +6,9 @@ use std::path::{Path, PathBuf};
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::{ConfigError, CpusConfig, DiskConfig, MemoryConfig, VmConfig};
-use crate::control::{Vmm, VmmOptions};
+use crate::control::{RestoreRequest, Vmm, VmmOptions};
 use crate::seccomp::SeccompMode;
+use crate::snapshot::MemoryRestore;
 
 pub use crate::exit;
 
@@ -109,6 +110,21 @@ enum RemoteRequest {
     Delete,
     /// End the VMM (vmm.shutdown).
     ShutdownVmm,
+    /// Snapshot the VM into DIR, which must not exist (vm.snapshot): a running VM is
+    /// paused for it and runs on, a paused one stays paused.
+    Snapshot {
+        /// The snapshot directory.
+        dir: PathBuf,
+    },
+    /// Restore the snapshot in DIR into this VMM, which must have no VM (vm.restore);
+    /// the VM is paused until `resume`.
+    Restore {
+        /// The snapshot directory.
+        dir: PathBuf,
+        /// Read all guest memory before the VM runs (else it is read on first touch).
+        #[arg(long)]
+        prefault: bool,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -150,6 +166,38 @@ struct RunArgs {
     /// finishes nor crashes cannot hold a CI job for ever.
     #[arg(long, value_name = "SECONDS", value_parser = parse_timeout)]
     timeout: Option<std::time::Duration>,
+    /// Restore a snapshot instead of booting: path=DIR[,memory=lazy|eager] (lazy: pages
+    /// read from the snapshot on first touch; eager: all read first). `--disk` gives
+    /// disks in place of the snapshot's (as many, of the same sizes); the VM's other
+    /// settings are the snapshot's.
+    #[arg(
+        long,
+        value_name = "path=DIR[,memory=lazy|eager]",
+        value_parser = parse_restore,
+        conflicts_with_all = ["kernel", "initramfs", "cmdline", "cpus", "memory", "rng", "config"],
+    )]
+    restore: Option<(PathBuf, MemoryRestore)>,
+}
+
+/// `--restore DIR` or `--restore path=DIR[,memory=lazy|eager]`.
+fn parse_restore(s: &str) -> Result<(PathBuf, MemoryRestore), String> {
+    if !s.contains('=') {
+        return Ok((PathBuf::from(s), MemoryRestore::default()));
+    }
+    let mut path = None;
+    let mut mode = MemoryRestore::default();
+    let options = crate::config::parse_options("restore", s, &["path", "memory"])
+        .map_err(|e| e.to_string())?;
+    for (key, value) in options {
+        match key {
+            "path" => path = Some(PathBuf::from(value)),
+            _ => mode = value.parse()?,
+        }
+    }
+    match path {
+        Some(path) if !path.as_os_str().is_empty() => Ok((path, mode)),
+        _ => Err("path=DIR is needed".into()),
+    }
 }
 
 /// `--timeout`: whole seconds, 1 to a year.
@@ -247,6 +295,26 @@ fn remote(args: RemoteArgs) -> i32 {
                 return exit::BAD_INPUT;
             }
         },
+        R::Snapshot { dir } | R::Restore { dir, .. } => {
+            // The VMM may run elsewhere in the file system: an absolute path.
+            let dir = match std::path::absolute(dir) {
+                Ok(dir) => dir,
+                Err(e) => {
+                    eprintln!("kite: {}: {e}", dir.display());
+                    return exit::BAD_ARGUMENTS;
+                }
+            };
+            let url = format!("file://{}", dir.display());
+            Some(
+                match &args.request {
+                    R::Restore { prefault, .. } => {
+                        serde_json::json!({ "source_url": url, "prefault": prefault })
+                    }
+                    _ => serde_json::json!({ "destination_url": url }),
+                }
+                .to_string(),
+            )
+        }
         _ => None,
     };
     let (method, endpoint) = match &args.request {
@@ -262,6 +330,8 @@ fn remote(args: RemoteArgs) -> i32 {
         R::Reboot => ("PUT", "vm.reboot"),
         R::Delete => ("PUT", "vm.delete"),
         R::ShutdownVmm => ("PUT", "vmm.shutdown"),
+        R::Snapshot { .. } => ("PUT", "vm.snapshot"),
+        R::Restore { .. } => ("PUT", "vm.restore"),
     };
     let path = format!("{}{endpoint}", crate::api::API_PREFIX);
     match crate::api::request(
@@ -336,6 +406,11 @@ fn run(args: RunArgs) -> i32 {
             return f.code;
         }
     };
+    let restore = args.restore.clone().map(|(dir, mode)| RestoreRequest {
+        dir,
+        mode,
+        disks: (!args.disk.is_empty()).then(|| config.disks.clone()),
+    });
     let options = VmmOptions {
         seccomp: args.seccomp,
         timeout: args.timeout,
@@ -348,12 +423,22 @@ fn run(args: RunArgs) -> i32 {
         }
     };
     let mut api = None;
-    let booted = vmm.create(config).and_then(|()| {
-        if let Some(path) = &args.api_socket {
-            api = Some(start_api(&mut vmm, path)?);
-        }
-        vmm.boot()
-    });
+    let booted = match &restore {
+        // Restored, then started at once (through the API, a restored VM waits for
+        // vm.resume).
+        Some(request) => vmm.restore(request).and_then(|()| {
+            if let Some(path) = &args.api_socket {
+                api = Some(start_api(&mut vmm, path)?);
+            }
+            vmm.start()
+        }),
+        None => vmm.create(config).and_then(|()| {
+            if let Some(path) = &args.api_socket {
+                api = Some(start_api(&mut vmm, path)?);
+            }
+            vmm.boot()
+        }),
+    };
     let code = match booted {
         Ok(()) => return finish_then_stop(vmm, api),
         Err(e) => {

@@ -210,7 +210,7 @@ impl<'de> Deserialize<'de> for Size {
 }
 
 /// Splits `key=value,key=value` for `option`, rejecting keys not in `known` and repeats.
-fn parse_options<'a>(
+pub(crate) fn parse_options<'a>(
     option: &'static str,
     s: &'a str,
     known: &[&'static str],

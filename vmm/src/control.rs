@@ -25,13 +25,16 @@ use event_manager::{
 };
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::builder::{self, BuildContext};
-use crate::config::{SerialMode, VmConfig};
+use std::path::{Path, PathBuf};
+
+use crate::builder::{self, BuildContext, Origin};
+use crate::config::{DiskConfig, SerialMode, VmConfig};
 use crate::console::{self, RawTerminal};
 use crate::end::{signal_event, Failures, VmEnd};
 use crate::machine::{Machine, MachineError, MachineState, MachineView};
 use crate::seccomp::{Confinement, SeccompMode, ThreadKind};
 use crate::signals;
+use crate::snapshot::{self, MemoryRestore, Restore, SnapshotError};
 use crate::spec::{SpecError, VmSpec};
 use crate::vstate::vcpu::install_kick_handler;
 
@@ -77,8 +80,23 @@ pub enum Action {
     Reboot,
     /// `vm.delete`.
     Delete,
+    /// `vm.snapshot`: into this directory (which must not exist).
+    Snapshot(PathBuf),
+    /// `vm.restore`.
+    Restore(Box<RestoreRequest>),
     /// `vmm.shutdown`.
     ShutdownVmm,
+}
+
+/// A restore: the snapshot, how memory comes back, and the disks if not the snapshot's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RestoreRequest {
+    /// The snapshot directory.
+    pub dir: PathBuf,
+    /// How guest memory comes back.
+    pub mode: MemoryRestore,
+    /// Disks in place of the snapshot's (as many, of the same sizes), for clones.
+    pub disks: Option<Vec<DiskConfig>>,
 }
 
 /// Why an [`Action`] was refused.
@@ -333,31 +351,92 @@ impl Vmm {
                 wanted: "Created or Shutdown",
             });
         }
+        self.launch(&spec, Origin::Boot)?;
+        self.start()
+    }
+
+    /// `vm.restore` (and `kite run --restore`): builds the VM a snapshot kept, paused
+    /// (not started: `vm.resume` starts it). Only without a VM; on an error there is
+    /// still none.
+    pub fn restore(&mut self, request: &RestoreRequest) -> Result<(), ActionError> {
+        if let Some(state) = self.state() {
+            return Err(ActionError::WrongState {
+                state,
+                action: "vm.restore",
+                wanted: "deleted first (vm.delete)",
+            });
+        }
+        let restore = Restore::open(&request.dir, request.mode).map_err(MachineError::from)?;
+        let mut config = restore.snapshot.config.clone();
+        if let Some(disks) = &request.disks {
+            if disks.len() != config.disks.len() {
+                return Err(MachineError::from(SnapshotError::Disks(format!(
+                    "the snapshot's VM has {} disks, {} given",
+                    config.disks.len(),
+                    disks.len()
+                )))
+                .into());
+            }
+            config.disks = disks.clone();
+        }
+        let spec = Arc::new(VmSpec::restored(config)?);
+        for (disk, saved) in spec.disks.iter().zip(&restore.snapshot.disks) {
+            let size = snapshot::disk_size(&disk.path).map_err(MachineError::from)?;
+            if size != saved.size {
+                return Err(MachineError::from(SnapshotError::Disks(format!(
+                    "{} has {size} bytes; the snapshot's disk had {}",
+                    disk.path.display(),
+                    saved.size
+                )))
+                .into());
+            }
+        }
+        self.launch(&spec, Origin::Restore(&restore))?;
+        log::info!(
+            "VM restored from {} ({} memory, {} bytes of data)",
+            request.dir.display(),
+            match request.mode {
+                MemoryRestore::Lazy => "lazy",
+                MemoryRestore::Eager => "eager",
+            },
+            restore.snapshot.memory.data_bytes
+        );
+        self.spec = Some((spec, VmState::Paused));
+        self.publish();
+        Ok(())
+    }
+
+    /// Builds the machine of `spec` from `origin` and puts it in the event loop; not
+    /// started.
+    fn launch(&mut self, spec: &VmSpec, origin: Origin<'_>) -> Result<(), ActionError> {
         let console: Box<dyn std::io::Write + Send> = match spec.config.serial {
             SerialMode::Tty => Box::new(std::io::stdout()),
             SerialMode::Off => Box::new(std::io::sink()),
         };
-        let mut machine = builder::build(&spec, &self.context, console)?;
+        let machine = builder::build(spec, &self.context, console, origin)?;
         let (end, input) = machine.subscribers();
         let mut subscribers = vec![self.events.add_subscriber(end)];
         let terminal = input.filter(|_| console::stdin_is_ours()).map(|input| {
             subscribers.push(self.events.add_subscriber(input));
             RawTerminal::enter()
         });
-        if let Err(e) = machine.start() {
-            self.live = Some(Live {
-                machine,
-                subscribers,
-                _terminal: terminal,
-            });
-            self.stop_machine(VmEnd::VmmFailure(e.to_string()));
-            return Err(e.into());
-        }
         self.live = Some(Live {
             machine,
             subscribers,
             _terminal: terminal,
         });
+        Ok(())
+    }
+
+    /// Starts the machine built by [`Vmm::launch`], then confines this thread.
+    pub fn start(&mut self) -> Result<(), ActionError> {
+        let Some(live) = &mut self.live else {
+            return Err(ActionError::NotCreated);
+        };
+        if let Err(e) = live.machine.start() {
+            self.stop_machine(VmEnd::VmmFailure(e.to_string()));
+            return Err(e.into());
+        }
         self.set_state(VmState::Running);
         self.publish();
         // Every thread of the first VM exists now: the main thread confines itself (a
@@ -380,6 +459,46 @@ impl Vmm {
             self.context.confinement.confine(self.main_kind)?;
             self.confined = true;
         }
+        Ok(())
+    }
+
+    /// `vm.snapshot`: pauses a running VM (a paused one stays paused), writes the
+    /// snapshot into `dir`, and lets it run on as it was.
+    pub fn snapshot(&mut self, dir: &Path) -> Result<(), ActionError> {
+        let (spec, state) = self.spec.clone().ok_or(ActionError::NotCreated)?;
+        let machine = match &mut self.live {
+            Some(live)
+                if matches!(
+                    live.machine.state(),
+                    MachineState::Running | MachineState::Paused
+                ) =>
+            {
+                &mut live.machine
+            }
+            _ => {
+                return Err(ActionError::WrongState {
+                    state,
+                    action: "vm.snapshot",
+                    wanted: "Running or Paused",
+                })
+            }
+        };
+        let was_running = machine.state() == MachineState::Running;
+        if was_running {
+            machine.pause()?;
+        }
+        let started = std::time::Instant::now();
+        let written = snapshot::write_dir(dir, |file| machine.snapshot(&spec, file));
+        if was_running {
+            machine.resume();
+        }
+        let snapshot = written.map_err(MachineError::from)?;
+        log::info!(
+            "snapshot {} written in {:?}: {} bytes of guest memory data",
+            dir.display(),
+            started.elapsed(),
+            snapshot.memory.data_bytes
+        );
         Ok(())
     }
 
@@ -428,10 +547,21 @@ impl Vmm {
                 .running("vm.pause", MachineState::Running)
                 .and_then(|m| Ok(m.pause()?))
                 .map(|()| self.set_state(VmState::Paused)),
+            // A restored VM is resumed by starting it.
+            Action::Resume
+                if self
+                    .live
+                    .as_ref()
+                    .is_some_and(|l| l.machine.state() == MachineState::Built) =>
+            {
+                self.start()
+            }
             Action::Resume => self
                 .running("vm.resume", MachineState::Paused)
                 .map(Machine::resume)
                 .map(|()| self.set_state(VmState::Running)),
+            Action::Snapshot(dir) => self.snapshot(&dir),
+            Action::Restore(request) => self.restore(&request),
             Action::Shutdown => self.shutdown_vm("vm.shutdown"),
             Action::Reboot => self.shutdown_vm("vm.reboot").and_then(|()| self.boot()),
             Action::Delete => {

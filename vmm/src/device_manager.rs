@@ -10,6 +10,7 @@ use devices::legacy::{
     SERIAL_PORT_LEN,
 };
 use devices::virtio::mmio::{MMIO_WINDOW, QUEUE_NOTIFY_OFFSET};
+use devices::virtio::persist::TransportState;
 use devices::virtio::{Interrupt, MmioTransport, VirtioDevice};
 use memory::RegionTable;
 use vm_device::bus::{MmioAddress, MmioRange, PioAddress, PioRange};
@@ -182,5 +183,32 @@ impl VirtioDevices {
     /// Lets every device serve again.
     pub fn resume(&self) {
         self.each(|t| t.resume());
+    }
+
+    /// Every device's state, in slot order; the devices must be paused.
+    pub fn save_states(&self) -> Result<Vec<TransportState>, String> {
+        self.transports
+            .iter()
+            .map(|t| t.lock().unwrap_or_else(|e| e.into_inner()).save_state())
+            .collect()
+    }
+
+    /// Puts every (fresh) device in the state a snapshot kept, in slot order, and starts
+    /// those that were active.
+    pub fn restore_states(&self, states: &[TransportState]) -> Result<(), String> {
+        if states.len() != self.transports.len() {
+            return Err(format!(
+                "{} device states for {} devices",
+                states.len(),
+                self.transports.len()
+            ));
+        }
+        for (transport, state) in self.transports.iter().zip(states) {
+            transport
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .restore_state(state)?;
+        }
+        Ok(())
     }
 }

@@ -18,5 +18,6 @@ pub mod logger;
 pub mod machine;
 pub mod seccomp;
 pub mod signals;
+pub mod snapshot;
 pub mod spec;
 pub mod vstate;

@@ -18,6 +18,7 @@ use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use devices::legacy::SerialConsole;
 use devices::virtio::block::{BlockCounters, BlockError};
 use devices::virtio::mem::MemControl;
 use devices::virtio::rng::RngCounters;
@@ -31,6 +32,9 @@ use crate::console::ConsoleInput;
 use crate::device_manager::{DeviceError, VirtioDevices};
 use crate::end::{EndEvents, VmEnd};
 use crate::seccomp::{Confinement, SeccompError};
+use crate::snapshot::{self, DiskState, MemoryMap, SnapshotError, VmSnapshot};
+use crate::spec::VmSpec;
+use crate::vstate::persist::HostFingerprint;
 use crate::vstate::vcpu::{Vcpu, VcpuControl, VcpuError, VcpuHandle, VcpuStop};
 use crate::vstate::vm::{Vm, VmError};
 
@@ -79,6 +83,9 @@ pub enum MachineError {
     /// Signal handlers could not be installed.
     #[error("cannot install signal handlers: {0}")]
     Signals(vmm_sys_util::errno::Error),
+    /// A snapshot could not be taken or restored.
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
     /// The VM did not pause in time (a vCPU or device thread stuck in the host).
     #[error("the VM did not pause within {0:?} ({1} did not stop); it runs on")]
     PauseTimeout(Duration, &'static str),
@@ -102,6 +109,7 @@ impl MachineError {
             MachineError::Boot(e) if e.is_bad_input() => Blame::InputFile,
             MachineError::Disk(BlockError::Thread(_)) => Blame::Vmm,
             MachineError::Disk(_) => Blame::InputFile,
+            MachineError::Snapshot(e) if e.is_bad_input() => Blame::InputFile,
             MachineError::Vm(VmError::TooManyVcpus { .. })
             | MachineError::Api(_)
             | MachineError::Hotplug(_) => Blame::Arguments,
@@ -182,6 +190,7 @@ pub struct Machine {
     pub(crate) vm: Vm,
     pub(crate) end: Arc<Mutex<EndEvents>>,
     pub(crate) console_input: Option<Arc<Mutex<ConsoleInput>>>,
+    pub(crate) serial: Arc<Mutex<SerialConsole>>,
     pub(crate) panicked: Arc<AtomicBool>,
     pub(crate) confinement: Arc<Confinement>,
     pub(crate) state: MachineState,
@@ -296,6 +305,72 @@ impl Machine {
         };
         self.state = MachineState::Paused;
         Ok(())
+    }
+
+    /// The state of this paused VM, its memory written into `memory` (an empty file) as
+    /// it goes; `spec` is what it was built from. Refused while a memory resize is under
+    /// way (the guest's driver and the device would disagree after a restore).
+    pub fn snapshot(
+        &self,
+        spec: &VmSpec,
+        memory: &std::fs::File,
+    ) -> Result<VmSnapshot, SnapshotError> {
+        if self.state != MachineState::Paused {
+            return Err(SnapshotError::NotReady("the VM is not paused".into()));
+        }
+        if let Some(h) = &self.view.hotplug {
+            if h.plugged() != h.requested() {
+                return Err(SnapshotError::NotReady(format!(
+                    "a memory resize is under way ({} MiB of {} MiB plugged); snapshot once \
+                     it is done (vm.info shows it)",
+                    h.plugged() >> 20,
+                    h.requested() >> 20
+                )));
+            }
+        }
+        let state = |what: &'static str| move |why: String| SnapshotError::State { what, why };
+        let deadline = Instant::now() + PAUSE_DEADLINE;
+        let vcpus = self
+            .control
+            .save_states(self.handles.len(), deadline)
+            .map_err(|e| state("vCPU state")(e.to_string()))?;
+        let mut vm = self
+            .vm
+            .save_state()
+            .map_err(|e| state("VM state")(e.to_string()))?;
+        if let Some(clock) = self.paused_clock {
+            // The clock as the pause stopped it, not as it has run on since.
+            vm.clock = clock;
+        }
+        let host = HostFingerprint::of(&self.vm).map_err(|e| state("host")(e.to_string()))?;
+        let serial = self
+            .serial
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .state();
+        let virtio = self.devices.save_states().map_err(state("device state"))?;
+        let disks = spec
+            .disks
+            .iter()
+            .map(|d| snapshot::disk_size(&d.path).map(|size| DiskState { size }))
+            .collect::<Result<_, _>>()?;
+        let saved = memory::persist::save(&self.view.table, memory, Some(deadline))?;
+        Ok(VmSnapshot {
+            kite_version: env!("CARGO_PKG_VERSION").into(),
+            host,
+            config: spec.config.clone(),
+            vm,
+            vcpus,
+            serial,
+            virtio,
+            disks,
+            hotplug: self.view.hotplug.as_ref().map(|h| h.state()),
+            memory: MemoryMap {
+                file_size: saved.ranges.iter().map(|r| r.file_end()).max().unwrap_or(0),
+                data_bytes: saved.data_bytes,
+                ranges: saved.ranges.into_iter().map(Into::into).collect(),
+            },
+        })
     }
 
     /// Resumes a paused VM.

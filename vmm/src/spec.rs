@@ -147,7 +147,23 @@ fn readable(what: &'static str, path: &Path) -> Result<(), SpecError> {
 
 impl VmSpec {
     /// Validates `config`, fills in its defaults and checks its files.
-    pub fn resolve(mut config: VmConfig) -> Result<VmSpec, SpecError> {
+    pub fn resolve(config: VmConfig) -> Result<VmSpec, SpecError> {
+        Self::resolve_for(config, true)
+    }
+
+    /// The VM a snapshot's configuration describes: validated, its disks checked, its
+    /// kernel and initramfs not needed (the guest runs on from its memory).
+    pub fn restored(config: VmConfig) -> Result<VmSpec, SpecError> {
+        if config.kernel.is_none() {
+            return Err(SpecError::Config(ConfigError::MissingKey {
+                option: "the snapshot's configuration",
+                key: "kernel",
+            }));
+        }
+        Self::resolve_for(config, false)
+    }
+
+    fn resolve_for(mut config: VmConfig, boot: bool) -> Result<VmSpec, SpecError> {
         config.validate()?;
         let (kernel, initramfs) = match &config.kernel {
             Some(kernel) => (kernel.clone(), config.initramfs.clone()),
@@ -164,9 +180,11 @@ impl VmSpec {
                 (kernel, initramfs)
             }
         };
-        readable("kernel", &kernel)?;
-        if let Some(initramfs) = &initramfs {
-            readable("initramfs", initramfs)?;
+        if boot {
+            readable("kernel", &kernel)?;
+            if let Some(initramfs) = &initramfs {
+                readable("initramfs", initramfs)?;
+            }
         }
         for disk in &config.disks {
             readable("disk", &disk.path)?;

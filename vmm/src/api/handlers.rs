@@ -19,6 +19,7 @@ pub const FEATURES: &[&str] = &[
     "virtio-rng",
     "virtio-mem",
     "lazy-memory",
+    "snapshot",
     "seccomp",
 ];
 
@@ -77,6 +78,8 @@ impl Dispatcher {
             ApiRequest::Shutdown => return self.act(Action::Shutdown),
             ApiRequest::Reboot => return self.act(Action::Reboot),
             ApiRequest::ShutdownVmm => return self.act(Action::ShutdownVmm),
+            ApiRequest::Snapshot(dir) => return self.act(Action::Snapshot(dir)),
+            ApiRequest::Restore(request) => return self.act(Action::Restore(request)),
         };
         response.into()
     }
@@ -197,6 +200,7 @@ fn action_status(e: &ActionError) -> u16 {
         ActionError::WrongState { .. } | ActionError::Ended => 409,
         ActionError::Config(_) => 400,
         ActionError::Machine(MachineError::PauseTimeout(..)) => 500,
+        ActionError::Machine(MachineError::Snapshot(e)) if e.is_not_ready() => 409,
         ActionError::Machine(e) => match e.blame() {
             Blame::Arguments | Blame::InputFile => 400,
             Blame::Vmm => 500,

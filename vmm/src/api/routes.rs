@@ -3,8 +3,12 @@
 
 use serde::Deserialize;
 
+use std::path::PathBuf;
+
 use super::http::Response;
 use crate::config::VmConfig;
+use crate::control::RestoreRequest;
+use crate::snapshot::MemoryRestore;
 
 /// Where every route lives.
 pub const API_PREFIX: &str = "/api/v1/";
@@ -37,6 +41,8 @@ pub const ROUTES: &[Route] = &[
     route("vm.shutdown", "PUT"),
     route("vm.reboot", "PUT"),
     route("vm.power-button", "PUT"),
+    route("vm.snapshot", "PUT"),
+    route("vm.restore", "PUT"),
 ];
 
 /// Cloud Hypervisor endpoints Kite does not have: answered 501 with their name, not 404.
@@ -52,8 +58,6 @@ pub const UNSUPPORTED: &[&str] = &[
     "vm.remove-device",
     "vm.resize-zone",
     "vm.resize-disk",
-    "vm.snapshot",
-    "vm.restore",
     "vm.coredump",
     "vm.send-migration",
     "vm.receive-migration",
@@ -74,6 +78,40 @@ pub struct VmResize {
     /// Balloon size wanted: Kite has no balloon.
     #[serde(default)]
     pub desired_balloon: Option<u64>,
+}
+
+/// `vm.snapshot`'s body (Cloud Hypervisor's `VmSnapshotConfig`).
+#[derive(Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmSnapshotConfig {
+    /// Where to write it: `file:///DIR`, a directory that does not exist yet.
+    pub destination_url: String,
+}
+
+/// `vm.restore`'s body (Cloud Hypervisor's `RestoreConfig`).
+#[derive(Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreConfig {
+    /// The snapshot: `file:///DIR`.
+    pub source_url: String,
+    /// Read all of guest memory before the VM runs (else it is filled on first touch).
+    #[serde(default)]
+    pub prefault: bool,
+    /// Network descriptors: Kite has no network devices.
+    #[serde(default)]
+    pub net_fds: Option<serde_json::Value>,
+}
+
+/// The directory of a `file:///DIR` URL (absolute; no host part).
+fn file_url(what: &str, url: &str) -> Result<PathBuf, Response> {
+    let bad = |why: &str| Response::error(400, format!("{what}: {why}"));
+    let path = url
+        .strip_prefix("file://")
+        .ok_or_else(|| bad("a file:///DIR URL is needed (Kite writes snapshots to files)"))?;
+    if !path.starts_with('/') || path == "/" || path.contains('\0') {
+        return Err(bad("the URL's path must be an absolute directory path"));
+    }
+    Ok(PathBuf::from(path))
 }
 
 /// A request of the API, typed.
@@ -105,6 +143,10 @@ pub enum ApiRequest {
     Reboot,
     /// `PUT vm.power-button`.
     PowerButton,
+    /// `PUT vm.snapshot`: the directory to write.
+    Snapshot(PathBuf),
+    /// `PUT vm.restore`.
+    Restore(Box<RestoreRequest>),
 }
 
 /// Parses a request for `path` with `method` and `body`; an error response if it is not
@@ -150,6 +192,37 @@ pub fn parse(method: &str, path: &str, body: &[u8]) -> Result<ApiRequest, Respon
         "vm.resume" => ApiRequest::Resume,
         "vm.shutdown" => ApiRequest::Shutdown,
         "vm.reboot" => ApiRequest::Reboot,
+        "vm.snapshot" => {
+            let config: VmSnapshotConfig = serde_json::from_slice(body)
+                .map_err(|e| Response::error(400, format!("vm.snapshot: {e}")))?;
+            ApiRequest::Snapshot(file_url(
+                "vm.snapshot: destination_url",
+                &config.destination_url,
+            )?)
+        }
+        "vm.restore" => {
+            let config: RestoreConfig = serde_json::from_slice(body)
+                .map_err(|e| Response::error(400, format!("vm.restore: {e}")))?;
+            if config
+                .net_fds
+                .as_ref()
+                .is_some_and(|v| !v.is_null() && v.as_array().is_none_or(|a| !a.is_empty()))
+            {
+                return Err(Response::error(
+                    400,
+                    "vm.restore: net_fds: Kite has no network devices",
+                ));
+            }
+            ApiRequest::Restore(Box::new(RestoreRequest {
+                dir: file_url("vm.restore: source_url", &config.source_url)?,
+                mode: if config.prefault {
+                    MemoryRestore::Eager
+                } else {
+                    MemoryRestore::Lazy
+                },
+                disks: None,
+            }))
+        }
         _ => ApiRequest::PowerButton,
     })
 }

@@ -243,6 +243,25 @@ fn build(rules: &mut Rules) {
     merge(rules, Rules::from([(libc::SYS_ioctl, build_ioctls())]));
 }
 
+/// What writing a snapshot takes: its directory made, filled (the memory file sized,
+/// written where the guest has data, after `mincore` says which pages are resident),
+/// synced and renamed into place, or removed after a failure.
+fn snapshot(rules: &mut Rules) {
+    allow(
+        rules,
+        &[
+            libc::SYS_mkdir,
+            libc::SYS_ftruncate,
+            libc::SYS_pwrite64,
+            libc::SYS_fsync,
+            libc::SYS_mincore,
+            libc::SYS_renameat2,
+            libc::SYS_getdents64,
+            libc::SYS_unlinkat,
+        ],
+    );
+}
+
 /// The rules of threads of `kind`.
 pub fn rules(kind: ThreadKind) -> Rules {
     rules_of(kind)
@@ -346,6 +365,7 @@ fn rules_of(kind: ThreadKind) -> Rules {
                 }
             }
             build(&mut rules);
+            snapshot(&mut rules);
         }
         ThreadKind::Main => {
             // The event loop, console input, kicking and waiting for vCPUs, removing the

@@ -1,0 +1,371 @@
+//! Snapshots of a VM, and restoring them: the snapshot directory (written whole or not at
+//! all), reading one back with every check a restore needs before anything is built, and
+//! how restored memory is backed.
+//!
+//! A snapshot is taken of a paused VM ([`crate::machine::Machine::snapshot`]); a restore
+//! builds a new machine from it ([`crate::builder::build`] with [`Origin::Restore`]).
+//!
+//! [`Origin::Restore`]: crate::builder::Origin::Restore
+
+pub mod format;
+
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use memory::{Backing, LazySource};
+
+pub use format::{DiskState, MemoryMap, MemoryRange, VmSnapshot};
+use format::{FormatError, MAX_STATE_FILE, MEMORY_FILE, STATE_FILE};
+
+/// Errors taking or restoring a snapshot.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    /// The snapshot directory to write exists already.
+    #[error("snapshot directory {0}: it exists already (a snapshot is never written over)")]
+    Exists(PathBuf),
+    /// A file of the snapshot could not be read or written.
+    #[error("snapshot {}: {source}", path.display())]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The state file is not a snapshot this Kite can read.
+    #[error("snapshot {}: {source}", path.display())]
+    Format {
+        /// The state file.
+        path: PathBuf,
+        /// Why.
+        source: FormatError,
+    },
+    /// Guest memory could not be saved or restored (a memory file shorter than its map).
+    #[error("snapshot memory: {0}")]
+    Memory(#[from] memory::PersistError),
+    /// The snapshot's parts do not fit together (a hand-edited or foreign state).
+    #[error("the snapshot is inconsistent: {0}")]
+    Inconsistent(String),
+    /// This host cannot run what the snapshot's host ran.
+    #[error("this host cannot restore the snapshot: {}", .0.join("; "))]
+    Host(Vec<String>),
+    /// The disks given at restore are not the snapshot's.
+    #[error("disks: {0}")]
+    Disks(String),
+    /// The VM is not in a state to snapshot.
+    #[error("cannot snapshot: {0}")]
+    NotReady(String),
+    /// Saving or restoring a vCPU's, the VM's or a device's state failed.
+    #[error("{what}: {why}")]
+    State {
+        /// Whose state.
+        what: &'static str,
+        /// Why.
+        why: String,
+    },
+}
+
+impl SnapshotError {
+    /// Whether the snapshot (or a disk given with it) is at fault, not the VMM or the
+    /// host: `kite run --restore` exits 3 then.
+    pub fn is_bad_input(&self) -> bool {
+        match self {
+            SnapshotError::Exists(_)
+            | SnapshotError::Format { .. }
+            | SnapshotError::Inconsistent(_)
+            | SnapshotError::Host(_)
+            | SnapshotError::Disks(_) => true,
+            SnapshotError::Memory(memory::PersistError::Short { .. }) => true,
+            // Reading the snapshot (taking one reports its errors through the API).
+            SnapshotError::Io { .. } => true,
+            _ => false,
+        }
+    }
+
+    /// Whether the request was wrong for the VM's state (a snapshot during a resize).
+    pub fn is_not_ready(&self) -> bool {
+        matches!(self, SnapshotError::NotReady(_))
+    }
+}
+
+fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError + '_ {
+    move |source| SnapshotError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// How a restored VM's memory is backed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MemoryRestore {
+    /// Pages are filled from the memory file on first touch, by Kite's fault handler
+    /// (userfaultfd): the VM runs at once, and only what it touches is read.
+    #[default]
+    Lazy,
+    /// Everything is read before the VM runs.
+    Eager,
+}
+
+impl std::str::FromStr for MemoryRestore {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "lazy" => Ok(MemoryRestore::Lazy),
+            "eager" => Ok(MemoryRestore::Eager),
+            other => Err(format!(
+                "'{other}' is not a memory restore mode (lazy, eager)"
+            )),
+        }
+    }
+}
+
+/// A snapshot read back and checked, ready to build a machine from.
+pub struct Restore {
+    /// The state.
+    pub snapshot: VmSnapshot,
+    /// The memory file (never written: clones share it).
+    pub memory: Arc<File>,
+    /// How memory comes back.
+    pub mode: MemoryRestore,
+    /// The snapshot directory, for messages.
+    pub dir: PathBuf,
+}
+
+impl Restore {
+    /// Reads the snapshot in `dir`: the state file (format, version, checksum), the
+    /// memory file (opened read-only, as long as its map), and the state's consistency
+    /// with itself. Nothing is built.
+    pub fn open(dir: &Path, mode: MemoryRestore) -> Result<Restore, SnapshotError> {
+        let state_path = dir.join(STATE_FILE);
+        let file = File::open(&state_path).map_err(io_error(&state_path))?;
+        let mut text = String::new();
+        file.take(MAX_STATE_FILE + 1)
+            .read_to_string(&mut text)
+            .map_err(io_error(&state_path))?;
+        let format_error = |source| SnapshotError::Format {
+            path: state_path.clone(),
+            source,
+        };
+        if text.len() as u64 > MAX_STATE_FILE {
+            return Err(SnapshotError::Inconsistent(format!(
+                "{} is over {MAX_STATE_FILE} bytes",
+                state_path.display()
+            )));
+        }
+        let snapshot = format::from_text(&text).map_err(format_error)?;
+        let memory_path = dir.join(MEMORY_FILE);
+        let memory = File::open(&memory_path).map_err(io_error(&memory_path))?;
+        let meta = memory.metadata().map_err(io_error(&memory_path))?;
+        if !meta.is_file() {
+            return Err(SnapshotError::Inconsistent(format!(
+                "{} is not a regular file",
+                memory_path.display()
+            )));
+        }
+        let ranges: Vec<memory::SavedRange> =
+            snapshot.memory.ranges.iter().map(|&r| r.into()).collect();
+        memory::persist::check_file(&memory, &ranges)?;
+        let restore = Restore {
+            snapshot,
+            memory: Arc::new(memory),
+            mode,
+            dir: dir.to_path_buf(),
+        };
+        restore.check()?;
+        Ok(restore)
+    }
+
+    /// The parts of the state agree with each other.
+    fn check(&self) -> Result<(), SnapshotError> {
+        let s = &self.snapshot;
+        let bad = |why: String| Err(SnapshotError::Inconsistent(why));
+        if s.vcpus.len() != s.config.cpus.boot as usize {
+            return bad(format!(
+                "{} vCPU states for {} vCPUs",
+                s.vcpus.len(),
+                s.config.cpus.boot
+            ));
+        }
+        if s.disks.len() != s.config.disks.len() {
+            return bad(format!(
+                "{} disk sizes for {} disks",
+                s.disks.len(),
+                s.config.disks.len()
+            ));
+        }
+        let hotplug = s
+            .config
+            .memory
+            .hotplug_size
+            .is_some_and(|size| size.bytes() > 0);
+        let devices = s.config.disks.len() + usize::from(s.config.rng) + usize::from(hotplug);
+        if s.virtio.len() != devices || s.hotplug.is_some() != hotplug {
+            return bad(format!(
+                "{} virtio device states for {devices} devices",
+                s.virtio.len()
+            ));
+        }
+        let mut end = 0;
+        let mut addr = 0;
+        for r in &s.memory.ranges {
+            if r.file_offset < end || r.guest_addr < addr || r.size == 0 {
+                return bad(format!("memory range {r:?} overlaps another"));
+            }
+            end = r.file_offset.saturating_add(r.size);
+            addr = r.guest_addr.saturating_add(r.size);
+        }
+        if end > s.memory.file_size {
+            return bad(format!(
+                "the memory map reaches {end} bytes, the file is {}",
+                s.memory.file_size
+            ));
+        }
+        Ok(())
+    }
+
+    /// How the guest memory at `guest_addr`, `size` bytes, comes back: one range of the
+    /// memory file.
+    pub fn backing(&self, guest_addr: u64, size: u64) -> Result<Backing, SnapshotError> {
+        let range = self
+            .snapshot
+            .memory
+            .ranges
+            .iter()
+            .find(|r| r.guest_addr == guest_addr && r.size == size)
+            .ok_or_else(|| {
+                SnapshotError::Inconsistent(format!(
+                    "no memory saved for {size:#x} bytes at {guest_addr:#x}"
+                ))
+            })?;
+        Ok(match self.mode {
+            MemoryRestore::Lazy => Backing::Lazy(LazySource::File {
+                file: Arc::clone(&self.memory),
+                offset: range.file_offset,
+            }),
+            MemoryRestore::Eager => Backing::Anonymous,
+        })
+    }
+
+    /// The memory map, as the memory crate takes it.
+    pub fn ranges(&self) -> Vec<memory::SavedRange> {
+        self.snapshot
+            .memory
+            .ranges
+            .iter()
+            .map(|&r| r.into())
+            .collect()
+    }
+}
+
+/// The size of the disk at `path` (a file's length, a block device's size).
+pub fn disk_size(path: &Path) -> Result<u64, SnapshotError> {
+    use std::io::Seek;
+    let mut file = File::open(path).map_err(io_error(path))?;
+    file.seek(std::io::SeekFrom::End(0)).map_err(io_error(path))
+}
+
+/// Writes a snapshot into `dir`, which must not exist: `write` gets the (empty) memory
+/// file to fill and returns the state. Written into a directory of its own beside `dir`
+/// and renamed to `dir` once complete and synced: `dir` holds a whole snapshot or
+/// nothing, whatever fails.
+pub fn write_dir(
+    dir: &Path,
+    write: impl FnOnce(&File) -> Result<VmSnapshot, SnapshotError>,
+) -> Result<VmSnapshot, SnapshotError> {
+    if dir.symlink_metadata().is_ok() {
+        return Err(SnapshotError::Exists(dir.to_path_buf()));
+    }
+    let name = dir
+        .file_name()
+        .ok_or_else(|| SnapshotError::Io {
+            path: dir.to_path_buf(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "no directory name"),
+        })?
+        .to_owned();
+    let parent = match dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let mut partial_name = std::ffi::OsString::from(".");
+    partial_name.push(&name);
+    partial_name.push(format!(".partial-{}", std::process::id()));
+    let partial = parent.join(partial_name);
+    std::fs::create_dir(&partial).map_err(io_error(&partial))?;
+    let written = fill_dir(&partial, write).and_then(|snapshot| {
+        rename_no_replace(&partial, dir)?;
+        // The rename itself is durable once the parent directory is synced.
+        File::open(&parent)
+            .and_then(|d| d.sync_all())
+            .map_err(io_error(&parent))?;
+        Ok(snapshot)
+    });
+    if written.is_err() {
+        let _ = std::fs::remove_dir_all(&partial);
+    }
+    written
+}
+
+fn fill_dir(
+    partial: &Path,
+    write: impl FnOnce(&File) -> Result<VmSnapshot, SnapshotError>,
+) -> Result<VmSnapshot, SnapshotError> {
+    use std::io::Write;
+    let memory_path = partial.join(MEMORY_FILE);
+    let memory = File::options()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&memory_path)
+        .map_err(io_error(&memory_path))?;
+    let snapshot = write(&memory)?;
+    memory.sync_all().map_err(io_error(&memory_path))?;
+    let state_path = partial.join(STATE_FILE);
+    let text = format::to_text(&snapshot).map_err(|e| SnapshotError::State {
+        what: "the state file",
+        why: e.to_string(),
+    })?;
+    let mut state = File::options()
+        .write(true)
+        .create_new(true)
+        .open(&state_path)
+        .map_err(io_error(&state_path))?;
+    state
+        .write_all(text.as_bytes())
+        .and_then(|()| state.sync_all())
+        .map_err(io_error(&state_path))?;
+    Ok(snapshot)
+}
+
+/// Renames `from` to `to`, failing if `to` exists (even as an empty directory, which a
+/// plain rename would replace).
+fn rename_no_replace(from: &Path, to: &Path) -> Result<(), SnapshotError> {
+    let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes());
+    let (Ok(from_c), Ok(to_c)) = (c(from), c(to)) else {
+        return Err(SnapshotError::Io {
+            path: to.to_path_buf(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "a NUL in the path"),
+        });
+    };
+    // SAFETY: renameat2 with two NUL-terminated paths relative to the working directory.
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            from_c.as_ptr(),
+            libc::AT_FDCWD,
+            to_c.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if rc != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.kind() == std::io::ErrorKind::AlreadyExists {
+            return Err(SnapshotError::Exists(to.to_path_buf()));
+        }
+        return Err(io_error(to)(e));
+    }
+    Ok(())
+}
