@@ -158,3 +158,66 @@ pub(crate) unsafe fn drop_pages(addr: *mut u8, len: usize) -> Result<(), Mapping
     };
     Ok(())
 }
+
+/// Maps `len` bytes of `file` from `offset` privately at `addr`, inaccessible (the caller
+/// opens it with [`protect`]), in place of what was mapped there.
+///
+/// # Safety
+/// `[addr, addr + len)` lies inside a mapping of guest memory of ours that no Rust
+/// reference points into.
+pub(crate) unsafe fn map_file_fixed(
+    addr: *mut u8,
+    len: usize,
+    file: &std::fs::File,
+    offset: u64,
+) -> Result<(), MappingError> {
+    use std::os::fd::AsRawFd;
+    if cfg!(miri) {
+        return Ok(());
+    }
+    // SAFETY: the caller's contract: the range is guest memory of ours, which MAP_FIXED
+    // replaces with the file's pages; no Rust-owned memory is affected.
+    let mapped = unsafe {
+        libc::mmap(
+            addr.cast(),
+            len,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
+            file.as_raw_fd(),
+            offset as libc::off_t,
+        )
+    };
+    if mapped == libc::MAP_FAILED {
+        return Err(host_err("mmap"));
+    }
+    Ok(())
+}
+
+/// Replaces `[addr, addr + len)` with fresh private anonymous memory, inaccessible:
+/// what was there (a private file mapping's pages) is gone, and it reads as zeros once
+/// opened again.
+///
+/// # Safety
+/// As [`drop_pages`].
+pub(crate) unsafe fn map_anonymous_fixed(addr: *mut u8, len: usize) -> Result<(), MappingError> {
+    if len == 0 || cfg!(miri) {
+        return Ok(());
+    }
+    // SAFETY: the caller's contract: nobody uses the range; MAP_FIXED replaces exactly it.
+    let mapped = unsafe {
+        libc::mmap(
+            addr.cast(),
+            len,
+            libc::PROT_NONE,
+            ANONYMOUS_MAPPING | libc::MAP_FIXED,
+            -1,
+            0,
+        )
+    };
+    if mapped == libc::MAP_FAILED {
+        return Err(host_err("mmap"));
+    }
+    // The area asked for huge pages; the new mapping is advised the same.
+    advise_huge_pages(addr, len, &"guest memory");
+    Ok(())
+}

@@ -73,6 +73,17 @@ pub enum Backing {
     /// Private anonymous memory populated on first touch by the fault handler
     /// through userfaultfd.
     Lazy(LazySource),
+    /// A private mapping of `file` from `offset`: the host kernel reads pages from the
+    /// file on first touch, and writes stay in this process (copy on write): the file
+    /// is never written, so many VMs may map one. Memory taken from such a region (a
+    /// shrink, a removal) is replaced with anonymous memory, so it reads as zeros if it
+    /// comes back (guarantee 13), never as the file.
+    File {
+        /// The file.
+        file: std::sync::Arc<File>,
+        /// File offset of the region's first byte (page aligned).
+        offset: u64,
+    },
 }
 
 impl Backing {
@@ -195,6 +206,14 @@ impl Region {
                     area: area.id(),
                 })
             }
+            (Backing::File { file, offset }, Some(area)) => {
+                let host = area.host_at(start);
+                // SAFETY: `[host, host + len)` lies inside the area's mapping (checked
+                // above), which no reference points into while it is inaccessible (the
+                // region is not published yet); MAP_FIXED replaces exactly that part.
+                unsafe { mapping::map_file_fixed(host, len, file, *offset) }?;
+                Memory::InArea { host, area }
+            }
             (_, Some(area)) => Memory::InArea {
                 host: area.host_at(start),
                 area,
@@ -206,6 +225,9 @@ impl Region {
                     Backing::Memfd => builder
                         .with_file_offset(FileOffset::new(create_memfd(capacity)?, 0))
                         .with_mmap_flags(libc::MAP_SHARED | libc::MAP_NORESERVE),
+                    Backing::File { file, offset } => builder
+                        .with_file_offset(FileOffset::from_arc(Arc::clone(file), *offset))
+                        .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE),
                     Backing::Anonymous | Backing::Lazy(_) => {
                         builder.with_mmap_flags(ANONYMOUS_MAPPING)
                     }
@@ -327,11 +349,12 @@ impl Region {
         }
     }
 
-    /// The memfd the region's memory is a mapping of, if any.
+    /// The memfd the region's memory is a mapping of, if any (a private file mapping's
+    /// file is not the memory: it is never written).
     fn file_offset(&self) -> Option<&FileOffset> {
-        match &self.memory {
-            Memory::Own(mapping) => mapping.file_offset(),
-            Memory::InArea { .. } => None,
+        match (&self.memory, &self.backing) {
+            (Memory::Own(mapping), Backing::Memfd) => mapping.file_offset(),
+            _ => None,
         }
     }
 
@@ -404,9 +427,16 @@ impl Region {
                 punched = Err(host_err("fallocate").into());
             }
         }
-        // SAFETY: the range lies inside this region's memory (`host_range`), and no
-        // reader holds it (the caller drained them).
-        let dropped = unsafe { mapping::drop_pages(addr.cast(), host_len) };
+        let dropped = if matches!(self.backing, Backing::File { .. }) {
+            // Dropped pages of a private file mapping would read as the file again:
+            // anonymous memory (inaccessible, as protected above) takes their place.
+            // SAFETY: as below.
+            unsafe { mapping::map_anonymous_fixed(addr.cast(), host_len) }
+        } else {
+            // SAFETY: the range lies inside this region's memory (`host_range`), and
+            // no reader holds it (the caller drained them).
+            unsafe { mapping::drop_pages(addr.cast(), host_len) }
+        };
         protected
             .and(punched)
             .and(dropped.map_err(RegionError::from))

@@ -162,3 +162,63 @@ fn a_short_or_mismatched_file_is_refused() {
         Err(PersistError::NoSuchRegion { guest_addr, .. }) if guest_addr == 64 * MIB
     ));
 }
+
+/// A private mapping of a saved file (`Backing::File`), on its own and inside an area:
+/// the file's bytes, the guest's writes kept from the file, and memory taken away and
+/// given back reading as zeros, not as the file (guarantee 13).
+#[test]
+fn a_private_file_mapping_reads_the_file_and_never_writes_it() {
+    let (t, writes) = written_table();
+    let file = tempfile::tempfile().unwrap();
+    let saved = persist::save(&t, &file, None).unwrap();
+    let file = Arc::new(file);
+    let before = std::fs::read(format!("/proc/self/fd/{}", {
+        use std::os::fd::AsRawFd;
+        file.as_raw_fd()
+    }))
+    .unwrap();
+    let back = table(None);
+    // The first range as a region of its own, the second inside an area.
+    let [own, in_area] = [saved.ranges[0], saved.ranges[1]];
+    let spec = |range: SavedRange| RegionSpec {
+        start: GuestAddress(range.guest_addr),
+        size: range.size,
+        capacity: range.size,
+        backing: Backing::File {
+            file: Arc::clone(&file),
+            offset: range.file_offset,
+        },
+    };
+    back.insert(spec(own), None).unwrap();
+    back.reserve_area(GuestAddress(in_area.guest_addr), 8 * MIB, None)
+        .unwrap();
+    let block = back.insert(spec(in_area), None).unwrap();
+    check(&back, &writes);
+    back.write(GuestAddress(0), &[0x99; 64], None).unwrap();
+    back.write(
+        GuestAddress(in_area.guest_addr + 2 * MIB),
+        &[0x98; 64],
+        None,
+    )
+    .unwrap();
+    let after = std::fs::read(format!("/proc/self/fd/{}", {
+        use std::os::fd::AsRawFd;
+        file.as_raw_fd()
+    }))
+    .unwrap();
+    assert!(before == after, "the guest's writes stay out of the file");
+    // The block goes, and anonymous memory plugged in its place reads as zeros.
+    back.remove(block, None).unwrap();
+    back.insert(
+        RegionSpec::anonymous(GuestAddress(in_area.guest_addr), in_area.size),
+        None,
+    )
+    .unwrap();
+    let mut page = vec![0xffu8; PAGE_SIZE as usize];
+    back.read(GuestAddress(in_area.guest_addr + 2 * MIB), &mut page, None)
+        .unwrap();
+    assert!(
+        page.iter().all(|b| *b == 0),
+        "memory plugged again reads as zeros, not as the file"
+    );
+}

@@ -196,14 +196,9 @@ fn start_restore(snapshot: &Path, mode: &str, disk: &Path, socket: &Path) -> Vm 
     }
 }
 
-/// Waits until a restored VM's socket answers; resumes the VM if it came back paused (a
-/// snapshot of a paused VM, see [`snapshot_of`], may: Cloud Hypervisor restores one
-/// paused). The guest is to go on from where it was either way.
+/// Waits until a restored VM's socket answers (`kite run --restore` runs the VM at once).
 fn running(mut vm: Vm) -> Vm {
     vm.kite.wait_for_socket(&vm.socket, DEADLINE);
-    if api_ok(&vm.socket, "GET", "vm.info", None)["state"] == "Paused" {
-        api_ok(&vm.socket, "PUT", "vm.resume", None);
-    }
     vm
 }
 
@@ -360,7 +355,6 @@ fn restore_with_lazy_memory() {
 }
 
 #[test]
-#[ignore = "needs snapshot support"]
 fn restore_with_private_memory() {
     snapshot_then_restore("private");
 }
@@ -371,7 +365,73 @@ fn restore_with_eager_memory() {
 }
 
 #[test]
-#[ignore = "needs snapshot support"]
 fn three_clones_of_one_snapshot() {
     three_clones_at_once();
+}
+
+/// A snapshot of a running VM (`kite remote snapshot`): the VM is paused for it and runs
+/// on unharmed — the guest goes on to pass its checks.
+#[test]
+fn a_running_vm_is_paused_for_its_snapshot_and_runs_on() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let disk = scratch_disk(dir.path(), DISK_BYTES);
+    let vm = boot(dir.path(), &disk, "");
+    let snapshot = dir.path().join("snapshot");
+    let out = std::process::Command::new(kite_tests::kite_binary())
+        .args(["remote", "--api-socket", vm.socket.to_str().unwrap()])
+        .arg("snapshot")
+        .arg(&snapshot)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(snapshot.join("state.json").is_file() && snapshot.join("memory").is_file());
+    assert_eq!(
+        api_ok(&vm.socket, "GET", "vm.info", None)["state"],
+        "Running"
+    );
+    let mark = vm.kite.mark();
+    vm.kite
+        .wait_for_since(mark, &steady(BEFORE >> 20), DEADLINE);
+    drive_to_pass(vm, mark);
+}
+
+/// `kite serve` and `vm.restore` (`kite remote restore`): the VM comes back paused, and
+/// runs from where it was on `vm.resume`.
+#[test]
+fn a_vm_restored_through_the_api_waits_for_resume() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let snapshot = snapshot_of(dir.path());
+    // The restored VM's disk is the snapshot's path: the disk as it was then goes there.
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(snapshot.dir.join("state.json")).unwrap())
+            .unwrap();
+    let recorded = config["state"]["config"]["disks"][0]["path"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    std::fs::copy(&snapshot.disk, &recorded).unwrap();
+    let socket = dir.path().join("serve.sock");
+    let mut kite = Kite::start(&["serve", "--api-socket", socket.to_str().unwrap()]);
+    kite.wait_for_socket(&socket, DEADLINE);
+    let out = std::process::Command::new(kite_tests::kite_binary())
+        .args([
+            "remote",
+            "--api-socket",
+            socket.to_str().unwrap(),
+            "restore",
+        ])
+        .arg(&snapshot.dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(api_ok(&socket, "GET", "vm.info", None)["state"], "Paused");
+    api_ok(&socket, "PUT", "vm.resume", None);
+    assert_eq!(api_ok(&socket, "GET", "vm.info", None)["state"], "Running");
+    restored_passes(Vm { kite, socket }, &snapshot);
 }

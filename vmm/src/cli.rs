@@ -166,20 +166,21 @@ struct RunArgs {
     /// finishes nor crashes cannot hold a CI job for ever.
     #[arg(long, value_name = "SECONDS", value_parser = parse_timeout)]
     timeout: Option<std::time::Duration>,
-    /// Restore a snapshot instead of booting: path=DIR[,memory=lazy|eager] (lazy: pages
-    /// read from the snapshot on first touch; eager: all read first). `--disk` gives
+    /// Restore a snapshot instead of booting: path=DIR[,memory=lazy|private|eager] (lazy:
+    /// pages read from the snapshot on first touch by Kite's fault handler; private: a
+    /// private mapping of the snapshot's memory file; eager: all read first). `--disk` gives
     /// disks in place of the snapshot's (as many, of the same sizes); the VM's other
     /// settings are the snapshot's.
     #[arg(
         long,
-        value_name = "path=DIR[,memory=lazy|eager]",
+        value_name = "path=DIR[,memory=lazy|private|eager]",
         value_parser = parse_restore,
         conflicts_with_all = ["kernel", "initramfs", "cmdline", "cpus", "memory", "rng", "config"],
     )]
     restore: Option<(PathBuf, MemoryRestore)>,
 }
 
-/// `--restore DIR` or `--restore path=DIR[,memory=lazy|eager]`.
+/// `--restore DIR` or `--restore path=DIR[,memory=lazy|private|eager]`.
 fn parse_restore(s: &str) -> Result<(PathBuf, MemoryRestore), String> {
     if !s.contains('=') {
         return Ok((PathBuf::from(s), MemoryRestore::default()));

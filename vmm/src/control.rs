@@ -395,10 +395,7 @@ impl Vmm {
         log::info!(
             "VM restored from {} ({} memory, {} bytes of data)",
             request.dir.display(),
-            match request.mode {
-                MemoryRestore::Lazy => "lazy",
-                MemoryRestore::Eager => "eager",
-            },
+            request.mode.name(),
             restore.snapshot.memory.data_bytes
         );
         self.spec = Some((spec, VmState::Paused));

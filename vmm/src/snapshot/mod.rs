@@ -105,8 +105,23 @@ pub enum MemoryRestore {
     /// (userfaultfd): the VM runs at once, and only what it touches is read.
     #[default]
     Lazy,
+    /// A private mapping of the memory file: the host kernel reads pages on first touch
+    /// (no fault-handler thread), through its page cache, which clones of one snapshot
+    /// share; the guest's writes stay its own.
+    Private,
     /// Everything is read before the VM runs.
     Eager,
+}
+
+impl MemoryRestore {
+    /// Its name, as `--restore memory=` takes it.
+    pub fn name(self) -> &'static str {
+        match self {
+            MemoryRestore::Lazy => "lazy",
+            MemoryRestore::Private => "private",
+            MemoryRestore::Eager => "eager",
+        }
+    }
 }
 
 impl std::str::FromStr for MemoryRestore {
@@ -115,9 +130,10 @@ impl std::str::FromStr for MemoryRestore {
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
             "lazy" => Ok(MemoryRestore::Lazy),
+            "private" => Ok(MemoryRestore::Private),
             "eager" => Ok(MemoryRestore::Eager),
             other => Err(format!(
-                "'{other}' is not a memory restore mode (lazy, eager)"
+                "'{other}' is not a memory restore mode (lazy, private, eager)"
             )),
         }
     }
@@ -246,6 +262,10 @@ impl Restore {
                 file: Arc::clone(&self.memory),
                 offset: range.file_offset,
             }),
+            MemoryRestore::Private => Backing::File {
+                file: Arc::clone(&self.memory),
+                offset: range.file_offset,
+            },
             MemoryRestore::Eager => Backing::Anonymous,
         })
     }
