@@ -435,3 +435,54 @@ fn a_vm_restored_through_the_api_waits_for_resume() {
     assert_eq!(api_ok(&socket, "GET", "vm.info", None)["state"], "Running");
     restored_passes(Vm { kite, socket }, &snapshot);
 }
+
+/// The CI way: `kite run ... --until-console TEXT --snapshot-to DIR` boots, snapshots
+/// once the console shows TEXT, and exits 0; a restore goes on from there.
+#[test]
+fn a_guest_booted_until_its_console_says_ready_is_snapshotted_and_restored() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let disk = scratch_disk(dir.path(), DISK_BYTES);
+    let snapshot = dir.path().join("ready");
+    let disk_arg = format!("path={}", disk.display());
+    let run = |snapshot: &Path| {
+        Kite::start(&[
+            "run",
+            "--kernel",
+            GUEST,
+            "--cmdline",
+            "kite.test=snapshot",
+            "--memory",
+            MEMORY,
+            "--disk",
+            &disk_arg,
+            "--until-console",
+            // Once the memory asked for at boot is plugged: a snapshot is refused while
+            // a resize is under way.
+            "kite-test: snapshot steady plugged_mib=4",
+            "--snapshot-to",
+            snapshot.to_str().unwrap(),
+        ])
+        .wait_exit(DEADLINE)
+    };
+    let end = run(&snapshot);
+    assert_eq!(end.code, Some(exit::GUEST_SHUTDOWN), "{}", end.stderr);
+    assert_eq!(
+        end.console.matches("steady").count(),
+        1,
+        "stopped at once: {}",
+        end.console
+    );
+    // A directory that exists is refused before anything boots.
+    let again = run(&snapshot);
+    assert_eq!(again.code, Some(exit::BAD_ARGUMENTS), "{}", again.stderr);
+    assert!(again.stderr.contains("exists already"), "{}", again.stderr);
+    assert!(again.console.is_empty(), "{}", again.console);
+
+    let socket = dir.path().join("restored.sock");
+    let vm = running(start_restore(&snapshot, "lazy", &disk, &socket));
+    let end = drive_to_pass(vm, 0);
+    assert!(!end.console.contains("snapshot ready"), "went on: {}", end.console);
+}

@@ -46,6 +46,8 @@ pub struct BuildContext {
     pub failures: Arc<Failures>,
     /// How long the VM may run (`--timeout`).
     pub timeout: Option<Duration>,
+    /// What the console is watched for (`kite run --until-console`).
+    pub until_console: Option<String>,
 }
 
 impl BuildContext {
@@ -249,8 +251,17 @@ pub fn build(
     let serial_irq = eventfd()?;
     vm.register_irqfd(&serial_irq, SERIAL_IRQ)?;
     let input_drained = eventfd()?;
-    let output =
-        Box::new(ConsoleOutput::new(console, Arc::clone(&panicked)).stop_with(control.stop_flag()));
+    let mut output =
+        ConsoleOutput::new(console, Arc::clone(&panicked)).stop_with(control.stop_flag());
+    let console_seen = match &context.until_console {
+        Some(text) => {
+            let seen = eventfd()?;
+            output = output.watch_for(text, seen.try_clone().map_err(event_error)?);
+            Some(seen)
+        }
+        None => None,
+    };
+    let output = Box::new(output);
     let drained = input_drained.try_clone().map_err(event_error)?;
     let serial = Arc::new(Mutex::new(match restore {
         None => SerialConsole::new(serial_irq, output, drained),
@@ -316,6 +327,8 @@ pub fn build(
             })
             .transpose()?,
         end: None,
+        console_seen,
+        seen: false,
     }));
     Ok(Machine {
         control,

@@ -178,6 +178,14 @@ struct RunArgs {
         conflicts_with_all = ["kernel", "initramfs", "cmdline", "cpus", "memory", "rng", "config"],
     )]
     restore: Option<(PathBuf, MemoryRestore)>,
+    /// Run until the guest's console prints TEXT, then snapshot the VM into
+    /// `--snapshot-to` and exit 0: a CI job restores that ready guest instead of booting
+    /// one.
+    #[arg(long, value_name = "TEXT", requires = "snapshot_to")]
+    until_console: Option<String>,
+    /// Where `--until-console` writes the snapshot: a directory that must not exist.
+    #[arg(long, value_name = "DIR", requires = "until_console")]
+    snapshot_to: Option<PathBuf>,
 }
 
 /// `--restore DIR` or `--restore path=DIR[,memory=lazy|private|eager]`.
@@ -412,9 +420,25 @@ fn run(args: RunArgs) -> i32 {
         mode,
         disks: (!args.disk.is_empty()).then(|| config.disks.clone()),
     });
+    if let Some(dir) = &args.snapshot_to {
+        // Found now, not after a boot of a minute.
+        if dir.symlink_metadata().is_ok() {
+            eprintln!(
+                "kite: --snapshot-to {}: it exists already (a snapshot is never written over)",
+                dir.display()
+            );
+            return exit::BAD_ARGUMENTS;
+        }
+    }
+    if args.until_console.as_deref() == Some("") {
+        eprintln!("kite: --until-console: an empty text");
+        return exit::BAD_ARGUMENTS;
+    }
     let options = VmmOptions {
         seccomp: args.seccomp,
         timeout: args.timeout,
+        until_console: args.until_console.clone(),
+        snapshot_to: args.snapshot_to.clone(),
     };
     let mut vmm = match Vmm::new(options, args.api_socket.is_some()) {
         Ok(vmm) => vmm,
@@ -464,6 +488,8 @@ fn serve(args: ServeArgs) -> i32 {
     let options = VmmOptions {
         seccomp: args.seccomp,
         timeout: args.timeout,
+        until_console: None,
+        snapshot_to: None,
     };
     let started = Vmm::new(options, true).and_then(|mut vmm| {
         let api = start_api(&mut vmm, &args.api_socket)?;

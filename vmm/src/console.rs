@@ -25,9 +25,12 @@ pub struct ConsoleOutput {
     /// Set when the VM is stopping: a write interrupted then (a vCPU kicked out of a
     /// stalled console write) is abandoned, not retried.
     stopping: Option<Arc<AtomicBool>>,
-    /// The tail of the output, long enough to find the marker across writes.
+    /// The tail of the output, long enough to find the markers across writes.
     tail: Vec<u8>,
     panicked: Arc<AtomicBool>,
+    /// A line the VMM waits for, and the eventfd signalled (once) when the guest
+    /// printed it.
+    watch: Option<(Vec<u8>, EventFd)>,
 }
 
 impl ConsoleOutput {
@@ -40,6 +43,7 @@ impl ConsoleOutput {
             stopping: None,
             tail: Vec::with_capacity(2 * PANIC_MARKER.len()),
             panicked,
+            watch: None,
         }
     }
 }
@@ -49,6 +53,40 @@ impl ConsoleOutput {
     pub fn stop_with(mut self, stopping: Arc<AtomicBool>) -> Self {
         self.stopping = Some(stopping);
         self
+    }
+
+    /// Signals `seen` once the guest has printed `text` (`kite run --until-console`).
+    pub fn watch_for(mut self, text: &str, seen: EventFd) -> Self {
+        self.watch = Some((text.as_bytes().to_vec(), seen));
+        self
+    }
+
+    /// Finds the markers in what was just written (`tail` holds the end of the output
+    /// before it too, so a marker split across writes is found).
+    fn find_markers(&mut self) {
+        let found = |tail: &[u8], marker: &[u8]| {
+            !marker.is_empty() && tail.windows(marker.len()).any(|w| w == marker)
+        };
+        if found(&self.tail, PANIC_MARKER) {
+            self.panicked.store(true, Ordering::Release);
+        }
+        if let Some((text, seen)) = &self.watch {
+            if found(&self.tail, text) {
+                if let Err(e) = seen.write(1) {
+                    log::error!("cannot signal that the console printed {text:?}: {e}");
+                }
+                self.watch = None;
+            }
+        }
+        let longest = self
+            .watch
+            .as_ref()
+            .map_or(0, |(text, _)| text.len())
+            .max(PANIC_MARKER.len());
+        let keep = longest - 1;
+        if self.tail.len() > keep {
+            self.tail.drain(..self.tail.len() - keep);
+        }
     }
 
     fn is_stopping(&self) -> bool {
@@ -88,17 +126,7 @@ impl Write for ConsoleOutput {
             }
         };
         self.tail.extend_from_slice(&buf[..n]);
-        if self
-            .tail
-            .windows(PANIC_MARKER.len())
-            .any(|w| w == PANIC_MARKER)
-        {
-            self.panicked.store(true, Ordering::Release);
-        }
-        let keep = PANIC_MARKER.len() - 1;
-        if self.tail.len() > keep {
-            self.tail.drain(..self.tail.len() - keep);
-        }
+        self.find_markers();
         Ok(n)
     }
 

@@ -140,6 +140,9 @@ pub enum Outcome {
     Vm(VmEnd),
     /// `vmm.shutdown`.
     Shutdown,
+    /// `kite run --until-console --snapshot-to`: the console showed the text, the
+    /// snapshot is in this directory, and the VM was stopped.
+    Snapshotted(PathBuf),
 }
 
 /// The process's events: signals, failed VMM threads, API requests waiting.
@@ -185,6 +188,10 @@ pub struct VmmOptions {
     pub seccomp: SeccompMode,
     /// How long each VM may run.
     pub timeout: Option<Duration>,
+    /// Watch the console for this text (`kite run --until-console`)...
+    pub until_console: Option<String>,
+    /// ...then snapshot the VM into this directory and end (`--snapshot-to`).
+    pub snapshot_to: Option<PathBuf>,
 }
 
 type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
@@ -210,6 +217,8 @@ pub struct Vmm {
     /// `Main` when not.
     main_kind: ThreadKind,
     confined: bool,
+    /// Where to snapshot the VM once the console showed `until_console`.
+    snapshot_to: Option<PathBuf>,
 }
 
 fn event_error<E: std::fmt::Debug>(e: E) -> MachineError {
@@ -254,13 +263,16 @@ impl Vmm {
                 confinement,
                 failures,
                 timeout: options.timeout,
+                until_console: options.until_console,
             },
-            main_kind: if api {
+            // Writing a snapshot takes what the VMM kind allows.
+            main_kind: if api || options.snapshot_to.is_some() {
                 ThreadKind::Vmm
             } else {
                 ThreadKind::Main
             },
             confined: false,
+            snapshot_to: options.snapshot_to,
         })
     }
 
@@ -599,7 +611,7 @@ impl Vmm {
         let result = self.run_until_end();
         let result = match result {
             Ok(Outcome::Vm(end)) => Ok(Outcome::Vm(self.stop_machine(end.clone()).unwrap_or(end))),
-            Ok(Outcome::Shutdown) => Ok(Outcome::Shutdown),
+            Ok(outcome @ (Outcome::Shutdown | Outcome::Snapshotted(_))) => Ok(outcome),
             Err(e) => {
                 self.stop_machine(VmEnd::VmmFailure(e.to_string()));
                 Err(e)
@@ -611,6 +623,30 @@ impl Vmm {
             }
         }
         result
+    }
+
+    /// `--until-console --snapshot-to`: once the console showed the text, the snapshot
+    /// (the VM paused for it, then stopped).
+    fn snapshot_if_seen(&mut self) -> Option<Result<Outcome, MachineError>> {
+        let seen = self
+            .live
+            .as_ref()
+            .is_some_and(|l| l.machine.take_console_seen());
+        let dir = self.snapshot_to.clone().filter(|_| seen)?;
+        log::info!(
+            "the console showed what was waited for: snapshot into {}",
+            dir.display()
+        );
+        Some(match self.snapshot(&dir) {
+            Ok(()) => {
+                self.stop_machine(VmEnd::PowerOff);
+                Ok(Outcome::Snapshotted(dir))
+            }
+            Err(ActionError::Machine(e)) => Err(e),
+            Err(e) => Err(MachineError::Snapshot(SnapshotError::NotReady(
+                e.to_string(),
+            ))),
+        })
     }
 
     /// The process's or the VM's end, if either came.
@@ -630,6 +666,9 @@ impl Vmm {
             self.events.run().map_err(event_error)?;
             if let Some(end) = self.end() {
                 return Ok(Outcome::Vm(end));
+            }
+            if let Some(outcome) = self.snapshot_if_seen() {
+                return outcome;
             }
             let requests = std::mem::take(&mut self.lock_process().requests);
             if !requests {

@@ -150,6 +150,10 @@ pub struct EndEvents {
     pub timeout: Option<(TimerFd, std::time::Duration)>,
     /// How the VM ended, once it has.
     pub end: Option<VmEnd>,
+    /// Signalled when the console printed what `kite run --until-console` waits for.
+    pub console_seen: Option<EventFd>,
+    /// Whether it did (taken by the VMM).
+    pub seen: bool,
 }
 
 impl MutEventSubscriber for EndEvents {
@@ -164,6 +168,11 @@ impl MutEventSubscriber for EndEvents {
                 log::error!("cannot watch the --timeout timer: {e:?}");
             }
         }
+        if let Some(seen) = &self.console_seen {
+            if let Err(e) = ops.add(Events::new(seen, EventSet::IN)) {
+                log::error!("cannot watch the console: {e:?}");
+            }
+        }
     }
 
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
@@ -176,6 +185,9 @@ impl MutEventSubscriber for EndEvents {
                 self.end
                     .get_or_insert(VmEnd::GuestStatus(ExitPort::status_of(counter)));
             }
+        } else if let Some(seen) = self.console_seen.as_ref().filter(|s| s.as_raw_fd() == fd) {
+            let _ = seen.read();
+            self.seen = true;
         } else if let Some((timer, after)) =
             self.timeout.as_mut().filter(|(t, _)| t.as_raw_fd() == fd)
         {

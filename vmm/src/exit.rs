@@ -31,6 +31,12 @@ pub fn of_outcome(outcome: &Outcome) -> (i32, Report) {
     let rip = |rip: &Option<u64>| rip.map_or_else(|| "unknown".into(), |r| format!("{r:#x}"));
     let end = match outcome {
         Outcome::Shutdown => return (GUEST_SHUTDOWN, Report::Log("the VMM was shut down".into())),
+        Outcome::Snapshotted(dir) => {
+            return (
+                GUEST_SHUTDOWN,
+                Report::Log(format!("snapshot written to {}", dir.display())),
+            )
+        }
         Outcome::Vm(end) => end,
     };
     match end {

@@ -249,6 +249,12 @@ impl Machine {
             .take()
     }
 
+    /// Whether the console printed what `kite run --until-console` waits for (taken:
+    /// reported once).
+    pub fn take_console_seen(&self) -> bool {
+        std::mem::take(&mut self.end.lock().unwrap_or_else(|e| e.into_inner()).seen)
+    }
+
     /// Starts the vCPU threads.
     pub fn start(&mut self) -> Result<(), MachineError> {
         for vcpu in self.vcpus.drain(..) {
