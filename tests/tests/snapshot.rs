@@ -484,5 +484,77 @@ fn a_guest_booted_until_its_console_says_ready_is_snapshotted_and_restored() {
     let socket = dir.path().join("restored.sock");
     let vm = running(start_restore(&snapshot, "lazy", &disk, &socket));
     let end = drive_to_pass(vm, 0);
-    assert!(!end.console.contains("snapshot ready"), "went on: {}", end.console);
+    assert!(
+        !end.console.contains("snapshot ready"),
+        "went on: {}",
+        end.console
+    );
+}
+
+/// Snapshot, restore in a new process, resize, again: `KITE_SNAPSHOT_CYCLES` times (20 by
+/// default; 100 for the long run), each restore in the next memory mode, the guest under
+/// hotplug and disk load throughout, the plugged size changing between snapshots. At the
+/// end the guest checks everything it ever wrote; it booted once.
+#[test]
+fn snapshot_restore_cycles_under_hotplug_load() {
+    if !kvm_available() {
+        return;
+    }
+    let cycles: usize = std::env::var("KITE_SNAPSHOT_CYCLES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    let dir = tempfile::tempdir().unwrap();
+    let mut disk = scratch_disk(dir.path(), DISK_BYTES);
+    let mut vm = boot(dir.path(), &disk, "");
+    let mut consoles = String::new();
+    for cycle in 0..cycles {
+        let snapshot = dir.path().join(format!("snapshot{cycle}"));
+        api_ok(&vm.socket, "PUT", "vm.pause", None);
+        take_snapshot(&vm.socket, &snapshot);
+        // The disk as it was at the snapshot goes with it (see `snapshot_of`), into the
+        // file the VM before this one used.
+        let next_disk = dir.path().join(format!("disk{}.img", cycle % 2));
+        std::fs::copy(&disk, &next_disk).unwrap();
+        api_ok(&vm.socket, "PUT", "vmm.shutdown", None);
+        let end = vm.kite.wait_exit(DEADLINE);
+        assert_eq!(
+            end.code,
+            Some(exit::GUEST_SHUTDOWN),
+            "cycle {cycle}: {}",
+            end.stderr
+        );
+        assert!(
+            !end.console.contains("FAIL"),
+            "cycle {cycle}: {}",
+            end.console
+        );
+        consoles.push_str(&end.console);
+        disk = next_disk;
+        let mode = ["lazy", "private", "eager"][cycle % 3];
+        let socket = dir.path().join(format!("cycle{cycle}.sock"));
+        vm = running(start_restore(&snapshot, mode, &disk, &socket));
+        // Another size each cycle: 8, 12, 16, 20, 16, 12, 8, ... MiB.
+        let step = (cycle % 6) as u64;
+        let plugged = BEFORE * (2 + if step < 4 { step } else { 6 - step });
+        resize(&vm.socket, BOOT + plugged);
+        wait_plugged(&vm.socket, plugged, DEADLINE);
+        // Two progress lines at that size: the first is complete.
+        for _ in 0..2 {
+            let mark = vm.kite.mark();
+            vm.kite
+                .wait_for_since(mark, &steady(plugged >> 20), DEADLINE);
+        }
+        std::fs::remove_dir_all(&snapshot).unwrap();
+    }
+    let Vm { kite, socket } = vm;
+    resize(&socket, BOOT + AREA);
+    let end = kite.wait_exit(DEADLINE);
+    passed(&end);
+    consoles.push_str(&end.console);
+    assert_eq!(
+        consoles.matches("kite-test: guest up").count(),
+        1,
+        "{consoles}"
+    );
 }
