@@ -450,12 +450,13 @@ fn run(args: RunArgs) -> i32 {
     let mut api = None;
     let booted = match &restore {
         // Restored, then started at once (through the API, a restored VM waits for
-        // vm.resume).
+        // vm.resume); the API socket comes once it runs.
         Some(request) => vmm.restore(request).and_then(|()| {
+            vmm.start_unconfined()?;
             if let Some(path) = &args.api_socket {
                 api = Some(start_api(&mut vmm, path)?);
             }
-            vmm.start()
+            vmm.confine_running()
         }),
         None => vmm.create(config).and_then(|()| {
             if let Some(path) = &args.api_socket {

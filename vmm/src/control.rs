@@ -439,6 +439,13 @@ impl Vmm {
 
     /// Starts the machine built by [`Vmm::launch`], then confines this thread.
     pub fn start(&mut self) -> Result<(), ActionError> {
+        self.start_unconfined()?;
+        self.confine_running()
+    }
+
+    /// Starts the machine built by [`Vmm::launch`] (`kite run --restore` starts its API
+    /// socket after this, so its first answer says the VM runs, then confines).
+    pub fn start_unconfined(&mut self) -> Result<(), ActionError> {
         let Some(live) = &mut self.live else {
             return Err(ActionError::NotCreated);
         };
@@ -448,10 +455,13 @@ impl Vmm {
         }
         self.set_state(VmState::Running);
         self.publish();
-        // Every thread of the first VM exists now: the main thread confines itself (a
-        // thread keeps the filter it was created with).
+        Ok(())
+    }
+
+    /// Confines this thread now that every thread of the first VM exists (a thread
+    /// keeps the filter it was created with); no VM runs unconfined.
+    pub fn confine_running(&mut self) -> Result<(), ActionError> {
         if let Err(e) = self.confine() {
-            // No VM runs unconfined.
             self.stop_machine(VmEnd::VmmFailure(e.to_string()));
             self.set_state(VmState::Shutdown);
             self.publish();
