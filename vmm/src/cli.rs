@@ -32,7 +32,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Boot a guest; its console is on stdin/stdout.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Start the VMM with only its API socket: a VM is created and booted through the
     /// API (vm.create, vm.boot), as with Cloud Hypervisor started without a kernel.
     Serve(ServeArgs),
@@ -546,7 +546,7 @@ pub fn main() -> i32 {
         return exit::BAD_ARGUMENTS;
     }
     match cli.command {
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(*args),
         Command::Serve(args) => serve(args),
         Command::Remote(args) => remote(args),
     }
