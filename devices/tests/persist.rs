@@ -106,6 +106,16 @@ fn a_transport_state_only_restores_onto_the_same_device() {
     let mut same = common::rig_on(table, rng());
     assert!(same.restore_state(&more).is_err());
     assert_eq!(same.read(0x70), 0);
+    // Features the device does not offer (a disk given read-only that was writable),
+    // or queues of another size, are refused too.
+    let mut features = state.clone();
+    features.driver_features |= 1 << 40;
+    let e = same.restore_state(&features).unwrap_err();
+    assert!(e.contains("does not offer"), "{e}");
+    let mut sizes = state.clone();
+    sizes.queues[0].max_size = 7;
+    assert!(same.restore_state(&sizes).is_err());
+    assert_eq!(same.read(0x70), 0);
     same.restore_state(&state).unwrap();
 }
 

@@ -190,6 +190,7 @@ pub(crate) unsafe fn map_file_fixed(
     if mapped == libc::MAP_FAILED {
         return Err(host_err("mmap"));
     }
+    advise_no_dump(addr, len, &"guest memory");
     Ok(())
 }
 
@@ -217,7 +218,8 @@ pub(crate) unsafe fn map_anonymous_fixed(addr: *mut u8, len: usize) -> Result<()
     if mapped == libc::MAP_FAILED {
         return Err(host_err("mmap"));
     }
-    // The area asked for huge pages; the new mapping is advised the same.
+    // The area's advice, for the new mapping too.
     advise_huge_pages(addr, len, &"guest memory");
+    advise_no_dump(addr, len, &"guest memory");
     Ok(())
 }

@@ -33,9 +33,9 @@ pub struct SavedRange {
 }
 
 impl SavedRange {
-    /// The file offset just past it.
+    /// The file offset just past it (saturating: a range past 2^64 is never in a file).
     pub fn file_end(&self) -> u64 {
-        self.file_offset + self.size
+        self.file_offset.saturating_add(self.size)
     }
 }
 
@@ -106,17 +106,33 @@ unsafe fn all_zero(ptr: *const u8, len: usize) -> bool {
     (0..len / 8).all(|i| unsafe { std::ptr::read_volatile(words.add(i)) } == 0)
 }
 
-/// Which pages of `[ptr, ptr + len)` are resident (`mincore`): a page that is not was
-/// never touched (or was dropped), and reads as zeros.
-fn resident_pages(ptr: *mut u8, len: usize) -> Result<Vec<u8>, PersistError> {
-    let mut resident = vec![0u8; len.div_ceil(PAGE_SIZE as usize)];
-    // SAFETY: mincore only reads the page tables of `[ptr, ptr + len)`, a mapping of
-    // ours, and writes one byte per page into `resident`, which is long enough.
-    let rc = unsafe { libc::mincore(ptr.cast(), len, resident.as_mut_ptr()) };
-    if rc != 0 {
-        return Err(io_error("mincore", 0)(std::io::Error::last_os_error()));
+/// Pagemap entry bits: the page is in memory, or in swap.
+const PAGEMAP_PRESENT: u64 = 1 << 63;
+const PAGEMAP_SWAPPED: u64 = 1 << 62;
+
+/// Which pages of `[ptr, ptr + len)` have ever held anything: present in memory or
+/// swapped out (`/proc/self/pagemap`). A page that is neither was never touched (or was
+/// dropped) and reads as zeros. (`mincore` would not do: a swapped-out page is "not
+/// resident" to it.) `None` where pagemap cannot be read: every page is then looked at.
+fn touched_pages(ptr: *mut u8, len: usize) -> Option<Vec<bool>> {
+    let pagemap = File::open("/proc/self/pagemap").ok()?;
+    let pages = len.div_ceil(PAGE_SIZE as usize);
+    let first = ptr as u64 / PAGE_SIZE;
+    let mut touched = Vec::with_capacity(pages);
+    // A few thousand entries per read.
+    let mut entries = vec![0u8; 8 * 4096];
+    while touched.len() < pages {
+        let count = (pages - touched.len()).min(4096);
+        let buf = &mut entries[..8 * count];
+        pagemap
+            .read_exact_at(buf, (first + touched.len() as u64) * 8)
+            .ok()?;
+        touched.extend(buf.chunks_exact(8).map(|e| {
+            let entry = u64::from_le_bytes(e.try_into().unwrap_or_default());
+            entry & (PAGEMAP_PRESENT | PAGEMAP_SWAPPED) != 0
+        }));
     }
-    Ok(resident)
+    Some(touched)
 }
 
 /// Writes every region of `table` into `file` (which must be empty), one range after the
@@ -126,8 +142,9 @@ fn resident_pages(ptr: *mut u8, len: usize) -> Result<Vec<u8>, PersistError> {
 /// is not synced.
 ///
 /// Pages are read from the guest's mapping: a lazily backed page never filled is filled
-/// now by the fault handler (from its file, which may hold data) — except for lazily
-/// zero-filled memory, whose pages not resident are skipped without touching them.
+/// now by the fault handler (from its file, which may hold data) — except for anonymous
+/// and lazily zero-filled memory, whose pages never touched (neither in memory nor in
+/// swap) are skipped without touching them.
 pub fn save(
     table: &RegionTable,
     file: &File,
@@ -158,13 +175,13 @@ pub fn save(
                 size,
             })?;
         let len = size as usize;
-        // Pages not resident hold zeros, unless a fault would fill them from a file.
-        let skip_absent = matches!(
+        // Pages never touched hold zeros, unless a fault would fill them from a file.
+        let skip_untouched = matches!(
             guard.region().backing(),
             Backing::Anonymous | Backing::Lazy(LazySource::Zero)
         );
-        let resident = if skip_absent {
-            Some(resident_pages(ptr, len)?)
+        let touched = if skip_untouched {
+            touched_pages(ptr, len)
         } else {
             None
         };
@@ -172,7 +189,7 @@ pub fn save(
         let mut run: Option<usize> = None; // first page of the data run being gathered
         for index in 0..=len / page {
             let data = index < len / page
-                && resident.as_ref().is_none_or(|r| r[index] & 1 != 0)
+                && touched.as_ref().is_none_or(|t| t[index])
                 // SAFETY: page `index` lies inside the region's first `size` bytes,
                 // which the guard keeps mapped and readable; pages are aligned.
                 && !unsafe { all_zero(ptr.add(index * page), page) };

@@ -174,6 +174,13 @@ fn take_snapshot(socket: &Path, dir: &Path) {
         Some(json!({ "destination_url": url })),
     );
     assert!(dir.is_dir(), "the snapshot is in {}", dir.display());
+    // Guest memory is the guest's: only Kite's user may read it.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(dir), 0o700);
+    for file in ["state.json", "memory"] {
+        assert_eq!(mode(&dir.join(file)), 0o600, "{file}");
+    }
 }
 
 /// Starts `kite run --restore path=SNAPSHOT,memory=MODE` with `disk` and an API socket at
@@ -557,4 +564,36 @@ fn snapshot_restore_cycles_under_hotplug_load() {
         1,
         "{consoles}"
     );
+}
+
+/// `--until-console` with a guest that ends before it prints the text: no snapshot, and
+/// an exit a CI job cannot take for one.
+#[test]
+fn a_guest_that_ends_before_its_console_says_ready_is_no_snapshot() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let snapshot = dir.path().join("never");
+    let end = Kite::start(&[
+        "run",
+        "--kernel",
+        GUEST,
+        "--cmdline",
+        "kite.test=rng",
+        "--rng",
+        "--until-console",
+        "a line the guest never prints",
+        "--snapshot-to",
+        snapshot.to_str().unwrap(),
+    ])
+    .wait_exit(DEADLINE);
+    assert!(end.console.contains("kite-test: PASS"), "{}", end.console);
+    assert_eq!(end.code, Some(exit::VMM_ERROR), "{}", end.stderr);
+    assert!(
+        end.stderr.contains("no snapshot was written"),
+        "{}",
+        end.stderr
+    );
+    assert!(!snapshot.exists());
 }

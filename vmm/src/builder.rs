@@ -301,6 +301,8 @@ pub fn build(
             for (vcpu, state) in vcpus.iter().zip(&r.snapshot.vcpus) {
                 vcpu.restore(state)?;
             }
+            // Held until the VM starts: a restored VM that is never resumed does no I/O.
+            virtio_devices.pause();
             virtio_devices
                 .restore_states(&r.snapshot.virtio)
                 .map_err(inconsistent)?;
@@ -357,6 +359,7 @@ pub fn build(
         panicked,
         confinement: Arc::clone(&context.confinement),
         state: MachineState::Built,
+        devices_held: restore.is_some(),
         paused_clock: None,
         paused_timeout: None,
     })

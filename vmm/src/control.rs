@@ -484,6 +484,13 @@ impl Vmm {
     /// `vm.snapshot`: pauses a running VM (a paused one stays paused), writes the
     /// snapshot into `dir`, and lets it run on as it was.
     pub fn snapshot(&mut self, dir: &Path) -> Result<(), ActionError> {
+        self.snapshot_then(dir, true)
+    }
+
+    /// Snapshots the VM into `dir`; a VM that was running runs on only if `resume`.
+    /// While it is written the VM is reported paused: the API thread takes no resize
+    /// meanwhile (a request the snapshot would miss half of).
+    fn snapshot_then(&mut self, dir: &Path, resume: bool) -> Result<(), ActionError> {
         let (spec, state) = self.spec.clone().ok_or(ActionError::NotCreated)?;
         let machine = match &mut self.live {
             Some(live)
@@ -507,9 +514,17 @@ impl Vmm {
             machine.pause()?;
         }
         let started = std::time::Instant::now();
+        self.set_state(VmState::Paused);
+        self.publish();
+        let Some(live) = &mut self.live else {
+            return Err(ActionError::NotCreated);
+        };
+        let machine = &mut live.machine;
         let written = snapshot::write_dir(dir, |file| machine.snapshot(&spec, file));
-        if was_running {
+        if was_running && resume {
             machine.resume();
+            self.set_state(VmState::Running);
+            self.publish();
         }
         let snapshot = written.map_err(MachineError::from)?;
         log::info!(
@@ -647,7 +662,9 @@ impl Vmm {
             "the console showed what was waited for: snapshot into {}",
             dir.display()
         );
-        Some(match self.snapshot(&dir) {
+        // Stopped as the snapshot left it: the guest must not run on past it (its disks
+        // would then be ahead of the snapshot).
+        Some(match self.snapshot_then(&dir, false) {
             Ok(()) => {
                 self.stop_machine(VmEnd::PowerOff);
                 Ok(Outcome::Snapshotted(dir))
@@ -675,6 +692,13 @@ impl Vmm {
         loop {
             self.events.run().map_err(event_error)?;
             if let Some(end) = self.end() {
+                if self.snapshot_to.is_some() {
+                    // A CI job must not take this for a snapshot.
+                    return Err(MachineError::Snapshot(SnapshotError::NotReady(format!(
+                        "the VM ended ({end:?}) before its console showed what \
+                         --until-console waits for; no snapshot was written"
+                    ))));
+                }
                 return Ok(Outcome::Vm(end));
             }
             if let Some(outcome) = self.snapshot_if_seen() {

@@ -194,6 +194,8 @@ pub struct Machine {
     pub(crate) panicked: Arc<AtomicBool>,
     pub(crate) confinement: Arc<Confinement>,
     pub(crate) state: MachineState,
+    /// The devices are paused until the vCPUs start (a restored VM's).
+    pub(crate) devices_held: bool,
     pub(crate) paused_clock: Option<kvm_bindings::kvm_clock_data>,
     /// What was left of `--timeout` at the pause: a paused VM's time does not count.
     pub(crate) paused_timeout: Option<Duration>,
@@ -269,6 +271,9 @@ impl Machine {
                 Arc::clone(&self.confinement),
             )?;
             self.handles.push(handle);
+        }
+        if std::mem::take(&mut self.devices_held) {
+            self.devices.resume();
         }
         self.state = MachineState::Running;
         Ok(())

@@ -335,6 +335,28 @@ impl MmioTransport {
                 "{name}: the snapshot's transport does not fit this device ({count} queues)"
             ));
         }
+        let offered = self.device.features();
+        if state.driver_features & !offered != 0 {
+            return Err(format!(
+                "{name}: the snapshot's driver took features {:#x} this device does not \
+                 offer ({offered:#x}; a disk now read-only, say)",
+                state.driver_features & !offered
+            ));
+        }
+        let max_sizes = self.device.queue_max_sizes();
+        let all_queues = state
+            .queues
+            .iter()
+            .chain(state.active_queues.iter().flatten());
+        for q in all_queues.clone() {
+            if !max_sizes.contains(&q.max_size) {
+                return Err(format!(
+                    "{name}: a queue of the snapshot has {} entries at most; this device's \
+                     have {max_sizes:?}",
+                    q.max_size
+                ));
+            }
+        }
         let queues = state
             .queues
             .iter()

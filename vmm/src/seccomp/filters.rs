@@ -244,7 +244,7 @@ fn build(rules: &mut Rules) {
 }
 
 /// What writing a snapshot takes: its directory made, filled (the memory file sized,
-/// written where the guest has data, after `mincore` says which pages are resident),
+/// written where the guest has data, after the pagemap says which pages were touched),
 /// synced and renamed into place, or removed after a failure.
 fn snapshot(rules: &mut Rules) {
     allow(
@@ -254,7 +254,6 @@ fn snapshot(rules: &mut Rules) {
             libc::SYS_ftruncate,
             libc::SYS_pwrite64,
             libc::SYS_fsync,
-            libc::SYS_mincore,
             libc::SYS_renameat2,
             libc::SYS_getdents64,
             libc::SYS_unlinkat,

@@ -12,6 +12,7 @@ pub mod format;
 use std::fs::File;
 use std::io::Read;
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -157,7 +158,7 @@ impl Restore {
     /// with itself. Nothing is built.
     pub fn open(dir: &Path, mode: MemoryRestore) -> Result<Restore, SnapshotError> {
         let state_path = dir.join(STATE_FILE);
-        let file = File::open(&state_path).map_err(io_error(&state_path))?;
+        let file = open_regular(&state_path)?;
         let mut text = String::new();
         file.take(MAX_STATE_FILE + 1)
             .read_to_string(&mut text)
@@ -174,17 +175,7 @@ impl Restore {
         }
         let snapshot = format::from_text(&text).map_err(format_error)?;
         let memory_path = dir.join(MEMORY_FILE);
-        let memory = File::open(&memory_path).map_err(io_error(&memory_path))?;
-        let meta = memory.metadata().map_err(io_error(&memory_path))?;
-        if !meta.is_file() {
-            return Err(SnapshotError::Inconsistent(format!(
-                "{} is not a regular file",
-                memory_path.display()
-            )));
-        }
-        let ranges: Vec<memory::SavedRange> =
-            snapshot.memory.ranges.iter().map(|&r| r.into()).collect();
-        memory::persist::check_file(&memory, &ranges)?;
+        let memory = open_regular(&memory_path)?;
         let restore = Restore {
             snapshot,
             memory: Arc::new(memory),
@@ -192,6 +183,19 @@ impl Restore {
             dir: dir.to_path_buf(),
         };
         restore.check()?;
+        memory::persist::check_file(&restore.memory, &restore.ranges())?;
+        let len = restore
+            .memory
+            .metadata()
+            .map_err(io_error(&memory_path))?
+            .len();
+        if len != restore.snapshot.memory.file_size {
+            return Err(SnapshotError::Inconsistent(format!(
+                "{} holds {len} bytes; the snapshot wrote {}",
+                memory_path.display(),
+                restore.snapshot.memory.file_size
+            )));
+        }
         Ok(restore)
     }
 
@@ -228,11 +232,17 @@ impl Restore {
         let mut end = 0;
         let mut addr = 0;
         for r in &s.memory.ranges {
+            let (Some(file_end), Some(guest_end)) = (
+                r.file_offset.checked_add(r.size),
+                r.guest_addr.checked_add(r.size),
+            ) else {
+                return bad(format!("memory range {r:?} reaches past 2^64"));
+            };
             if r.file_offset < end || r.guest_addr < addr || r.size == 0 {
                 return bad(format!("memory range {r:?} overlaps another"));
             }
-            end = r.file_offset.saturating_add(r.size);
-            addr = r.guest_addr.saturating_add(r.size);
+            end = file_end;
+            addr = guest_end;
         }
         if end > s.memory.file_size {
             return bad(format!(
@@ -281,6 +291,25 @@ impl Restore {
     }
 }
 
+/// Opens `path` for reading if it is a regular file, without waiting (a FIFO put there
+/// would block an open for ever).
+fn open_regular(path: &Path) -> Result<File, SnapshotError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = File::options()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(io_error(path))?;
+    let meta = file.metadata().map_err(io_error(path))?;
+    if !meta.is_file() {
+        return Err(SnapshotError::Inconsistent(format!(
+            "{} is not a regular file",
+            path.display()
+        )));
+    }
+    Ok(file)
+}
+
 /// The size of the disk at `path` (a file's length, a block device's size).
 pub fn disk_size(path: &Path) -> Result<u64, SnapshotError> {
     use std::io::Seek;
@@ -310,12 +339,25 @@ pub fn write_dir(
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
+    // Unique to this attempt: one a killed Kite left behind (same pid in a container)
+    // does not stand in the way.
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
     let mut partial_name = std::ffi::OsString::from(".");
     partial_name.push(&name);
-    partial_name.push(format!(".partial-{}", std::process::id()));
+    partial_name.push(format!(".partial-{}-{stamp:x}", std::process::id()));
     let partial = parent.join(partial_name);
-    std::fs::create_dir(&partial).map_err(io_error(&partial))?;
+    // Guest memory is the guest's: only Kite's user may read it.
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&partial)
+        .map_err(io_error(&partial))?;
     let written = fill_dir(&partial, write).and_then(|snapshot| {
+        // Its entries are durable before it gets its name.
+        File::open(&partial)
+            .and_then(|d| d.sync_all())
+            .map_err(io_error(&partial))?;
         rename_no_replace(&partial, dir)?;
         // The rename itself is durable once the parent directory is synced.
         File::open(&parent)
@@ -334,11 +376,13 @@ fn fill_dir(
     write: impl FnOnce(&File) -> Result<VmSnapshot, SnapshotError>,
 ) -> Result<VmSnapshot, SnapshotError> {
     use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
     let memory_path = partial.join(MEMORY_FILE);
     let memory = File::options()
         .read(true)
         .write(true)
         .create_new(true)
+        .mode(0o600)
         .open(&memory_path)
         .map_err(io_error(&memory_path))?;
     let snapshot = write(&memory)?;
@@ -351,6 +395,7 @@ fn fill_dir(
     let mut state = File::options()
         .write(true)
         .create_new(true)
+        .mode(0o600)
         .open(&state_path)
         .map_err(io_error(&state_path))?;
     state

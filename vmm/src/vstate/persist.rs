@@ -317,7 +317,12 @@ impl VcpuState {
         fd.set_lapic(&self.lapic)
             .map_err(kvm("set the local APIC"))?;
         set_msrs(fd, id, &self.msrs)?;
-        fd.set_vcpu_events(&self.vcpu_events)
+        // KVM_GET_VCPU_EVENTS fills a pending NMI and the SIPI vector without flagging
+        // them valid; set, they must be flagged, or KVM ignores them (as QEMU does).
+        let mut events = self.vcpu_events;
+        events.flags |= kvm_bindings::KVM_VCPUEVENT_VALID_NMI_PENDING
+            | kvm_bindings::KVM_VCPUEVENT_VALID_SIPI_VECTOR;
+        fd.set_vcpu_events(&events)
             .map_err(kvm("set the vCPU events"))?;
         // EINVAL where the guest has no kvmclock (it has nothing to be told then).
         if let Err(e) = fd.kvmclock_ctrl() {
