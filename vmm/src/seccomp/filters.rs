@@ -49,6 +49,8 @@ pub const KVM_GET_DEBUGREGS: u64 = ioc::<kvm_bindings::kvm_debugregs>(_IOC_READ,
 pub const KVM_GET_XSAVE: u64 = ioc::<kvm_bindings::kvm_xsave>(_IOC_READ, KVMIO, 0xa4);
 /// `KVM_GET_XCRS`.
 pub const KVM_GET_XCRS: u64 = ioc::<kvm_bindings::kvm_xcrs>(_IOC_READ, KVMIO, 0xa6);
+/// `KVM_GET_TSC_KHZ`.
+pub const KVM_GET_TSC_KHZ: u64 = ioctl_expr(_IOC_NONE, KVMIO, 0xa3, 0) as u64;
 /// `KVM_GET_XSAVE2`.
 pub const KVM_GET_XSAVE2: u64 = ioc::<kvm_bindings::kvm_xsave>(_IOC_READ, KVMIO, 0xcf);
 /// `UFFDIO_REGISTER` (`struct uffdio_register`: a range and two u64s).
@@ -291,6 +293,7 @@ fn rules_of(kind: ThreadKind) -> Rules {
                     KVM_GET_XSAVE,
                     KVM_GET_XCRS,
                     KVM_GET_XSAVE2,
+                    KVM_GET_TSC_KHZ,
                 ],
             );
             allow(&mut rules, &[libc::SYS_read]);
@@ -411,6 +414,7 @@ mod tests {
         assert_eq!(KVM_GET_XSAVE, 0x9000_aea4);
         assert_eq!(KVM_GET_XCRS, 0x8188_aea6);
         assert_eq!(KVM_GET_XSAVE2, 0x9000_aecf);
+        assert_eq!(KVM_GET_TSC_KHZ, 0xaea3);
         assert_eq!(UFFDIO_REGISTER, 0xc020_aa00);
         assert_eq!(UFFDIO_UNREGISTER, 0x8010_aa01);
         assert_eq!(UFFDIO_WAKE, 0x8010_aa02);

@@ -49,6 +49,23 @@ pub enum PersistError {
         /// MSRs given in that call.
         wanted: usize,
     },
+    /// The snapshot's guest ran its TSC at another frequency than this host's, and KVM
+    /// here cannot scale it (no TSC control): the guest's time would run at the wrong
+    /// rate.
+    #[error(
+        "vCPU {id}: the snapshot's TSC ran at {saved} kHz, this host's at {here} kHz, and \
+         KVM here cannot scale it: {source}"
+    )]
+    TscFrequency {
+        /// vCPU id.
+        id: u8,
+        /// The snapshot's frequency.
+        saved: u32,
+        /// This host's.
+        here: u32,
+        /// KVM's refusal.
+        source: kvm_ioctls::Error,
+    },
     /// A list longer than KVM's structures take.
     #[error("vCPU {id}: cannot {what}: {source}")]
     TooMany {
@@ -221,6 +238,9 @@ pub struct VcpuState {
     pub mp_state: kvm_mp_state,
     /// Pending exceptions, interrupts, NMIs, SIPIs and the interrupt shadow.
     pub vcpu_events: kvm_vcpu_events,
+    /// The guest's TSC frequency in kHz (`KVM_GET_TSC_KHZ`), where KVM tells it.
+    #[serde(default)]
+    pub tsc_khz: Option<u32>,
 }
 
 impl VcpuState {
@@ -263,6 +283,7 @@ impl VcpuState {
             .to_vec();
         let msrs = get_msrs(fd, id, &spec.msr_indices)?;
         let vcpu_events = fd.get_vcpu_events().map_err(kvm("get the vCPU events"))?;
+        let tsc_khz = fd.get_tsc_khz().ok();
         Ok(VcpuState {
             id,
             cpuid,
@@ -276,6 +297,7 @@ impl VcpuState {
             lapic,
             mp_state,
             vcpu_events,
+            tsc_khz,
         })
     }
 
@@ -297,6 +319,19 @@ impl VcpuState {
             source,
         })?;
         fd.set_cpuid2(&cpuid).map_err(kvm("set the CPUID"))?;
+        // The guest's time must run at the rate it ran at: scaled where KVM can,
+        // refused where it cannot.
+        if let (Some(saved), Ok(here)) = (self.tsc_khz, fd.get_tsc_khz()) {
+            if saved != here {
+                fd.set_tsc_khz(saved)
+                    .map_err(|source| PersistError::TscFrequency {
+                        id,
+                        saved,
+                        here,
+                        source,
+                    })?;
+            }
+        }
         fd.set_mp_state(self.mp_state)
             .map_err(kvm("set the MP state"))?;
         fd.set_regs(&self.regs).map_err(kvm("set the registers"))?;

@@ -1199,4 +1199,30 @@ mod tests {
             assert_eq!(differing_parts(&restored, state), Vec::<&str>::new());
         }
     }
+
+    #[test]
+    fn a_tsc_of_another_frequency_is_scaled_or_refused() {
+        let Some(vm1) = vm() else {
+            return;
+        };
+        let mut machine = Counting::new(vm1, 1, None);
+        let mut state = machine.vcpus[0].save_state().unwrap();
+        let here = state.tsc_khz.expect("KVM tells the TSC frequency");
+        state.tsc_khz = Some(here + 100_000);
+        let mut other = Counting::new(vm().unwrap(), 1, Some(&mut machine));
+        match other.vcpus[0].restore(&state) {
+            // A host with TSC scaling runs the guest's TSC at its old rate.
+            Ok(()) => assert_eq!(
+                other.vcpus[0].save_state().unwrap().tsc_khz,
+                Some(here + 100_000)
+            ),
+            Err(e) => assert!(
+                e.to_string().contains(&format!(
+                    "the snapshot's TSC ran at {} kHz, this host's at {here} kHz",
+                    here + 100_000
+                )),
+                "{e}"
+            ),
+        }
+    }
 }
