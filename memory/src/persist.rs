@@ -17,7 +17,7 @@ use std::os::unix::fs::FileExt;
 
 use vm_memory::{GuestAddress, GuestMemoryRegion, MemoryRegionAddress};
 
-use crate::region::{Backing, LazySource, PAGE_SIZE};
+use crate::region::{Backing, LazySource, RegionGuard, PAGE_SIZE};
 use crate::sync::Deadline;
 use crate::table::{LookupError, RegionTable};
 
@@ -141,10 +141,10 @@ fn touched_pages(ptr: *mut u8, len: usize) -> Option<Vec<bool>> {
 /// `deadline`) while it is written; the guest and its devices must be paused. The file
 /// is not synced.
 ///
-/// Pages are read from the guest's mapping: a lazily backed page never filled is filled
-/// now by the fault handler (from its file, which may hold data) — except for anonymous
-/// and lazily zero-filled memory, whose pages never touched (neither in memory nor in
-/// swap) are skipped without touching them.
+/// Pages the guest touched are read from its mapping; pages never touched (neither in
+/// memory nor in swap) are not, so saving fills no lazy page and costs no memory: they
+/// are zeros, or copied from the file a restored region is backed by (see
+/// [`save_region`]).
 pub fn save(
     table: &RegionTable,
     file: &File,
@@ -174,42 +174,7 @@ pub fn save(
                 guest_addr: start.0,
                 size,
             })?;
-        let len = size as usize;
-        // Pages never touched hold zeros, unless a fault would fill them from a file.
-        let skip_untouched = matches!(
-            guard.region().backing(),
-            Backing::Anonymous | Backing::Lazy(LazySource::Zero)
-        );
-        let touched = if skip_untouched {
-            touched_pages(ptr, len)
-        } else {
-            None
-        };
-        let page = PAGE_SIZE as usize;
-        let mut run: Option<usize> = None; // first page of the data run being gathered
-        for index in 0..=len / page {
-            let data = index < len / page
-                && touched.as_ref().is_none_or(|t| t[index])
-                // SAFETY: page `index` lies inside the region's first `size` bytes,
-                // which the guard keeps mapped and readable; pages are aligned.
-                && !unsafe { all_zero(ptr.add(index * page), page) };
-            match (data, run) {
-                (true, None) => run = Some(index),
-                (false, Some(first)) => {
-                    let at = first * page;
-                    let bytes = (index - first) * page;
-                    // SAFETY: `[at, at + bytes)` lies inside the guarded region (see
-                    // above); the kernel reads it (filling lazy pages on the way).
-                    let data = unsafe { std::slice::from_raw_parts(ptr.add(at), bytes) };
-                    let offset = file_offset + at as u64;
-                    file.write_all_at(data, offset)
-                        .map_err(io_error("write", offset))?;
-                    saved.data_bytes += bytes as u64;
-                    run = None;
-                }
-                _ => {}
-            }
-        }
+        saved.data_bytes += save_region(&guard, ptr, file, file_offset)?;
         drop(guard);
         saved.ranges.push(SavedRange {
             guest_addr: start.0,
@@ -219,6 +184,124 @@ pub fn save(
         file_offset += size;
     }
     Ok(saved)
+}
+
+/// Where a page of a region being saved comes from.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Page {
+    /// Nothing to write: zeros.
+    Hole,
+    /// The guest's memory.
+    Memory,
+    /// The region's source file: the page was never touched, and would be filled from it.
+    Source,
+}
+
+/// Writes the region `guard` holds, mapped at `ptr`, into `file` at `file_offset`; the
+/// bytes of data written. Pages never touched (neither in memory nor in swap) are not
+/// read through the mapping, which would fill them: they are zeros, or, for a region
+/// backed by a file (a restored snapshot's), copied from that file, its holes skipped.
+fn save_region(
+    guard: &RegionGuard<'_>,
+    ptr: *mut u8,
+    file: &File,
+    file_offset: u64,
+) -> Result<u64, PersistError> {
+    let region = guard.region();
+    let len = guard.len() as usize;
+    let source = match region.backing() {
+        Backing::Lazy(LazySource::File { file, offset }) | Backing::File { file, offset } => {
+            Some((file.as_ref(), *offset))
+        }
+        _ => None,
+    };
+    let touched = match region.backing() {
+        Backing::Memfd => None,
+        _ => touched_pages(ptr, len),
+    };
+    let page = PAGE_SIZE as usize;
+    // Past the file's end (memory a shrink took and a grow gave back) pages are zeros.
+    let file_end = region.file_end();
+    let kind = |index: usize| {
+        if touched.as_ref().is_some_and(|t| !t[index]) {
+            return match source {
+                Some(_) if ((index + 1) * page) as u64 <= file_end => Page::Source,
+                _ => Page::Hole,
+            };
+        }
+        // SAFETY: page `index` lies inside the region's first `size` bytes, which the
+        // guard keeps mapped and readable; pages are aligned.
+        if unsafe { all_zero(ptr.add(index * page), page) } {
+            Page::Hole
+        } else {
+            Page::Memory
+        }
+    };
+    let mut written = 0;
+    let pages = len / page;
+    let mut index = 0;
+    while index < pages {
+        let what = kind(index);
+        let first = index;
+        index += 1;
+        while index < pages && kind(index) == what {
+            index += 1;
+        }
+        let (at, bytes) = (first * page, (index - first) * page);
+        let offset = file_offset + at as u64;
+        match what {
+            Page::Hole => {}
+            Page::Memory => {
+                // SAFETY: `[at, at + bytes)` lies inside the guarded region (see above);
+                // the kernel reads it.
+                let data = unsafe { std::slice::from_raw_parts(ptr.add(at), bytes) };
+                file.write_all_at(data, offset)
+                    .map_err(io_error("write", offset))?;
+                written += bytes as u64;
+            }
+            Page::Source => {
+                if let Some((source, source_offset)) = source {
+                    written += copy_data(
+                        source,
+                        source_offset + at as u64,
+                        bytes as u64,
+                        file,
+                        offset,
+                    )?;
+                }
+            }
+        }
+    }
+    Ok(written)
+}
+
+/// Copies the data of `[from, from + len)` of `source` to `to` at `at`, skipping the
+/// source's holes, through a bounded buffer; the bytes copied.
+fn copy_data(source: &File, from: u64, len: u64, to: &File, at: u64) -> Result<u64, PersistError> {
+    let end = from + len;
+    let mut copied = 0;
+    let mut buf = vec![0u8; (1 << 20).min(len as usize)];
+    let mut pos = from;
+    while pos < end {
+        let Some(data) = seek(source, pos, libc::SEEK_DATA)?.filter(|&d| d < end) else {
+            break;
+        };
+        let hole = seek(source, data, libc::SEEK_HOLE)?.unwrap_or(end).min(end);
+        let mut chunk = data;
+        while chunk < hole {
+            let n = buf.len().min((hole - chunk) as usize);
+            source
+                .read_exact_at(&mut buf[..n], chunk)
+                .map_err(io_error("read the source", chunk))?;
+            let dest = at + (chunk - from);
+            to.write_all_at(&buf[..n], dest)
+                .map_err(io_error("write", dest))?;
+            chunk += n as u64;
+            copied += n as u64;
+        }
+        pos = hole;
+    }
+    Ok(copied)
 }
 
 /// Checks that `file` holds every range of `ranges`.
