@@ -499,6 +499,11 @@ struct follower {
     u64 last_pass, last_off;
 };
 
+/* `kite.plug=never`: the follower plugs no block, whatever is requested (unplugs still
+ * work): a resize towards more memory stays under way for as long as the host wants,
+ * for the tests of what Kite does meanwhile. */
+static int never_plug;
+
 static void follow_init(struct follower *f) {
     f->m = find(VIRTIO_ID_MEM, 0);
     f->b = find(VIRTIO_ID_BLOCK, 0);
@@ -535,7 +540,7 @@ static void follow_pass(struct follower *f) {
     struct dev *m = f->m, *b = f->b;
     u64 pass = ++f->pass;
     u64 requested = f->requested = cfg64(m, 48);
-    if (requested > f->plugged * f->block) {
+    if (requested > f->plugged * f->block && !never_plug) {
         for (u64 i = 0; i < f->nblocks; i++) {
             if (plugged_blocks[i]) continue;
             u16 r = mem_request(m, MEM_PLUG, block_base(f, i));
@@ -655,7 +660,11 @@ static void snapshot_steady(const char *what, struct follower *f) {
  *
  * `kite.flip=boot-ram` (for the test that shows the checks can fail): once the requested
  * size first grows past what it was at the start, the guest flips one bit of the
- * boot-RAM word the next pass checks, as a restore that lost a write would. */
+ * boot-RAM word the next pass checks, as a restore that lost a write would.
+ *
+ * `kite.plug=never` (for the tests of a snapshot asked for during a resize): no block is
+ * plugged; while more is requested than plugged, `snapshot holding plugged_mib=N
+ * passes=P` every 64 passes instead. */
 static void snapshot(const u8 *zero_page, const char *flip) {
     static struct follower f;
     CHECK((u64)_end <= BOOT_FILL_START, "the guest image ends below the boot-RAM pattern");
@@ -685,7 +694,10 @@ static void snapshot(const u8 *zero_page, const char *flip) {
             flip_pending = 0;
             puts("kite-test: snapshot flipped a boot-RAM bit\n");
         }
-        if (!follow_settled(&f)) continue;
+        if (!follow_settled(&f)) {
+            if (never_plug && (f.pass & 63) == 0) snapshot_steady("holding", &f);
+            continue;
+        }
         if (f.requested == f.nblocks * f.block && f.plugged == f.nblocks) {
             for (u64 i = 0; i < f.nblocks; i++) {
                 CHECK(plugged_blocks[i], "every block plugged");
@@ -841,6 +853,8 @@ void guest_main(const u8 *zero_page) {
     const char *test = param(cmdline, "kite.test=");
     const char *passes = param(cmdline, "kite.passes=");
     const char *flip = param(cmdline, "kite.flip=");
+    const char *plug = param(cmdline, "kite.plug=");
+    never_plug = plug && str_eq_word(plug, "never");
     puts("kite-test: guest up\n");
     CHECK(test, "kite.test= on the command line");
     probe();

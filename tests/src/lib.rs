@@ -8,6 +8,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+pub mod snapshot;
+
 /// The `kite` binary: `$KITE_BIN`, else the one built next to the running test.
 pub fn kite_binary() -> PathBuf {
     if let Some(path) = std::env::var_os("KITE_BIN") {

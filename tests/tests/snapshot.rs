@@ -7,89 +7,17 @@
 //! area, must pass the same way: everything the guest wrote before the snapshot is
 //! checked after the restore, next to what it wrote since.
 //!
-//! The snapshot interface these tests are written against:
-//! - `PUT /api/v1/vm.snapshot` with `{"destination_url": "file:///ABS/DIR"}` writes the VM
-//!   (its state and its memory) into DIR, which must not exist yet;
-//! - `kite run --restore path=DIR,memory=lazy|private|eager [--disk path=...]
-//!   [--api-socket SOCK]` runs the VM from DIR: the guest goes on where it was, and the
-//!   console shows only what it prints after the restore. The snapshot's files are not
-//!   changed by a restore (several restores share them).
+//! The snapshot interface these tests are written against, and the helpers they share
+//! with `snapshot_errors.rs`: `kite_tests::snapshot`.
 
-use std::collections::BTreeMap;
-use std::hash::Hasher;
-use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
+use kite_tests::snapshot::{
+    boot, hash_tree, last_passes, running, snapshot_of, start_restore, steady, take_snapshot,
+    Snapshot, Vm, AFTER, AREA, BEFORE, BOOT, DEADLINE, DISK_BYTES, GUEST, MEMORY,
+};
 use kite_tests::{api_ok, kvm_available, resize, scratch_disk, wait_plugged, Ended, Kite};
-use serde_json::json;
 use vmm::cli::exit;
-
-const GUEST: &str = env!("KITE_TEST_GUEST");
-const MIB: u64 = 1 << 20;
-/// Boot RAM: the guest's pattern takes 32 MiB from 64 MiB.
-const BOOT: u64 = 256 * MIB;
-/// The hotplug area (a multiple of 128 MiB): the guest finishes once all of it is plugged.
-const AREA: u64 = 128 * MIB;
-/// Plugged at boot, and when the snapshot is taken.
-const BEFORE: u64 = 4 * MIB;
-/// Asked for after the restore, before the whole area.
-const AFTER: u64 = 8 * MIB;
-const MEMORY: &str = "size=256M,hotplug_size=128M,hotplugged_size=4M";
-const DISK_BYTES: u64 = 8 << 20;
-/// For each step: a boot, a resize, a snapshot, a restore, the final check.
-const DEADLINE: Duration = Duration::from_secs(60);
-
-/// A `kite run` of the scenario with its API socket.
-struct Vm {
-    kite: Kite,
-    socket: PathBuf,
-}
-
-/// `snapshot steady` with `mib` plugged; the space keeps 4 from matching 48.
-fn steady(mib: u64) -> String {
-    format!("kite-test: snapshot steady plugged_mib={mib} ")
-}
-
-/// Boots the scenario with `disk` and an API socket in `dir`, `extra` appended to its
-/// command line; waits until it is set up and has settled at [`BEFORE`] plugged.
-fn boot(dir: &Path, disk: &Path, extra: &str) -> Vm {
-    let socket = dir.join("api.sock");
-    let cmdline = format!("kite.test=snapshot {extra}");
-    let disk_arg = format!("path={}", disk.display());
-    let mut kite = Kite::start(&[
-        "run",
-        "--kernel",
-        GUEST,
-        "--cmdline",
-        cmdline.trim_end(),
-        "--memory",
-        MEMORY,
-        "--disk",
-        &disk_arg,
-        "--api-socket",
-        socket.to_str().unwrap(),
-    ]);
-    kite.wait_for_socket(&socket, DEADLINE);
-    kite.wait_for("kite-test: snapshot ready", DEADLINE);
-    kite.wait_for(&steady(BEFORE >> 20), DEADLINE);
-    // And the next: the first is complete (a pause may cut a line short).
-    let mark = kite.mark();
-    kite.wait_for_since(mark, &steady(BEFORE >> 20), DEADLINE);
-    Vm { kite, socket }
-}
-
-/// The `passes=` of the last complete `snapshot` progress line in `console` (a snapshot
-/// may pause the guest in the middle of one).
-fn last_passes(console: &str) -> u64 {
-    console
-        .split_inclusive('\n')
-        .filter(|l| l.ends_with('\n'))
-        .rev()
-        .filter(|l| l.starts_with("kite-test: snapshot "))
-        .find_map(|l| l.split_once(" passes=")?.1.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no snapshot progress line with passes= in:\n{console}"))
-}
 
 /// Asks the guest for [`AFTER`], waits until it has plugged it and settled there, then asks
 /// for the whole area and waits for the VM to end: the guest must have checked all its
@@ -159,122 +87,6 @@ fn a_changed_word_fails_the_snapshot_scenario() {
     );
     assert!(!end.console.contains("verified"), "{}", end.console);
     assert_eq!(end.code, Some(exit::GUEST_FAILURE), "{}", end.stderr);
-}
-
-// ---- helpers for the snapshot tests (the VMM side of issue 15 is on its way) ----
-
-/// Takes a snapshot of the VM behind `socket` into `dir` (which must not exist yet).
-fn take_snapshot(socket: &Path, dir: &Path) {
-    assert!(dir.is_absolute() && !dir.exists(), "{}", dir.display());
-    let url = format!("file://{}", dir.display());
-    api_ok(
-        socket,
-        "PUT",
-        "vm.snapshot",
-        Some(json!({ "destination_url": url })),
-    );
-    assert!(dir.is_dir(), "the snapshot is in {}", dir.display());
-    // Guest memory is the guest's: only Kite's user may read it.
-    use std::os::unix::fs::PermissionsExt;
-    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
-    assert_eq!(mode(dir), 0o700);
-    for file in ["state.json", "memory"] {
-        assert_eq!(mode(&dir.join(file)), 0o600, "{file}");
-    }
-}
-
-/// Starts `kite run --restore path=SNAPSHOT,memory=MODE` with `disk` and an API socket at
-/// `socket`, and returns at once (see [`running`]).
-fn start_restore(snapshot: &Path, mode: &str, disk: &Path, socket: &Path) -> Vm {
-    let restore_arg = format!("path={},memory={mode}", snapshot.display());
-    let disk_arg = format!("path={}", disk.display());
-    let kite = Kite::start(&[
-        "run",
-        "--restore",
-        &restore_arg,
-        "--disk",
-        &disk_arg,
-        "--api-socket",
-        socket.to_str().unwrap(),
-    ]);
-    Vm {
-        kite,
-        socket: socket.to_path_buf(),
-    }
-}
-
-/// Waits until a restored VM's socket answers (`kite run --restore` runs the VM at once).
-fn running(mut vm: Vm) -> Vm {
-    vm.kite.wait_for_socket(&vm.socket, DEADLINE);
-    vm
-}
-
-/// Each file under `dir` (relative path) with its length and a hash of its bytes.
-fn hash_tree(dir: &Path) -> BTreeMap<PathBuf, (u64, u64)> {
-    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<PathBuf, (u64, u64)>) {
-        for entry in std::fs::read_dir(dir).unwrap() {
-            let path = entry.unwrap().path();
-            if path.is_dir() {
-                walk(root, &path, out);
-                continue;
-            }
-            let mut file = std::fs::File::open(&path).unwrap();
-            let (mut hasher, mut len) = (std::hash::DefaultHasher::new(), 0u64);
-            let mut buf = vec![0u8; 1 << 20];
-            loop {
-                let n = file.read(&mut buf).unwrap();
-                if n == 0 {
-                    break;
-                }
-                hasher.write(&buf[..n]);
-                len += n as u64;
-            }
-            let name = path.strip_prefix(root).unwrap().to_path_buf();
-            out.insert(name, (len, hasher.finish()));
-        }
-    }
-    let mut out = BTreeMap::new();
-    walk(dir, dir, &mut out);
-    out
-}
-
-/// What [`snapshot_of`] leaves: the snapshot, a copy of the disk as it was then, the
-/// snapshot's file hashes, and the guest's pass count at the snapshot.
-struct Snapshot {
-    dir: PathBuf,
-    disk: PathBuf,
-    hashes: BTreeMap<PathBuf, (u64, u64)>,
-    passes: u64,
-}
-
-/// Boots the scenario in `dir`, lets it settle at [`BEFORE`] plugged under load, takes a
-/// snapshot into `dir/snapshot` with a copy of the disk beside it, and shuts the VM down.
-///
-/// The VM is paused for the snapshot and the disk copy: the guest reads back on each pass
-/// what its last pass wrote, so the disk a restore gets must be the disk as it was at the
-/// snapshot, not as the first VM left it (running on after the snapshot, it overwrites
-/// that data within about 128 passes: some 40 ms at the 3000 passes a second it makes
-/// here).
-fn snapshot_of(dir: &Path) -> Snapshot {
-    let disk = scratch_disk(dir, DISK_BYTES);
-    let vm = boot(dir, &disk, "");
-    api_ok(&vm.socket, "PUT", "vm.pause", None);
-    let snapshot = dir.join("snapshot");
-    take_snapshot(&vm.socket, &snapshot);
-    let copy = dir.join("at-snapshot.img");
-    std::fs::copy(&disk, &copy).unwrap();
-    api_ok(&vm.socket, "PUT", "vmm.shutdown", None);
-    let end = vm.kite.wait_exit(DEADLINE);
-    assert_eq!(end.code, Some(exit::GUEST_SHUTDOWN), "{}", end.stderr);
-    assert!(!end.console.contains("FAIL"), "{}", end.console);
-    let hashes = hash_tree(&snapshot);
-    assert!(!hashes.is_empty(), "files in {}", snapshot.display());
-    Snapshot {
-        dir: snapshot,
-        disk: copy,
-        hashes,
-        passes: last_passes(&end.console),
-    }
 }
 
 /// Drives a restored VM to PASS; checks that the guest went on from the snapshot rather

@@ -382,16 +382,28 @@ impl Vmm {
         let mut config = restore.snapshot.config.clone();
         if let Some(disks) = &request.disks {
             if disks.len() != config.disks.len() {
+                let had = config.disks.len();
                 return Err(MachineError::from(SnapshotError::Disks(format!(
-                    "the snapshot's VM has {} disks, {} given",
-                    config.disks.len(),
+                    "the snapshot's VM has {had} disk{}, {} given",
+                    if had == 1 { "" } else { "s" },
                     disks.len()
                 )))
                 .into());
             }
             config.disks = disks.clone();
         }
-        let spec = Arc::new(VmSpec::restored(config)?);
+        // A disk that cannot be opened is the disk's fault; any other refusal, the
+        // snapshot's (the disks given in its place were checked as arguments).
+        let spec = Arc::new(VmSpec::restored(config).map_err(|e| {
+            if e.is_bad_file() {
+                ActionError::Config(e)
+            } else {
+                MachineError::from(SnapshotError::Inconsistent(format!(
+                    "its configuration is refused: {e}"
+                )))
+                .into()
+            }
+        })?);
         for (disk, saved) in spec.disks.iter().zip(&restore.snapshot.disks) {
             let size = snapshot::disk_size(&disk.path).map_err(MachineError::from)?;
             if size != saved.size {

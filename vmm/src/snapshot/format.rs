@@ -132,12 +132,23 @@ pub fn to_text(snapshot: &VmSnapshot) -> Result<String, serde_json::Error> {
     })
 }
 
+/// What a state file of any format version starts with: read first, so that a snapshot
+/// of another version is named as such, whatever else its envelope holds.
+#[derive(Deserialize)]
+struct Header {
+    format: String,
+    version: u32,
+}
+
 /// Why a state file's text is not a snapshot this Kite can read.
 #[derive(Debug, thiserror::Error)]
 pub enum FormatError {
     /// Not JSON, or not the envelope.
     #[error("not a Kite snapshot state file: {0}")]
     NotASnapshot(serde_json::Error),
+    /// The text ends in the middle of the JSON: the file was cut short.
+    #[error("the state file is truncated: it ends before its JSON does ({0})")]
+    Truncated(serde_json::Error),
     /// Another format.
     #[error("not a Kite snapshot: its format is {0:?}")]
     OtherFormat(String),
@@ -160,16 +171,25 @@ pub enum FormatError {
     BadState(serde_json::Error),
 }
 
-/// Reads a state file's text: envelope, version, checksum, then the state.
+/// Reads a state file's text: format and version (before anything else of the
+/// envelope, which another version may lay out otherwise), envelope, checksum, then the
+/// state.
 pub fn from_text(text: &str) -> Result<VmSnapshot, FormatError> {
-    let envelope: Envelope<Box<RawValue>> =
-        serde_json::from_str(text).map_err(FormatError::NotASnapshot)?;
-    if envelope.format != FORMAT {
-        return Err(FormatError::OtherFormat(envelope.format));
+    let not_envelope = |e: serde_json::Error| {
+        if e.is_eof() {
+            FormatError::Truncated(e)
+        } else {
+            FormatError::NotASnapshot(e)
+        }
+    };
+    let header: Header = serde_json::from_str(text).map_err(not_envelope)?;
+    if header.format != FORMAT {
+        return Err(FormatError::OtherFormat(header.format));
     }
-    if envelope.version != VERSION {
-        return Err(FormatError::OtherVersion(envelope.version));
+    if header.version != VERSION {
+        return Err(FormatError::OtherVersion(header.version));
     }
+    let envelope: Envelope<Box<RawValue>> = serde_json::from_str(text).map_err(not_envelope)?;
     let found = crc32fast::hash(envelope.state.get().as_bytes());
     if found != envelope.crc32 {
         return Err(FormatError::Corrupt {
@@ -178,4 +198,46 @@ pub fn from_text(text: &str) -> Result<VmSnapshot, FormatError> {
         });
     }
     serde_json::from_str(envelope.state.get()).map_err(FormatError::BadState)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn error(text: &str) -> FormatError {
+        from_text(text).expect_err("refused")
+    }
+
+    #[test]
+    fn format_and_version_are_read_before_the_rest_of_the_envelope() {
+        // Another version's envelope may hold other keys, and not a CRC-32.
+        let other = r#"{"format":"kite-snapshot","version":2,"sha256":"00","parts":[]}"#;
+        assert!(matches!(error(other), FormatError::OtherVersion(2)));
+        let message = error(other).to_string();
+        assert!(
+            message.contains("version 2") && message.contains("version 1"),
+            "{message}"
+        );
+        let foreign = r#"{"format":"other-vmm","version":7,"blob":{}}"#;
+        assert!(matches!(error(foreign), FormatError::OtherFormat(f) if f == "other-vmm"));
+        assert!(matches!(
+            error(r#"{"id":"vm0","snapshots":[]}"#),
+            FormatError::NotASnapshot(_)
+        ));
+        assert!(matches!(error("\u{7f}ELF"), FormatError::NotASnapshot(_)));
+    }
+
+    #[test]
+    fn a_state_file_cut_short_is_called_truncated() {
+        let whole = r#"{"format":"kite-snapshot","version":1,"crc32":0,"state":{"a":[1,2]}}"#;
+        for len in [0, 1, 20, whole.len() - 1] {
+            assert!(
+                matches!(error(&whole[..len]), FormatError::Truncated(_)),
+                "{len}: {}",
+                error(&whole[..len])
+            );
+        }
+        // Whole, it is read as far as the checksum.
+        assert!(matches!(error(whole), FormatError::Corrupt { .. }));
+    }
 }

@@ -98,6 +98,37 @@ fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError + '_ {
     }
 }
 
+/// Checks that `path` is a directory: an error naming it if not.
+fn check_dir(path: &Path) -> Result<(), SnapshotError> {
+    let meta = std::fs::metadata(path).map_err(io_error(path))?;
+    if !meta.is_dir() {
+        return Err(io_error(path)(std::io::Error::from_raw_os_error(
+            libc::ENOTDIR,
+        )));
+    }
+    Ok(())
+}
+
+/// Opens `path` for reading if it is a regular file. Never blocks: a FIFO's open would
+/// wait for a writer for ever (it is opened non-blocking, then refused), as a device's
+/// read might. (`O_NONBLOCK` changes nothing for a regular file.)
+fn open_regular(path: &Path) -> Result<File, SnapshotError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = File::options()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(io_error(path))?;
+    let meta = file.metadata().map_err(io_error(path))?;
+    if !meta.is_file() {
+        return Err(io_error(path)(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file",
+        )));
+    }
+    Ok(file)
+}
+
 /// How a restored VM's memory is backed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -157,6 +188,7 @@ impl Restore {
     /// memory file (opened read-only, as long as its map), and the state's consistency
     /// with itself. Nothing is built.
     pub fn open(dir: &Path, mode: MemoryRestore) -> Result<Restore, SnapshotError> {
+        check_dir(dir)?;
         let state_path = dir.join(STATE_FILE);
         let file = open_regular(&state_path)?;
         let mut text = String::new();
@@ -291,25 +323,6 @@ impl Restore {
     }
 }
 
-/// Opens `path` for reading if it is a regular file, without waiting (a FIFO put there
-/// would block an open for ever).
-fn open_regular(path: &Path) -> Result<File, SnapshotError> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let file = File::options()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open(path)
-        .map_err(io_error(path))?;
-    let meta = file.metadata().map_err(io_error(path))?;
-    if !meta.is_file() {
-        return Err(SnapshotError::Inconsistent(format!(
-            "{} is not a regular file",
-            path.display()
-        )));
-    }
-    Ok(file)
-}
-
 /// The size of the disk at `path` (a file's length, a block device's size).
 pub fn disk_size(path: &Path) -> Result<u64, SnapshotError> {
     use std::io::Seek;
@@ -339,6 +352,8 @@ pub fn write_dir(
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
+    // Named as the user gave it, not as the partial directory inside it.
+    check_dir(&parent)?;
     // Unique to this attempt: one a killed Kite left behind (same pid in a container)
     // does not stand in the way.
     let stamp = std::time::SystemTime::now()
