@@ -233,56 +233,7 @@ impl Restore {
 
     /// The parts of the state agree with each other.
     fn check(&self) -> Result<(), SnapshotError> {
-        let s = &self.snapshot;
-        let bad = |why: String| Err(SnapshotError::Inconsistent(why));
-        if s.vcpus.len() != s.config.cpus.boot as usize {
-            return bad(format!(
-                "{} vCPU states for {} vCPUs",
-                s.vcpus.len(),
-                s.config.cpus.boot
-            ));
-        }
-        if s.disks.len() != s.config.disks.len() {
-            return bad(format!(
-                "{} disk sizes for {} disks",
-                s.disks.len(),
-                s.config.disks.len()
-            ));
-        }
-        let hotplug = s
-            .config
-            .memory
-            .hotplug_size
-            .is_some_and(|size| size.bytes() > 0);
-        let devices = s.config.disks.len() + usize::from(s.config.rng) + usize::from(hotplug);
-        if s.virtio.len() != devices || s.hotplug.is_some() != hotplug {
-            return bad(format!(
-                "{} virtio device states for {devices} devices",
-                s.virtio.len()
-            ));
-        }
-        let mut end = 0;
-        let mut addr = 0;
-        for r in &s.memory.ranges {
-            let (Some(file_end), Some(guest_end)) = (
-                r.file_offset.checked_add(r.size),
-                r.guest_addr.checked_add(r.size),
-            ) else {
-                return bad(format!("memory range {r:?} reaches past 2^64"));
-            };
-            if r.file_offset < end || r.guest_addr < addr || r.size == 0 {
-                return bad(format!("memory range {r:?} overlaps another"));
-            }
-            end = file_end;
-            addr = guest_end;
-        }
-        if end > s.memory.file_size {
-            return bad(format!(
-                "the memory map reaches {end} bytes, the file is {}",
-                s.memory.file_size
-            ));
-        }
-        Ok(())
+        check_state(&self.snapshot)
     }
 
     /// How the guest memory at `guest_addr`, `size` bytes, comes back: one range of the
@@ -321,6 +272,61 @@ impl Restore {
             .map(|&r| r.into())
             .collect()
     }
+}
+
+/// Whether the parts of snapshot `s` agree with each other (vCPU states and vCPUs,
+/// devices and the configuration, the memory map): what a restore checks before it
+/// builds anything.
+pub fn check_state(s: &VmSnapshot) -> Result<(), SnapshotError> {
+    let bad = |why: String| Err(SnapshotError::Inconsistent(why));
+    if s.vcpus.len() != s.config.cpus.boot as usize {
+        return bad(format!(
+            "{} vCPU states for {} vCPUs",
+            s.vcpus.len(),
+            s.config.cpus.boot
+        ));
+    }
+    if s.disks.len() != s.config.disks.len() {
+        return bad(format!(
+            "{} disk sizes for {} disks",
+            s.disks.len(),
+            s.config.disks.len()
+        ));
+    }
+    let hotplug = s
+        .config
+        .memory
+        .hotplug_size
+        .is_some_and(|size| size.bytes() > 0);
+    let devices = s.config.disks.len() + usize::from(s.config.rng) + usize::from(hotplug);
+    if s.virtio.len() != devices || s.hotplug.is_some() != hotplug {
+        return bad(format!(
+            "{} virtio device states for {devices} devices",
+            s.virtio.len()
+        ));
+    }
+    let mut end = 0;
+    let mut addr = 0;
+    for r in &s.memory.ranges {
+        let (Some(file_end), Some(guest_end)) = (
+            r.file_offset.checked_add(r.size),
+            r.guest_addr.checked_add(r.size),
+        ) else {
+            return bad(format!("memory range {r:?} reaches past 2^64"));
+        };
+        if r.file_offset < end || r.guest_addr < addr || r.size == 0 {
+            return bad(format!("memory range {r:?} overlaps another"));
+        }
+        end = file_end;
+        addr = guest_end;
+    }
+    if end > s.memory.file_size {
+        return bad(format!(
+            "the memory map reaches {end} bytes, the file is {}",
+            s.memory.file_size
+        ));
+    }
+    Ok(())
 }
 
 /// The size of the disk at `path` (a file's length, a block device's size).
