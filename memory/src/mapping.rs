@@ -172,26 +172,9 @@ pub(crate) unsafe fn map_file_fixed(
     offset: u64,
 ) -> Result<(), MappingError> {
     use std::os::fd::AsRawFd;
-    if cfg!(miri) {
-        return Ok(());
-    }
-    // SAFETY: the caller's contract: the range is guest memory of ours, which MAP_FIXED
-    // replaces with the file's pages; no Rust-owned memory is affected.
-    let mapped = unsafe {
-        libc::mmap(
-            addr.cast(),
-            len,
-            libc::PROT_NONE,
-            libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
-            file.as_raw_fd(),
-            offset as libc::off_t,
-        )
-    };
-    if mapped == libc::MAP_FAILED {
-        return Err(host_err("mmap"));
-    }
-    advise_no_dump(addr, len, &"guest memory");
-    Ok(())
+    let flags = libc::MAP_PRIVATE | libc::MAP_NORESERVE;
+    // SAFETY: the caller's contract.
+    unsafe { map_fixed(addr, len, flags, file.as_raw_fd(), offset) }
 }
 
 /// Replaces `[addr, addr + len)` with fresh private anonymous memory, inaccessible:
@@ -201,25 +184,43 @@ pub(crate) unsafe fn map_file_fixed(
 /// # Safety
 /// As [`drop_pages`].
 pub(crate) unsafe fn map_anonymous_fixed(addr: *mut u8, len: usize) -> Result<(), MappingError> {
+    // SAFETY: the caller's contract.
+    unsafe { map_fixed(addr, len, ANONYMOUS_MAPPING, -1, 0) }?;
+    // The area's advice, for the new mapping too.
+    advise_huge_pages(addr, len, &"guest memory");
+    Ok(())
+}
+
+/// `mmap(addr, len, PROT_NONE, flags | MAP_FIXED, fd, offset)`, kept out of core dumps.
+///
+/// # Safety
+/// `[addr, addr + len)` lies inside a mapping of guest memory of ours that no Rust
+/// reference points into.
+unsafe fn map_fixed(
+    addr: *mut u8,
+    len: usize,
+    flags: i32,
+    fd: i32,
+    offset: u64,
+) -> Result<(), MappingError> {
     if len == 0 || cfg!(miri) {
         return Ok(());
     }
-    // SAFETY: the caller's contract: nobody uses the range; MAP_FIXED replaces exactly it.
+    // SAFETY: the caller's contract: the range is guest memory of ours, which MAP_FIXED
+    // replaces exactly; no Rust-owned memory is affected.
     let mapped = unsafe {
         libc::mmap(
             addr.cast(),
             len,
             libc::PROT_NONE,
-            ANONYMOUS_MAPPING | libc::MAP_FIXED,
-            -1,
-            0,
+            flags | libc::MAP_FIXED,
+            fd,
+            offset as libc::off_t,
         )
     };
     if mapped == libc::MAP_FAILED {
         return Err(host_err("mmap"));
     }
-    // The area's advice, for the new mapping too.
-    advise_huge_pages(addr, len, &"guest memory");
     advise_no_dump(addr, len, &"guest memory");
     Ok(())
 }

@@ -644,6 +644,7 @@ mod tests {
     use super::*;
     use crate::seccomp::SeccompMode;
     use crate::vstate::persist::VmState;
+    use crate::vstate::vm::tests::{vm, Memory};
     use crate::vstate::vm::KvmSlots;
 
     /// Longest a test waits for the guest (a busy machine, guest code emulated).
@@ -668,54 +669,6 @@ mod tests {
     /// port access repeated or lost shows as a value written twice or missing.
     fn counter(port: u16) -> [u8; 6] {
         [0xe5, port as u8, 0xe7, port as u8, 0xeb, 0xfa]
-    }
-
-    fn vm() -> Option<Vm> {
-        match Vm::new() {
-            Ok(vm) => Some(vm),
-            Err(e) => {
-                eprintln!("SKIPPED: no KVM here: {e}");
-                assert!(
-                    std::env::var_os("KITE_NO_SKIPS").is_none(),
-                    "CI must have KVM: {e}"
-                );
-                None
-            }
-        }
-    }
-
-    /// Anonymous memory for guest RAM, unmapped on drop.
-    struct Memory(*mut u8);
-
-    impl Memory {
-        fn new() -> Memory {
-            // SAFETY: a fresh anonymous mapping; nothing else refers to it.
-            let addr = unsafe {
-                libc::mmap(
-                    std::ptr::null_mut(),
-                    RAM,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                    -1,
-                    0,
-                )
-            };
-            assert_ne!(addr, libc::MAP_FAILED);
-            Memory(addr.cast())
-        }
-
-        fn bytes(&mut self) -> &mut [u8] {
-            // SAFETY: our own mapping of RAM bytes, borrowed only while no vCPU of its VM
-            // runs (not started, or paused); the guest's code writes no memory anyway.
-            unsafe { std::slice::from_raw_parts_mut(self.0, RAM) }
-        }
-    }
-
-    impl Drop for Memory {
-        fn drop(&mut self) {
-            // SAFETY: our own mapping, no longer used (its VM and vCPUs are gone first).
-            unsafe { libc::munmap(self.0.cast(), RAM) };
-        }
     }
 
     /// A port access.
@@ -817,7 +770,7 @@ mod tests {
         /// With `count` vCPUs, vCPU `n`'s counter from `n << 12`; or, with `copy_of`,
         /// that VM's memory and counters (for vCPUs to restore).
         fn new(vm: Vm, count: u8, copy_of: Option<&mut Counting>) -> Counting {
-            let mut memory = Memory::new();
+            let mut memory = Memory::new(RAM);
             let ports: Vec<Arc<Shared>> = (0..count).map(|_| Arc::default()).collect();
             match copy_of {
                 Some(other) => {
@@ -840,7 +793,7 @@ mod tests {
                     slot: 0,
                     guest_addr: 0,
                     size: RAM as u64,
-                    host_addr: memory.0 as u64,
+                    host_addr: memory.addr(),
                 })
                 .unwrap();
             let mut io = IoManager::new();

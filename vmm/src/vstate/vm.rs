@@ -302,16 +302,16 @@ impl MemorySlots for KvmSlots {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     const PAGE: u64 = 4096;
 
-    /// Anonymous memory for slots, unmapped on drop.
-    struct Memory(*mut libc::c_void, usize);
+    /// Anonymous memory for slots and guest RAM, unmapped on drop.
+    pub(crate) struct Memory(*mut libc::c_void, usize);
 
     impl Memory {
-        fn new(len: usize) -> Memory {
+        pub(crate) fn new(len: usize) -> Memory {
             // SAFETY: a fresh anonymous mapping; nothing else refers to it.
             let addr = unsafe {
                 libc::mmap(
@@ -326,16 +326,27 @@ mod tests {
             assert_ne!(addr, libc::MAP_FAILED);
             Memory(addr, len)
         }
+
+        /// Its host address.
+        pub(crate) fn addr(&self) -> u64 {
+            self.0 as u64
+        }
+
+        pub(crate) fn bytes(&mut self) -> &mut [u8] {
+            // SAFETY: our own mapping of `self.1` bytes, borrowed only while no vCPU of
+            // its VM runs (not started, or paused).
+            unsafe { std::slice::from_raw_parts_mut(self.0.cast(), self.1) }
+        }
     }
 
     impl Drop for Memory {
         fn drop(&mut self) {
-            // SAFETY: our own mapping, no longer used (its VM is dropped first).
+            // SAFETY: our own mapping, no longer used (its VM and vCPUs are gone first).
             unsafe { libc::munmap(self.0, self.1) };
         }
     }
 
-    fn vm() -> Option<Vm> {
+    pub(crate) fn vm() -> Option<Vm> {
         match Vm::new() {
             Ok(vm) => Some(vm),
             Err(e) => {
@@ -411,7 +422,7 @@ mod tests {
             slot: 0,
             guest_addr: 0,
             size: 2 * PAGE,
-            host_addr: memory.0 as u64,
+            host_addr: memory.addr(),
         };
         slots.map(&old).unwrap();
         // KVM refuses a host address that is not page aligned.
