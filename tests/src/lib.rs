@@ -188,12 +188,17 @@ impl Kite {
                 return;
             }
             let now = Instant::now();
-            assert!(
-                !text.1 && now < deadline,
-                "console did not show {what} within {timeout:?}; it showed:\n{}\nstderr:\n{}",
-                text.0,
-                std::fs::read_to_string(&self.stderr).unwrap_or_default()
-            );
+            if text.1 || now >= deadline {
+                // Not under the lock: a panic there would poison it for the console's
+                // reader thread and for `Drop`, which shows the console's tail.
+                let shown = text.0.clone();
+                drop(text);
+                panic!(
+                    "console did not show {what} within {timeout:?}; it showed:\n{shown}\n\
+                     stderr:\n{}",
+                    std::fs::read_to_string(&self.stderr).unwrap_or_default()
+                );
+            }
             text = self
                 .console
                 .grew
