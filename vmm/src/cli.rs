@@ -423,20 +423,21 @@ fn run(args: RunArgs) -> i32 {
         }
     };
     let mut api = None;
-    // The API socket is served once the VM runs: a client never sees it before.
-    let serve_api = |vmm: &mut Vmm| {
-        if let Some(path) = &args.api_socket {
-            api = Some(start_api(vmm, path)?);
-        }
-        Ok(())
-    };
     let booted = match &restore {
         // Restored, then started at once (through the API, a restored VM waits for
         // vm.resume).
-        Some(request) => vmm
-            .restore(request)
-            .and_then(|()| vmm.start_then(serve_api)),
-        None => vmm.create(config).and_then(|()| vmm.boot_then(serve_api)),
+        Some(request) => vmm.restore(request).and_then(|()| {
+            if let Some(path) = &args.api_socket {
+                api = Some(start_api(&mut vmm, path)?);
+            }
+            vmm.start()
+        }),
+        None => vmm.create(config).and_then(|()| {
+            if let Some(path) = &args.api_socket {
+                api = Some(start_api(&mut vmm, path)?);
+            }
+            vmm.boot()
+        }),
     };
     let code = match booted {
         Ok(()) => return finish_then_stop(vmm, api),

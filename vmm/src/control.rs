@@ -343,14 +343,6 @@ impl Vmm {
 
     /// `vm.boot`: builds the VM and starts it.
     pub fn boot(&mut self) -> Result<(), ActionError> {
-        self.boot_then(|_| Ok(()))
-    }
-
-    /// Like [`Vmm::boot`], with `then` called once the VM runs (see [`Vmm::start_then`]).
-    pub fn boot_then(
-        &mut self,
-        then: impl FnOnce(&mut Vmm) -> Result<(), MachineError>,
-    ) -> Result<(), ActionError> {
         let (spec, state) = self.spec.clone().ok_or(ActionError::NotCreated)?;
         if !matches!(state, VmState::Created | VmState::Shutdown) {
             return Err(ActionError::WrongState {
@@ -360,7 +352,7 @@ impl Vmm {
             });
         }
         self.launch(&spec, Origin::Boot)?;
-        self.start_then(then)
+        self.start()
     }
 
     /// `vm.restore` (and `kite run --restore`): builds the VM a snapshot kept, paused
@@ -438,18 +430,6 @@ impl Vmm {
 
     /// Starts the machine built by [`Vmm::launch`], then confines this thread.
     pub fn start(&mut self) -> Result<(), ActionError> {
-        self.start_then(|_| Ok(()))
-    }
-
-    /// Like [`Vmm::start`], with `then` called once the VM runs, before this thread is
-    /// confined: `kite run` starts its API server there, so that no client sees its VM
-    /// before it runs (`Created`, or, restored, `Paused` as if waiting for a `vm.resume`
-    /// that would then be refused), and the server's threads are made before the
-    /// confinement, as the VM's. If `then` fails, the VM is stopped.
-    pub fn start_then(
-        &mut self,
-        then: impl FnOnce(&mut Vmm) -> Result<(), MachineError>,
-    ) -> Result<(), ActionError> {
         let Some(live) = &mut self.live else {
             return Err(ActionError::NotCreated);
         };
@@ -459,12 +439,6 @@ impl Vmm {
         }
         self.set_state(VmState::Running);
         self.publish();
-        if let Err(e) = then(self) {
-            self.stop_machine(VmEnd::VmmFailure(e.to_string()));
-            self.set_state(VmState::Shutdown);
-            self.publish();
-            return Err(e.into());
-        }
         // Every thread of the first VM exists now: the main thread confines itself (a
         // thread keeps the filter it was created with).
         if let Err(e) = self.confine() {
