@@ -175,19 +175,32 @@ impl Kite {
 
     /// Like [`Kite::wait_for`], for output after `mark`.
     pub fn wait_for_since(&self, mark: usize, needle: &str, timeout: Duration) {
+        self.wait_until(&format!("{needle:?}"), timeout, |console| {
+            console.get(mark..).is_some_and(|t| t.contains(needle))
+        })
+    }
+
+    /// Waits until the console output so far passes `check`; fails the test at the
+    /// deadline or if the console closes first, saying it did not show `what`.
+    pub fn wait_until(&self, what: &str, timeout: Duration, check: impl Fn(&str) -> bool) {
         let deadline = Instant::now() + timeout;
         let mut text = self.console.text.lock().unwrap();
         loop {
-            if text.0.get(mark..).is_some_and(|t| t.contains(needle)) {
+            if check(&text.0) {
                 return;
             }
             let now = Instant::now();
-            assert!(
-                !text.1 && now < deadline,
-                "console did not show {needle:?} within {timeout:?}; it showed:\n{}\nstderr:\n{}",
-                text.0,
-                std::fs::read_to_string(&self.stderr).unwrap_or_default()
-            );
+            if text.1 || now >= deadline {
+                // Not under the lock: a panic there would poison it for the console's
+                // reader thread and for `Drop`, which shows the console's tail.
+                let shown = text.0.clone();
+                drop(text);
+                panic!(
+                    "console did not show {what} within {timeout:?}; it showed:\n{shown}\n\
+                     stderr:\n{}",
+                    std::fs::read_to_string(&self.stderr).unwrap_or_default()
+                );
+            }
             text = self
                 .console
                 .grew
