@@ -190,6 +190,8 @@ pub(crate) unsafe fn map_file_fixed(
     if mapped == libc::MAP_FAILED {
         return Err(host_err("mmap"));
     }
+    // A new mapping: kept out of core dumps like the memory it replaced.
+    advise_no_dump(addr, len, &"guest memory");
     Ok(())
 }
 
@@ -217,7 +219,8 @@ pub(crate) unsafe fn map_anonymous_fixed(addr: *mut u8, len: usize) -> Result<()
     if mapped == libc::MAP_FAILED {
         return Err(host_err("mmap"));
     }
-    // The area asked for huge pages; the new mapping is advised the same.
+    // The area asked for huge pages and no core dumps; the new mapping is advised the same.
+    advise_no_dump(addr, len, &"guest memory");
     advise_huge_pages(addr, len, &"guest memory");
     Ok(())
 }
