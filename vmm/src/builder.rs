@@ -271,7 +271,7 @@ pub fn build(
     let legacy = devices.add_legacy(Arc::clone(&serial))?;
     let (io, virtio_devices) = devices.finish();
 
-    let vcpus = (0..spec.cpus)
+    let mut vcpus = (0..spec.cpus)
         .map(|id| Vcpu::new(&vm, id, spec.cpus, Arc::clone(&io)))
         .collect::<Result<Vec<_>, _>>()?;
     match restore {
@@ -298,7 +298,7 @@ pub fn build(
             // The VM's interrupt controllers and clock, each vCPU, then the devices:
             // an interrupt a device raises as it goes on lands in restored controllers.
             vm.restore_state(&r.snapshot.vm)?;
-            for (vcpu, state) in vcpus.iter().zip(&r.snapshot.vcpus) {
+            for (vcpu, state) in vcpus.iter_mut().zip(&r.snapshot.vcpus) {
                 vcpu.restore(state)?;
             }
             // Held until the VM starts: a restored VM that is never resumed does no I/O.

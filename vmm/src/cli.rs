@@ -523,6 +523,7 @@ fn install_panic_hook() {
 
 /// Runs `kite` with the process's arguments; returns the exit code.
 pub fn main() -> i32 {
+    crate::logger::mark_process_start();
     install_panic_hook();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,

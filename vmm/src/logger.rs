@@ -2,7 +2,8 @@
 
 use std::io::Write;
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use log::{LevelFilter, Log, Metadata, Record};
 
@@ -76,6 +77,34 @@ fn open_log(path: &Path) -> std::io::Result<std::fs::File> {
                 e
             }
         })
+}
+
+static PROCESS_START: OnceLock<(Instant, u64)> = OnceLock::new();
+
+/// `CLOCK_MONOTONIC` in nanoseconds: a clock another process (a benchmark that started
+/// Kite) can compare with its own.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec, ours.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Notes when the process started (`kite`'s `main` calls it first thing), for
+/// [`since_start`].
+pub fn mark_process_start() {
+    PROCESS_START.get_or_init(|| (Instant::now(), monotonic_ns()));
+}
+
+/// How long ago [`mark_process_start`] was called (zero if never), and the monotonic
+/// clock then.
+pub fn since_start() -> (Duration, u64) {
+    PROCESS_START
+        .get()
+        .map_or((Duration::ZERO, 0), |(at, ns)| (at.elapsed(), *ns))
 }
 
 /// The level for `-v` given `verbosity` times: warnings, then info, debug, trace.

@@ -322,6 +322,17 @@ pub struct Vcpu {
     io: Arc<IoManager>,
     /// What its state is made of on this host.
     spec: SaveSpec,
+    /// Restored from a snapshot, and not yet run since: vCPU 0 logs when it first enters
+    /// `KVM_RUN` and when it first comes back (info level), with the time since the
+    /// process started, for restore benchmarks.
+    announce_restore: Option<RestoreRun>,
+}
+
+/// What a restored vCPU 0 has logged of its first `KVM_RUN`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RestoreRun {
+    NotEntered,
+    Entered,
 }
 
 impl std::fmt::Debug for Vcpu {
@@ -343,20 +354,52 @@ impl Vcpu {
         regs::setup_fpu(&fd)?;
         regs::setup_lint(&fd)?;
         let spec = SaveSpec::of(vm)?;
-        Ok(Vcpu { id, fd, io, spec })
+        Ok(Vcpu {
+            id,
+            fd,
+            io,
+            spec,
+            announce_restore: None,
+        })
     }
 
     /// Gives this vCPU, created with [`Vcpu::new`] and not started, the state `state` saved
     /// of the vCPU of the same id (instead of [`Vcpu::set_boot_entry`]). The VM's own state
     /// is restored first (`Vm::restore_state`).
-    pub fn restore(&self, state: &VcpuState) -> Result<(), VcpuError> {
+    pub fn restore(&mut self, state: &VcpuState) -> Result<(), VcpuError> {
         if state.id != self.id {
             return Err(VcpuError::WrongVcpu {
                 id: self.id,
                 state: state.id,
             });
         }
-        Ok(state.restore(&self.fd)?)
+        state.restore(&self.fd)?;
+        if self.id == 0 {
+            self.announce_restore = Some(RestoreRun::NotEntered);
+        }
+        Ok(())
+    }
+
+    /// Logs vCPU 0's first entry into `KVM_RUN` after a restore, and its first exit.
+    #[cold]
+    fn announce(&mut self) {
+        let (since, start_ns) = crate::logger::since_start();
+        let now_ns = crate::logger::monotonic_ns();
+        let what = match self.announce_restore {
+            Some(RestoreRun::NotEntered) => {
+                self.announce_restore = Some(RestoreRun::Entered);
+                "enters KVM_RUN"
+            }
+            _ => {
+                self.announce_restore = None;
+                "is back from its first KVM_RUN"
+            }
+        };
+        log::info!(
+            "restore: vCPU 0 {what} {} us after the process started \
+             (monotonic {now_ns} ns, process start {start_ns} ns)",
+            since.as_micros()
+        );
     }
 
     /// Saves this vCPU's state; it must not be running (not started, or on its own thread
@@ -451,6 +494,11 @@ impl Vcpu {
                     control.park_if_paused(self);
                     if control.stop.load(Ordering::Acquire) {
                         RunState::Stopping(VcpuStop::Requested)
+                    } else if self.announce_restore.is_some() {
+                        self.announce();
+                        let state = self.run_once();
+                        self.announce();
+                        state
                     } else {
                         self.run_once()
                     }
