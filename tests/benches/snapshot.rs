@@ -372,11 +372,9 @@ fn cold_boot(dir: &Path, name: &str) -> (ColdSample, Kite, PathBuf, PathBuf) {
     );
     let start = Instant::now();
     let (kite, socket, disk) = boot_test_guest(dir, name, &memory);
-    kite.wait_until(0, "output", DEADLINE, |t| !t.is_empty());
+    kite.wait_until("output", DEADLINE, |t| !t.is_empty());
     let first_output = ms(start.elapsed());
-    kite.wait_until(0, "a steady line", DEADLINE, |t| {
-        !steady_passes(t).is_empty()
-    });
+    kite.wait_until("a steady line", DEADLINE, |t| !steady_passes(t).is_empty());
     let steady = ms(start.elapsed());
     let mem = mem_of(kite.pid());
     let sample = ColdSample {
@@ -431,15 +429,15 @@ fn restore_test_guest(
     let spawn_ns = monotonic_ns();
     let start = Instant::now();
     let kite = Kite::start(&args);
-    kite.wait_until(0, "output", DEADLINE, |t| !t.is_empty());
+    kite.wait_until("output", DEADLINE, |t| !t.is_empty());
     let first_output = ms(start.elapsed());
     let at_output = mem_of(kite.pid());
-    kite.wait_until(0, "a complete steady line", DEADLINE, |t| {
+    kite.wait_until("a complete steady line", DEADLINE, |t| {
         !steady_passes(t).is_empty()
     });
     let next_line = ms(start.elapsed());
     let p0 = steady_passes(&kite.console())[0];
-    kite.wait_until(0, "the guest's whole memory checked again", DEADLINE, |t| {
+    kite.wait_until("the guest's whole memory checked again", DEADLINE, |t| {
         steady_passes(t)
             .last()
             .is_some_and(|&p| p >= p0 + TOUCH_ALL_PASSES)
@@ -582,7 +580,7 @@ fn snapshot_size(dir: &Path, boot_mib: u64, runs: usize) -> SizeSample {
     );
     let name = format!("size{boot_mib}");
     let (kite, socket, disk) = boot_test_guest(dir, &name, &memory);
-    kite.wait_until(0, "two steady lines", DEADLINE, |t| {
+    kite.wait_until("two steady lines", DEADLINE, |t| {
         steady_passes(t).len() >= 2
     });
     let mut times = Samples::default();
@@ -650,7 +648,7 @@ fn density(snapshot: &Path, disk: &Path, dir: &Path, mode: &'static str, clones:
         .collect();
     let mut lines = Samples::default();
     for vm in &vms {
-        vm.wait_until(0, "a line", DEADLINE, |t| t.contains('\n'));
+        vm.wait_until("a line", DEADLINE, |t| t.contains('\n'));
         lines.push(ms(start.elapsed()));
     }
     let all_running = lines.sorted().last().copied().unwrap_or(f64::NAN);
@@ -977,8 +975,8 @@ fn main() {
         if run == 0 {
             // Settled (the next steady line), paused, snapshotted with its disk as it was.
             let mark = kite.mark();
-            kite.wait_until(mark, "the next steady line", DEADLINE, |t| {
-                !steady_passes(t).is_empty()
+            kite.wait_until("the next steady line", DEADLINE, |t| {
+                t.get(mark..).is_some_and(|t| !steady_passes(t).is_empty())
             });
             api_ok(&socket, "PUT", "vm.pause", None);
             snapshot = dir.join("snapshot");

@@ -210,37 +210,6 @@ impl Kite {
         }
     }
 
-    /// Waits until the console output after `mark` satisfies `done` (`what` names it in
-    /// the failure); fails the test at the deadline or if the console closes first.
-    pub fn wait_until(
-        &self,
-        mark: usize,
-        what: &str,
-        timeout: Duration,
-        done: impl Fn(&str) -> bool,
-    ) {
-        let deadline = Instant::now() + timeout;
-        let mut text = self.console.text.lock().unwrap();
-        loop {
-            if text.0.get(mark..).is_some_and(&done) {
-                return;
-            }
-            let now = Instant::now();
-            assert!(
-                !text.1 && now < deadline,
-                "console did not show {what} within {timeout:?}; it showed:\n{}\nstderr:\n{}",
-                text.0,
-                std::fs::read_to_string(&self.stderr).unwrap_or_default()
-            );
-            text = self
-                .console
-                .grew
-                .wait_timeout(text, deadline - now)
-                .unwrap()
-                .0;
-        }
-    }
-
     /// The console output so far.
     pub fn console(&self) -> String {
         self.console.text.lock().unwrap().0.clone()
