@@ -35,6 +35,8 @@ pub(crate) struct Area {
     size: u64,
     slot: u32,
     mapping: MmapRegion,
+    /// Whether its memory is advised transparent huge pages.
+    huge_pages: bool,
 }
 
 impl std::fmt::Debug for Area {
@@ -54,6 +56,7 @@ impl Area {
         start: GuestAddress,
         size: u64,
         slot: u32,
+        huge_pages: bool,
     ) -> Result<Area, MappingError> {
         let len = check_geometry(start, size, size)?;
         let mapping = MmapRegionBuilder::new(len)
@@ -62,18 +65,26 @@ impl Area {
             .build()
             .map_err(MappingError::Mmap)?;
         advise_no_dump(mapping.as_ptr(), len, &id);
-        advise_huge_pages(mapping.as_ptr(), len, &id);
+        if huge_pages {
+            advise_huge_pages(mapping.as_ptr(), len, &id);
+        }
         Ok(Area {
             id,
             start,
             size,
             slot,
             mapping,
+            huge_pages,
         })
     }
 
     pub(crate) fn id(&self) -> AreaId {
         self.id
+    }
+
+    /// Whether its memory is advised transparent huge pages.
+    pub(crate) fn huge_pages(&self) -> bool {
+        self.huge_pages
     }
 
     pub(crate) fn slot(&self) -> u32 {

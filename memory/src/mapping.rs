@@ -183,11 +183,17 @@ pub(crate) unsafe fn map_file_fixed(
 ///
 /// # Safety
 /// As [`drop_pages`].
-pub(crate) unsafe fn map_anonymous_fixed(addr: *mut u8, len: usize) -> Result<(), MappingError> {
+pub(crate) unsafe fn map_anonymous_fixed(
+    addr: *mut u8,
+    len: usize,
+    huge_pages: bool,
+) -> Result<(), MappingError> {
     // SAFETY: the caller's contract.
     unsafe { map_fixed(addr, len, ANONYMOUS_MAPPING, -1, 0) }?;
     // The area's advice, for the new mapping too.
-    advise_huge_pages(addr, len, &"guest memory");
+    if huge_pages {
+        advise_huge_pages(addr, len, &"guest memory");
+    }
     Ok(())
 }
 

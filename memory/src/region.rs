@@ -188,6 +188,7 @@ impl Region {
         spec: &RegionSpec,
         slot: u32,
         reader_limit: u64,
+        huge_pages: bool,
         area: Option<Arc<Area>>,
     ) -> Result<Region, RegionError> {
         let RegionSpec {
@@ -259,7 +260,7 @@ impl Region {
         if region.owns_slot() {
             let (addr, len) = region.host_range(0, capacity);
             advise_no_dump(addr.cast(), len, &id);
-            if matches!(region.backing, Backing::Anonymous) {
+            if huge_pages && matches!(region.backing, Backing::Anonymous) {
                 advise_huge_pages(addr.cast(), len, &id);
             }
             // Memory beyond the size is reserved but inaccessible until the region grows.
@@ -429,9 +430,14 @@ impl Region {
         }
         let dropped = if matches!(self.backing, Backing::File { .. }) {
             // Dropped pages of a private file mapping would read as the file again:
-            // anonymous memory (inaccessible, as protected above) takes their place.
+            // anonymous memory (inaccessible, as protected above) takes their place,
+            // advised as the area is.
+            let huge_pages = match &self.memory {
+                Memory::InArea { area, .. } => area.huge_pages(),
+                Memory::Own(_) => false,
+            };
             // SAFETY: as below.
-            unsafe { mapping::map_anonymous_fixed(addr.cast(), host_len) }
+            unsafe { mapping::map_anonymous_fixed(addr.cast(), host_len, huge_pages) }
         } else {
             // SAFETY: the range lies inside this region's memory (`host_range`), and
             // no reader holds it (the caller drained them).

@@ -141,6 +141,7 @@ pub fn build(
         faults.clone().map(|f| f as Arc<dyn LazyPages>),
         TableConfig {
             max_slots: vm.max_memslots(),
+            huge_pages: spec.config.memory.thp,
             ..TableConfig::default()
         },
     ));

@@ -12,6 +12,10 @@ pub struct TableConfig {
     pub drain_timeout: Duration,
     /// Slot numbers the table may hand out (KVM reports its limit).
     pub max_slots: u32,
+    /// Whether anonymous guest memory (regions of their own, areas) is advised
+    /// transparent huge pages: fewer faults and TLB misses (throughput), at the cost of
+    /// 2 MiB of host memory for a guest that touched one page there (density).
+    pub huge_pages: bool,
 }
 
 impl Default for TableConfig {
@@ -20,6 +24,7 @@ impl Default for TableConfig {
             reader_limit: 1 << 20,
             drain_timeout: Duration::from_secs(10),
             max_slots: 32_764,
+            huge_pages: true,
         }
     }
 }

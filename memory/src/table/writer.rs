@@ -305,7 +305,7 @@ impl RegionTable {
             self.next_id
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         );
-        let area = match Area::new(id, start, size, slot) {
+        let area = match Area::new(id, start, size, slot, self.config.huge_pages) {
             Ok(area) => area,
             Err(e) => {
                 inner.free_slots.push(slot);
@@ -360,7 +360,14 @@ impl RegionTable {
             self.next_id
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         );
-        let region = match Region::new(id, &spec, slot, self.config.reader_limit, area.clone()) {
+        let region = match Region::new(
+            id,
+            &spec,
+            slot,
+            self.config.reader_limit,
+            self.config.huge_pages,
+            area.clone(),
+        ) {
             Ok(region) => Arc::new(region),
             Err(e) => {
                 free_slot(inner);

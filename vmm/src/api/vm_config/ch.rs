@@ -91,7 +91,7 @@ pub(super) struct MemoryConfig {
     pub(super) hugepage_size: Field<Value>,
     pub(super) prefault: Field<Value>,
     pub(super) reserve: Field<Value>,
-    pub(super) thp: Field<Value>,
+    pub(super) thp: Field<bool>,
     pub(super) zones: Field<Value>,
     #[serde(flatten)]
     pub(super) unknown: Map<String, Value>,

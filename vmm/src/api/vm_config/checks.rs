@@ -263,11 +263,7 @@ impl ch::MemoryConfig {
             &[json!(false)],
             "Kite does not reserve swap space for guest memory",
         )?;
-        self.thp.only(
-            &f("thp"),
-            &[json!(true)],
-            "Kite always asks for transparent huge pages for guest memory",
-        )?;
+        let thp = self.thp.get("memory.thp")?.unwrap_or(true);
         self.zones
             .none(&f("zones"), "Kite does not support memory zones")?;
         Ok(MemoryConfig {
@@ -275,6 +271,7 @@ impl ch::MemoryConfig {
             hotplug_size: hotplug_size.map(|b| Size(b.0)),
             hotplug_backing: HotplugBacking::Anon,
             hotplugged_size: hotplugged_size.map(|b| Size(b.0)),
+            thp,
         })
     }
 }

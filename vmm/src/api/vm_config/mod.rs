@@ -180,7 +180,7 @@ pub fn to_ch_json(
     if let Some(initramfs) = initramfs {
         payload["initramfs"] = json!(initramfs.to_string_lossy());
     }
-    let mut memory = json!({"size": config.memory.size.bytes()});
+    let mut memory = json!({"size": config.memory.size.bytes(), "thp": config.memory.thp});
     if let Some(hotplug) = config.memory.hotplug_size {
         memory["hotplug_method"] = json!("VirtioMem");
         memory["hotplug_size"] = json!(hotplug.bytes());

@@ -93,6 +93,7 @@ fn hand_written_body_parses() {
                 hotplug_size: Some(Size(2 * GIB)),
                 hotplug_backing: HotplugBacking::Anon,
                 hotplugged_size: Some(Size(256 << 20)),
+                thp: true,
             },
             disks: vec![
                 DiskConfig {
@@ -264,7 +265,13 @@ fn every_unsupported_key_in_a_section_is_refused_by_name() {
             "/memory",
             "memory.",
             keys::<ch::MemoryConfig>(),
-            &["size", "hotplug_method", "hotplug_size", "hotplugged_size"],
+            &[
+                "size",
+                "hotplug_method",
+                "hotplug_size",
+                "hotplugged_size",
+                "thp",
+            ],
         ),
         (
             "/disks/0",
@@ -299,7 +306,7 @@ fn every_unsupported_key_in_a_section_is_refused_by_name() {
             checked += 1;
         }
     }
-    assert_eq!(checked, 4 + 8 + 8 + 19 + 4 + 2 + 6 + 3);
+    assert_eq!(checked, 4 + 8 + 7 + 19 + 4 + 2 + 6 + 3);
 }
 
 #[test]
@@ -322,7 +329,6 @@ fn unsupported_values_of_supported_sections_are_refused() {
         ),
         ("/memory/shared", json!(true), "memory.shared"),
         ("/memory/hugepages", json!(true), "memory.hugepages"),
-        ("/memory/thp", json!(false), "memory.thp"),
         (
             "/memory/zones",
             json!([{"id": "z", "size": GIB}]),
@@ -543,6 +549,7 @@ fn to_ch_json_round_trips() {
                 hotplug_size: Some(Size(4 * GIB)),
                 hotplug_backing: HotplugBacking::Anon,
                 hotplugged_size: Some(Size(512 << 20)),
+                thp: true,
             },
             disks: vec![
                 DiskConfig {
@@ -600,7 +607,7 @@ fn to_ch_json_round_trips() {
     );
     assert_eq!(
         json["memory"],
-        json!({"size": 512 << 20, "hotplug_method": "VirtioMem", "hotplug_size": GIB})
+        json!({"size": 512 << 20, "hotplug_method": "VirtioMem", "hotplug_size": GIB, "thp": true})
     );
     assert_eq!(json.get("rng"), None);
     assert_eq!(json.get("disks"), None);
