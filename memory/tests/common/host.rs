@@ -53,7 +53,11 @@ impl Drop for Mapping {
 
 /// A read-write file of no name (removed at once), for `name`'s test.
 pub fn scratch_file(name: &str) -> std::fs::File {
-    let path = std::env::temp_dir().join(format!("kite-{name}-{}", std::process::id()));
+    // Unique within the process too: tests of one binary run at once, and one's removal
+    // must not take another's file.
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = std::env::temp_dir().join(format!("kite-{name}-{}-{n}", std::process::id()));
     let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
