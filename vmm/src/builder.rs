@@ -110,7 +110,8 @@ pub fn build(
     console: Box<dyn Write + Send>,
     origin: Origin<'_>,
 ) -> Result<Machine, MachineError> {
-    let vm = Vm::new()?;
+    // Interrupt controllers come once the memory slots are in (see `Vm::without_irqchip`).
+    let vm = Vm::without_irqchip()?;
     vm.check_vcpu_count(u32::from(spec.cpus))?;
     let restore = match origin {
         Origin::Boot => None,
@@ -221,6 +222,7 @@ pub fn build(
         }
     }
     let hotplug_area = hotplug.as_ref().map(|h| h.addr()..h.addr() + h.size());
+    vm.create_irqchip()?;
 
     // Devices, in the order the command line announces them (see `VmSpec::resolve`).
     let threads = context.device_threads();
