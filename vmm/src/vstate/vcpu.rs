@@ -4,11 +4,12 @@
 //! request. A paused vCPU's thread saves its state when asked
 //! ([`VcpuControl::save_states`]): it owns the vCPU's file descriptor.
 
+use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use devices::thread_exit::{wait_readable, ExitSignal};
 
@@ -186,10 +187,11 @@ impl VcpuControl {
         self.pause.store(true, Ordering::Release);
     }
 
-    /// Waits until `count` vCPUs are parked (or gone), kicking them with `kick` every
-    /// [`KICK_INTERVAL`] (a kick that lands just before `KVM_RUN` is lost), until
-    /// `deadline`. Whether they all parked.
+    /// Kicks the vCPUs with `kick` (once: a kick is never lost, see [`kick_handler`]) and
+    /// waits until `count` of them are parked (or gone), until `deadline`. Whether they
+    /// all parked.
     pub fn wait_paused(&self, count: usize, deadline: Instant, kick: impl Fn()) -> bool {
+        kick();
         let mut parked = self.lock();
         loop {
             if parked.paused + parked.gone >= count {
@@ -199,13 +201,9 @@ impl VcpuControl {
             if now >= deadline {
                 return false;
             }
-            drop(parked);
-            kick();
-            parked = self.lock();
-            let wait = KICK_INTERVAL.min(deadline - now);
             parked = self
                 .changed
-                .wait_timeout(parked, wait)
+                .wait_timeout(parked, deadline - now)
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
@@ -464,6 +462,8 @@ impl Vcpu {
             .name(format!("kite_vcpu{id}"))
             .spawn(move || {
                 let _exit_signal = exit_signal;
+                // Dropped before `self` (captured, so dropped after the closure's locals).
+                let _kicks = KickTarget::set(&mut self.fd);
                 let why = match confinement.confine(ThreadKind::Vcpu) {
                     Ok(()) => self.run(&control),
                     Err(e) => VcpuStop::Fatal {
@@ -569,7 +569,9 @@ impl Vcpu {
                 rip: None,
             },
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                return RunState::Running
+                // Kicked (see `kick_handler`): the caller looks at why before running again.
+                self.fd.set_kvm_immediate_exit(0);
+                return RunState::Running;
             }
             Err(e) => VcpuStop::Fatal {
                 exit: format!("KVM_RUN failed: {e}"),
@@ -632,34 +634,63 @@ pub struct VcpuHandle {
     exited: EventFd,
 }
 
-/// How long a vCPU that has been asked to stop gets before it is kicked out of `KVM_RUN`
-/// again: a kick that lands just before it enters `KVM_RUN` is lost, the next one is not.
-/// (A vCPU that sees the kick exits at once; this is only the fallback.)
-pub const KICK_INTERVAL: Duration = Duration::from_millis(10);
+thread_local! {
+    /// The `immediate_exit` byte of the `kvm_run` of the vCPU this thread runs (null:
+    /// none), for [`kick_handler`]. A plain pointer in a constant-initialised cell: read in
+    /// a signal handler, it must need no lazy set-up.
+    static KICK_TARGET: Cell<*mut u8> = const { Cell::new(std::ptr::null_mut()) };
+}
 
-extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+/// Points this thread's [`KICK_TARGET`] at a vCPU's `immediate_exit` while it lives.
+struct KickTarget;
 
-/// Installs the handler of the signal that kicks vCPUs out of `KVM_RUN` (it does nothing:
-/// its delivery makes `KVM_RUN` return `EINTR`). Call before starting vCPUs.
+impl KickTarget {
+    /// Kicks of this thread from now on land in `fd`'s `immediate_exit`; dropping the
+    /// result (before `fd` goes) ends that.
+    fn set(fd: &mut VcpuFd) -> KickTarget {
+        let run = fd.get_kvm_run();
+        KICK_TARGET.with(|target| target.set(std::ptr::addr_of_mut!(run.immediate_exit)));
+        KickTarget
+    }
+}
+
+impl Drop for KickTarget {
+    fn drop(&mut self) {
+        KICK_TARGET.with(|target| target.set(std::ptr::null_mut()));
+    }
+}
+
+/// The kick signal's handler. Its delivery alone makes a `KVM_RUN` under way return
+/// `EINTR`; it also sets the thread's vCPU `immediate_exit`, so a kick that lands just
+/// before `KVM_RUN` is not lost either: that `KVM_RUN` returns `EINTR` at once. Whoever
+/// kicks has set what the vCPU must see (stop, pause) first, and the vCPU looks at it
+/// after each `EINTR`: one kick always suffices.
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    let target = KICK_TARGET.with(Cell::get);
+    if !target.is_null() {
+        // SAFETY: set by `KickTarget` to the `immediate_exit` byte of the `kvm_run`
+        // mapping of the vCPU this thread owns, and cleared before that vCPU (and its
+        // mapping) goes; a single volatile byte store, as KVM's API expects from a signal
+        // handler.
+        unsafe { target.write_volatile(1) };
+    }
+}
+
+/// Installs the handler of the signal that kicks vCPUs out of `KVM_RUN` (see
+/// [`kick_handler`]). Call before starting vCPUs.
 pub fn install_kick_handler() -> Result<(), VcpuError> {
     register_signal_handler(SIGRTMIN(), kick_handler).map_err(VcpuError::KickHandler)
 }
 
 impl VcpuHandle {
-    /// Kicks the vCPU until it has seen `stop` (already set) and waits for its thread to
-    /// exit, until `deadline`; past it the thread is left behind, with an error logged.
-    /// Whether it stopped.
+    /// Kicks the vCPU (once: a kick is never lost, see [`kick_handler`]) so it sees `stop`
+    /// (already set) and waits for its thread to exit, until `deadline`; past it the
+    /// thread is left behind, with an error logged. Whether it stopped.
     pub fn stop(self, deadline: Instant) -> bool {
-        loop {
-            self.kick();
-            let next_kick = (Instant::now() + KICK_INTERVAL).min(deadline);
-            if wait_readable(&self.exited, next_kick) {
-                break;
-            }
-            if Instant::now() >= deadline {
-                log::error!("vCPU {} did not stop in time; left behind", self.id);
-                return false;
-            }
+        self.kick();
+        if !wait_readable(&self.exited, deadline) {
+            log::error!("vCPU {} did not stop in time; left behind", self.id);
+            return false;
         }
         if self.thread.join().is_err() {
             log::error!("vCPU {} panicked", self.id);

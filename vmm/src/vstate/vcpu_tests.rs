@@ -1,6 +1,7 @@
 //! Tests of the vCPU run loop, pause protocol and state save/restore, on real KVM.
 
 use std::sync::mpsc::{channel, Receiver};
+use std::time::Duration;
 
 use kvm_bindings::{kvm_mp_state, kvm_regs, KVM_MP_STATE_RUNNABLE, KVM_MP_STATE_UNINITIALIZED};
 use memory::{MemorySlots, SlotMapping};
@@ -543,4 +544,33 @@ fn a_tsc_of_another_frequency_is_scaled_or_refused() {
             "{e}"
         ),
     }
+}
+
+/// A kick that lands after the vCPU last looked at why it might stop, just before it
+/// enters `KVM_RUN`, is not lost: that `KVM_RUN` returns at once, the guest running no
+/// further; the next one runs the guest as usual.
+#[test]
+fn a_kick_just_before_kvm_run_is_not_lost() {
+    let Some(vm) = vm() else {
+        return;
+    };
+    let mut guest = Counting::new(vm, 1, None);
+    guest.boot();
+    install_kick_handler().unwrap();
+    let mut vcpu = guest.vcpus.pop().unwrap();
+    let counter = Arc::clone(&guest.ports[0]);
+    let _kicks = KickTarget::set(&mut vcpu.fd);
+    // SAFETY: sends the kick signal, whose handler is installed, to this very thread; the
+    // handler has run by the time the call returns.
+    let sent = unsafe { libc::pthread_kill(libc::pthread_self(), SIGRTMIN()) };
+    assert_eq!(sent, 0);
+    assert!(matches!(vcpu.run_once(), RunState::Running));
+    assert_eq!(counter.lock().next, 0, "the guest ran after the kick");
+    assert_eq!(
+        vcpu.fd.get_kvm_run().immediate_exit,
+        0,
+        "the kick stays set"
+    );
+    assert!(matches!(vcpu.run_once(), RunState::Running));
+    assert_eq!(counter.lock().next, 1, "the guest did not run on");
 }
