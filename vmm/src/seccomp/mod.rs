@@ -18,6 +18,7 @@ pub mod filters;
 use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use devices::virtio::mem::VIRTIO_ID_MEM;
@@ -158,7 +159,7 @@ impl Confinement {
     /// Compiles every kind's filter for `mode` and, with `on`, installs the SIGSYS
     /// handler. Call on the main thread before any thread is confined.
     pub fn new(mode: SeccompMode) -> Result<Arc<Self>, SeccompError> {
-        if mode != SeccompMode::Off {
+        if mode != SeccompMode::Off && !SINGLE_ARENA.load(Ordering::Relaxed) {
             prime_allocator();
         }
         let mut programs = BTreeMap::new();
@@ -207,6 +208,22 @@ impl Confinement {
         #[cfg(debug_assertions)]
         test_trigger(kind);
         Ok(())
+    }
+}
+
+/// Set by [`single_arena`].
+static SINGLE_ARENA: AtomicBool = AtomicBool::new(false);
+
+/// Has glibc's allocator serve every thread from its main arena. Call first thing in
+/// `main`, before any thread starts (a thread keeps the arena it first allocated from).
+/// Kite's threads allocate little, and rarely at once; an arena per thread costs host
+/// memory (each a heap of its own, partly touched) and, once its thread is confined, a
+/// shrinking one makes glibc read `/proc/sys/vm/overcommit_memory` (see
+/// `prime_allocator`, then not needed: the main arena shrinks with `brk`).
+pub fn single_arena() {
+    // SAFETY: mallopt only sets an allocator parameter; M_ARENA_MAX with 1 is valid.
+    if unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) } == 1 {
+        SINGLE_ARENA.store(true, Ordering::Relaxed);
     }
 }
 
