@@ -289,16 +289,17 @@ pub struct MemoryConfig {
     /// starts, as after a resize); none without it.
     #[serde(default)]
     pub hotplugged_size: Option<Size>,
-    /// Whether guest RAM and the hotplug area are advised transparent huge pages (`thp=on`,
-    /// the default: fewer faults and TLB misses); `thp=off` keeps 4 KiB pages, so a guest
-    /// costs the pages it touched (density). Memory restored lazily or privately from a
-    /// snapshot is never advised.
+    /// Whether guest RAM and the hotplug area are advised transparent huge pages (`thp=on`:
+    /// fewer faults and TLB misses, for guests that touch most of their memory); `thp=off`,
+    /// the default, keeps 4 KiB pages, so a guest costs the pages it touched and a first
+    /// touch zeroes 4 KiB, not 2 MiB (density, start). Memory restored lazily or privately
+    /// from a snapshot is never advised.
     #[serde(default = "thp_default")]
     pub thp: bool,
 }
 
 fn thp_default() -> bool {
-    true
+    false
 }
 
 /// `hotplug_backing=`: how hotplugged memory is backed.
@@ -323,7 +324,7 @@ impl Default for MemoryConfig {
             hotplug_size: None,
             hotplug_backing: HotplugBacking::Anon,
             hotplugged_size: None,
-            thp: true,
+            thp: thp_default(),
         }
     }
 }

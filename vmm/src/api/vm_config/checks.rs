@@ -263,7 +263,8 @@ impl ch::MemoryConfig {
             &[json!(false)],
             "Kite does not reserve swap space for guest memory",
         )?;
-        let thp = self.thp.get("memory.thp")?.unwrap_or(true);
+        // Kite's default (4 KiB pages, see `MemoryConfig::thp`), not Cloud Hypervisor's.
+        let thp = self.thp.get("memory.thp")?.unwrap_or(false);
         self.zones
             .none(&f("zones"), "Kite does not support memory zones")?;
         Ok(MemoryConfig {

@@ -93,7 +93,7 @@ fn hand_written_body_parses() {
                 hotplug_size: Some(Size(2 * GIB)),
                 hotplug_backing: HotplugBacking::Anon,
                 hotplugged_size: Some(Size(256 << 20)),
-                thp: true,
+                thp: false,
             },
             disks: vec![
                 DiskConfig {
@@ -607,7 +607,7 @@ fn to_ch_json_round_trips() {
     );
     assert_eq!(
         json["memory"],
-        json!({"size": 512 << 20, "hotplug_method": "VirtioMem", "hotplug_size": GIB, "thp": true})
+        json!({"size": 512 << 20, "hotplug_method": "VirtioMem", "hotplug_size": GIB, "thp": false})
     );
     assert_eq!(json.get("rng"), None);
     assert_eq!(json.get("disks"), None);
