@@ -48,8 +48,9 @@ fn command(vmm: Vmm, kernel: &str, initramfs: &str, cmdline: &str) -> Command {
         Vmm::Qemu => {
             let mut c = Command::new("qemu-system-x86_64");
             c.args(["-M", "microvm,x-option-roms=off,rtc=off", "-enable-kvm"])
-                // cx16 (cmpxchg16b) cannot be emulated in guest kernel mode on kvm_pvm hosts.
-                .args(["-cpu", "host,-cx16", "-smp", "1"])
+                // cx16 (cmpxchg16b) cannot be emulated in guest kernel mode on kvm_pvm hosts;
+                // their KVM refuses QEMU's IA32_ARCH_CAPABILITIES value (QEMU aborts).
+                .args(["-cpu", "host,-cx16,-arch-capabilities", "-smp", "1"])
                 .arg("-m")
                 .arg(format!("{MEMORY_MIB}M"))
                 .args(["-nodefaults", "-no-user-config", "-display", "none"])

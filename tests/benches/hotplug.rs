@@ -129,7 +129,15 @@ fn qemu_linux(kernel: &str, spin: &str, dir: &Path) -> (Duration, Duration) {
     let cmdline = vmm::cli::default_cmdline().replace(" pci=off", "");
     let mut command = Command::new("qemu-system-x86_64");
     command
-        .args(["-M", "q35,accel=kvm", "-cpu", "host,-cx16", "-smp", "1"])
+        // See boot.rs for the -cpu flags.
+        .args([
+            "-M",
+            "q35,accel=kvm",
+            "-cpu",
+            "host,-cx16,-arch-capabilities",
+            "-smp",
+            "1",
+        ])
         .args(["-m", "512M,maxmem=4G"])
         .args(["-object", "memory-backend-ram,id=mem0,size=2G"])
         .args([

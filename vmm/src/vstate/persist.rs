@@ -499,7 +499,7 @@ fn set_msrs(fd: &VcpuFd, id: u8, msrs: &[kvm_msr_entry]) -> Result<(), PersistEr
 }
 
 /// The VM's own KVM state: the in-kernel interrupt controllers (both PICs, the IOAPIC),
-/// the PIT and the KVM clock. Saved with `Vm::save_state`, restored with
+/// the PIT of a VM that had one and the KVM clock. Saved with `Vm::save_state`, restored with
 /// `Vm::restore_state` before the vCPUs are.
 #[derive(Clone, Serialize, Deserialize)]
 pub struct VmState {
@@ -509,8 +509,9 @@ pub struct VmState {
     pub pic_slave: kvm_irqchip,
     /// The IOAPIC.
     pub ioapic: kvm_irqchip,
-    /// The PIT (`KVM_GET_PIT2`).
-    pub pit: kvm_pit_state2,
+    /// The PIT (`KVM_GET_PIT2`), in snapshots of VMs that had one (older Kite).
+    #[serde(default)]
+    pub pit: Option<kvm_pit_state2>,
     /// The KVM clock (`KVM_GET_CLOCK`).
     pub clock: kvm_clock_data,
 }

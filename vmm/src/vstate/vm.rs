@@ -1,7 +1,8 @@
-//! The KVM VM: in-kernel irqchip and PIT, the TSS and identity-map pages, and the memory
-//! slots the region table asks for.
+//! The KVM VM: in-kernel irqchip (a PIT only for a snapshot that had one), the TSS and
+//! identity-map pages, and the memory slots the region table asks for.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use kvm_bindings::{
@@ -43,10 +44,16 @@ fn failed(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
     move |source| VmError::Kvm { what, source }
 }
 
-/// A KVM VM with an in-kernel irqchip (PIC, IOAPIC, LAPICs) and PIT.
+/// A KVM VM with an in-kernel irqchip (PIC, IOAPIC, LAPICs). No PIT: Kite's guests keep
+/// time with the KVM clock and the LAPIC's TSC-deadline timer (Linux boots the same
+/// without one, as under Cloud Hypervisor), and KVM's PIT costs a kernel thread per VM and
+/// 4–16 ms of its teardown (SRCU grace periods as its ports and interrupt notifiers go).
+/// A snapshot taken with a PIT (older Kite) gets one back ([`Vm::restore_state`]).
 pub struct Vm {
     kvm: Kvm,
     fd: Arc<VmFd>,
+    /// Whether it has an in-kernel PIT.
+    pit: AtomicBool,
     /// `KVM_GET_SUPPORTED_CPUID`, asked once: KVM runs the host's CPUID for every leaf,
     /// each an exit to the hypervisor below when the host is itself a VM (about 0.3 ms
     /// here), and the answer never changes.
@@ -84,21 +91,28 @@ impl Vm {
         Ok(Vm {
             kvm,
             fd: Arc::new(fd),
+            pit: AtomicBool::new(false),
             supported_cpuid: OnceLock::new(),
         })
     }
 
-    /// Creates the in-kernel irqchip (PIC, IOAPIC, LAPICs) and PIT: before any vCPU, irqfd
-    /// or interrupt controller state.
+    /// Creates the in-kernel irqchip (PIC, IOAPIC, LAPICs): before any vCPU, irqfd or
+    /// interrupt controller state.
     pub fn create_irqchip(&self) -> Result<(), VmError> {
         self.fd
             .create_irq_chip()
-            .map_err(failed("create the in-kernel irqchip"))?;
+            .map_err(failed("create the in-kernel irqchip"))
+    }
+
+    /// Creates KVM's PIT (with its dummy speaker port), once the irqchip is there.
+    pub fn create_pit(&self) -> Result<(), VmError> {
         let pit = kvm_pit_config {
             flags: KVM_PIT_SPEAKER_DUMMY,
             ..Default::default()
         };
-        self.fd.create_pit2(pit).map_err(failed("create the PIT"))
+        self.fd.create_pit2(pit).map_err(failed("create the PIT"))?;
+        self.pit.store(true, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Checks `count` vCPUs against this host's KVM.
@@ -148,8 +162,8 @@ impl Vm {
             .to_vec())
     }
 
-    /// Reads the state of the in-kernel PICs and IOAPIC, the PIT and the KVM clock, for a
-    /// snapshot. The vCPUs must be out of `KVM_RUN` (paused).
+    /// Reads the state of the in-kernel PICs and IOAPIC, the PIT (if any) and the KVM clock,
+    /// for a snapshot. The vCPUs must be out of `KVM_RUN` (paused).
     pub fn save_state(&self) -> Result<VmState, VmError> {
         let chip = |chip_id, what| {
             let mut chip = kvm_irqchip {
@@ -163,18 +177,25 @@ impl Vm {
             pic_master: chip(KVM_IRQCHIP_PIC_MASTER, "get the master PIC")?,
             pic_slave: chip(KVM_IRQCHIP_PIC_SLAVE, "get the slave PIC")?,
             ioapic: chip(KVM_IRQCHIP_IOAPIC, "get the IOAPIC")?,
-            pit: self.fd.get_pit2().map_err(failed("get the PIT"))?,
+            pit: match self.pit.load(Ordering::Relaxed) {
+                true => Some(self.fd.get_pit2().map_err(failed("get the PIT"))?),
+                false => None,
+            },
             clock: self.clock()?,
         })
     }
 
-    /// Restores what [`Vm::save_state`] read, before the vCPUs are restored: the PIT, the
-    /// KVM clock (as [`Vm::set_clock`]: the guest's time goes on from the saved value),
-    /// then the PICs and the IOAPIC (Firecracker's order).
+    /// Restores what [`Vm::save_state`] read, before the vCPUs are restored: the PIT (a
+    /// saved one is created first, if this VM has none), the KVM clock (as
+    /// [`Vm::set_clock`]: the guest's time goes on from the saved value), then the PICs and
+    /// the IOAPIC (Firecracker's order).
     pub fn restore_state(&self, state: &VmState) -> Result<(), VmError> {
-        self.fd
-            .set_pit2(&state.pit)
-            .map_err(failed("set the PIT"))?;
+        if let Some(pit) = &state.pit {
+            if !self.pit.load(Ordering::Relaxed) {
+                self.create_pit()?;
+            }
+            self.fd.set_pit2(pit).map_err(failed("set the PIT"))?;
+        }
         self.set_clock(&state.clock)?;
         for (chip, what) in [
             (&state.pic_master, "set the master PIC"),
@@ -426,14 +447,43 @@ pub(crate) mod tests {
             bytes(&saved.pic_slave),
             "slave PIC"
         );
-        for (a, b) in restored.pit.channels.iter().zip(&saved.pit.channels) {
-            assert_eq!((a.count, a.mode, a.gate), (b.count, b.mode, b.gate), "PIT");
-        }
+        assert!(saved.pit.is_none() && restored.pit.is_none(), "a PIT");
         // The guest's time goes on from the saved clock.
         let (then, now) = (saved.clock.clock, restored.clock.clock);
         assert!(
             (then..then + 10_000_000_000).contains(&now),
             "the KVM clock: {then} ns saved, {now} ns restored"
+        );
+    }
+
+    /// A snapshot of a VM that had a PIT (older Kite) gets it back, as saved, in a VM that
+    /// has none; a VM without one saves none.
+    #[test]
+    fn a_saved_pit_comes_back_in_a_vm_without_one() {
+        let Some(first) = vm() else {
+            return;
+        };
+        assert!(first.save_state().unwrap().pit.is_none());
+        first.create_pit().unwrap();
+        let mut state = first.save_state().unwrap();
+        let pit = state.pit.as_mut().expect("the PIT saved");
+        (pit.channels[0].count, pit.channels[0].mode) = (0x1234, 2);
+        first.restore_state(&state).unwrap();
+        let saved = first.save_state().unwrap();
+
+        let json = serde_json::to_string(&saved).unwrap();
+        let second = vm().unwrap();
+        second
+            .restore_state(&serde_json::from_str(&json).unwrap())
+            .unwrap();
+        let (saved, restored) = (saved.pit.unwrap(), second.save_state().unwrap().pit);
+        let restored = restored.expect("a PIT in the restored VM");
+        for (a, b) in restored.channels.iter().zip(&saved.channels) {
+            assert_eq!((a.count, a.mode, a.gate), (b.count, b.mode, b.gate), "PIT");
+        }
+        assert_eq!(
+            (restored.channels[0].count, restored.channels[0].mode),
+            (0x1234, 2)
         );
     }
 
