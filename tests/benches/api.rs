@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kite_tests::{api, kvm_available, scratch_disk, Kite};
+use kite_tests::{api, env_or, kvm_available, scratch_disk, Kite};
 use serde_json::json;
 
 const GUEST: &str = env!("KITE_TEST_GUEST");
@@ -24,13 +24,6 @@ const MIB: u64 = 1 << 20;
 const BOOT: u64 = 256 * MIB;
 const DEADLINE: Duration = Duration::from_secs(120);
 const ROUNDS: usize = 10;
-
-fn env_or(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// Reads one HTTP message (head, then `Content-Length` bytes) from `stream`.
 fn read_message(stream: &mut UnixStream) -> Vec<u8> {

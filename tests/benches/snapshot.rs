@@ -40,7 +40,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use kite_tests::{
-    api_ok, default_guest_file, kite_binary, kvm_available, plugged, resize, wait_plugged, Kite,
+    api_ok, default_guest_file, env_or, kite_binary, kvm_available, plugged, resize, wait_plugged,
+    Kite,
 };
 use serde_json::json;
 use vmm::cli::exit;
@@ -68,13 +69,6 @@ const LINUX_RESIZE_DEADLINE: Duration = Duration::from_secs(10 * 60);
 const RUN_INIT: &str = "Run /init as init process";
 const STEADY: &str = "kite-test: snapshot steady ";
 const MODES: [&str; 3] = ["lazy", "private", "eager"];
-
-fn env_or(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// `CLOCK_MONOTONIC` in nanoseconds, the clock Kite's restore log line gives.
 fn monotonic_ns() -> u64 {

@@ -33,7 +33,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use kite_tests::{kite_binary, kvm_available, qemu_available, tiny_pvh_kernel, TINY_KERNEL_ENTRY};
+use kite_tests::{
+    env_or, kite_binary, kvm_available, qemu_available, tiny_pvh_kernel, TINY_KERNEL_ENTRY,
+};
 
 /// Guest RAM of every VM here.
 const GUEST_MIB: u64 = 64;
@@ -388,13 +390,6 @@ impl Samples {
         let (m, lo, hi) = (self.median(), self.quantile(0.1), self.quantile(0.9));
         format!("{m:.decimals$} ({lo:.decimals$}–{hi:.decimals$})")
     }
-}
-
-fn env_or(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
 }
 
 fn loadavg() -> String {

@@ -369,6 +369,14 @@ pub fn scratch_disk(dir: &Path, bytes: u64) -> PathBuf {
     path
 }
 
+/// The number in environment variable `name` (a benchmark's knob), else `default`.
+pub fn env_or(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 /// Whether QEMU (the benchmarks' baseline, `scripts/install-deps bench`) is installed.
 pub fn qemu_available() -> bool {
     Command::new("qemu-system-x86_64")
