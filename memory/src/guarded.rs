@@ -85,6 +85,10 @@ pub struct GuardedMemory<'t> {
     trouble: Cell<Option<Trouble>>,
     /// Addresses the runs of the current `retry` missed (each is waited for once).
     missed: RefCell<Vec<GuestAddress>>,
+    /// Whether accesses are confined to the regions held (see [`GuardedMemory::confine`]).
+    confined: Cell<bool>,
+    /// Whether a confined access reached a region not held.
+    reached_out: Cell<bool>,
     deadline: Deadline,
 }
 
@@ -107,6 +111,8 @@ impl<'t> GuardedMemory<'t> {
             held: RefCell::new(Vec::new()),
             trouble: Cell::new(None),
             missed: RefCell::new(Vec::new()),
+            confined: Cell::new(false),
+            reached_out: Cell::new(false),
             deadline,
         }
     }
@@ -167,10 +173,30 @@ impl<'t> GuardedMemory<'t> {
         self.deadline = deadline;
     }
 
-    /// Drops every lock held.
+    /// Drops every lock held (and ends a confinement).
     pub fn release(&mut self) {
         self.held.get_mut().clear();
         self.trouble.set(None);
+        self.confined.set(false);
+        self.reached_out.set(false);
+    }
+
+    /// Confines accesses to the regions held now (`true`), or lets them lock more again
+    /// (`false`); either way [`GuardedMemory::reached_out`] starts false. While confined,
+    /// an access that reaches any other region fails at once, locking and waiting for
+    /// nothing, and `reached_out` says so. A device serving a batch of requests under
+    /// the locks its first request took confines the others to them: a request that
+    /// would need another region is left for the next batch. [`GuardedMemory::release`]
+    /// ends a confinement.
+    pub fn confine(&self, confined: bool) {
+        self.confined.set(confined);
+        self.reached_out.set(false);
+    }
+
+    /// Whether an access since the last [`GuardedMemory::confine`] was confined and
+    /// reached a region not held (it failed; its result is not to be used).
+    pub fn reached_out(&self) -> bool {
+        self.reached_out.get()
     }
 
     /// How many regions are held now.
@@ -199,6 +225,10 @@ impl<'t> GuardedMemory<'t> {
         }
         if self.trouble.get().is_some() {
             return None; // this run is void: do not lock more
+        }
+        if self.confined.get() {
+            self.reached_out.set(true);
+            return None;
         }
         let nothing_held = self.held.borrow().is_empty();
         // Read before the lookup, and only when it is the fast path alone (see below).

@@ -357,3 +357,48 @@ fn a_wait_for_a_writer_ends_at_the_deadline() {
         holder.join().unwrap();
     });
 }
+
+/// Confined guarded memory locks no region it does not hold: an access that reaches one
+/// fails, says so, and leaves the region free for its writer.
+#[test]
+fn confined_memory_locks_nothing_new() {
+    let (table, _) = table_with_a_region();
+    let second = table
+        .insert(RegionSpec::anonymous(GuestAddress(MIB), MIB), None)
+        .unwrap();
+    let mut mem = GuardedMemory::new(&table, None);
+    mem.write_obj(1u8, GuestAddress(0x100)).unwrap();
+    mem.confine(true);
+    // Held memory still works; the other region is neither read nor locked.
+    assert_eq!(mem.read_obj::<u8>(GuestAddress(0x100)).unwrap(), 1);
+    assert!(!mem.reached_out());
+    assert!(mem.read_obj::<u8>(GuestAddress(MIB)).is_err());
+    assert!(mem.reached_out());
+    assert!(!mem.missed(), "no miss to wait for: nothing was tried");
+    assert_eq!(mem.held(), 1);
+    let readers: Vec<_> = table.metrics().regions.iter().map(|r| r.readers).collect();
+    assert_eq!(readers, vec![1, 0]);
+    // Its writer (on a thread of its own, as writers are) goes ahead meanwhile.
+    let third = std::thread::scope(|s| {
+        s.spawn(|| {
+            table.remove(second, None).unwrap();
+            table
+                .insert(RegionSpec::anonymous(GuestAddress(MIB), MIB), None)
+                .unwrap()
+        })
+        .join()
+        .unwrap()
+    });
+    // Unconfined, the access locks what it reaches again.
+    mem.confine(false);
+    assert!(!mem.reached_out());
+    mem.write_obj(2u8, GuestAddress(MIB)).unwrap();
+    assert_eq!(mem.held(), 2);
+    // A release ends the confinement.
+    mem.confine(true);
+    mem.release();
+    mem.write_obj(3u8, GuestAddress(MIB + 1)).unwrap();
+    assert!(!mem.reached_out());
+    drop(mem);
+    table.remove(third, None).unwrap();
+}

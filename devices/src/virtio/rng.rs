@@ -30,7 +30,8 @@ impl Rng {
         let handler = RngHandler {
             buf: vec![0; MAX_REQUEST],
             counters: Arc::clone(&counters),
-            handed: None,
+            handed: Vec::new(),
+            counted: 0,
         };
         Ok(Rng {
             counters,
@@ -47,8 +48,11 @@ impl Rng {
 struct RngHandler {
     buf: Vec<u8>,
     counters: Arc<RngCounters>,
-    /// Bytes the request last served handed to the guest: counted once it is used.
-    handed: Option<u32>,
+    /// Bytes the requests of the last run handed to the guest, in order: counted once
+    /// they are used.
+    handed: Vec<u32>,
+    /// Requests of the last run counted so far.
+    counted: usize,
 }
 
 /// Fills `buf` from getrandom.
@@ -74,13 +78,19 @@ fn fill_random(buf: &mut [u8]) -> std::io::Result<()> {
 impl QueueHandler for RngHandler {
     fn serve(&mut self, _index: usize, chain: DescriptorChain<&GuardedMemory<'_>>) -> u32 {
         let handed = self.fill(chain);
-        self.handed = Some(handed);
+        self.handed.push(handed);
         handed
     }
 
+    fn forget_batch(&mut self, _index: usize) {
+        self.handed.clear();
+        self.counted = 0;
+    }
+
     fn used(&mut self, _index: usize) {
-        if let Some(handed) = self.handed.take() {
-            self.counters.record(u64::from(handed));
+        if let Some(handed) = self.handed.get(self.counted) {
+            self.counters.record(u64::from(*handed));
+            self.counted += 1;
         }
     }
 }

@@ -53,6 +53,9 @@ pub fn next_access(mem: &mut GuardedMemory<'_>) {
 /// a driver that keeps its queue full cannot hold them off.
 const BUDGET: usize = 256;
 
+/// Requests served as one batch at most (see [`QueueHandler::serve_batched`]).
+pub const BATCH: usize = 64;
+
 /// Never set: the pause flag of a [`Stopping`] that is never paused.
 static NO_PAUSE: AtomicBool = AtomicBool::new(false);
 
@@ -124,12 +127,41 @@ pub trait QueueHandler: Send + 'static {
     /// the bytes it wrote to guest memory (the used length).
     fn serve(&mut self, index: usize, chain: DescriptorChain<&GuardedMemory<'_>>) -> u32;
 
-    /// The request of queue `index` that [`QueueHandler::serve`] served last is in the
-    /// used ring: the driver sees that run of it. A request may be served more than once
-    /// (a run that meets a writer of guest memory, or a device reset, is undone), and is
-    /// used at most once, after its last run: what the driver was served is counted here.
-    /// Nothing by default.
+    /// The next request of queue `index` served in the last run of a batch (since the
+    /// last [`QueueHandler::forget_batch`]) is in the used ring: the driver sees that run of it; called once per
+    /// request of the run, in order. A request may be served more than once (a run that
+    /// meets a writer of guest memory, or a device reset, is undone), and is used at most
+    /// once, after its last run: what the driver was served is counted here. Nothing by
+    /// default.
     fn used(&mut self, _index: usize) {}
+
+    /// Serves one request of queue `index` as part of a batch: pushes its used length to
+    /// `lens` now, or defers it to a later [`QueueHandler::serve_batched`] or
+    /// [`QueueHandler::finish_batch`] of the same batch, which then push the deferred
+    /// lengths first: `lens` gets one length per request, in their order. A deferred
+    /// request may only use memory its own accesses reached here (the batch holds it
+    /// until it is finished), and a request whose access failed is not deferred. A
+    /// request that reached beyond the batch's memory ([`GuardedMemory::reached_out`])
+    /// is undone and begins the next batch: its length, if pushed, is dropped, so it may
+    /// also push none. A request served at once ends its batch. By default every request
+    /// is served at once ([`QueueHandler::serve`]): a batch of one.
+    fn serve_batched(
+        &mut self,
+        index: usize,
+        chain: DescriptorChain<&GuardedMemory<'_>>,
+        lens: &mut Vec<u32>,
+    ) {
+        lens.push(self.serve(index, chain));
+    }
+
+    /// Serves the requests of queue `index` deferred in the batch (in `mem`, the memory
+    /// they were served with, which still holds what they reached) and pushes their used
+    /// lengths to `lens`, in order. Nothing by default.
+    fn finish_batch(&mut self, _index: usize, _mem: &GuardedMemory<'_>, _lens: &mut Vec<u32>) {}
+
+    /// A run of a batch of queue `index` is undone, or a new one begins: forget the
+    /// requests deferred and served in it. Nothing by default.
+    fn forget_batch(&mut self, _index: usize) {}
 
     /// Serves the available requests of queue `index`. By default in rounds: each round
     /// reads how many requests are available and serves exactly those, with the
@@ -139,10 +171,13 @@ pub trait QueueHandler: Send + 'static {
     /// to stop or pause ([`Stopping::hold`], checked before each request).
     ///
     /// Each request holds the regions its rings and buffers touch, from the first access
-    /// to each until the request is used (see [`GuardedMemory`]), and nothing between
-    /// requests: a writer of any other region never waits for it. A request that finds
-    /// a region held by a writer while it holds others is served again from the start
-    /// once the writer is done (the driver sees only the last run).
+    /// to each until the request is used (see [`GuardedMemory`]): a writer of any other
+    /// region never waits for it. Requests are served in batches of up to [`BATCH`]
+    /// that all lie in one region (rings, descriptors, buffers), whose I/O the handler
+    /// may do together (a batch goes on only while the handler defers its requests);
+    /// nothing is held between batches. A batch that finds a region
+    /// held by a writer while it holds others is served again from the start once the
+    /// writer is done (the driver sees only the last run).
     ///
     /// Fewer readable ring entries than the available index announces is a queue error:
     /// serving on would find the same requests available, and unreadable, forever.
@@ -207,21 +242,34 @@ fn needs_interrupt(queue: &mut Queue, mem: &GuardedMemory<'_>) -> Result<bool, Q
     Ok(flags & VRING_AVAIL_F_NO_INTERRUPT as u16 == 0)
 }
 
-/// How one run of a request ended.
+/// How one run of a batch of requests ended.
 enum Run {
-    Used,
+    /// This many requests are in the used ring.
+    Used(usize),
     /// A region could not be locked: `GuardedMemory::retry` runs it again.
     Void,
-    /// A device reset came during the request: the driver has forgotten it, and its
-    /// rings may already be set up anew at the same place.
+    /// A device reset came during the batch: the driver has forgotten its requests, and
+    /// its rings may already be set up anew at the same place.
     Stopped,
     /// The available ring announced a request whose entry cannot be read.
     Unreadable,
 }
 
-/// Serves `budget` available requests of `queue` (fewer once `stopping` holds), each
-/// holding only the regions it touches; returns how many it served. All `budget` must
-/// be readable: the caller read that many from the available index.
+/// Serves `budget` available requests of `queue` (fewer once `stopping` holds), in
+/// batches of at most [`BATCH`]; returns how many it served. All `budget` must be
+/// readable: the caller read that many from the available index.
+///
+/// A batch begins with nothing held: its first request locks what it touches, as a
+/// request served alone does. If that is a single region, the requests after it are
+/// confined to that region ([`GuardedMemory::confine`]): each joins the batch only if
+/// its rings, descriptors and buffers all lie there; the first that reaches further is
+/// undone and begins the next batch. So a batch's locks are exactly its requests'
+/// locks, and its handler may do their I/O together ([`QueueHandler::finish_batch`]):
+/// a writer of that region waits for one batch's I/O into it, and a writer of any
+/// other region for none of it. A batch whose first request holds more than one region
+/// is that request alone, and a batch ends with the first request the handler serves
+/// at once rather than deferring it (a handler that never defers serves one request
+/// per batch, releasing everything after each).
 fn serve_available<H: QueueHandler>(
     handler: &mut H,
     index: usize,
@@ -230,38 +278,85 @@ fn serve_available<H: QueueHandler>(
     budget: usize,
     stopping: Stopping<'_>,
 ) -> Result<usize, QueueError> {
-    for served in 0..budget {
-        // A pause lets the request in hand finish (below, a stop does not): it is only
-        // checked here, before the next one.
+    let mut served = 0;
+    let mut heads = [0u16; BATCH];
+    let mut lens = Vec::with_capacity(BATCH);
+    while served < budget {
+        // A pause lets the requests in hand finish (below, a stop does not): it is only
+        // checked between them.
         if stopping.hold() {
             return Ok(served);
         }
         next_access(mem);
         let (next_avail, next_used) = (queue.next_avail(), queue.next_used());
+        let limit = (budget - served).min(BATCH);
         let run = mem.retry(|mem| {
             // A run that missed a region is undone in the queue and done again, unless a
             // device reset came while it waited for the writer.
             queue.set_next_avail(next_avail);
             queue.set_next_used(next_used);
+            handler.forget_batch(index);
+            lens.clear();
+            mem.confine(false);
             if stopping.requested() {
-                return Ok(Run::Stopped);
+                return Ok::<_, virtio_queue::Error>(Run::Stopped);
             }
-            let Some(chain) = queue.pop_descriptor_chain(mem) else {
-                return Ok(Run::Unreadable);
-            };
-            let head = chain.head_index();
-            let len = handler.serve(index, chain);
+            let mut count = 0;
+            while count < limit && !(count > 0 && stopping.hold()) {
+                let before = queue.next_avail();
+                let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                    if count == 0 {
+                        return Ok(Run::Unreadable);
+                    }
+                    // Out of the batch's region, or unreadable: the next batch tells.
+                    queue.set_next_avail(before);
+                    break;
+                };
+                heads[count] = chain.head_index();
+                handler.serve_batched(index, chain, &mut lens);
+                if mem.missed() {
+                    return Ok(Run::Void);
+                }
+                if mem.reached_out() {
+                    // It needs another region: undone, it begins the next batch.
+                    queue.set_next_avail(before);
+                    lens.truncate(count);
+                    break;
+                }
+                count += 1;
+                // Only deferred requests wait for the batch: one served at once ends it,
+                // so a handler that defers nothing serves a request per batch.
+                if lens.len() == count || mem.held() != 1 {
+                    break;
+                }
+                mem.confine(true);
+            }
+            handler.finish_batch(index, mem, &mut lens);
+            // The used ring may lie in a region the batch does not hold.
+            mem.confine(false);
             if mem.missed() {
                 return Ok(Run::Void);
             }
             if stopping.requested() {
                 return Ok(Run::Stopped);
             }
-            queue.add_used(mem, head, len).map(|()| Run::Used)
+            debug_assert_eq!(lens.len(), count, "a used length per request");
+            for (head, len) in heads.iter().zip(&lens) {
+                queue.add_used(mem, *head, *len)?;
+                if mem.missed() {
+                    return Ok(Run::Void);
+                }
+            }
+            Ok(Run::Used(count))
         })??;
         match run {
             // The last run is final only now: `retry` may have run it again.
-            Run::Used => handler.used(index),
+            Run::Used(count) => {
+                for _ in 0..count {
+                    handler.used(index);
+                }
+                served += count;
+            }
             Run::Void => {}
             Run::Stopped => return Ok(served),
             Run::Unreadable => {
@@ -450,6 +545,135 @@ pub(crate) mod tests {
         assert!(
             error.contains("announces 1 requests, but only 0"),
             "{error}"
+        );
+    }
+}
+
+#[cfg(test)]
+mod batch_tests {
+    use super::*;
+    use memory::RegionSpec;
+    use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
+    use virtio_queue::desc::{split::Descriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::Address;
+
+    const MIB: u64 = 1 << 20;
+
+    /// Defers every request after touching its buffer; records each batch's size and
+    /// the regions held when it is finished.
+    #[derive(Default)]
+    struct Batches {
+        deferred: u32,
+        finished: Vec<(u32, usize)>,
+    }
+
+    impl QueueHandler for Batches {
+        fn serve(&mut self, _: usize, _: DescriptorChain<&GuardedMemory<'_>>) -> u32 {
+            unreachable!("served in batches")
+        }
+
+        fn serve_batched(
+            &mut self,
+            _: usize,
+            mut chain: DescriptorChain<&GuardedMemory<'_>>,
+            _: &mut Vec<u32>,
+        ) {
+            if let Some(d) = chain.next() {
+                if chain.memory().write_obj(1u8, d.addr()).is_ok() {
+                    self.deferred += 1;
+                }
+            }
+        }
+
+        fn finish_batch(&mut self, _: usize, mem: &GuardedMemory<'_>, lens: &mut Vec<u32>) {
+            self.finished.push((self.deferred, mem.held()));
+            lens.extend((0..self.deferred).map(|_| 1));
+            self.deferred = 0;
+        }
+
+        fn forget_batch(&mut self, _: usize) {
+            self.deferred = 0;
+        }
+    }
+
+    /// Region locks taken while a handler that defers nothing serves `n` one-descriptor
+    /// requests, all in one region.
+    fn locks_serving(n: u16) -> u64 {
+        let table = RegionTable::default();
+        table
+            .insert(RegionSpec::anonymous(GuestAddress(0), MIB), None)
+            .unwrap();
+        let mut queue = {
+            let mem = GuardedMemory::lock_all(&table, None).unwrap();
+            let mock = MockSplitQueue::new(&mem, 16);
+            let chains: Vec<RawDescriptor> = (0..u64::from(n))
+                .map(|i| {
+                    let desc = Descriptor::new(0x8_0000 + i * 16, 16, VRING_DESC_F_WRITE as u16, 0);
+                    RawDescriptor::from(desc)
+                })
+                .collect();
+            mock.add_desc_chains(&chains, 0).unwrap();
+            mock.create_queue::<Queue>().unwrap()
+        };
+        let before = table.metrics().fast_path_hits;
+        let mut handler = tests::Counter(0);
+        handler
+            .process(0, &mut queue, &table, Stopping::never())
+            .unwrap();
+        assert_eq!(handler.0, usize::from(n));
+        table.metrics().fast_path_hits - before
+    }
+
+    #[test]
+    fn a_handler_that_defers_nothing_holds_nothing_between_requests() {
+        // Each request locks afresh what it touches: a writer waits for one request at
+        // a time, as it did before batches.
+        assert_eq!(locks_serving(4) - locks_serving(1), 3);
+    }
+
+    #[test]
+    fn a_batch_holds_one_region_and_a_request_beyond_it_begins_the_next() {
+        let table = RegionTable::default();
+        table
+            .insert(RegionSpec::anonymous(GuestAddress(0), MIB), None)
+            .unwrap();
+        table
+            .insert(RegionSpec::anonymous(GuestAddress(MIB), MIB), None)
+            .unwrap();
+        // Rings and buffers in the first region, but request 2's buffer in the second.
+        let (mut queue, used) = {
+            let mem = GuardedMemory::lock_all(&table, None).unwrap();
+            let mock = MockSplitQueue::new(&mem, 16);
+            let chains: Vec<RawDescriptor> = (0..5u64)
+                .map(|i| {
+                    let buf = if i == 2 { MIB } else { 0x8_0000 + i * 16 };
+                    RawDescriptor::from(Descriptor::new(buf, 16, VRING_DESC_F_WRITE as u16, 0))
+                })
+                .collect();
+            mock.add_desc_chains(&chains, 0).unwrap();
+            (mock.create_queue::<Queue>().unwrap(), mock.used_addr())
+        };
+        let mut handler = Batches::default();
+        let served = handler
+            .process(0, &mut queue, &table, Stopping::never())
+            .unwrap();
+        assert!(!served.more);
+        assert_eq!(
+            handler.finished,
+            vec![(2, 1), (1, 2), (2, 1)],
+            "requests 0-1 in one region; 2 reaches the second, alone; 3-4 back in one"
+        );
+        let mem = GuardedMemory::lock_all(&table, None).unwrap();
+        let idx: u16 = mem.read_obj(used.unchecked_add(2)).unwrap();
+        assert_eq!(idx, 5);
+        let heads: Vec<u32> = (0..5u64)
+            .map(|i| mem.read_obj(used.unchecked_add(4 + 8 * i)).unwrap())
+            .collect();
+        assert_eq!(
+            heads,
+            vec![0, 1, 2, 3, 4],
+            "each request used once, in order"
         );
     }
 }
