@@ -325,30 +325,30 @@ fn kite_run_refuses_bad_snapshots_and_arguments_that_do_not_fit() {
             &["not a Kite snapshot"],
         ),
         refused(
-            "format version 2",
+            "format version 3",
             restore_args(
                 &with_state(
                     &good,
                     &work,
-                    "version-2",
-                    &replaced(&text, r#""version":1,"#, r#""version":2,"#),
+                    "version-3",
+                    &replaced(&text, r#""version":2,"#, r#""version":3,"#),
                 ),
                 &[],
             ),
-            &["version 2", "version 1"],
+            &["version 3", "versions 1 to 2"],
         ),
         refused(
-            "format version 2 with another envelope",
+            "format version 3 with another envelope",
             restore_args(
                 &with_state(
                     &good,
                     &work,
-                    "version-2-envelope",
-                    r#"{"format":"kite-snapshot","version":2,"sha256":"00","parts":[]}"#,
+                    "version-3-envelope",
+                    r#"{"format":"kite-snapshot","version":3,"sha256":"00","parts":[]}"#,
                 ),
                 &[],
             ),
-            &["version 2", "version 1"],
+            &["version 3", "versions 1 to 2"],
         ),
         refused(
             "another host's CPU",

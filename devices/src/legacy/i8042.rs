@@ -3,6 +3,9 @@
 //! Reads see an empty bus (0xff), as where no controller is fitted: Linux then finds no PS/2
 //! controller at once instead of waiting out command timeouts (about a second of boot where
 //! guest kernel code is emulated), and its reboot through port 0x64 still reaches us.
+//! Port 0x61 in its range is the PC's system control port B, not the controller's: it
+//! reads 0 (no NMI source such as a parity or I/O channel error, speaker and PIT channel 2
+//! off; the VM has no PIT), so a guest's NMI handler finds no hardware error there.
 
 use vm_device::bus::{PioAddress, PioAddressOffset};
 use vm_device::MutDevicePio;
@@ -15,6 +18,9 @@ use super::EventFdTrigger;
 pub const I8042_PORT_BASE: u16 = 0x60;
 /// Ports covered from [`I8042_PORT_BASE`].
 pub const I8042_PORT_LEN: u16 = 5;
+
+/// Offset of port 0x61, system control port B.
+const CONTROL_PORT_B: PioAddressOffset = 1;
 
 /// The controller on the port bus. Writing the reset command (0xfe) to port 0x64 signals the
 /// reset eventfd; reads return 0xff.
@@ -33,8 +39,8 @@ impl I8042 {
 }
 
 impl MutDevicePio for I8042 {
-    fn pio_read(&mut self, _base: PioAddress, _offset: PioAddressOffset, data: &mut [u8]) {
-        data.fill(0xff);
+    fn pio_read(&mut self, _base: PioAddress, offset: PioAddressOffset, data: &mut [u8]) {
+        data.fill(if offset == CONTROL_PORT_B { 0 } else { 0xff });
     }
 
     fn pio_write(&mut self, _base: PioAddress, offset: PioAddressOffset, data: &[u8]) {
@@ -76,5 +82,16 @@ mod tests {
         let mut status = [0u8];
         dev.pio_read(base, 4, &mut status);
         assert_eq!(status, [0xff], "no controller to probe");
+    }
+
+    #[test]
+    fn system_control_port_b_reports_no_nmi_source() {
+        let reset = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut dev = I8042::new(reset.try_clone().unwrap());
+        let mut port_b = [0xaau8];
+        dev.pio_read(PioAddress(I8042_PORT_BASE), 1, &mut port_b);
+        assert_eq!(port_b, [0], "port 0x61: no parity or I/O channel error");
+        dev.pio_write(PioAddress(I8042_PORT_BASE), 1, &[0x03]);
+        assert!(reset.read().is_err(), "a speaker write is no reset");
     }
 }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use memory::{GuardedMemory, RegionTable};
 use virtio_bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT;
 use virtio_queue::{DescriptorChain, Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 /// Longest a device waits for a writer (memory hotplug) before it gives the batch up.
 const MEMORY_DEADLINE: Duration = Duration::from_secs(5);
@@ -331,9 +331,24 @@ fn serve_available<H: QueueHandler>(
                 }
                 mem.confine(true);
             }
+            // A reset while the batch gathered: its I/O is not done (the driver may
+            // already reuse the buffers).
+            if stopping.requested() {
+                handler.forget_batch(index);
+                return Ok(Run::Stopped);
+            }
             handler.finish_batch(index, mem, &mut lens);
-            // The used ring may lie in a region the batch does not hold.
             mem.confine(false);
+            if mem.missed() {
+                return Ok(Run::Void);
+            }
+            // The used ring may lie in regions the batch does not hold: locked now, after
+            // the I/O (a writer of them never waits for it) and before the first entry,
+            // so a miss voids the run before the guest sees any of it (`add_used`
+            // publishes the used index with each entry).
+            let ring_bytes = 6 + 8 * usize::from(queue.size());
+            let _ =
+                GuestMemoryBackend::check_range(mem, GuestAddress(queue.used_ring()), ring_bytes);
             if mem.missed() {
                 return Ok(Run::Void);
             }
@@ -341,6 +356,8 @@ fn serve_available<H: QueueHandler>(
                 return Ok(Run::Stopped);
             }
             debug_assert_eq!(lens.len(), count, "a used length per request");
+            // A handler bug must not publish a stale head or drop a request.
+            lens.resize(count, 0);
             for (head, len) in heads.iter().zip(&lens) {
                 queue.add_used(mem, *head, *len)?;
                 if mem.missed() {
@@ -630,6 +647,168 @@ mod batch_tests {
         // Each request locks afresh what it touches: a writer waits for one request at
         // a time, as it did before batches.
         assert_eq!(locks_serving(4) - locks_serving(1), 3);
+    }
+
+    /// The used ring can reach into a region the batch does not hold. If a writer is
+    /// changing that region, the run is voided before the guest sees any of its entries
+    /// (`add_used` publishes the used index with each one: entries published and then
+    /// redone would show the index going back and requests completed twice).
+    #[test]
+    fn a_used_ring_in_a_region_being_changed_shows_nothing_until_it_is_held() {
+        const PATIENCE: Duration = Duration::from_secs(30);
+        let table = RegionTable::default();
+        table
+            .insert(RegionSpec::anonymous(GuestAddress(0), MIB), None)
+            .unwrap();
+        let second = table
+            .insert(RegionSpec::anonymous(GuestAddress(MIB), MIB), None)
+            .unwrap();
+        // A queue of 16 ending just past the first region: the used ring's index and
+        // first three entries in it, the rest in the second; buffers in the first.
+        let (mut queue, used) = {
+            let mem = GuardedMemory::lock_all(&table, None).unwrap();
+            let mock = MockSplitQueue::create(&mem, GuestAddress(MIB - 304), 16);
+            let chains: Vec<RawDescriptor> = (0..5u64)
+                .map(|i| {
+                    let buf = 0x8_0000 + i * 16;
+                    RawDescriptor::from(Descriptor::new(buf, 16, VRING_DESC_F_WRITE as u16, 0))
+                })
+                .collect();
+            mock.add_desc_chains(&chains, 0).unwrap();
+            (mock.create_queue::<Queue>().unwrap(), mock.used_addr())
+        };
+        assert_eq!(
+            used.raw_value(),
+            MIB - 28,
+            "the used ring straddles the regions"
+        );
+        let wait_until = |what: &str, done: &dyn Fn() -> bool| {
+            let deadline = Instant::now() + PATIENCE;
+            while !done() {
+                assert!(
+                    Instant::now() < deadline,
+                    "{what} did not happen in {PATIENCE:?}"
+                );
+                std::thread::yield_now();
+            }
+        };
+        std::thread::scope(|s| {
+            // A reader of the second region, on a thread of its own (the lock checker
+            // rightly refuses a thread holding it a two-tier lookup), until told.
+            let (taken_tx, taken) = std::sync::mpsc::channel();
+            let (release, release_rx) = std::sync::mpsc::channel::<()>();
+            let table = &table;
+            s.spawn(move || {
+                let _reader = table.lock_region(GuestAddress(MIB), None).unwrap();
+                taken_tx.send(()).unwrap();
+                let _ = release_rx.recv();
+            });
+            taken.recv_timeout(PATIENCE).unwrap();
+            // A writer shrinks the second region (the ring part stays): it waits for
+            // the reader meanwhile.
+            let writer = s.spawn(move || {
+                table
+                    .shrink(second, MIB / 2, Some(Instant::now() + PATIENCE))
+                    .unwrap()
+            });
+            wait_until("the writer's drain", &|| {
+                table.metrics().writers_draining == 1
+            });
+            let queue = &mut queue;
+            let device = s.spawn(move || {
+                let mut handler = Batches::default();
+                handler.process(0, queue, table, Stopping::never()).unwrap();
+                handler.finished
+            });
+            // The device missed the second region and waits for the writer.
+            wait_until("the device's wait", &|| {
+                table.metrics().slow_path_readers == 1
+            });
+            let mem = GuardedMemory::new(table, None);
+            let idx: u16 = mem.read_obj(used.unchecked_add(2)).unwrap();
+            assert_eq!(idx, 0, "entries published before the used ring was held");
+            drop(mem);
+            release.send(()).unwrap();
+            writer.join().unwrap();
+            // The voided run's I/O was done again: the guest saw none of it.
+            device.join().unwrap();
+        });
+        let mem = GuardedMemory::lock_all(&table, None).unwrap();
+        let idx: u16 = mem.read_obj(used.unchecked_add(2)).unwrap();
+        assert_eq!(idx, 5);
+        let heads: Vec<u32> = (0..5u64)
+            .map(|i| mem.read_obj(used.unchecked_add(4 + 8 * i)).unwrap())
+            .collect();
+        assert_eq!(
+            heads,
+            vec![0, 1, 2, 3, 4],
+            "each request used once, in order"
+        );
+    }
+
+    /// A device reset while a batch gathers: the batch's deferred I/O is not done (the
+    /// driver may already reuse its buffers) and nothing is reported.
+    #[test]
+    fn a_reset_while_a_batch_gathers_does_none_of_its_io() {
+        /// Stop requests of the device (one test uses it).
+        static STOPS: AtomicU64 = AtomicU64::new(0);
+        struct Resets {
+            batch: Batches,
+        }
+        impl QueueHandler for Resets {
+            fn serve(&mut self, _: usize, _: DescriptorChain<&GuardedMemory<'_>>) -> u32 {
+                unreachable!("served in batches")
+            }
+            fn serve_batched(
+                &mut self,
+                index: usize,
+                chain: DescriptorChain<&GuardedMemory<'_>>,
+                lens: &mut Vec<u32>,
+            ) {
+                self.batch.serve_batched(index, chain, lens);
+                // The driver resets the device as its second request is read.
+                if self.batch.deferred == 2 {
+                    STOPS.fetch_add(1, Ordering::Release);
+                }
+            }
+            fn finish_batch(&mut self, index: usize, mem: &GuardedMemory<'_>, lens: &mut Vec<u32>) {
+                self.batch.finish_batch(index, mem, lens);
+            }
+            fn forget_batch(&mut self, index: usize) {
+                self.batch.forget_batch(index);
+            }
+        }
+        let table = RegionTable::default();
+        table
+            .insert(RegionSpec::anonymous(GuestAddress(0), MIB), None)
+            .unwrap();
+        let (mut queue, used) = {
+            let mem = GuardedMemory::lock_all(&table, None).unwrap();
+            let mock = MockSplitQueue::new(&mem, 16);
+            let chains: Vec<RawDescriptor> = (0..4u64)
+                .map(|i| {
+                    let buf = 0x8_0000 + i * 16;
+                    RawDescriptor::from(Descriptor::new(buf, 16, VRING_DESC_F_WRITE as u16, 0))
+                })
+                .collect();
+            mock.add_desc_chains(&chains, 0).unwrap();
+            (mock.create_queue::<Queue>().unwrap(), mock.used_addr())
+        };
+        let mut handler = Resets {
+            batch: Batches::default(),
+        };
+        let epoch = STOPS.load(Ordering::Acquire);
+        handler
+            .process(0, &mut queue, &table, Stopping::new(&STOPS, epoch))
+            .unwrap();
+        assert_eq!(
+            handler.batch.finished,
+            vec![],
+            "a batch's I/O done after a reset"
+        );
+        let mem = GuardedMemory::lock_all(&table, None).unwrap();
+        let idx: u16 = mem.read_obj(used.unchecked_add(2)).unwrap();
+        assert_eq!(idx, 0, "requests reported after a reset");
     }
 
     #[test]

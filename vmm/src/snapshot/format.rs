@@ -19,8 +19,10 @@ use crate::vstate::persist::{HostFingerprint, VcpuState, VmState};
 
 /// What `format` says.
 pub const FORMAT: &str = "kite-snapshot";
-/// The format version this Kite writes and reads.
-pub const VERSION: u32 = 1;
+/// The format version this Kite writes. Version 2: the VM's PIT may be absent (`null`).
+pub const VERSION: u32 = 2;
+/// The oldest version this Kite reads (version 1: every VM had a PIT).
+pub const OLDEST_VERSION: u32 = 1;
 /// The state file in a snapshot directory.
 pub const STATE_FILE: &str = "state.json";
 /// The memory file in a snapshot directory.
@@ -154,7 +156,7 @@ pub enum FormatError {
     OtherFormat(String),
     /// Another version of the format.
     #[error(
-        "snapshot format version {0}; this Kite ({kite}) reads version {VERSION}",
+        "snapshot format version {0}; this Kite ({kite}) reads versions {OLDEST_VERSION} to {VERSION}",
         kite = env!("CARGO_PKG_VERSION")
     )]
     OtherVersion(u32),
@@ -186,7 +188,7 @@ pub fn from_text(text: &str) -> Result<VmSnapshot, FormatError> {
     if header.format != FORMAT {
         return Err(FormatError::OtherFormat(header.format));
     }
-    if header.version != VERSION {
+    if !(OLDEST_VERSION..=VERSION).contains(&header.version) {
         return Err(FormatError::OtherVersion(header.version));
     }
     let envelope: Envelope<Box<RawValue>> = serde_json::from_str(text).map_err(not_envelope)?;
@@ -208,14 +210,24 @@ mod tests {
         from_text(text).expect_err("refused")
     }
 
+    /// A version-1 snapshot (a test-guest VM with a PIT, the fuzz target's seed) is read,
+    /// its PIT with it.
+    #[test]
+    fn version_1_snapshots_are_read() {
+        let text = include_str!("../../../fuzz/seeds/snapshot_state/test-guest.json");
+        assert!(text.contains(r#""version":1,"#));
+        let snapshot = from_text(text).expect("a version-1 snapshot");
+        assert!(snapshot.vm.pit.is_some(), "its PIT");
+    }
+
     #[test]
     fn format_and_version_are_read_before_the_rest_of_the_envelope() {
         // Another version's envelope may hold other keys, and not a CRC-32.
-        let other = r#"{"format":"kite-snapshot","version":2,"sha256":"00","parts":[]}"#;
-        assert!(matches!(error(other), FormatError::OtherVersion(2)));
+        let other = r#"{"format":"kite-snapshot","version":3,"sha256":"00","parts":[]}"#;
+        assert!(matches!(error(other), FormatError::OtherVersion(3)));
         let message = error(other).to_string();
         assert!(
-            message.contains("version 2") && message.contains("version 1"),
+            message.contains("version 3") && message.contains("versions 1 to 2"),
             "{message}"
         );
         let foreign = r#"{"format":"other-vmm","version":7,"blob":{}}"#;
