@@ -551,7 +551,11 @@ impl Vcpu {
                 exit: format!("KVM_EXIT_FAIL_ENTRY (reason {reason:#x}, host cpu {cpu})"),
                 rip: None,
             },
-            Ok(VcpuExit::Intr) => return RunState::Running,
+            Ok(VcpuExit::Intr) => {
+                // As for EINTR below.
+                self.fd.set_kvm_immediate_exit(0);
+                return RunState::Running;
+            }
             // KVM could not reach the memory behind a guest access: the guest touched
             // memory it does not have (an unplugged block, whose slot stays: see
             // `memory::RegionTable::reserve_area`), or the host could not back memory the
