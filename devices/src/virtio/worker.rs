@@ -614,6 +614,48 @@ mod batch_tests {
         }
     }
 
+    /// A queue of 16 at `start` (`MockSplitQueue`'s layout) offering one-descriptor
+    /// requests, a 16-byte buffer each at the addresses `bufs`; and its used ring.
+    fn queue_at(table: &RegionTable, start: u64, bufs: &[u64]) -> (Queue, GuestAddress) {
+        let mem = GuardedMemory::lock_all(table, None).unwrap();
+        let mock = MockSplitQueue::create(&mem, GuestAddress(start), 16);
+        let chains: Vec<RawDescriptor> = bufs
+            .iter()
+            .map(|&buf| RawDescriptor::from(Descriptor::new(buf, 16, VRING_DESC_F_WRITE as u16, 0)))
+            .collect();
+        mock.add_desc_chains(&chains, 0).unwrap();
+        (mock.create_queue::<Queue>().unwrap(), mock.used_addr())
+    }
+
+    /// A table of two 1 MiB regions from 0; and the second's id.
+    fn two_regions() -> (RegionTable, memory::RegionId) {
+        let table = RegionTable::default();
+        table
+            .insert(RegionSpec::anonymous(GuestAddress(0), MIB), None)
+            .unwrap();
+        let second = table
+            .insert(RegionSpec::anonymous(GuestAddress(MIB), MIB), None)
+            .unwrap();
+        (table, second)
+    }
+
+    /// `count` buffers of 16 bytes from 512 KiB on.
+    fn buffers(count: u64) -> Vec<u64> {
+        (0..count).map(|i| 0x8_0000 + i * 16).collect()
+    }
+
+    /// Requests `0..count` are in the used ring, each once, in order.
+    fn assert_used_in_order(table: &RegionTable, used: GuestAddress, count: u16) {
+        let mem = GuardedMemory::lock_all(table, None).unwrap();
+        let idx: u16 = mem.read_obj(used.unchecked_add(2)).unwrap();
+        assert_eq!(idx, count);
+        let heads: Vec<u32> = (0..u64::from(count))
+            .map(|i| mem.read_obj(used.unchecked_add(4 + 8 * i)).unwrap())
+            .collect();
+        let expected: Vec<u32> = (0..u32::from(count)).collect();
+        assert_eq!(heads, expected, "each request used once, in order");
+    }
+
     /// Region locks taken while a handler that defers nothing serves `n` one-descriptor
     /// requests, all in one region.
     fn locks_serving(n: u16) -> u64 {
@@ -621,18 +663,7 @@ mod batch_tests {
         table
             .insert(RegionSpec::anonymous(GuestAddress(0), MIB), None)
             .unwrap();
-        let mut queue = {
-            let mem = GuardedMemory::lock_all(&table, None).unwrap();
-            let mock = MockSplitQueue::new(&mem, 16);
-            let chains: Vec<RawDescriptor> = (0..u64::from(n))
-                .map(|i| {
-                    let desc = Descriptor::new(0x8_0000 + i * 16, 16, VRING_DESC_F_WRITE as u16, 0);
-                    RawDescriptor::from(desc)
-                })
-                .collect();
-            mock.add_desc_chains(&chains, 0).unwrap();
-            mock.create_queue::<Queue>().unwrap()
-        };
+        let (mut queue, _) = queue_at(&table, 0, &buffers(u64::from(n)));
         let before = table.metrics().fast_path_hits;
         let mut handler = tests::Counter(0);
         handler
@@ -656,27 +687,10 @@ mod batch_tests {
     #[test]
     fn a_used_ring_in_a_region_being_changed_shows_nothing_until_it_is_held() {
         const PATIENCE: Duration = Duration::from_secs(30);
-        let table = RegionTable::default();
-        table
-            .insert(RegionSpec::anonymous(GuestAddress(0), MIB), None)
-            .unwrap();
-        let second = table
-            .insert(RegionSpec::anonymous(GuestAddress(MIB), MIB), None)
-            .unwrap();
+        let (table, second) = two_regions();
         // A queue of 16 ending just past the first region: the used ring's index and
         // first three entries in it, the rest in the second; buffers in the first.
-        let (mut queue, used) = {
-            let mem = GuardedMemory::lock_all(&table, None).unwrap();
-            let mock = MockSplitQueue::create(&mem, GuestAddress(MIB - 304), 16);
-            let chains: Vec<RawDescriptor> = (0..5u64)
-                .map(|i| {
-                    let buf = 0x8_0000 + i * 16;
-                    RawDescriptor::from(Descriptor::new(buf, 16, VRING_DESC_F_WRITE as u16, 0))
-                })
-                .collect();
-            mock.add_desc_chains(&chains, 0).unwrap();
-            (mock.create_queue::<Queue>().unwrap(), mock.used_addr())
-        };
+        let (mut queue, used) = queue_at(&table, MIB - 304, &buffers(5));
         assert_eq!(
             used.raw_value(),
             MIB - 28,
@@ -733,17 +747,7 @@ mod batch_tests {
             // The voided run's I/O was done again: the guest saw none of it.
             device.join().unwrap();
         });
-        let mem = GuardedMemory::lock_all(&table, None).unwrap();
-        let idx: u16 = mem.read_obj(used.unchecked_add(2)).unwrap();
-        assert_eq!(idx, 5);
-        let heads: Vec<u32> = (0..5u64)
-            .map(|i| mem.read_obj(used.unchecked_add(4 + 8 * i)).unwrap())
-            .collect();
-        assert_eq!(
-            heads,
-            vec![0, 1, 2, 3, 4],
-            "each request used once, in order"
-        );
+        assert_used_in_order(&table, used, 5);
     }
 
     /// A device reset while a batch gathers: the batch's deferred I/O is not done (the
@@ -782,18 +786,7 @@ mod batch_tests {
         table
             .insert(RegionSpec::anonymous(GuestAddress(0), MIB), None)
             .unwrap();
-        let (mut queue, used) = {
-            let mem = GuardedMemory::lock_all(&table, None).unwrap();
-            let mock = MockSplitQueue::new(&mem, 16);
-            let chains: Vec<RawDescriptor> = (0..4u64)
-                .map(|i| {
-                    let buf = 0x8_0000 + i * 16;
-                    RawDescriptor::from(Descriptor::new(buf, 16, VRING_DESC_F_WRITE as u16, 0))
-                })
-                .collect();
-            mock.add_desc_chains(&chains, 0).unwrap();
-            (mock.create_queue::<Queue>().unwrap(), mock.used_addr())
-        };
+        let (mut queue, used) = queue_at(&table, 0, &buffers(4));
         let mut handler = Resets {
             batch: Batches::default(),
         };
@@ -813,26 +806,11 @@ mod batch_tests {
 
     #[test]
     fn a_batch_holds_one_region_and_a_request_beyond_it_begins_the_next() {
-        let table = RegionTable::default();
-        table
-            .insert(RegionSpec::anonymous(GuestAddress(0), MIB), None)
-            .unwrap();
-        table
-            .insert(RegionSpec::anonymous(GuestAddress(MIB), MIB), None)
-            .unwrap();
+        let (table, _) = two_regions();
         // Rings and buffers in the first region, but request 2's buffer in the second.
-        let (mut queue, used) = {
-            let mem = GuardedMemory::lock_all(&table, None).unwrap();
-            let mock = MockSplitQueue::new(&mem, 16);
-            let chains: Vec<RawDescriptor> = (0..5u64)
-                .map(|i| {
-                    let buf = if i == 2 { MIB } else { 0x8_0000 + i * 16 };
-                    RawDescriptor::from(Descriptor::new(buf, 16, VRING_DESC_F_WRITE as u16, 0))
-                })
-                .collect();
-            mock.add_desc_chains(&chains, 0).unwrap();
-            (mock.create_queue::<Queue>().unwrap(), mock.used_addr())
-        };
+        let mut bufs = buffers(5);
+        bufs[2] = MIB;
+        let (mut queue, used) = queue_at(&table, 0, &bufs);
         let mut handler = Batches::default();
         let served = handler
             .process(0, &mut queue, &table, Stopping::never())
@@ -843,16 +821,6 @@ mod batch_tests {
             vec![(2, 1), (1, 2), (2, 1)],
             "requests 0-1 in one region; 2 reaches the second, alone; 3-4 back in one"
         );
-        let mem = GuardedMemory::lock_all(&table, None).unwrap();
-        let idx: u16 = mem.read_obj(used.unchecked_add(2)).unwrap();
-        assert_eq!(idx, 5);
-        let heads: Vec<u32> = (0..5u64)
-            .map(|i| mem.read_obj(used.unchecked_add(4 + 8 * i)).unwrap())
-            .collect();
-        assert_eq!(
-            heads,
-            vec![0, 1, 2, 3, 4],
-            "each request used once, in order"
-        );
+        assert_used_in_order(&table, used, 5);
     }
 }
