@@ -182,16 +182,12 @@ impl BlockHandler {
     /// Serves the request made of `descs`; returns the used length and how it ended.
     fn serve_chain(&self, descs: &[Descriptor], mem: &GuardedMemory<'_>) -> (u32, BlockOutcome) {
         const UNANSWERED: (u32, BlockOutcome) = (0, BlockOutcome::Error);
-        let Some((status, rest)) = descs.split_last() else {
+        if descs.is_empty() {
             log::debug!("virtio-blk: empty chain");
             return UNANSWERED;
-        };
-        // A last descriptor that still points on was cut short: a loop, or a bad index.
-        if status.has_next() || !status.is_write_only() || status.len() == 0 {
-            log::debug!("virtio-blk: request without a status byte");
-            return UNANSWERED;
         }
-        let Some(status_addr) = status.addr().0.checked_add(u64::from(status.len()) - 1) else {
+        let Some((status_addr, rest)) = status_byte(descs) else {
+            log::debug!("virtio-blk: request without a status byte");
             return UNANSWERED;
         };
         let (code, written, outcome) = match self.execute(rest, mem) {
@@ -201,7 +197,7 @@ impl BlockHandler {
                 (e.status(), 0, BlockOutcome::Error)
             }
         };
-        match mem.write_obj(code, GuestAddress(status_addr)) {
+        match mem.write_obj(code, status_addr) {
             Ok(()) => (written.saturating_add(1), outcome),
             Err(e) => {
                 log::debug!("virtio-blk: cannot write the status: {e}");
@@ -216,15 +212,7 @@ impl BlockHandler {
         descs: &[Descriptor],
         mem: &GuardedMemory<'_>,
     ) -> Result<(u32, BlockOutcome), RequestError> {
-        let (header, data) = descs.split_first().ok_or(RequestError::Header)?;
-        if header.is_write_only() || header.len() < HEADER {
-            return Err(RequestError::Header);
-        }
-        let mut raw = [0u8; HEADER as usize];
-        mem.read_slice(&mut raw, header.addr())
-            .map_err(RequestError::Guest)?;
-        let kind = u32::from_le_bytes([raw[0], raw[1], raw[2], raw[3]]);
-        let sector = u64::from_le_bytes(raw[8..].try_into().unwrap_or_default());
+        let (kind, sector, data) = read_header(descs, mem)?;
         match kind {
             VIRTIO_BLK_T_IN => {
                 let mut disk = self.disk_at(self.place(sector, data, true)?);
@@ -272,31 +260,20 @@ impl BlockHandler {
     /// write that is valid and whose buffers and status byte lie in memory `mem` can hold
     /// (for a request after a batch's first, memory it holds already): whether it did.
     fn defer(&mut self, descs: &[Descriptor], mem: &GuardedMemory<'_>) -> bool {
-        let Some((status, rest)) = descs.split_last() else {
+        let Some((status, rest)) = status_byte(descs) else {
             return false;
         };
-        if status.has_next() || !status.is_write_only() || status.len() == 0 {
-            return false;
-        }
-        let Some(status) = status.addr().checked_add(u64::from(status.len()) - 1) else {
+        let Ok((kind, sector, data)) = read_header(rest, mem) else {
             return false;
         };
-        let Some((header, data)) = rest.split_first() else {
-            return false;
-        };
-        if header.is_write_only() || header.len() < HEADER || data.is_empty() {
+        if data.is_empty() {
             return false;
         }
-        let mut raw = [0u8; HEADER as usize];
-        if mem.read_slice(&mut raw, header.addr()).is_err() {
-            return false;
-        }
-        let write = match u32::from_le_bytes([raw[0], raw[1], raw[2], raw[3]]) {
+        let write = match kind {
             VIRTIO_BLK_T_IN => false,
             VIRTIO_BLK_T_OUT if !self.read_only => true,
             _ => return false,
         };
-        let sector = u64::from_le_bytes(raw[8..].try_into().unwrap_or_default());
         let Ok(offset) = self.place(sector, data, !write) else {
             return false;
         };
@@ -466,6 +443,36 @@ impl OrEof for Option<std::io::Error> {
     fn take_or_eof(self) -> std::io::Error {
         self.unwrap_or_else(|| std::io::ErrorKind::UnexpectedEof.into())
     }
+}
+
+/// The address of the status byte of the request made of `descs` (the last byte of its
+/// last descriptor), and its other descriptors; none if that descriptor is unusable: one
+/// that still points on was cut short (a loop, a bad index), or it is read-only or empty.
+fn status_byte(descs: &[Descriptor]) -> Option<(GuestAddress, &[Descriptor])> {
+    let (status, rest) = descs.split_last()?;
+    if status.has_next() || !status.is_write_only() || status.len() == 0 {
+        return None;
+    }
+    let addr = status.addr().checked_add(u64::from(status.len()) - 1)?;
+    Some((addr, rest))
+}
+
+/// The request type and first sector its header (the first of `descs`) says, and its
+/// data descriptors.
+fn read_header<'d>(
+    descs: &'d [Descriptor],
+    mem: &GuardedMemory<'_>,
+) -> Result<(u32, u64, &'d [Descriptor]), RequestError> {
+    let (header, data) = descs.split_first().ok_or(RequestError::Header)?;
+    if header.is_write_only() || header.len() < HEADER {
+        return Err(RequestError::Header);
+    }
+    let mut raw = [0u8; HEADER as usize];
+    mem.read_slice(&mut raw, header.addr())
+        .map_err(RequestError::Guest)?;
+    let kind = u32::from_le_bytes([raw[0], raw[1], raw[2], raw[3]]);
+    let sector = u64::from_le_bytes(raw[8..].try_into().unwrap_or_default());
+    Ok((kind, sector, data))
 }
 
 /// Bytes of the data descriptors `data`.
