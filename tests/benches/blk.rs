@@ -12,6 +12,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use kite_tests::stats::Samples;
 use kite_tests::{kvm_available, Kite};
 
 const GUEST: &str = env!("KITE_TEST_GUEST");
@@ -104,11 +105,6 @@ fn direct_round(image: &Path, passes: u64, buffers: usize) -> Round {
     }
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 fn main() {
     if std::env::args().any(|a| a == "--list") || !kvm_available() {
         return;
@@ -153,7 +149,7 @@ fn main() {
     }
     let mib = ((passes * IMAGE) >> 20) as f64;
     let requests4k = (passes * IMAGE / 4096) as f64;
-    let med = |v: &[Round], f: fn(&Round) -> f64| median(v.iter().map(f).collect());
+    let med = |v: &[Round], f: fn(&Round) -> f64| Samples(v.iter().map(f).collect()).median();
     println!(
         "\n{:<26}{:>10}{:>10}{:>13}{:>16}{:>13}",
         "median of rounds", "kite", "direct", "kite/direct", "direct,42 bufs", "kite/that"

@@ -8,6 +8,7 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use kite_tests::stats::Samples;
 use kite_tests::{default_guest_file, kite_binary, kvm_available, qemu_available, Kite};
 
 const INIT_LINE: &str = "Run /init as init process";
@@ -72,11 +73,6 @@ fn boot_once(vmm: Vmm, kernel: &str, initramfs: &str, cmdline: &str) -> Sample {
     Sample { seconds, rss_mib }
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
@@ -121,13 +117,14 @@ fn main() {
         }
     }
     let pick = |vmm: Vmm, f: fn(&Sample) -> f64| {
-        median(
+        Samples(
             samples
                 .iter()
                 .filter(|(v, _)| *v == vmm)
                 .map(|(_, s)| f(s))
                 .collect(),
         )
+        .median()
     };
     let (kt, qt) = (
         pick(Vmm::Kite, |s| s.seconds),

@@ -15,8 +15,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use kite_tests::{
-    counters, default_guest_file, kite_binary, kvm_available, qemu_available, resize, wait_plugged,
-    Kite,
+    counters, kite_binary, kvm_available, qemu_available, resize, spin_guest, wait_plugged, Kite,
 };
 use serde_json::{json, Value};
 
@@ -217,10 +216,7 @@ fn main() {
     if std::env::args().any(|a| a == "--list") || !kvm_available() {
         return;
     }
-    let (Some(kernel), Some(spin)) = (
-        default_guest_file("vmlinux"),
-        default_guest_file("initramfs-spin.cpio"),
-    ) else {
+    let Some((kernel, spin)) = spin_guest() else {
         return;
     };
     let qemu_ok = qemu_available();

@@ -39,9 +39,9 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use kite_tests::stats::{ms, Samples};
 use kite_tests::{
-    api_ok, default_guest_file, env_or, kite_binary, kvm_available, plugged, resize, wait_plugged,
-    Kite,
+    api_ok, env_or, kite_binary, kvm_available, plugged, resize, spin_guest, wait_plugged, Kite,
 };
 use serde_json::json;
 use vmm::cli::exit;
@@ -89,51 +89,6 @@ fn loadavg() -> String {
         .take(3)
         .collect::<Vec<_>>()
         .join(" ")
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
-}
-
-// ---- statistics ----
-
-/// Samples of one quantity.
-#[derive(Clone, Default)]
-struct Samples(Vec<f64>);
-
-impl Samples {
-    fn push(&mut self, v: f64) {
-        self.0.push(v);
-    }
-    fn sorted(&self) -> Vec<f64> {
-        let mut v = self.0.clone();
-        v.sort_by(f64::total_cmp);
-        v
-    }
-    fn median(&self) -> f64 {
-        let v = self.sorted();
-        if v.is_empty() {
-            return f64::NAN;
-        }
-        v[v.len() / 2]
-    }
-    /// `median (min–max)`, or the one value.
-    fn show(&self, decimals: usize) -> String {
-        let v = self.sorted();
-        match v.len() {
-            0 => "-".into(),
-            1 => format!("{:.*}", decimals, v[0]),
-            _ => format!(
-                "{:.*} ({:.*}–{:.*})",
-                decimals,
-                self.median(),
-                decimals,
-                v[0],
-                decimals,
-                v[v.len() - 1]
-            ),
-        }
-    }
 }
 
 fn verdict(pass: bool) -> &'static str {
@@ -406,20 +361,9 @@ fn restore_test_guest(
     std::fs::copy(disk, &own_disk).unwrap();
     let log = dir.join(format!("{name}.log"));
     let socket = dir.join(format!("{name}.sock"));
-    let restore_arg = format!("path={},memory={mode}", snapshot.display());
-    let disk_arg = format!("path={}", own_disk.display());
-    let args = kite_args(
-        Some(log.to_str().unwrap()),
-        &[
-            "run",
-            "--restore",
-            &restore_arg,
-            "--disk",
-            &disk_arg,
-            "--api-socket",
-            socket.to_str().unwrap(),
-        ],
-    );
+    let restore = kite_tests::snapshot::restore_args(snapshot, mode, &own_disk, &socket);
+    let restore: Vec<&str> = restore.iter().map(String::as_str).collect();
+    let args = kite_args(Some(log.to_str().unwrap()), &restore);
     let spawn_ns = monotonic_ns();
     let start = Instant::now();
     let kite = Kite::start(&args);
@@ -935,17 +879,7 @@ fn main() {
     let clones = env_or("KITE_BENCH_CLONES", 50).max(1);
     let linux_runs = env_or("KITE_BENCH_LINUX_RUNS", 2).max(1);
     let with_linux = std::env::var_os("KITE_BENCH_NO_LINUX").is_none();
-    let linux_files = if with_linux {
-        match (
-            default_guest_file("vmlinux"),
-            default_guest_file("initramfs-spin.cpio"),
-        ) {
-            (Some(k), Some(s)) => Some((k, s)),
-            _ => None,
-        }
-    } else {
-        None
-    };
+    let linux_files = if with_linux { spin_guest() } else { None };
     let dir = tempfile::tempdir().unwrap();
     let dir = dir.path();
     let started = Instant::now();
@@ -1030,19 +964,19 @@ fn main() {
     let row = |name: &str, f: &dyn Fn(&RestoreSample) -> f64, decimals: usize| {
         print!("{name:<42}");
         for (_, samples) in &restored {
-            print!("{:>22}", samples_of(samples, f).show(decimals));
+            print!("{:>22}", samples_of(samples, f).show_range(decimals));
         }
         println!();
     };
     println!(
         "{:<42}{:>22}",
         "floor: kite --version, spawn to exit",
-        floor_exec.show(1)
+        floor_exec.show_range(1)
     );
     println!(
         "{:<42}{:>22}",
         "floor: KVM VM+irqchip+PIT+2 slots+vCPU",
-        floor_kvm.show(1)
+        floor_kvm.show_range(1)
     );
     row("vCPU 0 enters KVM_RUN", &|s| s.first_run, 1);
     row("  (from kite's main)", &|s| s.first_run_since_main, 1);
@@ -1061,7 +995,7 @@ fn main() {
             let row = |name: &str, f: &dyn Fn(&LinuxSample) -> f64| {
                 print!("{:<42}", format!("  {name}"));
                 for (_, samples) in &l.samples[s] {
-                    print!("{:>22}", samples_of(samples, f).show(0));
+                    print!("{:>22}", samples_of(samples, f).show_range(0));
                 }
                 println!();
             };
@@ -1088,19 +1022,19 @@ fn main() {
     println!(
         "{:<42}{:>22}",
         "test guest cold boot → first output (ms)",
-        cold_output.show(1)
+        cold_output.show_range(1)
     );
     println!(
         "{:<42}{:>22}",
         "test guest cold boot → steady line (ms)",
-        cold_steady.show(1)
+        cold_steady.show_range(1)
     );
     for (mode, samples) in &restored {
         let r = samples_of(samples, |s| s.next_line);
         println!(
             "{:<42}{:>22}   restore/boot {:.2}",
             format!("  restore {mode} → next steady line (ms)"),
-            r.show(1),
+            r.show_range(1),
             r.median() / cold_steady.median()
         );
     }
@@ -1116,7 +1050,7 @@ fn main() {
                 println!(
                     "{:<42}{:>22}   restore/boot {:.4}",
                     format!("  {} {mode} → resize answered", snapshot.name),
-                    r.show(0),
+                    r.show_range(0),
                     r.median() / (l.boot_run_init * 1e3)
                 );
             }
@@ -1131,10 +1065,10 @@ fn main() {
         let pss = Samples(m.iter().map(|m| m.pss).collect());
         println!(
             "{name:<42}{:>18}{:>18}{:>18}{:>18}",
-            rss.show(1),
-            guest.show(1),
-            kite.show(1),
-            pss.show(1)
+            rss.show_range(1),
+            guest.show_range(1),
+            kite.show_range(1),
+            pss.show_range(1)
         );
     };
     println!(
@@ -1165,7 +1099,7 @@ fn main() {
         println!(
             "{:<22}{:>20}{:>14.1}{:>16.2}{:>12.2}{:>18.4}",
             format!("{} MiB", s.boot_mib),
-            s.times.show(1),
+            s.times.show_range(1),
             s.apparent,
             s.allocated,
             s.data,

@@ -33,6 +33,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+use kite_tests::stats::{ms, Samples};
 use kite_tests::{
     env_or, kite_binary, kvm_available, qemu_available, tiny_pvh_kernel, TINY_KERNEL_ENTRY,
 };
@@ -367,38 +368,9 @@ impl Smaps {
     }
 }
 
-// ---- statistics ----
-
-#[derive(Default, Clone)]
-struct Samples(Vec<f64>);
-
-impl Samples {
-    /// The value at quantile `q` (nearest rank).
-    fn quantile(&self, q: f64) -> f64 {
-        let mut v = self.0.clone();
-        v.sort_by(f64::total_cmp);
-        if v.is_empty() {
-            return f64::NAN;
-        }
-        v[((v.len() - 1) as f64 * q).round() as usize]
-    }
-    fn median(&self) -> f64 {
-        self.quantile(0.5)
-    }
-    /// `median (p10–p90)`.
-    fn show(&self, decimals: usize) -> String {
-        let (m, lo, hi) = (self.median(), self.quantile(0.1), self.quantile(0.9));
-        format!("{m:.decimals$} ({lo:.decimals$}–{hi:.decimals$})")
-    }
-}
-
 fn loadavg() -> String {
     let text = read(Path::new("/proc/loadavg"));
     text.split(' ').take(3).collect::<Vec<_>>().join(" ")
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
 }
 
 // ---- the three parts ----
@@ -541,8 +513,8 @@ fn main() {
         println!(
             "{:<12}{:>24}{:>24}{:>14.2}{:>14.2}",
             vmm.name,
-            first.show(1),
-            exit.show(1),
+            first.show_spread(1),
+            exit.show_spread(1),
             first.median() / times[q].0.median(),
             exit.median() / times[q].1.median()
         );

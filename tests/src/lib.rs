@@ -9,6 +9,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 pub mod snapshot;
+pub mod stats;
 
 /// The `kite` binary: `$KITE_BIN`, else the one built next to the running test.
 pub fn kite_binary() -> PathBuf {
@@ -61,6 +62,14 @@ pub fn default_guest_file(name: &str) -> Option<PathBuf> {
     );
     no_skips_wanted("the default guest is not built");
     None
+}
+
+/// The default guest's kernel and its spin initramfs (an init that never makes a system
+/// call, so the kernel stays up serving devices), or loud skips for those missing.
+pub fn spin_guest() -> Option<(PathBuf, PathBuf)> {
+    let kernel = default_guest_file("vmlinux");
+    let spin = default_guest_file("initramfs-spin.cpio");
+    Some((kernel?, spin?))
 }
 
 /// Console output collected so far, and a condition variable signalled on each new chunk.

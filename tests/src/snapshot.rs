@@ -118,20 +118,23 @@ pub fn take_snapshot(socket: &Path, dir: &Path) {
     }
 }
 
-/// Starts `kite run --restore path=SNAPSHOT,memory=MODE` with `disk` and an API socket at
-/// `socket`, and returns at once (see [`running`]).
+/// `run --restore path=SNAPSHOT,memory=MODE --disk path=DISK --api-socket SOCKET`.
+pub fn restore_args(snapshot: &Path, mode: &str, disk: &Path, socket: &Path) -> Vec<String> {
+    vec![
+        "run".into(),
+        "--restore".into(),
+        format!("path={},memory={mode}", snapshot.display()),
+        "--disk".into(),
+        format!("path={}", disk.display()),
+        "--api-socket".into(),
+        socket.to_str().unwrap().into(),
+    ]
+}
+
+/// Starts `kite` with [`restore_args`] and returns at once (see [`running`]).
 pub fn start_restore(snapshot: &Path, mode: &str, disk: &Path, socket: &Path) -> Vm {
-    let restore_arg = format!("path={},memory={mode}", snapshot.display());
-    let disk_arg = format!("path={}", disk.display());
-    let kite = Kite::start(&[
-        "run",
-        "--restore",
-        &restore_arg,
-        "--disk",
-        &disk_arg,
-        "--api-socket",
-        socket.to_str().unwrap(),
-    ]);
+    let args = restore_args(snapshot, mode, disk, socket);
+    let kite = Kite::start(&args.iter().map(String::as_str).collect::<Vec<_>>());
     Vm {
         kite,
         socket: socket.to_path_buf(),

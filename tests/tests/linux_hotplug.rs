@@ -9,8 +9,8 @@
 use std::time::Duration;
 
 use kite_tests::{
-    api, api_ok, counters, default_guest_file, kite_binary, kvm_available, plugged, wait_plugged,
-    Kite, API_DEADLINE as ANSWER_DEADLINE,
+    api, api_ok, counters, kite_binary, kvm_available, plugged, spin_guest, wait_plugged, Kite,
+    API_DEADLINE as ANSWER_DEADLINE,
 };
 use serde_json::json;
 use vmm::cli::exit;
@@ -34,10 +34,7 @@ fn linux_created_booted_resized_paused_and_shut_down_through_the_api() {
     if !kvm_available() {
         return;
     }
-    let (Some(kernel), Some(spin)) = (
-        default_guest_file("vmlinux"),
-        default_guest_file("initramfs-spin.cpio"),
-    ) else {
+    let Some((kernel, spin)) = spin_guest() else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();

@@ -13,7 +13,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use kite_tests::{
-    api_ok, counters, default_guest_file, kvm_available, resize, wait_plugged, Kite,
+    api_ok, counters, kvm_available, resize, spin_guest, wait_plugged, Kite,
     API_DEADLINE as ANSWER_DEADLINE,
 };
 use serde_json::json;
@@ -73,10 +73,7 @@ fn linux_snapshotted_after_init_restored_in_a_new_process_then_plugged_and_unplu
     if !kvm_available() {
         return;
     }
-    let (Some(kernel), Some(spin)) = (
-        default_guest_file("vmlinux"),
-        default_guest_file("initramfs-spin.cpio"),
-    ) else {
+    let Some((kernel, spin)) = spin_guest() else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
